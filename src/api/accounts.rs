@@ -1,0 +1,141 @@
+//! Accounts (`POST/GET /accounts`, `GET /accounts/{id}`) and their members
+//! (`POST /accounts/{id}/members`).
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::users::set_location;
+use super::{ListBody, Pagination};
+use crate::app::App;
+use crate::domain::{check_text, Currency, Invalid, Perms, Username};
+use crate::filter::authenticate::Principal;
+use crate::http::{json, read_json, ApiError, Body};
+use crate::store::{MemberUpsert, Membership};
+use crate::time::format_rfc3339_millis;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    name: String,
+    currency: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGrant {
+    username: String,
+    perms: String,
+}
+
+/// An account, with the caller's permissions on it.
+#[derive(Serialize)]
+struct AccountBody {
+    id: String,
+    name: String,
+    currency: String,
+    created_at: String,
+    perms: String,
+}
+
+impl From<&Membership> for AccountBody {
+    fn from(m: &Membership) -> Self {
+        AccountBody {
+            id: m.account.id.to_string(),
+            name: m.account.name.clone(),
+            currency: m.account.currency.clone(),
+            created_at: format_rfc3339_millis(m.account.created_at),
+            perms: m.perms.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MemberBody {
+    account_id: String,
+    username: String,
+    perms: String,
+}
+
+pub async fn create(
+    app: &App,
+    principal: &Principal,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: NewAccount =
+        read_json(request, app.config.max_body, app.config.client_timeout).await?;
+    let name = check_text("name", &body.name, 1, 64)?;
+    let currency = Currency::parse("currency", &body.currency)?;
+    let account = app
+        .store
+        .create_account(principal.user_id, name, currency)
+        .await?;
+    let location = format!("/accounts/{}", account.id);
+    let membership = Membership {
+        account,
+        perms: Perms::ALL,
+    };
+    let mut response = json(StatusCode::CREATED, &AccountBody::from(&membership))?;
+    set_location(&mut response, &location);
+    Ok(response)
+}
+
+pub async fn list(
+    app: &App,
+    principal: &Principal,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let page = Pagination::parse(query)?;
+    let found = app
+        .store
+        .memberships(principal.user_id, page.limit, page.before)
+        .await?;
+    let items = found.items.iter().map(AccountBody::from).collect();
+    json(StatusCode::OK, &ListBody::new(items, found.next_seq))
+}
+
+pub fn get(membership: &Membership) -> Result<Response<Body>, ApiError> {
+    json(StatusCode::OK, &AccountBody::from(membership))
+}
+
+/// Sets a user's permissions on the account (replacing any earlier grant). Members cannot
+/// change their own grant, so nobody can raise their own rights or lock the account out of
+/// its last manager by accident.
+pub async fn grant_member(
+    app: &App,
+    principal: &Principal,
+    membership: &Membership,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: NewGrant = read_json(request, app.config.max_body, app.config.client_timeout).await?;
+    let username = Username::parse("username", &body.username)?;
+    let perms = Perms::parse("perms", &body.perms)?;
+    if username.as_str() == principal.username {
+        return Err(Invalid::new("username", "you cannot change your own permissions").into());
+    }
+    let account = membership.account.id;
+    let status = match app
+        .store
+        .upsert_member(
+            account,
+            username.as_str().to_owned(),
+            perms,
+            principal.user_id,
+        )
+        .await?
+    {
+        MemberUpsert::UnknownUser => {
+            return Err(Invalid::new("username", "no user has this name").into())
+        }
+        MemberUpsert::Created => StatusCode::CREATED,
+        MemberUpsert::Updated => StatusCode::OK,
+    };
+    json(
+        status,
+        &MemberBody {
+            account_id: account.to_string(),
+            username: username.as_str().to_owned(),
+            perms: perms.to_string(),
+        },
+    )
+}

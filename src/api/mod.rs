@@ -1,0 +1,166 @@
+//! The payments API handlers, one module per resource, and [`dispatch`], which hands a
+//! request that passed the filter chain to its handler.
+//!
+//! Handlers trust the [`Grant`] access control issued and never re-check permissions; they
+//! validate input, call the store, and shape JSON.
+
+mod accounts;
+mod payments;
+mod status;
+mod users;
+
+use base64::Engine as _;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::filter::access::Grant;
+use crate::http::{ApiError, Body};
+use crate::routes::Route;
+
+/// Runs the handler for `route`.
+pub async fn dispatch(
+    app: &App,
+    route: Route,
+    grant: Grant,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    match (route, grant) {
+        (Route::Reject(error), _) => Err(error),
+        (Route::ApiStatus, _) => status::get(),
+        (Route::CreateUser, _) => users::create(app, request).await,
+        (Route::GetUser(name), Grant::User(_)) => users::get(app, name).await,
+        (Route::CreateAccount, Grant::User(principal)) => {
+            accounts::create(app, &principal, request).await
+        }
+        (Route::ListAccounts, Grant::User(principal)) => {
+            accounts::list(app, &principal, request.uri().query()).await
+        }
+        (Route::GetAccount(_), Grant::Account(_, membership)) => accounts::get(&membership),
+        (Route::GrantMember(_), Grant::Account(principal, membership)) => {
+            accounts::grant_member(app, &principal, &membership, request).await
+        }
+        (Route::ListPayments(account), Grant::Account(..)) => {
+            payments::list(app, account, request.uri().query()).await
+        }
+        (Route::CreatePayment(_), Grant::Account(principal, membership)) => {
+            payments::create(app, &principal, &membership, request).await
+        }
+        (Route::GetPayment(account, payment), Grant::Account(..)) => {
+            payments::get(app, account, payment).await
+        }
+        (Route::CancelPayment(account, payment), Grant::Account(..)) => {
+            payments::cancel(app, account, payment).await
+        }
+        (route, grant) => Err(ApiError::Internal(format!(
+            "access control issued {grant:?} for {route:?}, which needs another grant"
+        ))),
+    }
+}
+
+/// `?limit=&cursor=` of a list request.
+#[derive(Debug, PartialEq, Eq)]
+struct Pagination {
+    limit: usize,
+    /// Sequence number to continue below.
+    before: Option<i64>,
+}
+
+const DEFAULT_LIMIT: usize = 20;
+const MAX_LIMIT: usize = 100;
+
+impl Pagination {
+    /// Parses the query string; other parameters are ignored.
+    fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut page = Pagination {
+            limit: DEFAULT_LIMIT,
+            before: None,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "limit" => {
+                    page.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "limit must be a whole number from 1 to {MAX_LIMIT}"
+                            ))
+                        })?;
+                }
+                "cursor" => page.before = Some(decode_cursor(value)?),
+                _ => {}
+            }
+        }
+        Ok(page)
+    }
+}
+
+/// Cursors are opaque to clients: base64url of the last item's sequence number.
+fn encode_cursor(seq: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(seq.to_string())
+}
+
+fn decode_cursor(raw: &str) -> Result<i64, ApiError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.parse::<i64>().ok())
+        .filter(|seq| *seq > 0)
+        .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
+}
+
+/// The list shape every collection answers with.
+#[derive(serde::Serialize)]
+struct ListBody<T> {
+    items: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+impl<T> ListBody<T> {
+    fn new(items: Vec<T>, next_seq: Option<i64>) -> Self {
+        ListBody {
+            items,
+            next_cursor: next_seq.map(encode_cursor),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagination_defaults_bounds_and_cursors() {
+        assert_eq!(
+            Pagination::parse(None).unwrap(),
+            Pagination {
+                limit: 20,
+                before: None
+            }
+        );
+        let cursor = encode_cursor(42);
+        let page = Pagination::parse(Some(&format!("limit=100&cursor={cursor}&x=1"))).unwrap();
+        assert_eq!(
+            page,
+            Pagination {
+                limit: 100,
+                before: Some(42)
+            }
+        );
+        for bad in [
+            "limit=0",
+            "limit=101",
+            "limit=ten",
+            "limit=",
+            "cursor=%%%",
+            "cursor=LTE",
+        ] {
+            let err = Pagination::parse(Some(bad)).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Command-line parsing, step one of configuration: turn `argv` into a [`Invocation`]
+//! holding the command and the raw option values, with no I/O and no validation.
+//!
+//! Every option is declared once in [`OPTIONS`]; the parser, the environment lookup in
+//! `config` and the `--help` text are all driven by that table, so they cannot drift apart.
+//! Turning raw strings into typed, checked values is `config`'s job.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One option: its flag, environment variable, default and help line.
+#[derive(Debug)]
+pub struct OptionSpec {
+    /// Long flag without the leading dashes, e.g. `listen`.
+    pub name: &'static str,
+    /// Environment variable consulted when the flag is absent.
+    pub env: Option<&'static str>,
+    /// Placeholder shown in help, e.g. `ADDR`; empty for switches that take no value.
+    pub value: &'static str,
+    /// Default shown in help (the typed default lives in `config`).
+    pub default: &'static str,
+    pub help: &'static str,
+    /// The commands that accept this option.
+    pub commands: &'static [CommandName],
+}
+
+/// The subcommands paygate knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandName {
+    Serve,
+    DevCert,
+    UserAdd,
+}
+
+impl CommandName {
+    fn usage(self) -> &'static str {
+        match self {
+            CommandName::Serve => "paygate serve [OPTIONS]",
+            CommandName::DevCert => "paygate dev-cert [OPTIONS]",
+            CommandName::UserAdd => "paygate user add NAME [OPTIONS]   (password read from stdin)",
+        }
+    }
+
+    fn about(self) -> &'static str {
+        match self {
+            CommandName::Serve => "Run the HTTPS payments API server.",
+            CommandName::DevCert => {
+                "Write a self-signed development certificate for localhost and 127.0.0.1 \
+                 (90 days) to the configured certificate and key paths."
+            }
+            CommandName::UserAdd => {
+                "Create a user. The password is read from the first line of standard input \
+                 and must meet the same rules as registration over the API."
+            }
+        }
+    }
+}
+
+use CommandName::{DevCert, Serve, UserAdd};
+
+/// Every option paygate accepts. Order is the order of `--help`.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "listen",
+        env: Some("PAYGATE_LISTEN"),
+        value: "ADDR",
+        default: "127.0.0.1:8443",
+        help: "Address and port to listen on.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "data-dir",
+        env: Some("PAYGATE_DATA_DIR"),
+        value: "DIR",
+        default: "./data",
+        help: "Directory for the SQLite databases; created if missing, must be writable.",
+        commands: &[Serve, DevCert, UserAdd],
+    },
+    OptionSpec {
+        name: "tls-cert",
+        env: Some("PAYGATE_TLS_CERT"),
+        value: "FILE",
+        default: "certs/server.crt",
+        help: "PEM certificate chain. When this and --tls-key are left at their defaults and \
+               both files are missing, `serve` generates a development certificate there.",
+        commands: &[Serve, DevCert],
+    },
+    OptionSpec {
+        name: "tls-key",
+        env: Some("PAYGATE_TLS_KEY"),
+        value: "FILE",
+        default: "certs/server.key",
+        help: "PEM private key (PKCS#8, PKCS#1 or SEC1).",
+        commands: &[Serve, DevCert],
+    },
+    OptionSpec {
+        name: "workers",
+        env: Some("PAYGATE_WORKERS"),
+        value: "N",
+        default: "1",
+        help: "Number of worker processes. This build serves from one process; only 1 is accepted.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "shutdown-timeout",
+        env: Some("PAYGATE_SHUTDOWN_TIMEOUT"),
+        value: "SECS",
+        default: "30",
+        help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "max-body",
+        env: Some("PAYGATE_MAX_BODY"),
+        value: "BYTES",
+        default: "16384",
+        help: "Largest request body accepted; larger bodies get 413 while still being read.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "max-connections",
+        env: Some("PAYGATE_MAX_CONNECTIONS"),
+        value: "N",
+        default: "1024",
+        help: "Concurrent client connections; further connections wait in the kernel backlog.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "client-timeout",
+        env: Some("PAYGATE_CLIENT_TIMEOUT"),
+        value: "SECS",
+        default: "10",
+        help: "Deadline for each client phase: TLS handshake, first request, request headers, \
+               request body. Slow clients are dropped.",
+        commands: &[Serve],
+    },
+    OptionSpec {
+        name: "role",
+        env: None,
+        value: "ROLE",
+        default: "none",
+        help: "Global role for the new user: admin or auditor.",
+        commands: &[UserAdd],
+    },
+    OptionSpec {
+        name: "force",
+        env: None,
+        value: "",
+        default: "off",
+        help: "Overwrite existing certificate and key files.",
+        commands: &[DevCert],
+    },
+];
+
+/// What the user asked for, with option values still as strings.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invocation {
+    /// Print this text and exit 0.
+    Help(String),
+    Version,
+    Run {
+        command: CommandName,
+        /// Positional arguments after the command (the user name for `user add`).
+        positional: Vec<String>,
+        /// Flag values by option name; the last occurrence wins.
+        options: BTreeMap<&'static str, String>,
+    },
+}
+
+/// A command line that cannot be understood; the message says what to fix.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\n\nRun `paygate --help` for usage.", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Parses the arguments after the program name.
+pub fn parse<I, S>(args: I) -> Result<Invocation, UsageError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut args: Vec<String> = args.into_iter().map(Into::into).collect();
+    args.reverse(); // pop() from the front
+    let command = match args.pop().as_deref() {
+        None | Some("help" | "--help" | "-h") => return Ok(Invocation::Help(main_help())),
+        Some("--version" | "-V") => return Ok(Invocation::Version),
+        Some("serve") => Serve,
+        Some("dev-cert") => DevCert,
+        Some("user") => match args.pop().as_deref() {
+            Some("add") => UserAdd,
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(command_help(UserAdd))),
+            Some(other) => {
+                return Err(UsageError(format!(
+                    "unknown command `user {other}`; the user command has: add"
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(UsageError(format!(
+                "unknown command `{other}`; commands are: serve, dev-cert, user add"
+            )))
+        }
+    };
+
+    let mut positional = Vec::new();
+    let mut options = BTreeMap::new();
+    while let Some(arg) = args.pop() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(Invocation::Help(command_help(command)));
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            positional.push(arg);
+            continue;
+        };
+        let (name, inline_value) = match flag.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (flag, None),
+        };
+        let spec = OPTIONS
+            .iter()
+            .find(|spec| spec.name == name && spec.commands.contains(&command))
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "`{}` does not take --{name}",
+                    command.usage().split(" [").next().unwrap_or("paygate")
+                ))
+            })?;
+        let value = if spec.value.is_empty() {
+            if inline_value.is_some() {
+                return Err(UsageError(format!("--{name} takes no value")));
+            }
+            "true".to_owned()
+        } else {
+            match inline_value.or_else(|| args.pop()) {
+                Some(value) => value,
+                None => {
+                    return Err(UsageError(format!(
+                        "--{name} needs a value ({})",
+                        spec.value
+                    )))
+                }
+            }
+        };
+        options.insert(spec.name, value);
+    }
+    Ok(Invocation::Run {
+        command,
+        positional,
+        options,
+    })
+}
+
+fn main_help() -> String {
+    let mut out = String::from(
+        "paygate — a secure payments API server\n\n\
+         Usage:\n  paygate serve [OPTIONS]          run the HTTPS API server\n  \
+         paygate dev-cert [OPTIONS]       write a self-signed development certificate\n  \
+         paygate user add NAME [OPTIONS]  create a user (password from stdin)\n  \
+         paygate <command> --help         options of one command\n  \
+         paygate --version\n\n\
+         Every option can also be set through its environment variable; flags win over the \
+         environment, which wins over the defaults.\n",
+    );
+    out.push_str("\nOptions:\n");
+    for spec in OPTIONS {
+        push_option_help(&mut out, spec);
+    }
+    out
+}
+
+fn command_help(command: CommandName) -> String {
+    let mut out = format!(
+        "{}\n\nUsage: {}\n\nOptions:\n",
+        command.about(),
+        command.usage()
+    );
+    for spec in OPTIONS.iter().filter(|s| s.commands.contains(&command)) {
+        push_option_help(&mut out, spec);
+    }
+    out.push_str("  -h, --help\n          Print this help.\n");
+    out
+}
+
+fn push_option_help(out: &mut String, spec: &OptionSpec) {
+    let flag = if spec.value.is_empty() {
+        format!("--{}", spec.name)
+    } else {
+        format!("--{} {}", spec.name, spec.value)
+    };
+    out.push_str(&format!("  {flag}\n          {}\n", spec.help));
+    let mut facts = vec![format!("default: {}", spec.default)];
+    if let Some(env) = spec.env {
+        facts.push(format!("env: {env}"));
+    }
+    out.push_str(&format!("          [{}]\n", facts.join("; ")));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> (CommandName, Vec<String>, BTreeMap<&'static str, String>) {
+        match parse(args.iter().copied()).unwrap() {
+            Invocation::Run {
+                command,
+                positional,
+                options,
+            } => (command, positional, options),
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_take_separate_or_inline_values() {
+        let (command, _, options) = run(&["serve", "--listen", "0.0.0.0:1", "--max-body=10"]);
+        assert_eq!(command, Serve);
+        assert_eq!(options["listen"], "0.0.0.0:1");
+        assert_eq!(options["max-body"], "10");
+    }
+
+    #[test]
+    fn user_add_takes_a_name_and_a_role() {
+        let (command, positional, options) = run(&["user", "add", "alice", "--role", "admin"]);
+        assert_eq!(command, UserAdd);
+        assert_eq!(positional, ["alice"]);
+        assert_eq!(options["role"], "admin");
+    }
+
+    #[test]
+    fn options_are_checked_per_command() {
+        let err = parse(["dev-cert", "--listen", "x"]).unwrap_err();
+        assert!(err.0.contains("does not take --listen"), "{err}");
+        let err = parse(["serve", "--role", "admin"]).unwrap_err();
+        assert!(err.0.contains("--role"), "{err}");
+    }
+
+    #[test]
+    fn missing_values_and_unknown_commands_are_usage_errors() {
+        assert!(parse(["serve", "--listen"])
+            .unwrap_err()
+            .0
+            .contains("needs a value"));
+        assert!(parse(["frobnicate"])
+            .unwrap_err()
+            .0
+            .contains("unknown command"));
+        assert!(parse(["dev-cert", "--force=yes"]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_option_of_the_command_with_env_and_default() {
+        let Invocation::Help(text) = parse(["serve", "--help"]).unwrap() else {
+            panic!("expected help")
+        };
+        for spec in OPTIONS.iter().filter(|s| s.commands.contains(&Serve)) {
+            assert!(text.contains(&format!("--{}", spec.name)), "{}", spec.name);
+            if let Some(env) = spec.env {
+                assert!(text.contains(env), "{env}");
+            }
+        }
+        assert!(matches!(
+            parse(Vec::<String>::new()).unwrap(),
+            Invocation::Help(_)
+        ));
+    }
+}

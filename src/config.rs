@@ -1,0 +1,244 @@
+//! Configuration, step two: raw option strings (from [`crate::cli`]) and `PAYGATE_*`
+//! environment variables become typed, validated settings.
+//!
+//! Precedence is flag > environment > default. Nothing here touches the filesystem or the
+//! process environment directly: the environment comes in as a lookup function, so every
+//! rule is testable. Checks that need I/O (does the certificate exist, is the data directory
+//! writable) happen where the files are opened, with messages that name the path.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::OPTIONS;
+
+/// Default certificate path, relative to the working directory.
+pub const DEFAULT_TLS_CERT: &str = "certs/server.crt";
+/// Default private key path, relative to the working directory.
+pub const DEFAULT_TLS_KEY: &str = "certs/server.key";
+
+/// A configuration value that cannot be used; the message names the option and its source.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the TLS certificate and key are, and whether they are the defaults (only then may
+/// a missing pair be replaced by a generated development certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// True when neither path was given by flag or environment.
+    pub are_defaults: bool,
+}
+
+/// Everything `paygate serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// Largest accepted request body in bytes.
+    pub max_body: usize,
+    /// Concurrent connections served; the rest wait in the listen backlog.
+    pub max_connections: usize,
+    /// Deadline for each phase a client controls: handshake, first request, headers, body.
+    pub client_timeout: Duration,
+}
+
+/// Reads option values with flag > environment > default precedence.
+pub struct Sources<'a> {
+    options: &'a BTreeMap<&'static str, String>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Sources<'a> {
+    pub fn new(
+        options: &'a BTreeMap<&'static str, String>,
+        env: &'a dyn Fn(&str) -> Option<String>,
+    ) -> Self {
+        Sources { options, env }
+    }
+
+    /// The value of an option and a description of where it came from, if set at all.
+    fn get(&self, name: &str) -> Option<(String, String)> {
+        if let Some(value) = self.options.get(name) {
+            return Some((value.clone(), format!("--{name}")));
+        }
+        let env = OPTIONS.iter().find(|o| o.name == name)?.env?;
+        (self.env)(env)
+            .filter(|v| !v.is_empty())
+            .map(|v| (v, env.to_owned()))
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some((raw, source)) => raw
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError(format!("{source}: `{raw}` is not {what}"))),
+        }
+    }
+
+    fn positive(&self, name: &str, default: u64, what: &str) -> Result<u64, ConfigError> {
+        let value = self.parse(name, default, what)?;
+        if value == 0 {
+            let source = self.get(name).map(|(_, s)| s).unwrap_or_default();
+            return Err(ConfigError(format!("{source}: must be at least 1")));
+        }
+        Ok(value)
+    }
+
+    /// The data directory (every command has one).
+    pub fn data_dir(&self) -> PathBuf {
+        self.get("data-dir")
+            .map(|(v, _)| PathBuf::from(v))
+            .unwrap_or_else(|| PathBuf::from("./data"))
+    }
+
+    /// The certificate and key paths.
+    pub fn tls_files(&self) -> TlsFiles {
+        let cert = self.get("tls-cert").map(|(v, _)| PathBuf::from(v));
+        let key = self.get("tls-key").map(|(v, _)| PathBuf::from(v));
+        TlsFiles {
+            are_defaults: cert.is_none() && key.is_none(),
+            cert: cert.unwrap_or_else(|| PathBuf::from(DEFAULT_TLS_CERT)),
+            key: key.unwrap_or_else(|| PathBuf::from(DEFAULT_TLS_KEY)),
+        }
+    }
+
+    /// A switch such as `--force`.
+    pub fn flag(&self, name: &str) -> bool {
+        self.options.contains_key(name)
+    }
+
+    /// A free-form string option.
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.get(name).map(|(v, _)| v)
+    }
+}
+
+impl ServeConfig {
+    /// Validates the options of `paygate serve`.
+    pub fn resolve(sources: &Sources<'_>) -> Result<Self, ConfigError> {
+        let listen = sources.parse(
+            "listen",
+            SocketAddr::from(([127, 0, 0, 1], 8443)),
+            "an address with a port, such as 127.0.0.1:8443 or [::]:8443",
+        )?;
+        let workers = sources.positive("workers", 1, "a number of worker processes")?;
+        if workers != 1 {
+            return Err(ConfigError(format!(
+                "--workers {workers}: this build serves from a single process, so only \
+                 --workers 1 is accepted"
+            )));
+        }
+        let max_body = sources.positive("max-body", 16 * 1024, "a size in bytes")?;
+        let max_body = usize::try_from(max_body)
+            .ok()
+            .filter(|&b| b <= 64 * 1024 * 1024)
+            .ok_or_else(|| ConfigError("--max-body: at most 67108864 bytes (64 MiB)".into()))?;
+        let max_connections =
+            sources.positive("max-connections", 1024, "a number of connections")?;
+        Ok(ServeConfig {
+            listen,
+            data_dir: sources.data_dir(),
+            tls: sources.tls_files(),
+            shutdown_timeout: Duration::from_secs(sources.parse(
+                "shutdown-timeout",
+                30,
+                "a number of seconds",
+            )?),
+            max_body,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            client_timeout: Duration::from_secs(sources.positive(
+                "client-timeout",
+                10,
+                "a number of seconds",
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(
+        flags: &[(&'static str, &str)],
+        env: &[(&str, &str)],
+    ) -> Result<ServeConfig, ConfigError> {
+        let options: BTreeMap<&'static str, String> =
+            flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        ServeConfig::resolve(&Sources::new(&options, &lookup))
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let config = resolve(&[], &[]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert!(config.tls.are_defaults);
+        assert_eq!(config.tls.cert, PathBuf::from(DEFAULT_TLS_CERT));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.max_body, 16384);
+    }
+
+    #[test]
+    fn flags_override_environment_which_overrides_defaults() {
+        let config = resolve(
+            &[("listen", "127.0.0.1:9000")],
+            &[
+                ("PAYGATE_LISTEN", "127.0.0.1:7000"),
+                ("PAYGATE_MAX_BODY", "100"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.max_body, 100);
+    }
+
+    #[test]
+    fn explicit_certificate_paths_are_not_defaults() {
+        let config = resolve(&[], &[("PAYGATE_TLS_CERT", "/etc/paygate/cert.pem")]).unwrap();
+        assert!(!config.tls.are_defaults);
+        assert_eq!(config.tls.key, PathBuf::from(DEFAULT_TLS_KEY));
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let err = resolve(&[], &[("PAYGATE_LISTEN", "localhost")]).unwrap_err();
+        assert!(err.0.starts_with("PAYGATE_LISTEN: `localhost`"), "{err}");
+        let err = resolve(&[("max-body", "0")], &[]).unwrap_err();
+        assert!(err.0.contains("--max-body"), "{err}");
+    }
+
+    #[test]
+    fn only_one_worker_is_accepted_for_now() {
+        assert!(resolve(&[("workers", "1")], &[]).is_ok());
+        let err = resolve(&[("workers", "4")], &[]).unwrap_err();
+        assert!(err.0.contains("only --workers 1"), "{err}");
+    }
+}

@@ -1,0 +1,64 @@
+//! Access control: the one place that decides whether an identified request may do what its
+//! route asks.
+//!
+//! Identity-based rules: a route may be public, need any authenticated user, need the user
+//! it names (or a global admin/auditor), or need a permission on an account. Account checks
+//! are object-level: without a grant on that account the answer is 404, so nobody learns
+//! that someone else's account exists; with a grant that lacks the permission, 403.
+//! Missing or failed credentials on a protected route are 401 with a Basic challenge.
+
+use crate::app::App;
+use crate::domain::Role;
+use crate::filter::authenticate::{Identity, Principal};
+use crate::http::{ApiError, Challenge};
+use crate::routes::Requirement;
+use crate::store::Membership;
+
+/// What access control established, handed to the handler.
+#[derive(Debug)]
+pub enum Grant {
+    /// A public route; nobody needs to be known.
+    Anyone,
+    /// An authenticated user.
+    User(Principal),
+    /// An authenticated user with the needed permission on an account.
+    Account(Principal, Membership),
+}
+
+/// Decides, or answers 401/403/404.
+pub async fn authorize(
+    app: &App,
+    identity: Identity,
+    requirement: Requirement,
+) -> Result<Grant, ApiError> {
+    if requirement == Requirement::Public {
+        return Ok(Grant::Anyone);
+    }
+    let Identity::Authenticated(principal) = identity else {
+        return Err(ApiError::Unauthenticated(Challenge::Basic));
+    };
+    match requirement {
+        Requirement::Public | Requirement::Authenticated => Ok(Grant::User(principal)),
+        Requirement::SelfOrStaff(name) => {
+            let staff = matches!(principal.role, Some(Role::Admin | Role::Auditor));
+            if principal.username == name || staff {
+                Ok(Grant::User(principal))
+            } else {
+                Err(ApiError::NotFound("no such user".into()))
+            }
+        }
+        Requirement::Account(account, perm) => {
+            let Some(membership) = app.store.membership(principal.user_id, account).await? else {
+                return Err(ApiError::NotFound("no such account".into()));
+            };
+            if !membership.perms.contains(perm) {
+                return Err(ApiError::Forbidden(format!(
+                    "this needs the '{}' permission on the account; you hold '{}'",
+                    perm.letter(),
+                    membership.perms
+                )));
+            }
+            Ok(Grant::Account(principal, membership))
+        }
+    }
+}

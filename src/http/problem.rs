@@ -1,0 +1,274 @@
+//! Every way a request can fail, as one enum, and the one function that turns a failure into
+//! an HTTP status and an `application/problem+json` body (RFC 9457).
+//!
+//! Client mistakes get a precise 4xx with a `detail` that says what to fix. Anything else is
+//! logged with its cause and answered with a bare 500 or 503: internals never reach a client.
+
+use http::{header, HeaderValue, Method, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::response::{with_standard_headers, Body};
+use crate::domain::Invalid;
+use crate::store::StoreError;
+
+/// The `WWW-Authenticate` challenge sent with a 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// No usable credentials: ask for HTTP Basic.
+    Basic,
+}
+
+/// The kinds of 409 a client can meet, each with its own problem type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    UsernameTaken,
+    /// Another request with the same Idempotency-Key is still being processed.
+    IdempotencyInFlight,
+    /// Only pending payments can be cancelled.
+    PaymentNotPending,
+}
+
+/// A failed request.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request is malformed (not JSON, unknown field, wrong type, bad query).
+    BadRequest(String),
+    /// 422: a well-formed value breaks a rule.
+    Invalid(Invalid),
+    /// 401: no identity, or the credentials did not prove one.
+    Unauthenticated(Challenge),
+    /// 403: the identity is known but not allowed to do this.
+    Forbidden(String),
+    /// 404: no such resource — or one the caller may not know exists.
+    NotFound(String),
+    /// 405, with the methods the resource does allow.
+    MethodNotAllowed(&'static [Method]),
+    /// 408: the client was too slow sending its request body.
+    BodyTimeout,
+    /// 409.
+    Conflict(Conflict, String),
+    /// 413: the body is larger than the limit (in bytes).
+    PayloadTooLarge(usize),
+    /// 415: the body is not declared as JSON.
+    UnsupportedMediaType,
+    /// 422: an Idempotency-Key reused for a different request.
+    IdempotencyMismatch,
+    /// 503: temporarily overloaded (database busy); retry shortly.
+    Unavailable,
+    /// 500: a bug or an environment failure; the string is for the log only.
+    Internal(String),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        ApiError::Invalid(invalid)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Busy => ApiError::Unavailable,
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Problem type URIs for problems a client may want to tell apart; plain statuses use
+/// `about:blank` as RFC 9457 recommends.
+const TYPE_BASE: &str = "tag:paygate.dev,2026:problem:";
+
+impl ApiError {
+    /// The status code and problem fields, without the request id.
+    fn parts(&self) -> (StatusCode, &'static str, String, serde_json::Value) {
+        use ApiError::*;
+        let none = serde_json::Value::Null;
+        match self {
+            BadRequest(detail) => (
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                detail.clone(),
+                none,
+            ),
+            Invalid(invalid) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-field",
+                invalid.to_string(),
+                json!({ "field": invalid.field }),
+            ),
+            Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                "",
+                "valid credentials are required for this resource".into(),
+                none,
+            ),
+            Forbidden(detail) => (StatusCode::FORBIDDEN, "", detail.clone(), none),
+            NotFound(detail) => (StatusCode::NOT_FOUND, "", detail.clone(), none),
+            MethodNotAllowed(allowed) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "",
+                format!("this resource allows {}", allow_list(allowed)),
+                none,
+            ),
+            BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "",
+                "the request body was not received in time".into(),
+                none,
+            ),
+            Conflict(kind, detail) => {
+                let slug = match kind {
+                    self::Conflict::UsernameTaken => "username-taken",
+                    self::Conflict::IdempotencyInFlight => "idempotency-key-in-flight",
+                    self::Conflict::PaymentNotPending => "payment-not-pending",
+                };
+                (StatusCode::CONFLICT, slug, detail.clone(), none)
+            }
+            PayloadTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "",
+                format!("the request body is larger than {limit} bytes"),
+                none,
+            ),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "",
+                "the request body must be sent as Content-Type: application/json".into(),
+                none,
+            ),
+            IdempotencyMismatch => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "this Idempotency-Key was already used for a different request".into(),
+                none,
+            ),
+            Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                "the server is busy; retry shortly".into(),
+                none,
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                "the server could not complete the request".into(),
+                none,
+            ),
+        }
+    }
+
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The problem+json response, carrying `request_id`.
+    pub fn into_response(self, request_id: Uuid) -> http::Response<Body> {
+        if let ApiError::Internal(cause) = &self {
+            log::error!("request {request_id} failed: {cause}");
+        }
+        let (status, slug, detail, extra) = self.parts();
+        let problem_type = if slug.is_empty() {
+            "about:blank".to_owned()
+        } else {
+            format!("{TYPE_BASE}{slug}")
+        };
+        let mut body = json!({
+            "type": problem_type,
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+            "request_id": request_id.to_string(),
+        });
+        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        let mut response = http::Response::new(Body::from(body.to_string()));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match self {
+            ApiError::Unauthenticated(Challenge::Basic) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Basic realm="paygate", charset="UTF-8""#),
+                );
+            }
+            ApiError::MethodNotAllowed(allowed) => {
+                if let Ok(value) = HeaderValue::from_str(&allow_list(allowed)) {
+                    headers.insert(header::ALLOW, value);
+                }
+            }
+            ApiError::Unavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::BodyTimeout | ApiError::PayloadTooLarge(_) => {
+                // The rest of the body may still be in flight; do not read it.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        with_standard_headers(response, request_id)
+    }
+}
+
+fn allow_list(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: http::Response<Body>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn problems_follow_rfc_9457_and_carry_the_request_id() {
+        let id = Uuid::new_v4();
+        let response = ApiError::Invalid(Invalid::new("payee", "too long")).into_response(id);
+        assert_eq!(response.status(), 422);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        assert_eq!(response.headers()["x-request-id"], id.to_string().as_str());
+        let body = body_json(response).await;
+        assert_eq!(body["type"], "tag:paygate.dev,2026:problem:invalid-field");
+        assert_eq!(body["status"], 422);
+        assert_eq!(body["field"], "payee");
+        assert_eq!(body["request_id"], id.to_string());
+    }
+
+    #[tokio::test]
+    async fn internal_errors_hide_their_cause() {
+        let response =
+            ApiError::Internal("disk on fire at /secret/path".into()).into_response(Uuid::new_v4());
+        assert_eq!(response.status(), 500);
+        let body = body_json(response).await;
+        assert!(!body.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn challenges_and_allow_headers() {
+        let response = ApiError::Unauthenticated(Challenge::Basic).into_response(Uuid::nil());
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            r#"Basic realm="paygate", charset="UTF-8""#
+        );
+        let response =
+            ApiError::MethodNotAllowed(&[Method::GET, Method::POST]).into_response(Uuid::nil());
+        assert_eq!(response.headers()["allow"], "GET, POST");
+    }
+}

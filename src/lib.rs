@@ -1,0 +1,37 @@
+//! paygate: a secure payments API server.
+//!
+//! Every request passes a chain of security mechanisms before any handler sees it (see
+//! [`filter`]); this crate holds the server, the chain, the handlers and the storage they
+//! share. The `paygate` binary (`main.rs`) only parses the command line and calls in here.
+//!
+//! # Layout
+//!
+//! - [`cli`] and [`config`]: command line and environment → validated settings.
+//! - [`server`]: TCP accept loop, TLS termination, HTTP/1.1 and HTTP/2, graceful drain.
+//! - [`tls`]: rustls configuration (ring provider) and development certificates.
+//! - [`filter`]: the filter chain, one module per stage — [`filter::authenticate`],
+//!   [`filter::access`].
+//! - [`routes`]: which operations exist and what access each needs.
+//! - [`api`]: the handlers, one module per resource.
+//! - [`http`]: the error type and its one mapping to problem+json, JSON bodies, headers.
+//! - [`domain`]: validated values (usernames, permissions, amounts, currencies, ...).
+//! - [`passwords`]: Argon2id hashing at bounded concurrency.
+//! - [`store`]: all SQL, behind the [`store::Store`] type.
+//! - [`app`]: the state requests share; [`time`]: timestamps.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod filter;
+pub mod http;
+pub mod passwords;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod time;
+pub mod tls;

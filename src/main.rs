@@ -1,0 +1,143 @@
+//! The `paygate` binary: parse the command line, then hand over to the library.
+//! Exit codes: 0 success, 1 runtime or configuration failure, 2 usage error.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use paygate::cli::{self, CommandName, Invocation};
+use paygate::config::{ServeConfig, Sources};
+use paygate::domain::{check_password, Role, Username};
+use paygate::store::{NewUser, Store, UserInsert};
+
+type Failure = Box<dyn std::error::Error>;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let invocation = match cli::parse(std::env::args().skip(1)) {
+        Ok(invocation) => invocation,
+        Err(usage) => {
+            eprintln!("paygate: {usage}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match invocation {
+        Invocation::Help(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Invocation::Version => {
+            println!("paygate {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Invocation::Run {
+            command,
+            positional,
+            options,
+        } => {
+            let env = |name: &str| std::env::var(name).ok();
+            let sources = Sources::new(&options, &env);
+            match command {
+                CommandName::Serve => serve(&sources, &positional),
+                CommandName::DevCert => dev_cert(&sources, &positional),
+                CommandName::UserAdd => user_add(&sources, &positional),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paygate: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn no_positional(positional: &[String]) -> Result<(), Failure> {
+    match positional.first() {
+        None => Ok(()),
+        Some(extra) => Err(format!("unexpected argument `{extra}`").into()),
+    }
+}
+
+fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let config = ServeConfig::resolve(sources)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("paygate-worker")
+        .build()?;
+    runtime.block_on(async {
+        let running = paygate::server::start(config).await?;
+        wait_for_stop_signal().await?;
+        log::info!("stop signal received; shutting down");
+        running.shutdown().await;
+        Ok::<(), Failure>(())
+    })?;
+    log::info!("paygate stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn wait_for_stop_signal() -> Result<(), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+fn dev_cert(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let files = sources.tls_files();
+    paygate::tls::write_dev_certificate(&files, sources.flag("force"))?;
+    println!(
+        "wrote a self-signed development certificate for localhost and 127.0.0.1, valid {} days:\n  certificate {}\n  key         {} (mode 0600)",
+        paygate::tls::DEV_CERT_DAYS,
+        files.cert.display(),
+        files.key.display()
+    );
+    Ok(())
+}
+
+fn user_add(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    let [name] = positional else {
+        return Err("`paygate user add` takes exactly one user name".into());
+    };
+    let username = Username::parse("username", name).map_err(|e| format!("user name {e}"))?;
+    let role = match sources.string("role") {
+        None => None,
+        Some(raw) => Some(
+            Role::parse(&raw).ok_or_else(|| format!("--role `{raw}`: must be admin or auditor"))?,
+        ),
+    };
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    // Only the line ending is removed: the password is otherwise taken exactly as typed.
+    let password = line
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&line);
+    check_password(&username, password).map_err(|e| format!("{e} (read from stdin)"))?;
+    let password_hash = paygate::passwords::hash_blocking(password)?;
+    let store = Store::open(&sources.data_dir())?;
+    let new = NewUser {
+        username,
+        password_hash,
+        role,
+    };
+    match store.create_user_blocking(&new)? {
+        UserInsert::Created(user) => {
+            println!(
+                "created user {}{}",
+                user.username,
+                role.map(|r| format!(" with role {}", r.as_str()))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        UserInsert::UsernameTaken => Err(format!("user {} already exists", new.username).into()),
+    }
+}

@@ -1,0 +1,245 @@
+//! The API's routes: which (method, path) pairs exist, what each one is, and what access it
+//! needs. Resolving a route is pure string matching — no I/O, no identity — so it can run
+//! before the filter chain and let every stage know what is being asked for.
+//!
+//! A path that matches nothing, a known path with the wrong method and a malformed id all
+//! resolve to [`Route::Reject`], which the chain treats like any other route: the request is
+//! still authenticated and (later) audited before its 404/405 is sent.
+
+use http::Method;
+use uuid::Uuid;
+
+use crate::domain::Perm;
+use crate::http::ApiError;
+
+/// One API operation, with the ids parsed from its path.
+#[derive(Debug)]
+pub enum Route {
+    ApiStatus,
+    CreateUser,
+    GetUser(String),
+    CreateAccount,
+    ListAccounts,
+    GetAccount(Uuid),
+    GrantMember(Uuid),
+    ListPayments(Uuid),
+    CreatePayment(Uuid),
+    GetPayment(Uuid, Uuid),
+    CancelPayment(Uuid, Uuid),
+    /// No such route; answered with this error after the chain has seen the request.
+    Reject(ApiError),
+}
+
+/// What a route requires of the caller; access control enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    /// Anyone, with or without credentials.
+    Public,
+    /// Any authenticated user.
+    Authenticated,
+    /// The user named here, or a global admin or auditor.
+    SelfOrStaff(String),
+    /// A grant on the account that includes the permission.
+    Account(Uuid, Perm),
+}
+
+impl Route {
+    pub fn requirement(&self) -> Requirement {
+        use Route::*;
+        match self {
+            ApiStatus | CreateUser | Reject(_) => Requirement::Public,
+            GetUser(name) => Requirement::SelfOrStaff(name.clone()),
+            CreateAccount | ListAccounts => Requirement::Authenticated,
+            GrantMember(account) => Requirement::Account(*account, Perm::Admin),
+            GetAccount(account) | ListPayments(account) | GetPayment(account, _) => {
+                Requirement::Account(*account, Perm::Read)
+            }
+            CreatePayment(account) => Requirement::Account(*account, Perm::Write),
+            CancelPayment(account, _) => Requirement::Account(*account, Perm::Delete),
+        }
+    }
+}
+
+/// Finds the route for a request.
+pub fn resolve(method: &Method, path: &str) -> Route {
+    let segments: Vec<&str> = match path.strip_prefix('/') {
+        Some(rest) => rest.split('/').collect(),
+        None => return not_found(),
+    };
+    match segments.as_slice() {
+        ["apiStatus"] => by_method(method, &[Method::GET], |_| Route::ApiStatus),
+        ["users"] => by_method(method, &[Method::POST], |_| Route::CreateUser),
+        ["users", name] if !name.is_empty() => {
+            let name = (*name).to_owned();
+            by_method(method, &[Method::GET], |_| Route::GetUser(name))
+        }
+        ["accounts"] => by_method(method, &[Method::GET, Method::POST], |m| {
+            if m == Method::GET {
+                Route::ListAccounts
+            } else {
+                Route::CreateAccount
+            }
+        }),
+        ["accounts", account] => with_id(account, "account", |account| {
+            by_method(method, &[Method::GET], |_| Route::GetAccount(account))
+        }),
+        ["accounts", account, "members"] => with_id(account, "account", |account| {
+            by_method(method, &[Method::POST], |_| Route::GrantMember(account))
+        }),
+        ["accounts", account, "payments"] => with_id(account, "account", |account| {
+            by_method(method, &[Method::GET, Method::POST], |m| {
+                if m == Method::GET {
+                    Route::ListPayments(account)
+                } else {
+                    Route::CreatePayment(account)
+                }
+            })
+        }),
+        ["accounts", account, "payments", payment] => with_id(account, "account", |account| {
+            with_id(payment, "payment", |payment| {
+                by_method(method, &[Method::GET, Method::DELETE], |m| {
+                    if m == Method::GET {
+                        Route::GetPayment(account, payment)
+                    } else {
+                        Route::CancelPayment(account, payment)
+                    }
+                })
+            })
+        }),
+        _ => not_found(),
+    }
+}
+
+fn not_found() -> Route {
+    Route::Reject(ApiError::NotFound("no such resource".into()))
+}
+
+fn by_method(
+    method: &Method,
+    allowed: &'static [Method],
+    route: impl FnOnce(Method) -> Route,
+) -> Route {
+    if allowed.contains(method) {
+        route(method.clone())
+    } else {
+        Route::Reject(ApiError::MethodNotAllowed(allowed))
+    }
+}
+
+/// Ids are canonical hyphenated UUIDs; anything else names nothing.
+fn with_id(raw: &str, what: &str, route: impl FnOnce(Uuid) -> Route) -> Route {
+    match Uuid::try_parse(raw) {
+        Ok(id) if raw.len() == 36 => route(id),
+        _ => Route::Reject(ApiError::NotFound(format!("no {what} has the id {raw:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f";
+    const P: &str = "0190f3a2-7c1e-7d2a-9b4e-aaaaaaaaaaaa";
+
+    fn status_of(route: Route) -> u16 {
+        match route {
+            Route::Reject(e) => e.status().as_u16(),
+            _ => 200,
+        }
+    }
+
+    #[test]
+    fn every_route_resolves_with_its_requirement() {
+        let a: Uuid = A.parse().unwrap();
+        let cases = [
+            (Method::GET, "/apiStatus".to_owned(), Requirement::Public),
+            (Method::POST, "/users".to_owned(), Requirement::Public),
+            (
+                Method::GET,
+                "/users/bob".to_owned(),
+                Requirement::SelfOrStaff("bob".into()),
+            ),
+            (
+                Method::GET,
+                "/accounts".to_owned(),
+                Requirement::Authenticated,
+            ),
+            (
+                Method::POST,
+                "/accounts".to_owned(),
+                Requirement::Authenticated,
+            ),
+            (
+                Method::GET,
+                format!("/accounts/{A}"),
+                Requirement::Account(a, Perm::Read),
+            ),
+            (
+                Method::POST,
+                format!("/accounts/{A}/members"),
+                Requirement::Account(a, Perm::Admin),
+            ),
+            (
+                Method::GET,
+                format!("/accounts/{A}/payments"),
+                Requirement::Account(a, Perm::Read),
+            ),
+            (
+                Method::POST,
+                format!("/accounts/{A}/payments"),
+                Requirement::Account(a, Perm::Write),
+            ),
+            (
+                Method::GET,
+                format!("/accounts/{A}/payments/{P}"),
+                Requirement::Account(a, Perm::Read),
+            ),
+            (
+                Method::DELETE,
+                format!("/accounts/{A}/payments/{P}"),
+                Requirement::Account(a, Perm::Delete),
+            ),
+        ];
+        for (method, path, requirement) in cases {
+            let route = resolve(&method, &path);
+            assert!(!matches!(route, Route::Reject(_)), "{method} {path}");
+            assert_eq!(route.requirement(), requirement, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn unknown_paths_wrong_methods_and_bad_ids_are_rejected() {
+        assert_eq!(status_of(resolve(&Method::GET, "/nope")), 404);
+        assert_eq!(status_of(resolve(&Method::GET, "/accounts/")), 404);
+        assert_eq!(status_of(resolve(&Method::GET, "/apiStatus/")), 404);
+        assert_eq!(status_of(resolve(&Method::GET, "*")), 404);
+        assert_eq!(status_of(resolve(&Method::DELETE, "/apiStatus")), 405);
+        assert_eq!(
+            status_of(resolve(&Method::PUT, &format!("/accounts/{A}/payments"))),
+            405
+        );
+        assert_eq!(
+            status_of(resolve(&Method::GET, "/accounts/123/payments")),
+            404
+        );
+        // Only the canonical hyphenated form names an account.
+        let simple = A.replace('-', "");
+        assert_eq!(
+            status_of(resolve(
+                &Method::GET,
+                &format!("/accounts/{simple}/payments")
+            )),
+            404
+        );
+        assert_eq!(
+            status_of(resolve(&Method::GET, &format!("/accounts/{A}/payments/x"))),
+            404
+        );
+        let Route::Reject(ApiError::MethodNotAllowed(allowed)) =
+            resolve(&Method::PATCH, "/accounts")
+        else {
+            panic!("405 expected")
+        };
+        assert_eq!(allowed, &[Method::GET, Method::POST]);
+    }
+}

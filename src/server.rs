@@ -1,0 +1,267 @@
+//! The network side of a worker: accept TCP connections, terminate TLS, serve HTTP/1.1 and
+//! HTTP/2 with hyper, and drain gracefully on shutdown.
+//!
+//! Every phase a client controls has a deadline (`--client-timeout`): the TLS handshake,
+//! the wait for the first request (covering HTTP version detection and the HTTP/2 preface),
+//! each request's headers (hyper's header read timeout, which also closes idle keep-alive
+//! connections) and each request body. Concurrent connections are capped; beyond the cap,
+//! connections wait in the kernel's backlog rather than costing memory here.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::app::App;
+use crate::config::ServeConfig;
+use crate::filter;
+use crate::passwords::Passwords;
+use crate::store::Store;
+
+/// Most concurrent HTTP/2 streams per connection.
+const H2_MAX_STREAMS: u32 = 64;
+/// Largest request head (request line and headers) accepted.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How often answered Idempotency-Keys past their retention are deleted.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Start-up failed; the message says what to fix.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running server.
+pub struct Running {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the shutdown timeout, and
+    /// returns once the server has stopped.
+    pub async fn shutdown(self) {
+        // The receiver lives in the accept loop until it ends; a send error means it already
+        // ended, which is what we want.
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            log::error!("the server task ended abnormally: {e}");
+        }
+    }
+}
+
+/// Opens the data directory and the listener, loads TLS, and starts serving.
+pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    crate::tls::ensure_certificate(&config.tls).map_err(|e| StartError(e.to_string()))?;
+    let tls = crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .map_err(|e| StartError(format!("opening the store failed: {e}")))?
+        .map_err(|e| StartError(e.to_string()))?;
+    let passwords = tokio::task::spawn_blocking(Passwords::new)
+        .await
+        .map_err(|e| StartError(format!("preparing password hashing failed: {e}")))?
+        .map_err(|e| StartError(e.to_string()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.listen)))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| StartError(format!("cannot read the listening address: {e}")))?;
+
+    let app = Arc::new(App {
+        config,
+        store,
+        passwords,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let acceptor = TlsAcceptor::from(tls);
+    let task = tokio::spawn(serve(listener, acceptor, app, stopped));
+    log::info!("paygate listening on https://{local_addr}");
+    Ok(Running {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+/// The HTTP builders: one per ALPN outcome, so a client that negotiated a protocol is held
+/// to it and no bytes are spent guessing.
+struct Protocols {
+    auto: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(config: &ServeConfig) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.client_timeout)
+            .max_buf_size(MAX_HEADER_BYTES.max(8192) * 2);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .max_pending_accept_reset_streams(Some(20))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(config.client_timeout);
+        Protocols {
+            http1: builder.clone().http1_only(),
+            http2: builder.clone().http2_only(),
+            auto: builder,
+        }
+    }
+
+    fn for_alpn(&self, alpn: Option<&[u8]>) -> &auto::Builder<TokioExecutor> {
+        match alpn {
+            Some(b"h2") => &self.http2,
+            Some(b"http/1.1") => &self.http1,
+            _ => &self.auto,
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Arc<App>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let protocols = Arc::new(Protocols::new(&app.config));
+    let slots = Arc::new(Semaphore::new(app.config.max_connections));
+    let graceful = GracefulShutdown::new();
+    let sweeper = tokio::spawn(sweep_periodically(app.clone()));
+
+    loop {
+        // Wait for a free connection slot before accepting, so excess clients queue in the
+        // kernel backlog. The semaphore is never closed, so acquiring cannot fail.
+        let permit = tokio::select! {
+            _ = stopped.changed() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = stopped.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Typically EMFILE/ENFILE: back off briefly instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let watcher = graceful.watcher();
+        let (acceptor, app, protocols) = (acceptor.clone(), app.clone(), protocols.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(tcp, peer, acceptor, app, protocols, watcher).await {
+                log::debug!("connection from {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    sweeper.abort();
+    let timeout = app.config.shutdown_timeout;
+    log::info!(
+        "stopped accepting; draining {} connection(s) for up to {}s",
+        graceful.count(),
+        timeout.as_secs()
+    );
+    match tokio::time::timeout(timeout, graceful.shutdown()).await {
+        Ok(()) => log::info!("all connections drained"),
+        Err(_) => log::warn!(
+            "shutdown timeout of {}s passed with requests still in flight; closing them",
+            timeout.as_secs()
+        ),
+    }
+}
+
+/// Serves one client connection through TLS and HTTP.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    app: Arc<App>,
+    protocols: Arc<Protocols>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let deadline = app.config.client_timeout;
+    let tls = tokio::time::timeout(deadline, acceptor.accept(tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let builder = protocols.for_alpn(tls.get_ref().1.alpn_protocol());
+
+    // Set by the first request; until then the connection is on the first-request deadline.
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = {
+        let requested = requested.clone();
+        service_fn(move |request| {
+            requested.store(true, Ordering::Relaxed);
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(filter::handle(&app, peer, request).await) }
+        })
+    };
+    let connection = watcher.watch(
+        builder
+            .serve_connection(TokioIo::new(tls), service)
+            .into_owned(),
+    );
+    tokio::pin!(connection);
+    tokio::select! {
+        served = &mut connection => return served.map_err(io::Error::other),
+        () = tokio::time::sleep(deadline) => {}
+    }
+    if !requested.load(Ordering::Relaxed) {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no request arrived before the first-request deadline",
+        ));
+    }
+    connection.await.map_err(io::Error::other)
+}
+
+async fn sweep_periodically(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        match app.store.sweep_idempotency_keys().await {
+            Ok(0) => {}
+            Ok(n) => log::info!("deleted {n} expired idempotency key(s)"),
+            Err(e) => log::warn!("sweeping idempotency keys failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Accounts and their members: who holds which permissions on which account.
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use uuid::Uuid;
+
+use super::{into_page, Page, Store, StoreError};
+use crate::domain::{Currency, Perms};
+
+/// An account as clients see it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: Uuid,
+    pub name: String,
+    pub currency: String,
+    pub created_at: i64,
+}
+
+/// An account together with the caller's permissions on it.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub account: Account,
+    pub perms: Perms,
+}
+
+/// Result of granting permissions to a user.
+#[derive(Debug)]
+pub enum MemberUpsert {
+    /// The user had no grant on the account before.
+    Created,
+    /// The user's permissions were replaced.
+    Updated,
+    /// No user has that name.
+    UnknownUser,
+}
+
+fn parse_uuid(raw: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(raw).map_err(|_| StoreError::Corrupt(format!("bad uuid {raw:?}")))
+}
+
+fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
+    Perms::parse("perms", raw).map_err(|_| StoreError::Corrupt(format!("bad perms {raw:?}")))
+}
+
+impl Store {
+    /// Creates an account; its creator gets every permission on it.
+    pub async fn create_account(
+        &self,
+        owner: i64,
+        name: String,
+        currency: Currency,
+    ) -> Result<Account, StoreError> {
+        self.run(move |conn| {
+            let account = Account {
+                id: Uuid::now_v7(),
+                name,
+                currency: currency.as_str().to_owned(),
+                created_at: crate::time::now_millis(),
+            };
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO accounts (id, name, currency, created_by, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    account.id.to_string(),
+                    account.name,
+                    account.currency,
+                    owner,
+                    account.created_at
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO account_members (user_id, account_id, perms, granted_by, granted_at)
+                 VALUES (?1, ?2, ?3, ?1, ?4)",
+                params![
+                    owner,
+                    account.id.to_string(),
+                    Perms::ALL.to_string(),
+                    account.created_at
+                ],
+            )?;
+            tx.commit()?;
+            Ok(account)
+        })
+        .await
+    }
+
+    /// The accounts `user` is a member of, newest first, `limit` at a time, starting after
+    /// the account with sequence number `before`.
+    pub async fn memberships(
+        &self,
+        user: i64,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Page<Membership>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT a.seq, a.id, a.name, a.currency, a.created_at, m.perms
+                 FROM account_members m JOIN accounts a ON a.id = m.account_id
+                 WHERE m.user_id = ?1 AND a.seq < ?2
+                 ORDER BY a.seq DESC LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(
+                    params![user, before.unwrap_or(i64::MAX), limit as i64 + 1],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, String>(5)?,
+                        ))
+                    },
+                )?
+                .map(|row| {
+                    let (seq, id, name, currency, created_at, perms) = row?;
+                    let account = Account {
+                        id: parse_uuid(&id)?,
+                        name,
+                        currency,
+                        created_at,
+                    };
+                    Ok((
+                        seq,
+                        Membership {
+                            account,
+                            perms: parse_perms(&perms)?,
+                        },
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(into_page(rows, limit))
+        })
+        .await
+    }
+
+    /// The account and `user`'s permissions on it, or `None` when the account does not exist
+    /// or the user holds no grant on it (the two are deliberately indistinguishable).
+    pub async fn membership(
+        &self,
+        user: i64,
+        account: Uuid,
+    ) -> Result<Option<Membership>, StoreError> {
+        self.run(move |conn| membership(conn, user, account)).await
+    }
+
+    /// Grants `perms` on `account` to the user called `username`, replacing any earlier grant.
+    pub async fn upsert_member(
+        &self,
+        account: Uuid,
+        username: String,
+        perms: Perms,
+        granted_by: i64,
+    ) -> Result<MemberUpsert, StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(user): Option<i64> = tx
+                .query_row("SELECT id FROM users WHERE username = ?1", [&username], |r| {
+                    r.get(0)
+                })
+                .optional()?
+            else {
+                return Ok(MemberUpsert::UnknownUser);
+            };
+            let existed: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM account_members WHERE user_id = ?1 AND account_id = ?2)",
+                params![user, account.to_string()],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO account_members (user_id, account_id, perms, granted_by, granted_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id, account_id) DO UPDATE SET
+                     perms = excluded.perms,
+                     granted_by = excluded.granted_by,
+                     granted_at = excluded.granted_at",
+                params![
+                    user,
+                    account.to_string(),
+                    perms.to_string(),
+                    granted_by,
+                    crate::time::now_millis()
+                ],
+            )?;
+            tx.commit()?;
+            Ok(if existed {
+                MemberUpsert::Updated
+            } else {
+                MemberUpsert::Created
+            })
+        })
+        .await
+    }
+}
+
+fn membership(
+    conn: &Connection,
+    user: i64,
+    account: Uuid,
+) -> Result<Option<Membership>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT a.name, a.currency, a.created_at, m.perms
+             FROM account_members m JOIN accounts a ON a.id = m.account_id
+             WHERE m.user_id = ?1 AND m.account_id = ?2",
+        )?
+        .query_row(params![user, account.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .optional()?;
+    row.map(|(name, currency, created_at, perms)| {
+        Ok(Membership {
+            account: Account {
+                id: account,
+                name,
+                currency,
+                created_at,
+            },
+            perms: parse_perms(&perms)?,
+        })
+    })
+    .transpose()
+}

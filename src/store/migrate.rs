@@ -1,0 +1,87 @@
+//! Schema migrations: the numbered files in `sql/`, embedded in the binary and applied in
+//! order at start, each recorded in `schema_migrations`.
+//!
+//! Migrations run inside one `BEGIN IMMEDIATE` transaction, so processes starting together
+//! on one data directory apply each migration exactly once. A database that records a
+//! version this binary does not know was written by a newer paygate: refuse to touch it.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+
+/// `(version, name, sql)`, in order. Never edit a released migration; add a new one.
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "001_init.sql", include_str!("../../sql/001_init.sql"))];
+
+/// The schema version this binary writes.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Brings the database up to [`latest_version`].
+pub fn migrate(conn: &mut Connection, db_name: &str) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             name       TEXT    NOT NULL,
+             applied_at INTEGER NOT NULL
+         ) STRICT;",
+    )?;
+    let current: i64 = tx.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    if current > latest_version() {
+        return Err(StoreError::Startup(format!(
+            "{db_name} has schema version {current}, but this paygate only knows versions up to \
+             {}: it was written by a newer paygate. Run that version, or restore a backup.",
+            latest_version()
+        )));
+    }
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Startup(format!("migration {name} failed: {e}")))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![version, name, crate::time::now_millis()],
+        )?;
+        log::info!("{db_name}: applied migration {name}");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_apply_once() {
+        for (i, (version, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1);
+            assert!(name.starts_with(&format!("{version:03}_")));
+        }
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, "test").unwrap();
+        migrate(&mut conn, "test").unwrap();
+        let applied: i64 = conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(applied, latest_version());
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, "test").unwrap();
+        conn.execute(
+            "INSERT INTO schema_migrations VALUES (?1, 'future.sql', 0)",
+            [latest_version() + 1],
+        )
+        .unwrap();
+        let err = migrate(&mut conn, "paygate.db").unwrap_err();
+        assert!(err.to_string().contains("newer paygate"), "{err}");
+    }
+}

@@ -1,0 +1,271 @@
+//! All persistent state, behind one narrow type: [`Store`].
+//!
+//! Filters and handlers call async methods with plain Rust types and never see SQLite, so a
+//! second backend can replace this module without touching them. Underneath: rusqlite
+//! (bundled SQLite) with an r2d2 pool, WAL journal, `synchronous=FULL` (a committed payment
+//! survives power loss), `BEGIN IMMEDIATE` for every write transaction, and a busy handler
+//! that retries quickly instead of SQLite's default 1–100 ms sleeps.
+//!
+//! SQLite calls block, so every method runs its work on tokio's blocking pool; nothing here
+//! ever blocks the reactor.
+
+mod accounts;
+mod idempotency;
+mod migrate;
+mod payments;
+mod users;
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+
+pub use accounts::{Account, MemberUpsert, Membership};
+pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
+pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
+pub use users::{NewUser, User, UserInsert};
+
+/// File name of the main database inside the data directory.
+pub const MAIN_DB: &str = "paygate.db";
+
+/// Why a storage call failed. Client mistakes never show up here: those are answered before
+/// the store is asked, or reported as outcomes (e.g. [`UserInsert::UsernameTaken`]).
+#[derive(Debug)]
+pub enum StoreError {
+    /// Every connection stayed busy past the pool timeout, or SQLite's lock stayed taken past
+    /// the busy handler's patience: overload, worth a retry.
+    Busy,
+    /// SQLite reported an error.
+    Sqlite(rusqlite::Error),
+    /// The blocking task running the query panicked or was cancelled.
+    TaskFailed,
+    /// The data directory or database cannot be used; the message says how to fix it.
+    Startup(String),
+    /// A row holds a value paygate never writes (hand-edited or corrupt database).
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Busy => f.write_str("database busy"),
+            StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
+            StoreError::TaskFailed => f.write_str("database task failed"),
+            StoreError::Startup(msg) => f.write_str(msg),
+            StoreError::Corrupt(msg) => write!(f, "corrupt row: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Busy
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+/// SQLite's busy handler: called while another connection holds the write lock. SQLite's
+/// default sleeps 1–100 ms between attempts, which lets one writer starve another for
+/// seconds; write transactions here last microseconds, so poll often and give up after about
+/// five seconds (the caller then answers 503).
+fn retry_busy(attempt: i32) -> bool {
+    let pause_us = match attempt {
+        0..=9 => 50,
+        10..=99 => 500,
+        _ => 2000,
+    };
+    std::thread::sleep(Duration::from_micros(pause_us));
+    attempt < 2600
+}
+
+/// Per-connection settings, applied to every pooled connection.
+fn configure(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.busy_handler(Some(retry_busy))?;
+    conn.execute_batch(
+        "PRAGMA foreign_keys = ON;
+         PRAGMA synchronous = FULL;",
+    )
+}
+
+/// The handle every part of the server shares; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the databases in `data_dir` and applies migrations.
+    /// Fails with a message naming the path when the directory is unusable or the database
+    /// was written by a newer paygate.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        ensure_writable_dir(data_dir)?;
+        let path = data_dir.join(MAIN_DB);
+        let display = path.display().to_string();
+        let open_failed = |e: &dyn fmt::Display| {
+            StoreError::Startup(format!("cannot open database {display}: {e}"))
+        };
+        let mut conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_failed(&e))?;
+        configure(&mut conn).map_err(|e| open_failed(&e))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| open_failed(&e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_failed(&format!(
+                "journal_mode is {mode}, WAL is required"
+            )));
+        }
+        migrate::migrate(&mut conn, &display)?;
+        drop(conn);
+
+        let manager = SqliteConnectionManager::file(&path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(configure);
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .build(manager)
+            .map_err(|e| open_failed(&e))?;
+        Ok(Store { pool })
+    }
+
+    /// Runs `work` with a pooled connection on the blocking pool.
+    async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(|_| StoreError::Busy)?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)?
+    }
+
+    /// Runs `work` on the calling thread, for command-line tools that are not async.
+    pub fn run_blocking<T>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
+        work(&mut conn)
+    }
+}
+
+/// Creates the data directory if needed and proves it is writable, so a permission problem
+/// is reported at start with the path, not as an obscure SQLite error on the first write.
+fn ensure_writable_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(|e| {
+        StoreError::Startup(format!(
+            "cannot create data directory {}: {e}; create it or choose another with --data-dir",
+            dir.display()
+        ))
+    })?;
+    let probe: PathBuf = dir.join(format!(".write-probe-{}", std::process::id()));
+    fs::write(&probe, b"")
+        .and_then(|()| fs::remove_file(&probe))
+        .map_err(|e| {
+            StoreError::Startup(format!(
+                "data directory {} is not writable: {e}; fix its permissions or choose another \
+                 with --data-dir",
+                dir.display()
+            ))
+        })
+}
+
+/// A page of a list, newest first, and the cursor for the next page.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The `seq` of the last item when more items follow.
+    pub next_seq: Option<i64>,
+}
+
+/// Turns `limit + 1` rows into a page: the extra row only says whether more follow.
+fn into_page<T>(mut rows: Vec<(i64, T)>, limit: usize) -> Page<T> {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_seq = if more {
+        rows.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(|(_, item)| item).collect(),
+        next_seq,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A store in a fresh temporary directory.
+    pub fn temp_store() -> (Store, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("paygate-store-{}", uuid::Uuid::new_v4()));
+        (Store::open(&dir).unwrap(), dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_in_wal_mode_with_full_sync_and_reopens() {
+        let (store, dir) = test_support::temp_store();
+        let (mode, sync, fk): (String, i64, i64) = store
+            .run_blocking(|c| {
+                Ok(c.query_row(
+                    "SELECT (SELECT journal_mode FROM pragma_journal_mode),
+                            (SELECT synchronous FROM pragma_synchronous),
+                            (SELECT foreign_keys FROM pragma_foreign_keys)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?)
+            })
+            .unwrap();
+        assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
+        drop(store);
+        Store::open(&dir).unwrap();
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unusable_data_directory_is_refused_with_its_path() {
+        let file = std::env::temp_dir().join(format!("paygate-notadir-{}", uuid::Uuid::new_v4()));
+        fs::write(&file, b"").unwrap();
+        let err = Store::open(&file).err().expect("a file is not a directory");
+        assert!(
+            err.to_string().contains(&file.display().to_string()),
+            "{err}"
+        );
+        fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn pages_carry_a_cursor_only_when_more_follow() {
+        let page = into_page(vec![(3, 'c'), (2, 'b'), (1, 'a')], 2);
+        assert_eq!(page.items, vec!['c', 'b']);
+        assert_eq!(page.next_seq, Some(2));
+        let page = into_page(vec![(3, 'c')], 2);
+        assert_eq!(page.next_seq, None);
+    }
+}

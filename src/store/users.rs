@@ -1,0 +1,146 @@
+//! Users: registration, lookup by name for authentication.
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{Store, StoreError};
+use crate::domain::{Role, Username};
+
+/// A user as authentication needs it.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    pub role: Option<Role>,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+/// A user to create; the password is already hashed.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub username: Username,
+    pub password_hash: String,
+    pub role: Option<Role>,
+}
+
+/// Result of creating a user.
+#[derive(Debug)]
+pub enum UserInsert {
+    Created(User),
+    UsernameTaken,
+}
+
+fn row_to_user(row: &rusqlite::Row<'_>) -> rusqlite::Result<(User, Option<String>)> {
+    Ok((
+        User {
+            id: row.get(0)?,
+            username: row.get(1)?,
+            password_hash: row.get(2)?,
+            role: None,
+            disabled: row.get(4)?,
+            created_at: row.get(5)?,
+        },
+        row.get(3)?,
+    ))
+}
+
+fn with_role((mut user, role): (User, Option<String>)) -> Result<User, StoreError> {
+    user.role = match role.as_deref() {
+        None => None,
+        Some(raw) => Some(Role::parse(raw).ok_or_else(|| {
+            StoreError::Corrupt(format!("user {} has unknown role {raw:?}", user.id))
+        })?),
+    };
+    Ok(user)
+}
+
+pub(super) fn insert(conn: &mut Connection, new: &NewUser) -> Result<UserInsert, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = crate::time::now_millis();
+    let inserted = tx.execute(
+        "INSERT INTO users (username, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (username) DO NOTHING",
+        params![
+            new.username.as_str(),
+            new.password_hash,
+            new.role.map(Role::as_str),
+            now
+        ],
+    )?;
+    if inserted == 0 {
+        return Ok(UserInsert::UsernameTaken);
+    }
+    let id = tx.last_insert_rowid();
+    tx.commit()?;
+    Ok(UserInsert::Created(User {
+        id,
+        username: new.username.as_str().to_owned(),
+        password_hash: new.password_hash.clone(),
+        role: new.role,
+        disabled: false,
+        created_at: now,
+    }))
+}
+
+pub(super) fn by_name(conn: &Connection, username: &str) -> Result<Option<User>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT id, username, password_hash, role, disabled, created_at
+             FROM users WHERE username = ?1",
+        )?
+        .query_row([username], row_to_user)
+        .optional()?;
+    row.map(with_role).transpose()
+}
+
+impl Store {
+    /// Creates a user unless the name is taken.
+    pub async fn create_user(&self, new: NewUser) -> Result<UserInsert, StoreError> {
+        self.run(move |conn| insert(conn, &new)).await
+    }
+
+    /// Creates a user from a synchronous caller (the `user add` command).
+    pub fn create_user_blocking(&self, new: &NewUser) -> Result<UserInsert, StoreError> {
+        self.run_blocking(|conn| insert(conn, new))
+    }
+
+    /// Finds a user by exact username.
+    pub async fn user_by_name(&self, username: String) -> Result<Option<User>, StoreError> {
+        self.run(move |conn| by_name(conn, &username)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    #[test]
+    fn usernames_are_unique_and_roles_round_trip() {
+        let (store, dir) = temp_store();
+        let new = NewUser {
+            username: Username::parse("username", "carol").unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: Some(Role::Auditor),
+        };
+        let UserInsert::Created(user) = store.create_user_blocking(&new).unwrap() else {
+            panic!("first insert creates")
+        };
+        assert!(matches!(
+            store.create_user_blocking(&new).unwrap(),
+            UserInsert::UsernameTaken
+        ));
+        let found = store
+            .run_blocking(|c| by_name(c, "carol"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((found.id, found.role), (user.id, Some(Role::Auditor)));
+        assert!(store
+            .run_blocking(|c| by_name(c, "dave"))
+            .unwrap()
+            .is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
