@@ -1,0 +1,335 @@
+//! Test harness: a real paygate on `127.0.0.1:0` over real TLS, and a small HTTPS client
+//! that trusts the server's freshly generated certificate and speaks HTTP/1.1 or HTTP/2.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use paygate::config::{ServeConfig, Sources, TlsFiles};
+use paygate::server::Running;
+
+/// A fresh temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("paygate-{tag}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    running: Option<Running>,
+    pub client: Client,
+}
+
+impl TestServer {
+    /// Starts a server with default settings and a 2 s client timeout.
+    pub async fn start() -> Self {
+        Self::start_with(&[("client-timeout", "2")]).await
+    }
+
+    /// Starts a server with extra `serve` options (flag name → value).
+    pub async fn start_with(extra: &[(&'static str, &str)]) -> Self {
+        let dir = TempDir::new("it");
+        let files = TlsFiles {
+            cert: dir.0.join("server.crt"),
+            key: dir.0.join("server.key"),
+            are_defaults: false,
+        };
+        paygate::tls::write_dev_certificate(&files, false).unwrap();
+        let mut options: BTreeMap<&'static str, String> = BTreeMap::new();
+        options.insert("listen", "127.0.0.1:0".into());
+        options.insert("data-dir", dir.0.join("data").display().to_string());
+        options.insert("tls-cert", files.cert.display().to_string());
+        options.insert("tls-key", files.key.display().to_string());
+        for (name, value) in extra {
+            options.insert(name, value.to_string());
+        }
+        let no_env = |_: &str| None;
+        let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
+        let running = paygate::server::start(config).await.unwrap();
+        let addr = running.local_addr();
+        let client = Client::new(addr, &files.cert);
+        TestServer {
+            addr,
+            dir,
+            running: Some(running),
+            client,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Registers a user over the API and returns its credentials.
+    pub async fn register(&self, username: &str) -> Creds {
+        let creds = Creds::new(username, &format!("{username}-Pass-phrase-9"));
+        let response = self
+            .client
+            .post("/users")
+            .json(&serde_json::json!({"username": creds.user, "password": creds.password}))
+            .send()
+            .await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        creds
+    }
+
+    /// Creates an account for `owner` and returns its id.
+    pub async fn account(&self, owner: &Creds, currency: &str) -> String {
+        let response = self
+            .client
+            .post("/accounts")
+            .basic(owner)
+            .json(&serde_json::json!({"name": "Operating", "currency": currency}))
+            .send()
+            .await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()["id"].as_str().unwrap().to_owned()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub user: String,
+    pub password: String,
+}
+
+impl Creds {
+    pub fn new(user: &str, password: &str) -> Self {
+        Creds {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    pub fn header(&self) -> String {
+        let raw = format!("{}:{}", self.user, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+}
+
+/// An HTTPS client trusting only the test server's certificate.
+#[derive(Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, cert: &std::path::Path) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        Client {
+            addr,
+            roots: Arc::new(roots),
+        }
+    }
+
+    /// Opens a TLS connection offering the given ALPN protocols and TLS versions.
+    pub async fn connect_with(
+        &self,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(self.roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let tcp = TcpStream::connect(self.addr).await?;
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+    }
+
+    pub async fn connect(&self) -> TlsStream<TcpStream> {
+        self.connect_with(&[b"http/1.1"], rustls::DEFAULT_VERSIONS)
+            .await
+            .unwrap()
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        RequestBuilder {
+            client: self.clone(),
+            method,
+            path: path.into(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+            http2: false,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.request(Method::GET, path)
+    }
+
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.request(Method::POST, path)
+    }
+
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.request(Method::DELETE, path)
+    }
+}
+
+pub struct RequestBuilder {
+    client: Client,
+    method: Method,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    http2: bool,
+}
+
+impl RequestBuilder {
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn basic(self, creds: &Creds) -> Self {
+        let value = creds.header();
+        self.header("authorization", &value)
+    }
+
+    pub fn json(self, value: &Value) -> Self {
+        self.raw_body("application/json", value.to_string())
+    }
+
+    pub fn raw_body(mut self, content_type: &str, body: impl Into<Bytes>) -> Self {
+        if !content_type.is_empty() {
+            self.headers
+                .push(("content-type".into(), content_type.into()));
+        }
+        self.body = body.into();
+        self
+    }
+
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
+    }
+
+    pub async fn send(self) -> TestResponse {
+        let alpn: &[&[u8]] = if self.http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = self
+            .client
+            .connect_with(alpn, rustls::DEFAULT_VERSIONS)
+            .await
+            .expect("TLS connection");
+        let mut request = Request::builder().method(self.method).uri(format!(
+            "https://localhost:{}{}",
+            self.client.addr.port(),
+            self.path
+        ));
+        if !self.http2 {
+            request = request.header("host", format!("localhost:{}", self.client.addr.port()));
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let request = request.body(Full::new(self.body)).unwrap();
+        let io = TokioIo::new(tls);
+        let response = if self.http2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(request).await.unwrap()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            sender.send_request(request).await.unwrap()
+        };
+        let status = response.status();
+        let version = response.version();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        TestResponse {
+            status,
+            version,
+            headers,
+            body,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the status and that the body is a problem+json document with that status.
+    pub fn assert_problem(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{}",
+            self.text()
+        );
+        let body = self.json();
+        assert_eq!(body["status"], status);
+        assert_eq!(
+            body["request_id"].as_str(),
+            self.header("x-request-id"),
+            "problem carries the request id"
+        );
+        assert!(body["title"].is_string() && body["detail"].is_string());
+        body
+    }
+}
