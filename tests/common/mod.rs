@@ -43,6 +43,7 @@ impl Drop for TempDir {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: TempDir,
+    options: BTreeMap<&'static str, String>,
     running: Option<Running>,
     pub client: Client,
 }
@@ -70,17 +71,32 @@ impl TestServer {
         for (name, value) in extra {
             options.insert(name, value.to_string());
         }
+        Self::launch(dir, options).await
+    }
+
+    async fn launch(dir: TempDir, options: BTreeMap<&'static str, String>) -> Self {
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
         let running = paygate::server::start(config).await.unwrap();
         let addr = running.local_addr();
-        let client = Client::new(addr, &files.cert);
+        let client = Client::new(addr, &dir.0.join("server.crt"));
         TestServer {
             addr,
             dir,
+            options,
             running: Some(running),
             client,
         }
+    }
+
+    /// Stops the server and starts a new one on the same data directory and options.
+    pub async fn restart(mut self) -> Self {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        let dir = TempDir(std::mem::take(&mut self.dir.0));
+        let options = std::mem::take(&mut self.options);
+        Self::launch(dir, options).await
     }
 
     pub async fn shutdown(mut self) {

@@ -1,0 +1,257 @@
+//! Payments and Idempotency-Key: creation, validation, listing, cancellation, replays,
+//! mismatches and concurrent duplicates.
+
+mod common;
+
+use common::{Creds, TestServer};
+use serde_json::{json, Value};
+
+struct Fixture {
+    server: TestServer,
+    alice: Creds,
+    account: String,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let server = TestServer::start().await;
+        let alice = server.register("alice").await;
+        let account = server.account(&alice, "EUR").await;
+        Fixture {
+            server,
+            alice,
+            account,
+        }
+    }
+
+    fn payments(&self) -> String {
+        format!("/accounts/{}/payments", self.account)
+    }
+
+    async fn pay(&self, body: &Value, key: Option<&str>) -> common::TestResponse {
+        let mut request = self
+            .server
+            .client
+            .post(&self.payments())
+            .basic(&self.alice)
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request.send().await
+    }
+
+    async fn count(&self) -> usize {
+        let list = self
+            .server
+            .client
+            .get(&format!("{}?limit=100", self.payments()))
+            .basic(&self.alice)
+            .send()
+            .await
+            .json();
+        list["items"].as_array().unwrap().len()
+    }
+}
+
+fn payment(amount: i64) -> Value {
+    json!({"payee": "ACME-Ltd", "amount_minor": amount, "currency": "EUR", "reference": "Invoice 42"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_read_list_and_cancel() {
+    let f = Fixture::new().await;
+    let created = f.pay(&payment(1250), None).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let body = created.json();
+    let id = body["id"].as_str().unwrap();
+    assert_eq!(
+        created.header("location"),
+        Some(&*format!("{}/{id}", f.payments()))
+    );
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["amount_minor"], 1250);
+    assert_eq!(body["created_by"], "alice");
+    assert_eq!(body["account_id"], f.account);
+
+    let read = f.server.client.get(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.json(), body);
+
+    let cancel = f.server.client.delete(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    assert_eq!(cancel.json()["status"], "cancelled");
+    assert!(cancel.json()["cancelled_at"].is_string());
+    let again = f.server.client.delete(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    let problem = again.assert_problem(409);
+    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:payment-not-pending");
+
+    let missing = format!("{}/{}", f.payments(), uuid::Uuid::now_v7());
+    f.server.client.get(&missing).basic(&f.alice).send().await.assert_problem(404);
+    f.server.client.delete(&missing).basic(&f.alice).send().await.assert_problem(404);
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_is_only_reachable_through_its_own_account() {
+    let f = Fixture::new().await;
+    let other_account = f.server.account(&f.alice, "EUR").await;
+    let id = f.pay(&payment(5), None).await.json()["id"].as_str().unwrap().to_owned();
+    // alice holds both accounts, but the payment belongs to one of them only.
+    let wrong = format!("/accounts/{other_account}/payments/{id}");
+    f.server.client.get(&wrong).basic(&f.alice).send().await.assert_problem(404);
+    f.server.client.delete(&wrong).basic(&f.alice).send().await.assert_problem(404);
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_field_is_a_clear_problem() {
+    let f = Fixture::new().await;
+    let invalid = [
+        (json!({"payee": "ACME", "amount_minor": 0, "currency": "EUR"}), "amount_minor"),
+        (json!({"payee": "ACME", "amount_minor": -5, "currency": "EUR"}), "amount_minor"),
+        (json!({"payee": "ACME", "amount_minor": 1_000_000_000_001i64, "currency": "EUR"}), "amount_minor"),
+        (json!({"payee": "", "amount_minor": 1, "currency": "EUR"}), "payee"),
+        (json!({"payee": "A C M E", "amount_minor": 1, "currency": "EUR"}), "payee"),
+        (json!({"payee": "p".repeat(65), "amount_minor": 1, "currency": "EUR"}), "payee"),
+        (json!({"payee": "ACME", "amount_minor": 1, "currency": "USD"}), "currency"),
+        (json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "r".repeat(141)}), "reference"),
+        (json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "a\u{0007}b"}), "reference"),
+    ];
+    for (body, field) in invalid {
+        let problem = f.pay(&body, None).await.assert_problem(422);
+        assert_eq!(problem["field"], field, "{body}");
+    }
+    let malformed = [
+        json!({"payee": "ACME", "amount_minor": 12.5, "currency": "EUR"}),
+        json!({"payee": "ACME", "amount_minor": "100", "currency": "EUR"}),
+        json!({"payee": "ACME", "amount_minor": 1e30, "currency": "EUR"}),
+        json!({"payee": "ACME", "currency": "EUR"}),
+        json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "status": "cancelled"}),
+    ];
+    for body in malformed {
+        f.pay(&body, None).await.assert_problem(400);
+    }
+    f.pay(&payment(1), Some("")).await.assert_problem(422);
+    f.pay(&payment(1), Some(&"k".repeat(256))).await.assert_problem(422);
+    assert_eq!(f.count().await, 0, "nothing was created by a bad request");
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_newest_first_with_cursors() {
+    let f = Fixture::new().await;
+    let mut ids = Vec::new();
+    for amount in 1..=7 {
+        ids.push(f.pay(&payment(amount), None).await.json()["id"].as_str().unwrap().to_owned());
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut path = format!("{}?limit=3", f.payments());
+    loop {
+        let page = f.server.client.get(&path).basic(&f.alice).send().await.json();
+        seen.extend(page["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("{}?limit=3&cursor={cursor}", f.payments()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_replays_instead_of_paying_twice() {
+    let f = Fixture::new().await;
+    let first = f.pay(&payment(999), Some("order-77")).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    assert!(first.header("idempotency-replayed").is_none());
+
+    let retry = f.pay(&payment(999), Some("order-77")).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.header("idempotency-replayed"), Some("true"));
+    assert_eq!(retry.json(), first.json(), "the stored answer, byte for byte");
+    assert_eq!(retry.header("location"), first.header("location"));
+    assert_ne!(retry.header("x-request-id"), first.header("x-request-id"));
+
+    let different = f.pay(&payment(1000), Some("order-77")).await;
+    let problem = different.assert_problem(422);
+    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:idempotency-key-reused");
+    assert_eq!(f.count().await, 1);
+
+    // Keys belong to the user: bob may use the same key on his own account.
+    let bob = f.server.register("bob").await;
+    let bobs = f.server.account(&bob, "EUR").await;
+    let response = f
+        .server
+        .client
+        .post(&format!("/accounts/{bobs}/payments"))
+        .basic(&bob)
+        .header("idempotency-key", "order-77")
+        .json(&payment(999))
+        .send()
+        .await;
+    assert_eq!(response.status, 201);
+    assert!(response.header("idempotency-replayed").is_none());
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_create_exactly_one_payment() {
+    let f = Fixture::new().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = f.server.client.clone();
+        let (path, alice) = (f.payments(), f.alice.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(&path)
+                .basic(&alice)
+                .header("idempotency-key", "same-key")
+                .json(&payment(500))
+                .send()
+                .await
+        }));
+    }
+    let mut fresh = 0;
+    let mut ids = std::collections::BTreeSet::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        match response.status.as_u16() {
+            201 => {
+                if response.header("idempotency-replayed").is_none() {
+                    fresh += 1;
+                }
+                ids.insert(response.json()["id"].as_str().unwrap().to_owned());
+            }
+            409 => {
+                let problem = response.assert_problem(409);
+                assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:idempotency-key-in-flight");
+            }
+            other => panic!("unexpected {other}: {}", response.text()),
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one request created the payment");
+    assert_eq!(ids.len(), 1, "every 201 describes the same payment");
+    assert_eq!(f.count().await, 1);
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_and_idempotency_records_survive_a_restart() {
+    let f = Fixture::new().await;
+    let created = f.pay(&payment(42), Some("survives")).await.json();
+    let Fixture { server, alice, account } = f;
+    let server = server.restart().await;
+    let replay = server
+        .client
+        .post(&format!("/accounts/{account}/payments"))
+        .basic(&alice)
+        .header("idempotency-key", "survives")
+        .json(&payment(42))
+        .send()
+        .await;
+    assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+    assert_eq!(replay.json(), created);
+    server.shutdown().await;
+}
