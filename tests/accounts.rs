@@ -20,15 +20,29 @@ async fn the_creator_gets_every_permission_and_sees_the_account() {
     assert_eq!(response.status, 201, "{}", response.text());
     let account = response.json();
     let id = account["id"].as_str().unwrap();
-    assert_eq!(response.header("location"), Some(&*format!("/accounts/{id}")));
+    assert_eq!(
+        response.header("location"),
+        Some(&*format!("/accounts/{id}"))
+    );
     assert_eq!(account["perms"], "rwda");
     assert_eq!(account["currency"], "EUR");
 
-    let fetched = server.client.get(&format!("/accounts/{id}")).basic(&alice).send().await;
+    let fetched = server
+        .client
+        .get(&format!("/accounts/{id}"))
+        .basic(&alice)
+        .send()
+        .await;
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.json()["name"], "Operating");
 
-    let list = server.client.get("/accounts").basic(&alice).send().await.json();
+    let list = server
+        .client
+        .get("/accounts")
+        .basic(&alice)
+        .send()
+        .await
+        .json();
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
     assert_eq!(list["items"][0]["id"], id);
     assert_eq!(list["next_cursor"], serde_json::Value::Null);
@@ -47,7 +61,13 @@ async fn account_fields_are_validated() {
         (json!({"name": "ok", "currency": "XXX"}), "currency"),
         (json!({"name": "ok", "currency": "EURO"}), "currency"),
     ] {
-        let response = server.client.post("/accounts").basic(&alice).json(&body).send().await;
+        let response = server
+            .client
+            .post("/accounts")
+            .basic(&alice)
+            .json(&body)
+            .send()
+            .await;
         assert_eq!(response.assert_problem(422)["field"], field, "{body}");
     }
     let response = server
@@ -97,10 +117,20 @@ async fn other_users_accounts_do_not_exist_for_them() {
         .send()
         .await;
     pay.assert_problem(404);
-    let list = server.client.get("/accounts").basic(&mallory).send().await.json();
+    let list = server
+        .client
+        .get("/accounts")
+        .basic(&mallory)
+        .send()
+        .await
+        .json();
     assert_eq!(list["items"], json!([]));
     // Without credentials the same paths ask for them rather than saying anything.
-    let anonymous = server.client.get(&format!("/accounts/{account}")).send().await;
+    let anonymous = server
+        .client
+        .get(&format!("/accounts/{account}"))
+        .send()
+        .await;
     anonymous.assert_problem(401);
     server.shutdown().await;
 }
@@ -122,11 +152,23 @@ async fn members_get_exactly_the_permissions_granted() {
         .send()
         .await;
     assert_eq!(grant.status, 201, "{}", grant.text());
-    assert_eq!(grant.json(), json!({"account_id": account, "username": "bob", "perms": "r"}));
+    assert_eq!(
+        grant.json(),
+        json!({"account_id": account, "username": "bob", "perms": "r"})
+    );
 
     // Read-only bob can list, but not pay, cancel or manage members.
-    assert_eq!(server.client.get(&payments).basic(&bob).send().await.status, 200);
-    let list = server.client.get("/accounts").basic(&bob).send().await.json();
+    assert_eq!(
+        server.client.get(&payments).basic(&bob).send().await.status,
+        200
+    );
+    let list = server
+        .client
+        .get("/accounts")
+        .basic(&bob)
+        .send()
+        .await
+        .json();
     assert_eq!(list["items"][0]["perms"], "r");
     let pay = server
         .client
@@ -136,7 +178,10 @@ async fn members_get_exactly_the_permissions_granted() {
         .send()
         .await;
     let problem = pay.assert_problem(403);
-    assert!(problem["detail"].as_str().unwrap().contains("'w'"), "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("'w'"),
+        "{problem}"
+    );
     let promote = server
         .client
         .post(&members)
@@ -165,7 +210,12 @@ async fn members_get_exactly_the_permissions_granted() {
         .await;
     assert_eq!(pay.status, 201, "{}", pay.text());
     let pid = pay.json()["id"].as_str().unwrap().to_owned();
-    let cancel = server.client.delete(&format!("{payments}/{pid}")).basic(&bob).send().await;
+    let cancel = server
+        .client
+        .delete(&format!("{payments}/{pid}"))
+        .basic(&bob)
+        .send()
+        .await;
     cancel.assert_problem(403);
     server.shutdown().await;
 }
@@ -185,7 +235,13 @@ async fn grants_are_validated() {
         (json!({"username": "B O B", "perms": "r"}), "username"),
         (json!({"username": "alice", "perms": "r"}), "username"),
     ] {
-        let response = server.client.post(&members).basic(&alice).json(&body).send().await;
+        let response = server
+            .client
+            .post(&members)
+            .basic(&alice)
+            .json(&body)
+            .send()
+            .await;
         assert_eq!(response.assert_problem(422)["field"], field, "{body}");
     }
     server.shutdown().await;
@@ -217,9 +273,19 @@ async fn account_lists_paginate_newest_first() {
         }
     }
     assert_eq!(seen, created);
-    let bad = server.client.get("/accounts?limit=101").basic(&alice).send().await;
+    let bad = server
+        .client
+        .get("/accounts?limit=101")
+        .basic(&alice)
+        .send()
+        .await;
     bad.assert_problem(400);
-    let bad = server.client.get("/accounts?cursor=garbage!").basic(&alice).send().await;
+    let bad = server
+        .client
+        .get("/accounts?cursor=garbage!")
+        .basic(&alice)
+        .send()
+        .await;
     bad.assert_problem(400);
     server.shutdown().await;
 }

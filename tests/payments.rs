@@ -74,21 +74,54 @@ async fn create_read_list_and_cancel() {
     assert_eq!(body["created_by"], "alice");
     assert_eq!(body["account_id"], f.account);
 
-    let read = f.server.client.get(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    let read = f
+        .server
+        .client
+        .get(&format!("{}/{id}", f.payments()))
+        .basic(&f.alice)
+        .send()
+        .await;
     assert_eq!(read.status, 200);
     assert_eq!(read.json(), body);
 
-    let cancel = f.server.client.delete(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    let cancel = f
+        .server
+        .client
+        .delete(&format!("{}/{id}", f.payments()))
+        .basic(&f.alice)
+        .send()
+        .await;
     assert_eq!(cancel.status, 200, "{}", cancel.text());
     assert_eq!(cancel.json()["status"], "cancelled");
     assert!(cancel.json()["cancelled_at"].is_string());
-    let again = f.server.client.delete(&format!("{}/{id}", f.payments())).basic(&f.alice).send().await;
+    let again = f
+        .server
+        .client
+        .delete(&format!("{}/{id}", f.payments()))
+        .basic(&f.alice)
+        .send()
+        .await;
     let problem = again.assert_problem(409);
-    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:payment-not-pending");
+    assert_eq!(
+        problem["type"],
+        "tag:paygate.dev,2026:problem:payment-not-pending"
+    );
 
     let missing = format!("{}/{}", f.payments(), uuid::Uuid::now_v7());
-    f.server.client.get(&missing).basic(&f.alice).send().await.assert_problem(404);
-    f.server.client.delete(&missing).basic(&f.alice).send().await.assert_problem(404);
+    f.server
+        .client
+        .get(&missing)
+        .basic(&f.alice)
+        .send()
+        .await
+        .assert_problem(404);
+    f.server
+        .client
+        .delete(&missing)
+        .basic(&f.alice)
+        .send()
+        .await
+        .assert_problem(404);
     f.server.shutdown().await;
 }
 
@@ -96,11 +129,26 @@ async fn create_read_list_and_cancel() {
 async fn a_payment_is_only_reachable_through_its_own_account() {
     let f = Fixture::new().await;
     let other_account = f.server.account(&f.alice, "EUR").await;
-    let id = f.pay(&payment(5), None).await.json()["id"].as_str().unwrap().to_owned();
+    let id = f.pay(&payment(5), None).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // alice holds both accounts, but the payment belongs to one of them only.
     let wrong = format!("/accounts/{other_account}/payments/{id}");
-    f.server.client.get(&wrong).basic(&f.alice).send().await.assert_problem(404);
-    f.server.client.delete(&wrong).basic(&f.alice).send().await.assert_problem(404);
+    f.server
+        .client
+        .get(&wrong)
+        .basic(&f.alice)
+        .send()
+        .await
+        .assert_problem(404);
+    f.server
+        .client
+        .delete(&wrong)
+        .basic(&f.alice)
+        .send()
+        .await
+        .assert_problem(404);
     f.server.shutdown().await;
 }
 
@@ -108,15 +156,42 @@ async fn a_payment_is_only_reachable_through_its_own_account() {
 async fn every_invalid_field_is_a_clear_problem() {
     let f = Fixture::new().await;
     let invalid = [
-        (json!({"payee": "ACME", "amount_minor": 0, "currency": "EUR"}), "amount_minor"),
-        (json!({"payee": "ACME", "amount_minor": -5, "currency": "EUR"}), "amount_minor"),
-        (json!({"payee": "ACME", "amount_minor": 1_000_000_000_001i64, "currency": "EUR"}), "amount_minor"),
-        (json!({"payee": "", "amount_minor": 1, "currency": "EUR"}), "payee"),
-        (json!({"payee": "A C M E", "amount_minor": 1, "currency": "EUR"}), "payee"),
-        (json!({"payee": "p".repeat(65), "amount_minor": 1, "currency": "EUR"}), "payee"),
-        (json!({"payee": "ACME", "amount_minor": 1, "currency": "USD"}), "currency"),
-        (json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "r".repeat(141)}), "reference"),
-        (json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "a\u{0007}b"}), "reference"),
+        (
+            json!({"payee": "ACME", "amount_minor": 0, "currency": "EUR"}),
+            "amount_minor",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": -5, "currency": "EUR"}),
+            "amount_minor",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1_000_000_000_001i64, "currency": "EUR"}),
+            "amount_minor",
+        ),
+        (
+            json!({"payee": "", "amount_minor": 1, "currency": "EUR"}),
+            "payee",
+        ),
+        (
+            json!({"payee": "A C M E", "amount_minor": 1, "currency": "EUR"}),
+            "payee",
+        ),
+        (
+            json!({"payee": "p".repeat(65), "amount_minor": 1, "currency": "EUR"}),
+            "payee",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "USD"}),
+            "currency",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "r".repeat(141)}),
+            "reference",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "a\u{0007}b"}),
+            "reference",
+        ),
     ];
     for (body, field) in invalid {
         let problem = f.pay(&body, None).await.assert_problem(422);
@@ -133,7 +208,9 @@ async fn every_invalid_field_is_a_clear_problem() {
         f.pay(&body, None).await.assert_problem(400);
     }
     f.pay(&payment(1), Some("")).await.assert_problem(422);
-    f.pay(&payment(1), Some(&"k".repeat(256))).await.assert_problem(422);
+    f.pay(&payment(1), Some(&"k".repeat(256)))
+        .await
+        .assert_problem(422);
     assert_eq!(f.count().await, 0, "nothing was created by a bad request");
     f.server.shutdown().await;
 }
@@ -143,14 +220,32 @@ async fn lists_are_newest_first_with_cursors() {
     let f = Fixture::new().await;
     let mut ids = Vec::new();
     for amount in 1..=7 {
-        ids.push(f.pay(&payment(amount), None).await.json()["id"].as_str().unwrap().to_owned());
+        ids.push(
+            f.pay(&payment(amount), None).await.json()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     ids.reverse();
     let mut seen = Vec::new();
     let mut path = format!("{}?limit=3", f.payments());
     loop {
-        let page = f.server.client.get(&path).basic(&f.alice).send().await.json();
-        seen.extend(page["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()));
+        let page = f
+            .server
+            .client
+            .get(&path)
+            .basic(&f.alice)
+            .send()
+            .await
+            .json();
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("{}?limit=3&cursor={cursor}", f.payments()),
             None => break,
@@ -170,13 +265,20 @@ async fn an_idempotent_retry_replays_instead_of_paying_twice() {
     let retry = f.pay(&payment(999), Some("order-77")).await;
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotency-replayed"), Some("true"));
-    assert_eq!(retry.json(), first.json(), "the stored answer, byte for byte");
+    assert_eq!(
+        retry.json(),
+        first.json(),
+        "the stored answer, byte for byte"
+    );
     assert_eq!(retry.header("location"), first.header("location"));
     assert_ne!(retry.header("x-request-id"), first.header("x-request-id"));
 
     let different = f.pay(&payment(1000), Some("order-77")).await;
     let problem = different.assert_problem(422);
-    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:idempotency-key-reused");
+    assert_eq!(
+        problem["type"],
+        "tag:paygate.dev,2026:problem:idempotency-key-reused"
+    );
     assert_eq!(f.count().await, 1);
 
     // Keys belong to the user: bob may use the same key on his own account.
@@ -226,7 +328,10 @@ async fn concurrent_duplicates_create_exactly_one_payment() {
             }
             409 => {
                 let problem = response.assert_problem(409);
-                assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:idempotency-key-in-flight");
+                assert_eq!(
+                    problem["type"],
+                    "tag:paygate.dev,2026:problem:idempotency-key-in-flight"
+                );
             }
             other => panic!("unexpected {other}: {}", response.text()),
         }
@@ -241,7 +346,11 @@ async fn concurrent_duplicates_create_exactly_one_payment() {
 async fn payments_and_idempotency_records_survive_a_restart() {
     let f = Fixture::new().await;
     let created = f.pay(&payment(42), Some("survives")).await.json();
-    let Fixture { server, alice, account } = f;
+    let Fixture {
+        server,
+        alice,
+        account,
+    } = f;
     let server = server.restart().await;
     let replay = server
         .client

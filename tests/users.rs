@@ -29,7 +29,10 @@ async fn registration_creates_a_user_once() {
         .send()
         .await;
     let problem = again.assert_problem(409);
-    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:username-taken");
+    assert_eq!(
+        problem["type"],
+        "tag:paygate.dev,2026:problem:username-taken"
+    );
 
     // The user can read their own record with the password they chose.
     let me = server
@@ -116,13 +119,28 @@ async fn wrong_password_and_unknown_user_look_the_same() {
         problem.as_object_mut().unwrap().remove("request_id");
         bodies.push(problem);
     }
-    assert_eq!(bodies[0], bodies[1], "same answer for unknown user and wrong password");
+    assert_eq!(
+        bodies[0], bodies[1],
+        "same answer for unknown user and wrong password"
+    );
     // Both pay for one Argon2id verification (~16 ms); an unknown user must not answer
     // in a fraction of that. (A loose bound: timing on shared machines is noisy.)
     let (wrong, unknown) = (timings[0], timings[1]);
-    assert!(unknown * 3 > wrong, "unknown user {unknown:?} vs wrong password {wrong:?}");
+    assert!(
+        unknown * 3 > wrong,
+        "unknown user {unknown:?} vs wrong password {wrong:?}"
+    );
 
-    assert_eq!(server.client.get("/accounts").basic(&alice).send().await.status, 200);
+    assert_eq!(
+        server
+            .client
+            .get("/accounts")
+            .basic(&alice)
+            .send()
+            .await
+            .status,
+        200
+    );
     server.shutdown().await;
 }
 
@@ -161,7 +179,12 @@ async fn users_cannot_read_each_other() {
     server.register("bob").await;
     let response = server.client.get("/users/bob").basic(&alice).send().await;
     response.assert_problem(404);
-    let response = server.client.get("/users/nobody").basic(&alice).send().await;
+    let response = server
+        .client
+        .get("/users/nobody")
+        .basic(&alice)
+        .send()
+        .await;
     response.assert_problem(404);
     server.shutdown().await;
 }

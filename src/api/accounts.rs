@@ -1,8 +1,8 @@
 //! Accounts (`POST/GET /accounts`, `GET /accounts/{id}`) and their members
 //! (`POST /accounts/{id}/members`).
 
+use crate::http::RequestBody;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::users::set_location;
@@ -60,7 +60,7 @@ struct MemberBody {
 pub async fn create(
     app: &App,
     principal: &Principal,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let body: NewAccount =
         read_json(request, app.config.max_body, app.config.client_timeout).await?;
@@ -105,7 +105,7 @@ pub async fn grant_member(
     app: &App,
     principal: &Principal,
     membership: &Membership,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let body: NewGrant = read_json(request, app.config.max_body, app.config.client_timeout).await?;
     let username = Username::parse("username", &body.username)?;

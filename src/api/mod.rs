@@ -9,9 +9,9 @@ mod payments;
 mod status;
 mod users;
 
+use crate::http::RequestBody;
 use base64::Engine as _;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::filter::access::Grant;
@@ -23,7 +23,7 @@ pub async fn dispatch(
     app: &App,
     route: Route,
     grant: Grant,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     match (route, grant) {
         (Route::Reject(error), _) => Err(error),

@@ -6,8 +6,8 @@
 //! same key with a different request is 422; the same key while the first request is still
 //! running is 409. Requests that fail validation claim nothing.
 
+use crate::http::RequestBody;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use ring::digest;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -155,7 +155,7 @@ pub async fn create(
     app: &App,
     principal: &Principal,
     membership: &Membership,
-    request: Request<Incoming>,
+    request: Request<impl RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let key = idempotency_key(&request)?;
     let body: NewPayment =

@@ -1,7 +1,7 @@
 //! `POST /users` (registration) and `GET /users/{name}`.
 
+use crate::http::RequestBody;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::app::App;
@@ -35,7 +35,10 @@ impl From<User> for UserBody {
     }
 }
 
-pub async fn create(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn create(
+    app: &App,
+    request: Request<impl RequestBody>,
+) -> Result<Response<Body>, ApiError> {
     let body: Registration =
         read_json(request, app.config.max_body, app.config.client_timeout).await?;
     let username = Username::parse("username", &body.username)?;

@@ -14,8 +14,8 @@ pub mod authenticate;
 
 use std::net::SocketAddr;
 
+use crate::http::RequestBody;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use uuid::Uuid;
 
 use crate::api;
@@ -24,7 +24,11 @@ use crate::http::{finish, Body};
 use crate::routes;
 
 /// Runs one request through the chain and returns the response to send.
-pub async fn handle(app: &App, _peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    app: &App,
+    _peer: SocketAddr,
+    request: Request<impl RequestBody>,
+) -> Response<Body> {
     // Every response, error or not, carries this id in X-Request-Id.
     let request_id = Uuid::new_v4();
     // Which operation is asked for (pure parsing; unknown routes become a 404/405 to send).

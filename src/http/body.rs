@@ -11,6 +11,21 @@ use serde::de::DeserializeOwned;
 
 use super::ApiError;
 
+/// Errors a request body can fail with.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the chain needs of a request body: hyper's `Incoming` in the server, any buffered
+/// body in tests and benches.
+pub trait RequestBody:
+    hyper::body::Body<Data = bytes::Bytes, Error: Into<BodyError>> + Send
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = bytes::Bytes, Error: Into<BodyError>> + Send
+{
+}
+
 /// Whether the request declares a JSON body (`application/json`, any parameters).
 fn declares_json(headers: &HeaderMap) -> bool {
     headers
@@ -21,21 +36,16 @@ fn declares_json(headers: &HeaderMap) -> bool {
 }
 
 /// Reads and parses the body as `T`.
-pub async fn read_json<T, B>(
-    request: Request<B>,
+pub async fn read_json<T: DeserializeOwned>(
+    request: Request<impl RequestBody>,
     max_bytes: usize,
     deadline: Duration,
-) -> Result<T, ApiError>
-where
-    T: DeserializeOwned,
-    B: hyper::body::Body,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
+) -> Result<T, ApiError> {
     if !declares_json(request.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
     let body = request.into_body();
-    if body.size_hint().lower() > max_bytes as u64 {
+    if hyper::body::Body::size_hint(&body).lower() > max_bytes as u64 {
         return Err(ApiError::PayloadTooLarge(max_bytes));
     }
     let bytes = match tokio::time::timeout(deadline, Limited::new(body, max_bytes).collect()).await

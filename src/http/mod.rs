@@ -6,6 +6,6 @@ mod body;
 mod problem;
 mod response;
 
-pub use body::read_json;
+pub use body::{read_json, RequestBody};
 pub use problem::{ApiError, Challenge, Conflict};
 pub use response::{finish, json, Body};

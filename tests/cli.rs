@@ -1,0 +1,307 @@
+//! The `paygate` binary as an operator runs it: start-up with embedded defaults, refusals
+//! with clear messages, `dev-cert`, `user add`, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, Creds, TempDir};
+
+fn paygate(dir: &TempDir) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_paygate"));
+    command.current_dir(&dir.0).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PAYGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.stdin(Stdio::null()).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Starts `paygate serve` on an ephemeral port and returns it with the address it logged.
+/// The caller owns the child and waits for it after signalling it.
+#[allow(clippy::zombie_processes)]
+fn serve(dir: &TempDir, extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let mut child = paygate(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(addr) = line.split("listening on https://").nth(1) {
+            // Keep draining stderr so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr.trim().parse().unwrap());
+        }
+    }
+    panic!("server did not report its address");
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defaults_generate_a_dev_certificate_serve_and_stop_cleanly_on_sigterm() {
+    let dir = TempDir::new("cli-defaults");
+    let (mut child, addr) = serve(&dir, &[]);
+    let key = dir.0.join("certs/server.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(dir.0.join("data/paygate.db").exists(), "data under ./data");
+
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let response = client.get("/apiStatus").send().await;
+    assert_eq!(response.status, 200);
+
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child).success(), "SIGTERM exits 0");
+
+    // A second start reuses the certificate rather than generating another.
+    let before = std::fs::read(dir.0.join("certs/server.crt")).unwrap();
+    let (mut child, _) = serve(&dir, &[]);
+    assert_eq!(
+        std::fs::read(dir.0.join("certs/server.crt")).unwrap(),
+        before
+    );
+    signal(&child, "INT");
+    assert!(wait_exit(&mut child).success(), "SIGINT exits 0");
+}
+
+#[test]
+fn explicit_certificate_paths_must_exist() {
+    let dir = TempDir::new("cli-missing-cert");
+    let output =
+        run(paygate(&dir).args(["serve", "--tls-cert", "mine.crt", "--tls-key", "mine.key"]));
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("mine.crt") && message.contains("paygate dev-cert"),
+        "{message}"
+    );
+    assert!(
+        !dir.0.join("mine.crt").exists(),
+        "nothing generated for explicit paths"
+    );
+
+    let output = run(paygate(&dir)
+        .args(["serve"])
+        .env("PAYGATE_TLS_KEY", "env.key"));
+    assert_eq!(output.status.code(), Some(1), "an env path is explicit too");
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_message() {
+    let dir = TempDir::new("cli-config");
+    let output = run(paygate(&dir).args(["serve", "--workers", "2"]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("only --workers 1"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = run(paygate(&dir)
+        .args(["serve"])
+        .env("PAYGATE_LISTEN", "nonsense"));
+    assert!(
+        stderr(&output).contains("PAYGATE_LISTEN"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = run(paygate(&dir).args(["serve", "--frobnicate"]));
+    assert_eq!(output.status.code(), Some(2), "usage errors exit 2");
+
+    // A data directory that cannot be one (a file is in the way).
+    std::fs::write(dir.0.join("occupied"), b"").unwrap();
+    paygate::tls::write_dev_certificate(
+        &paygate::config::TlsFiles {
+            cert: dir.0.join("certs/server.crt"),
+            key: dir.0.join("certs/server.key"),
+            are_defaults: true,
+        },
+        false,
+    )
+    .unwrap();
+    let output = run(paygate(&dir).args(["serve", "--data-dir", "occupied"]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("occupied"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_database_from_a_newer_paygate_is_refused() {
+    let dir = TempDir::new("cli-newer-db");
+    let output = run(paygate(&dir).args(["dev-cert"]));
+    assert!(output.status.success());
+    // Create the database, then pretend a future version migrated it.
+    let mut add = paygate(&dir)
+        .args(["user", "add", "admin1", "--role", "admin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"a long admin passphrase\n")
+        .unwrap();
+    assert!(add.wait_with_output().unwrap().status.success());
+    let db = rusqlite::Connection::open(dir.0.join("data/paygate.db")).unwrap();
+    db.execute(
+        "INSERT INTO schema_migrations VALUES (999, '999_future.sql', 0)",
+        [],
+    )
+    .unwrap();
+    drop(db);
+
+    let output = run(paygate(&dir).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("newer paygate"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn dev_cert_writes_a_key_only_the_owner_can_read_and_never_overwrites_silently() {
+    let dir = TempDir::new("cli-dev-cert");
+    let output = run(paygate(&dir).args(["dev-cert", "--tls-cert", "a.crt", "--tls-key", "a.key"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mode = std::fs::metadata(dir.0.join("a.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let pem = std::fs::read_to_string(dir.0.join("a.crt")).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    let again = run(paygate(&dir).args(["dev-cert", "--tls-cert", "a.crt", "--tls-key", "a.key"]));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("--force"));
+    let forced = run(paygate(&dir).args([
+        "dev-cert",
+        "--tls-cert",
+        "a.crt",
+        "--tls-key",
+        "a.key",
+        "--force",
+    ]));
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read_to_string(dir.0.join("a.crt")).unwrap(), pem);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_add_creates_a_user_who_can_authenticate() {
+    let dir = TempDir::new("cli-user-add");
+    let add = |name: &str, password: &[u8], extra: &[&str]| {
+        let mut child = paygate(&dir)
+            .args(["user", "add", name])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(password).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let output = add(
+        "root.admin",
+        b"a long admin passphrase\n",
+        &["--role", "admin"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("role admin"));
+
+    assert_eq!(
+        add("root.admin", b"another passphrase 1\n", &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    let weak = add("weakling", b"password\n", &[]);
+    assert!(stderr(&weak).contains("commonly used"), "{}", stderr(&weak));
+    let role = add("someone", b"a fine passphrase\n", &["--role", "root"]);
+    assert!(
+        stderr(&role).contains("admin or auditor"),
+        "{}",
+        stderr(&role)
+    );
+
+    let (mut child, addr) = serve(&dir, &[]);
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let admin = Creds::new("root.admin", "a long admin passphrase");
+    let me = client.get("/users/root.admin").basic(&admin).send().await;
+    assert_eq!(me.status, 200, "{}", me.text());
+    assert_eq!(me.json()["role"], "admin");
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn help_documents_every_command() {
+    let dir = TempDir::new("cli-help");
+    let output = run(paygate(&dir).arg("--help"));
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "serve",
+        "dev-cert",
+        "user add",
+        "PAYGATE_LISTEN",
+        "--max-body",
+    ] {
+        assert!(text.contains(needle), "{needle}");
+    }
+    for command in [
+        &["serve", "--help"][..],
+        &["dev-cert", "--help"],
+        &["user", "add", "--help"],
+    ] {
+        let output = run(paygate(&dir).args(command));
+        assert!(output.status.success(), "{command:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("--data-dir"),
+            "{command:?}"
+        );
+    }
+}
