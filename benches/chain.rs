@@ -1,0 +1,129 @@
+//! Criterion benches for the filter chain, in process (no sockets, no TLS): what each stage
+//! costs a request. Run with `cargo bench --bench chain`.
+//!
+//! - `route/resolve`: parsing a payment path into a route.
+//! - `chain/public`: `GET /apiStatus` through the whole chain (no credentials).
+//! - `chain/anonymous_401`: a protected route without credentials, refused by access control.
+//! - `chain/basic_read`: an authenticated payment read with HTTP Basic — dominated by one
+//!   Argon2id verification, the figure that session tokens exist to avoid.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Method, Request};
+use http_body_util::Full;
+
+use paygate::app::App;
+use paygate::config::{ServeConfig, Sources};
+use paygate::domain::{Currency, Username};
+use paygate::passwords::{hash_blocking, Passwords};
+use paygate::store::{NewUser, Payment, PaymentStatus, Store, UserInsert};
+
+fn request(path: &str, authorization: Option<&str>) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder().method(Method::GET).uri(path);
+    if let Some(value) = authorization {
+        builder = builder.header("authorization", value);
+    }
+    builder
+        .body(Full::new(Bytes::new()))
+        .expect("valid request")
+}
+
+fn bench_chain(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("paygate-bench-{}", uuid::Uuid::new_v4()));
+    let store = Store::open(&dir).expect("store");
+    let new = NewUser {
+        username: Username::parse("username", "bench").expect("name"),
+        password_hash: hash_blocking("bench password 1").expect("hash"),
+        role: None,
+    };
+    let UserInsert::Created(user) = store.create_user_blocking(&new).expect("user") else {
+        panic!("fresh store")
+    };
+    let (account, payment) = runtime.block_on(async {
+        let currency = Currency::parse("currency", "EUR").expect("EUR");
+        let account = store
+            .create_account(user.id, "Bench".into(), currency)
+            .await
+            .expect("account");
+        let payment = Payment {
+            id: uuid::Uuid::now_v7(),
+            account_id: account.id,
+            payee: "ACME".into(),
+            amount_minor: 100,
+            currency: "EUR".into(),
+            reference: String::new(),
+            status: PaymentStatus::Pending,
+            created_by: "bench".into(),
+            created_at: paygate::time::now_millis(),
+            cancelled_at: None,
+        };
+        let id = payment.id;
+        store
+            .create_payment(payment, user.id, None)
+            .await
+            .expect("payment");
+        (account.id, id)
+    });
+    let options = BTreeMap::new();
+    let no_env = |_: &str| None;
+    let app = App {
+        config: ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config"),
+        store,
+        passwords: Passwords::new().expect("passwords"),
+    };
+    let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let payment_path = format!("/accounts/{account}/payments/{payment}");
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bench:bench password 1")
+    );
+
+    c.bench_function("route/resolve", |b| {
+        b.iter(|| paygate::routes::resolve(&Method::GET, black_box(&payment_path)))
+    });
+    c.bench_function("chain/public", |b| {
+        b.iter(|| {
+            runtime.block_on(paygate::filter::handle(
+                &app,
+                peer,
+                request("/apiStatus", None),
+            ))
+        })
+    });
+    c.bench_function("chain/anonymous_401", |b| {
+        b.iter(|| {
+            runtime.block_on(paygate::filter::handle(
+                &app,
+                peer,
+                request(&payment_path, None),
+            ))
+        })
+    });
+    let mut slow = c.benchmark_group("chain_argon2");
+    slow.sample_size(20);
+    slow.bench_function("basic_read", |b| {
+        b.iter(|| {
+            let response = runtime.block_on(paygate::filter::handle(
+                &app,
+                peer,
+                request(&payment_path, Some(&basic)),
+            ));
+            assert_eq!(response.status(), 200);
+        })
+    });
+    slow.finish();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(benches, bench_chain);
+criterion_main!(benches);
