@@ -153,11 +153,13 @@ impl Store {
         lease: String,
     ) -> Result<(), StoreError> {
         self.run(move |conn| {
-            conn.execute(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
                 "DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2 AND lease = ?3
                  AND status IS NULL",
                 params![user, key, lease],
             )?;
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -166,12 +168,15 @@ impl Store {
     /// Deletes keys older than the retention period; returns how many.
     pub async fn sweep_idempotency_keys(&self) -> Result<usize, StoreError> {
         self.run(|conn| {
-            let cutoff = crate::time::now_millis() - RETENTION_MS;
-            Ok(conn.execute(
+            let now = crate::time::now_millis();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = tx.execute(
                 "DELETE FROM idempotency_keys WHERE created_at < ?1
                  AND (status IS NOT NULL OR lease_expires_at < ?2)",
-                params![cutoff, crate::time::now_millis()],
-            )?)
+                params![now - RETENTION_MS, now],
+            )?;
+            tx.commit()?;
+            Ok(deleted)
         })
         .await
     }
