@@ -25,11 +25,13 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod domain;
 pub mod filter;
 pub mod http;
 pub mod passwords;
+pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod store;

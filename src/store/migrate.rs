@@ -10,16 +10,30 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// `(version, name, sql)`, in order. Never edit a released migration; add a new one.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "001_init.sql", include_str!("../../sql/001_init.sql"))];
+pub type Migrations = &'static [(i64, &'static str, &'static str)];
+
+/// The main database: users, accounts, payments.
+pub const MAIN: Migrations = &[(1, "001_init.sql", include_str!("../../sql/001_init.sql"))];
+
+/// The rate-limit database, kept apart so its frequent small writes never contend with
+/// payments for SQLite's single write lock.
+pub const RATELIMIT: Migrations = &[(
+    1,
+    "ratelimit_001_buckets.sql",
+    include_str!("../../sql/ratelimit_001_buckets.sql"),
+)];
 
 /// The schema version this binary writes.
-pub fn latest_version() -> i64 {
-    MIGRATIONS.last().map_or(0, |m| m.0)
+pub fn latest_version(migrations: Migrations) -> i64 {
+    migrations.last().map_or(0, |m| m.0)
 }
 
-/// Brings the database up to [`latest_version`].
-pub fn migrate(conn: &mut Connection, db_name: &str) -> Result<(), StoreError> {
+/// Brings the database up to the latest version of `migrations`.
+pub fn migrate(
+    conn: &mut Connection,
+    db_name: &str,
+    migrations: Migrations,
+) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -33,14 +47,14 @@ pub fn migrate(conn: &mut Connection, db_name: &str) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
-    if current > latest_version() {
+    let latest = latest_version(migrations);
+    if current > latest {
         return Err(StoreError::Startup(format!(
             "{db_name} has schema version {current}, but this paygate only knows versions up to \
-             {}: it was written by a newer paygate. Run that version, or restore a backup.",
-            latest_version()
+             {latest}: it was written by a newer paygate. Run that version, or restore a backup."
         )));
     }
-    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for (version, name, sql) in migrations.iter().filter(|m| m.0 > current) {
         tx.execute_batch(sql)
             .map_err(|e| StoreError::Startup(format!("migration {name} failed: {e}")))?;
         tx.execute(
@@ -59,29 +73,31 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order_and_apply_once() {
-        for (i, (version, name, _)) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(*version, i as i64 + 1);
-            assert!(name.starts_with(&format!("{version:03}_")));
+        for migrations in [MAIN, RATELIMIT] {
+            for (i, (version, name, _)) in migrations.iter().enumerate() {
+                assert_eq!(*version, i as i64 + 1);
+                assert!(name.contains(&format!("{version:03}_")), "{name}");
+            }
+            let mut conn = Connection::open_in_memory().unwrap();
+            migrate(&mut conn, "test", migrations).unwrap();
+            migrate(&mut conn, "test", migrations).unwrap();
+            let applied: i64 = conn
+                .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(applied, latest_version(migrations));
         }
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn, "test").unwrap();
-        migrate(&mut conn, "test").unwrap();
-        let applied: i64 = conn
-            .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(applied, latest_version());
     }
 
     #[test]
     fn a_newer_database_is_refused() {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn, "test").unwrap();
+        migrate(&mut conn, "test", MAIN).unwrap();
         conn.execute(
             "INSERT INTO schema_migrations VALUES (?1, 'future.sql', 0)",
-            [latest_version() + 1],
+            [latest_version(MAIN) + 1],
         )
         .unwrap();
-        let err = migrate(&mut conn, "paygate.db").unwrap_err();
+        let err = migrate(&mut conn, "paygate.db", MAIN).unwrap_err();
         assert!(err.to_string().contains("newer paygate"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ mod accounts;
 mod idempotency;
 mod migrate;
 mod payments;
+mod ratelimit;
 mod users;
 
 use std::fmt;
@@ -26,6 +27,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use accounts::{Account, MemberUpsert, Membership};
 pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
+pub use ratelimit::RateStore;
 pub use users::{NewUser, User, UserInsert};
 
 /// File name of the main database inside the data directory.
@@ -87,13 +89,64 @@ fn retry_busy(attempt: i32) -> bool {
     attempt < 2600
 }
 
+/// How hard a database syncs its commits.
+#[derive(Debug, Clone, Copy)]
+enum Durability {
+    /// `synchronous=FULL`: a commit survives power loss. For payments.
+    Full,
+    /// `synchronous=NORMAL`: a commit survives a process crash; power loss may undo the
+    /// last few. For rate-limit buckets, where that only forgives a few requests.
+    Normal,
+}
+
 /// Per-connection settings, applied to every pooled connection.
-fn configure(conn: &mut Connection) -> rusqlite::Result<()> {
+fn configure(conn: &mut Connection, durability: Durability) -> rusqlite::Result<()> {
     conn.busy_handler(Some(retry_busy))?;
-    conn.execute_batch(
-        "PRAGMA foreign_keys = ON;
-         PRAGMA synchronous = FULL;",
+    conn.execute_batch(match durability {
+        Durability::Full => "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;",
+        Durability::Normal => "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+    })
+}
+
+/// Opens (creating if needed) one database file in WAL mode, applies its migrations, and
+/// returns a pool of configured connections.
+fn open_pool(
+    path: &Path,
+    durability: Durability,
+    migrations: migrate::Migrations,
+    max_size: u32,
+) -> Result<r2d2::Pool<SqliteConnectionManager>, StoreError> {
+    let display = path.display().to_string();
+    let open_failed =
+        |e: &dyn fmt::Display| StoreError::Startup(format!("cannot open database {display}: {e}"));
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
+    .map_err(|e| open_failed(&e))?;
+    configure(&mut conn, durability).map_err(|e| open_failed(&e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| open_failed(&e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(open_failed(&format!(
+            "journal_mode is {mode}, WAL is required"
+        )));
+    }
+    migrate::migrate(&mut conn, &display, migrations)?;
+    drop(conn);
+
+    let manager = SqliteConnectionManager::file(path)
+        .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_init(move |conn| configure(conn, durability));
+    r2d2::Pool::builder()
+        .max_size(max_size)
+        .min_idle(Some(1))
+        .connection_timeout(Duration::from_secs(5))
+        .build(manager)
+        .map_err(|e| open_failed(&e))
 }
 
 /// The handle every part of the server shares; cheap to clone.
@@ -108,39 +161,7 @@ impl Store {
     /// was written by a newer paygate.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         ensure_writable_dir(data_dir)?;
-        let path = data_dir.join(MAIN_DB);
-        let display = path.display().to_string();
-        let open_failed = |e: &dyn fmt::Display| {
-            StoreError::Startup(format!("cannot open database {display}: {e}"))
-        };
-        let mut conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| open_failed(&e))?;
-        configure(&mut conn).map_err(|e| open_failed(&e))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|e| open_failed(&e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(open_failed(&format!(
-                "journal_mode is {mode}, WAL is required"
-            )));
-        }
-        migrate::migrate(&mut conn, &display)?;
-        drop(conn);
-
-        let manager = SqliteConnectionManager::file(&path)
-            .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(configure);
-        let pool = r2d2::Pool::builder()
-            .max_size(8)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(5))
-            .build(manager)
-            .map_err(|e| open_failed(&e))?;
+        let pool = open_pool(&data_dir.join(MAIN_DB), Durability::Full, migrate::MAIN, 8)?;
         Ok(Store { pool })
     }
 
@@ -171,7 +192,7 @@ impl Store {
 
 /// Creates the data directory if needed and proves it is writable, so a permission problem
 /// is reported at start with the path, not as an obscure SQLite error on the first write.
-fn ensure_writable_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn ensure_writable_dir(dir: &Path) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(|e| {
         StoreError::Startup(format!(
             "cannot create data directory {}: {e}; create it or choose another with --data-dir",

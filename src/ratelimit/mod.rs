@@ -1,0 +1,685 @@
+//! The rate limiter: token buckets per (rule, key), shared by every process on a data
+//! directory through `ratelimit.db`, with a per-process fast path that never over-admits.
+//!
+//! # Leases: how a hot key avoids a database write per request
+//!
+//! A process takes up to `lease_size` tokens from the shared bucket in one transaction and
+//! spends them locally. Tokens leave the shared bucket when they are leased, so processes
+//! can never together admit more than the bucket gave out. One subtlety: while a lease is
+//! outstanding the shared bucket keeps refilling, and if it could refill completely while
+//! leased tokens were still unspent, those tokens would come on top of a full burst. So a
+//! lease *decays at the refill rate*: a lease of `n` tokens taken at `t0` may hold at most
+//! `n − (t − t0) / interval` unspent tokens at `t` — exactly the tokens the shared bucket
+//! cannot yet have refilled. Unspent tokens that decay are lost to everybody: that is the
+//! under-admission, at most `lease_size − 1` tokens per process per key per lease, and
+//! zero for rules whose burst is below 8 (their lease size is 1).
+//!
+//! # Refusals without the database
+//!
+//! When the shared bucket has no token, the process remembers when the next one will exist
+//! and refuses that key locally until then: nothing can add tokens to a bucket sooner than
+//! its refill (refunds exist only for the password-guess budget). A flood against an empty
+//! bucket costs one transaction per refill interval per process, not one per request.
+//!
+//! # Bounds
+//!
+//! The per-process map of leases and refusals holds at most [`MAX_LOCAL_KEYS`] entries;
+//! beyond that, entries without a live lease or refusal are dropped, and if that is not
+//! enough, all of them (forgetting leases under-admits, forgetting refusals costs a
+//! database visit; neither over-admits). In the database, a full bucket has no row: rows of
+//! buckets that have refilled are swept every [`SWEEP_EVERY`], so a key occupies a row only
+//! for one window after its last request. If the table still grows past [`MAX_ROWS`] (a
+//! spray of addresses), new keys share one overflow bucket per rule until sweeping brings
+//! it back under the cap. IPv6 clients are keyed by their /64, which is what one
+//! subscriber is usually given.
+
+pub mod bucket;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::Method;
+use tokio::sync::Semaphore;
+
+use crate::store::{RateStore, StoreError};
+use bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
+use rules::{KeyKind, Rule};
+
+/// Entries in a process's local map at most.
+pub const MAX_LOCAL_KEYS: usize = 100_000;
+/// Rows in `ratelimit.db` before new keys share an overflow bucket.
+pub const MAX_ROWS: u64 = 200_000;
+/// How often full buckets are swept from the database.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Requests that may wait (`delay=`) at once per process; more are refused at once.
+pub const MAX_WAITERS: usize = 1024;
+/// Policy name of the per-username password-guess budget.
+pub const GUESS_POLICY: &str = "password-guesses";
+/// Default password-guess budget: 10 failures per 15 minutes per username.
+pub const DEFAULT_GUESS_LIMIT: &str = "10/15min burst=10";
+const OVERFLOW_KEY: &str = "overflow";
+
+/// Where time comes from; tests inject their own.
+pub trait Clock: Send + Sync {
+    /// Nanoseconds since the Unix epoch.
+    fn now_ns(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// A policy's state as reported to the client in `RateLimit`/`RateLimit-Policy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// The `RateLimit-Policy` item, e.g. `"post-users";q=5;w=3600`.
+    pub policy: String,
+    /// The policy name.
+    pub name: String,
+    /// Whole tokens left (approximate by at most one lease on multi-process setups).
+    pub remaining: u32,
+    /// Seconds until the bucket is full again, or until the next token when refused.
+    pub reset_s: u64,
+}
+
+impl Quota {
+    /// The `RateLimit` field value.
+    pub fn header(&self) -> String {
+        format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset_s)
+    }
+}
+
+/// The limiter's verdict on one request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go ahead; `quota` is the matched rule's state (None when no rule matched).
+    Admit(Option<Quota>),
+    /// Refused; retry after `retry_after_s` seconds (≥ 1).
+    Refuse { quota: Quota, retry_after_s: u64 },
+}
+
+/// A password-guess token reserved before a password check, refunded if it succeeds.
+#[derive(Debug)]
+pub struct GuessTicket {
+    key: String,
+}
+
+/// A lease of tokens taken from the shared bucket.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    taken_at: i64,
+    size: u32,
+    used: u32,
+}
+
+impl Lease {
+    /// Unspent tokens this process may still use at `now` (see the module docs: a lease
+    /// decays at the refill rate).
+    fn usable(&self, limit: Limit, now: i64) -> u32 {
+        let elapsed = i128::from(now.saturating_sub(self.taken_at).max(0));
+        let undecayed = (i128::from(self.size) * i128::from(limit.interval_ns) - elapsed).max(0)
+            / i128::from(limit.interval_ns);
+        let undecayed = u32::try_from(undecayed).unwrap_or(0);
+        undecayed.min(self.size - self.used)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    lease: Option<Lease>,
+    /// Refuse locally until then: the shared bucket has no token before.
+    refused_until: i64,
+    /// Whole tokens the shared bucket held at our last visit, for `RateLimit: r=`.
+    shared_left: u32,
+}
+
+/// Index into the local map: rule position (or `usize::MAX` for guesses) and key.
+type LocalKey = (usize, String);
+
+const GUESS_RULE: usize = usize::MAX;
+
+/// The rate limiter of one process.
+pub struct Limiter {
+    rules: Vec<Rule>,
+    guess_limit: Limit,
+    guess_policy: String,
+    store: RateStore,
+    clock: Arc<dyn Clock>,
+    local: Mutex<HashMap<LocalKey, Local>>,
+    waiters: Arc<Semaphore>,
+    /// Set by the sweeper when the table holds more than [`MAX_ROWS`] rows.
+    overflow: AtomicBool,
+}
+
+/// How many tokens one lease takes: an eighth of the burst, between 1 and 32.
+fn lease_size(limit: Limit) -> u32 {
+    (limit.burst / 8).clamp(1, 32)
+}
+
+fn ceil_secs(ns: i64) -> u64 {
+    u64::try_from((i128::from(ns.max(0)) + i128::from(NS_PER_SEC) - 1) / i128::from(NS_PER_SEC))
+        .unwrap_or(u64::MAX)
+}
+
+/// The bucket key for an address: IPv4 as is, IPv6 by its /64.
+pub fn ip_key(ip: IpAddr) -> String {
+    match crate::client_ip::canonical(ip) {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+impl Limiter {
+    pub fn new(
+        rules: Vec<Rule>,
+        guess_limit: Limit,
+        store: RateStore,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let guess_policy = format!(
+            "\"{GUESS_POLICY}\";q={};w={}",
+            guess_limit.burst,
+            ceil_secs(i64::try_from(guess_limit.window_ns()).unwrap_or(i64::MAX))
+        );
+        Limiter {
+            rules,
+            guess_limit,
+            guess_policy,
+            store,
+            clock,
+            local: Mutex::new(HashMap::new()),
+            waiters: Arc::new(Semaphore::new(MAX_WAITERS)),
+            overflow: AtomicBool::new(false),
+        }
+    }
+
+    fn local(&self) -> MutexGuard<'_, HashMap<LocalKey, Local>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every update
+        // is a plain field write), so a poisoned lock is still safe to use.
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overflow_key(&self) -> Option<&'static str> {
+        self.overflow
+            .load(Ordering::Relaxed)
+            .then_some(OVERFLOW_KEY)
+    }
+
+    /// Runs a bucket update on the blocking pool.
+    async fn update<T: Send + 'static>(
+        &self,
+        rule: String,
+        key: String,
+        change: impl FnOnce(&mut TokenBucket) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        let overflow = self.overflow_key();
+        tokio::task::spawn_blocking(move || store.update(&rule, &key, overflow, change))
+            .await
+            .map_err(|_| StoreError::TaskFailed)?
+    }
+
+    /// Decides a request. `claimed_user` is the username the request claims (unverified).
+    pub async fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        client: IpAddr,
+        claimed_user: Option<&str>,
+    ) -> Result<Verdict, StoreError> {
+        let Some((index, rule)) = rules::first_match(&self.rules, method, path) else {
+            return Ok(Verdict::Admit(None));
+        };
+        let key = match (rule.key, claimed_user) {
+            (KeyKind::Global, _) => "global".to_owned(),
+            (KeyKind::User, Some(user)) => format!("user:{user}"),
+            (KeyKind::Ip | KeyKind::User, _) => ip_key(client),
+        };
+        match rule.delay {
+            None => self.check_leased(index, rule, key).await,
+            Some(delay) => self.check_with_delay(rule, key, delay).await,
+        }
+    }
+
+    fn quota(&self, rule: &Rule, remaining: u32, reset_ns: i64) -> Quota {
+        Quota {
+            policy: rule.policy_header_item(),
+            name: rule.name.clone(),
+            remaining,
+            reset_s: ceil_secs(reset_ns),
+        }
+    }
+
+    fn refuse(&self, rule: &Rule, retry_ns: i64) -> Verdict {
+        let retry_after_s = ceil_secs(retry_ns).max(1);
+        Verdict::Refuse {
+            quota: Quota {
+                reset_s: retry_after_s,
+                ..self.quota(rule, 0, 0)
+            },
+            retry_after_s,
+        }
+    }
+
+    async fn check_leased(
+        &self,
+        index: usize,
+        rule: &Rule,
+        key: String,
+    ) -> Result<Verdict, StoreError> {
+        let limit = rule.limit;
+        let now = self.clock.now_ns();
+        let local_key = (index, key);
+        if let Some(entry) = self.local().get_mut(&local_key) {
+            if let Some(lease) = entry.lease.as_mut() {
+                let usable = lease.usable(limit, now);
+                if usable > 0 {
+                    lease.used += 1;
+                    let remaining = usable - 1 + entry.shared_left;
+                    let reset =
+                        i64::from(limit.burst - remaining.min(limit.burst)) * limit.interval_ns;
+                    return Ok(Verdict::Admit(Some(self.quota(rule, remaining, reset))));
+                }
+            }
+            if now < entry.refused_until {
+                return Ok(self.refuse(rule, entry.refused_until - now));
+            }
+        }
+
+        let size = lease_size(limit);
+        let (granted, bucket) = self
+            .update(rule.name.clone(), local_key.1.clone(), move |b| {
+                (b.take_up_to(limit, now, size), *b)
+            })
+            .await?;
+        let mut map = self.local();
+        if map.len() >= MAX_LOCAL_KEYS && !map.contains_key(&local_key) {
+            map.retain(|_, e| {
+                e.refused_until > now || e.lease.is_some_and(|l| l.usable(limit, now) > 0)
+            });
+            if map.len() >= MAX_LOCAL_KEYS {
+                map.clear();
+            }
+        }
+        let entry = map.entry(local_key).or_default();
+        entry.shared_left = bucket.whole_tokens(limit, now);
+        if granted == 0 {
+            let retry = bucket.wait_for_token(limit, now);
+            entry.refused_until = now.saturating_add(retry);
+            return Ok(self.refuse(rule, retry));
+        }
+        entry.refused_until = 0;
+        entry.lease = Some(Lease {
+            taken_at: now,
+            size: granted,
+            used: 1,
+        });
+        let remaining = granted - 1 + entry.shared_left;
+        Ok(Verdict::Admit(Some(self.quota(
+            rule,
+            remaining,
+            bucket.time_to_full(now),
+        ))))
+    }
+
+    async fn check_with_delay(
+        &self,
+        rule: &Rule,
+        key: String,
+        delay: Duration,
+    ) -> Result<Verdict, StoreError> {
+        let limit = rule.limit;
+        let now = self.clock.now_ns();
+        // Waiting is bounded: without a waiter slot, an over-limit request is refused at once.
+        let permit = self.waiters.clone().try_acquire_owned().ok();
+        let max_wait = if permit.is_some() {
+            i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX)
+        } else {
+            0
+        };
+        let (take, bucket) = self
+            .update(rule.name.clone(), key, move |b| {
+                (b.take(limit, now, max_wait), *b)
+            })
+            .await?;
+        match take {
+            Take::Denied { retry_ns } => Ok(self.refuse(rule, retry_ns)),
+            Take::Granted { wait_ns } => {
+                if wait_ns > 0 {
+                    tokio::time::sleep(Duration::from_nanos(u64::try_from(wait_ns).unwrap_or(0)))
+                        .await;
+                }
+                drop(permit);
+                let remaining = bucket.whole_tokens(limit, now.saturating_add(wait_ns));
+                Ok(Verdict::Admit(Some(self.quota(
+                    rule,
+                    remaining,
+                    bucket.time_to_full(now),
+                ))))
+            }
+        }
+    }
+
+    fn guess_quota(&self, remaining: u32, reset_ns: i64) -> Quota {
+        Quota {
+            policy: self.guess_policy.clone(),
+            name: GUESS_POLICY.to_owned(),
+            remaining,
+            reset_s: ceil_secs(reset_ns),
+        }
+    }
+
+    /// Reserves one password guess for `username` before its password is checked. Refused
+    /// while the username's budget is empty, so no hash is computed for it.
+    pub async fn reserve_guess(
+        &self,
+        username: &str,
+    ) -> Result<Result<GuessTicket, Verdict>, StoreError> {
+        let limit = self.guess_limit;
+        let now = self.clock.now_ns();
+        let local_key = (GUESS_RULE, username.to_owned());
+        if let Some(entry) = self.local().get(&local_key) {
+            if now < entry.refused_until {
+                let retry = entry.refused_until - now;
+                let retry_after_s = ceil_secs(retry).max(1);
+                return Ok(Err(Verdict::Refuse {
+                    quota: self.guess_quota(0, retry),
+                    retry_after_s,
+                }));
+            }
+        }
+        let key = format!("user:{username}");
+        let (take, bucket) = self
+            .update(GUESS_POLICY.to_owned(), key.clone(), move |b| {
+                (b.take(limit, now, 0), *b)
+            })
+            .await?;
+        match take {
+            Take::Granted { .. } => Ok(Ok(GuessTicket { key })),
+            Take::Denied { retry_ns } => {
+                self.local().entry(local_key).or_default().refused_until =
+                    now.saturating_add(retry_ns);
+                let _ = bucket;
+                Ok(Err(Verdict::Refuse {
+                    quota: self.guess_quota(0, retry_ns),
+                    retry_after_s: ceil_secs(retry_ns).max(1),
+                }))
+            }
+        }
+    }
+
+    /// Gives a reserved guess back: the password was right. (This returns the one token the
+    /// check reserved; it never refills the budget beyond that.)
+    pub async fn refund_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
+        let limit = self.guess_limit;
+        self.update(GUESS_POLICY.to_owned(), ticket.key, move |b| {
+            b.refund(limit, 1)
+        })
+        .await
+    }
+
+    /// Deletes full buckets and updates the overflow flag; returns the rows left.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        let now = self.clock.now_ns();
+        let rows = tokio::task::spawn_blocking(move || store.sweep(now))
+            .await
+            .map_err(|_| StoreError::TaskFailed)??;
+        let overflowing = rows > MAX_ROWS;
+        if overflowing != self.overflow.swap(overflowing, Ordering::Relaxed) {
+            if overflowing {
+                log::warn!("rate-limit table holds {rows} buckets (cap {MAX_ROWS}): new keys share an overflow bucket per rule");
+            } else {
+                log::info!("rate-limit table back under its cap ({rows} buckets)");
+            }
+        }
+        let mut map = self.local();
+        map.retain(|(rule, _), entry| {
+            let limit = self.rules.get(*rule).map_or(self.guess_limit, |r| r.limit);
+            entry.refused_until > now || entry.lease.is_some_and(|l| l.usable(limit, now) > 0)
+        });
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+
+    /// A clock the test moves by hand.
+    struct ManualClock(AtomicI64);
+
+    impl Clock for ManualClock {
+        fn now_ns(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl ManualClock {
+        fn advance(&self, ns: i64) {
+            self.0.fetch_add(ns, Ordering::SeqCst);
+        }
+    }
+
+    const T0: i64 = 1_800_000_000 * NS_PER_SEC;
+
+    struct Fixture {
+        dir: std::path::PathBuf,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture() -> Fixture {
+        Fixture {
+            dir: std::env::temp_dir().join(format!("paygate-limiter-{}", uuid::Uuid::new_v4())),
+            clock: Arc::new(ManualClock(AtomicI64::new(T0))),
+        }
+    }
+
+    fn limiter(f: &Fixture, rules: &[&str]) -> Limiter {
+        let texts: Vec<String> = rules.iter().map(|s| (*s).to_owned()).collect();
+        let (tokens, period) = rules::parse_rate("3/min").unwrap();
+        Limiter::new(
+            rules::parse_rules(&texts).unwrap(),
+            Limit::new(tokens, period, 3),
+            RateStore::open(&f.dir).unwrap(),
+            f.clock.clone(),
+        )
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    async fn admitted(l: &Limiter, path: &str, user: Option<&str>) -> bool {
+        matches!(
+            l.check(&Method::GET, path, IP, user).await.unwrap(),
+            Verdict::Admit(_)
+        )
+    }
+
+    /// Counts admissions of `n` requests, across any number of limiters (processes).
+    async fn admissions(limiters: &[&Limiter], n: usize) -> usize {
+        let mut count = 0;
+        for i in 0..n {
+            if admitted(limiters[i % limiters.len()], "/x", None).await {
+                count += 1;
+            }
+        }
+        count
+    }
+
+    #[tokio::test]
+    async fn several_processes_never_admit_more_than_burst_plus_refill() {
+        let f = fixture();
+        let rule = "* / 10/s burst=64 key=ip"; // lease size 8
+        let (a, b, c) = (
+            limiter(&f, &[rule]),
+            limiter(&f, &[rule]),
+            limiter(&f, &[rule]),
+        );
+        assert_eq!(
+            admissions(&[&a, &b, &c], 300).await,
+            64,
+            "exactly the burst at one instant"
+        );
+        // Half a second later five tokens have refilled: no more than five get through.
+        f.clock.advance(NS_PER_SEC / 2);
+        assert_eq!(admissions(&[&a, &b, &c], 100).await, 5);
+        // After a long idle the bucket is full again, but leased tokens from before have
+        // decayed: still at most the burst.
+        f.clock.advance(3600 * NS_PER_SEC);
+        assert_eq!(admissions(&[&a, &b], 1).await, 1);
+        f.clock.advance(NS_PER_SEC / 100);
+        assert!(admissions(&[&a, &b, &c], 300).await <= 64);
+    }
+
+    #[tokio::test]
+    async fn leases_decay_so_refill_cannot_stack_on_unspent_tokens() {
+        let f = fixture();
+        let rule = "* / 10/s burst=64 key=ip";
+        let (a, b) = (limiter(&f, &[rule]), limiter(&f, &[rule]));
+        // a leases 8 tokens and spends one.
+        assert!(admitted(&a, "/x", None).await);
+        // 6.4 s later the shared bucket is full again (the lease's 8 tokens refilled too) ...
+        f.clock.advance(6_400_000_000);
+        assert_eq!(admissions(&[&b], 100).await, 64);
+        // ... so a's unspent tokens must be gone, or 64 + 7 would pass in one instant.
+        assert!(!admitted(&a, "/x", None).await);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_local_until_the_next_token() {
+        let f = fixture();
+        let l = limiter(&f, &["* / 2/min burst=2 key=ip"]);
+        assert!(admitted(&l, "/x", None).await);
+        assert!(admitted(&l, "/x", None).await);
+        let Verdict::Refuse {
+            quota,
+            retry_after_s,
+        } = l.check(&Method::GET, "/x", IP, None).await.unwrap()
+        else {
+            panic!("third request refused")
+        };
+        assert_eq!(retry_after_s, 30, "2 per minute: one token every 30 s");
+        assert_eq!(quota.header(), "\"any\";r=0;t=30");
+        assert_eq!(quota.policy, "\"any\";q=2;w=60");
+        // The refusal is remembered: even with the store gone, the answer is the same.
+        let dir = f.dir.clone();
+        std::fs::remove_dir_all(&dir).unwrap();
+        f.clock.advance(10 * NS_PER_SEC);
+        let Verdict::Refuse { retry_after_s, .. } =
+            l.check(&Method::GET, "/x", IP, None).await.unwrap()
+        else {
+            panic!("still refused")
+        };
+        assert_eq!(retry_after_s, 20);
+    }
+
+    #[tokio::test]
+    async fn keys_and_rules_are_isolated() {
+        let f = fixture();
+        let l = limiter(
+            &f,
+            &[
+                "GET /a 1/min burst=1 key=user",
+                "GET /b 1/min burst=1 key=global",
+            ],
+        );
+        assert!(admitted(&l, "/a", Some("alice")).await);
+        assert!(!admitted(&l, "/a", Some("alice")).await);
+        assert!(
+            admitted(&l, "/a", Some("bob")).await,
+            "another user has their own bucket"
+        );
+        assert!(
+            admitted(&l, "/a", None).await,
+            "no user: the address is the key"
+        );
+        assert!(
+            admitted(&l, "/b", Some("alice")).await,
+            "another rule has its own bucket"
+        );
+        assert!(
+            !admitted(&l, "/b", Some("carol")).await,
+            "global: one bucket for everybody"
+        );
+        assert!(
+            admitted(&l, "/c", None).await,
+            "no rule matches: not limited"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_clients_share_their_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_ne!(ip_key(a), ip_key("2001:db8:1:3::1".parse().unwrap()));
+        assert_eq!(ip_key("::ffff:192.0.2.1".parse().unwrap()), "ip:192.0.2.1");
+    }
+
+    #[tokio::test]
+    async fn guesses_are_reserved_refunded_on_success_and_refused_when_spent() {
+        let f = fixture();
+        let l = limiter(&f, &[]);
+        // A success returns its token: any number of correct logins leave the budget intact.
+        for _ in 0..5 {
+            let ticket = l.reserve_guess("alice").await.unwrap().unwrap();
+            l.refund_guess(ticket).await.unwrap();
+        }
+        // Three failures spend the budget of 3 per minute.
+        for _ in 0..3 {
+            l.reserve_guess("alice").await.unwrap().unwrap();
+        }
+        let Err(Verdict::Refuse {
+            quota,
+            retry_after_s,
+        }) = l.reserve_guess("alice").await.unwrap()
+        else {
+            panic!("budget spent")
+        };
+        assert_eq!((quota.name.as_str(), retry_after_s), (GUESS_POLICY, 20));
+        assert!(
+            l.reserve_guess("bob").await.unwrap().is_ok(),
+            "per username"
+        );
+        f.clock.advance(20 * NS_PER_SEC);
+        assert!(
+            l.reserve_guess("alice").await.unwrap().is_ok(),
+            "refilled one"
+        );
+    }
+
+    #[tokio::test]
+    async fn sweeping_forgets_only_full_buckets() {
+        let f = fixture();
+        let l = limiter(&f, &["* / 1/s burst=1 key=user"]);
+        for user in ["a", "b", "c"] {
+            assert!(admitted(&l, "/x", Some(user)).await);
+        }
+        assert_eq!(l.sweep().await.unwrap(), 3);
+        f.clock.advance(2 * NS_PER_SEC);
+        assert_eq!(l.sweep().await.unwrap(), 0);
+        assert!(l.local().is_empty());
+    }
+}
