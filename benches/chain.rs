@@ -20,8 +20,8 @@ use http_body_util::Full;
 use paygate::app::App;
 use paygate::config::{ServeConfig, Sources};
 use paygate::domain::{Currency, Username};
-use paygate::passwords::{hash_blocking, Passwords};
-use paygate::store::{NewUser, Payment, PaymentStatus, Store, UserInsert};
+use paygate::passwords::hash_blocking;
+use paygate::store::{NewUser, Payment, PaymentStatus, UserInsert};
 
 fn request(path: &str, authorization: Option<&str>) -> Request<Full<Bytes>> {
     let mut builder = Request::builder().method(Method::GET).uri(path);
@@ -40,18 +40,25 @@ fn bench_chain(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("paygate-bench-{}", uuid::Uuid::new_v4()));
-    let store = Store::open(&dir).expect("store");
+    let mut options = BTreeMap::new();
+    options.insert("data-dir", vec![dir.display().to_string()]);
+    // The chain's own cost: no rule matches, so the limiter answers from a rule scan alone.
+    options.insert("rate-limit", vec!["none".to_owned()]);
+    let no_env = |_: &str| None;
+    let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config");
+    let app = App::open(config).expect("app");
     let new = NewUser {
         username: Username::parse("username", "bench").expect("name"),
         password_hash: hash_blocking("bench password 1").expect("hash"),
         role: None,
     };
-    let UserInsert::Created(user) = store.create_user_blocking(&new).expect("user") else {
+    let UserInsert::Created(user) = app.store.create_user_blocking(&new).expect("user") else {
         panic!("fresh store")
     };
     let (account, payment) = runtime.block_on(async {
         let currency = Currency::parse("currency", "EUR").expect("EUR");
-        let account = store
+        let account = app
+            .store
             .create_account(user.id, "Bench".into(), currency)
             .await
             .expect("account");
@@ -68,19 +75,12 @@ fn bench_chain(c: &mut Criterion) {
             cancelled_at: None,
         };
         let id = payment.id;
-        store
+        app.store
             .create_payment(payment, user.id, None)
             .await
             .expect("payment");
         (account.id, id)
     });
-    let options = BTreeMap::new();
-    let no_env = |_: &str| None;
-    let app = App {
-        config: ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config"),
-        store,
-        passwords: Passwords::new().expect("passwords"),
-    };
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
     let payment_path = format!("/accounts/{account}/payments/{payment}");
     let basic = format!(

@@ -1,12 +1,38 @@
-//! The state every request of a worker shares.
+//! The state every request of a worker shares, and how it is opened at start.
+
+use std::sync::Arc;
 
 use crate::config::ServeConfig;
 use crate::passwords::Passwords;
-use crate::store::Store;
+use crate::ratelimit::{Limiter, SystemClock};
+use crate::store::{RateStore, Store};
 
 /// Shared, read-mostly state; one per worker, behind an `Arc`.
 pub struct App {
     pub config: ServeConfig,
     pub store: Store,
     pub passwords: Passwords,
+    pub limiter: Limiter,
+}
+
+impl App {
+    /// Opens the databases in the data directory and prepares password hashing. Blocking
+    /// (file I/O and one Argon2id hash): call it from a blocking context.
+    pub fn open(config: ServeConfig) -> Result<App, Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::open(&config.data_dir)?;
+        let rates = RateStore::open(&config.data_dir)?;
+        let passwords = Passwords::new()?;
+        let limiter = Limiter::new(
+            config.rate_limits.clone(),
+            config.guess_limit,
+            rates,
+            Arc::new(SystemClock),
+        );
+        Ok(App {
+            config,
+            store,
+            passwords,
+            limiter,
+        })
+    }
 }

@@ -22,6 +22,9 @@ pub struct OptionSpec {
     pub help: &'static str,
     /// The commands that accept this option.
     pub commands: &'static [CommandName],
+    /// For options that may be given several times: the separator of the values in the
+    /// environment variable.
+    pub list_separator: Option<char>,
 }
 
 /// The subcommands paygate knows.
@@ -67,6 +70,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "127.0.0.1:8443",
         help: "Address and port to listen on.",
         commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "data-dir",
@@ -75,6 +79,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "./data",
         help: "Directory for the SQLite databases; created if missing, must be writable.",
         commands: &[Serve, DevCert, UserAdd],
+        list_separator: None,
     },
     OptionSpec {
         name: "tls-cert",
@@ -84,6 +89,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "PEM certificate chain. When this and --tls-key are left at their defaults and \
                both files are missing, `serve` generates a development certificate there.",
         commands: &[Serve, DevCert],
+        list_separator: None,
     },
     OptionSpec {
         name: "tls-key",
@@ -92,6 +98,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "certs/server.key",
         help: "PEM private key (PKCS#8, PKCS#1 or SEC1).",
         commands: &[Serve, DevCert],
+        list_separator: None,
     },
     OptionSpec {
         name: "workers",
@@ -100,6 +107,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "1",
         help: "Number of worker processes. This build serves from one process; only 1 is accepted.",
         commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "shutdown-timeout",
@@ -108,6 +116,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "30",
         help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish.",
         commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "max-body",
@@ -116,6 +125,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "16384",
         help: "Largest request body accepted; larger bodies get 413 while still being read.",
         commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "max-connections",
@@ -124,6 +134,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "1024",
         help: "Concurrent client connections; further connections wait in the kernel backlog.",
         commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "client-timeout",
@@ -133,6 +144,38 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "Deadline for each client phase: TLS handshake, first request, request headers, \
                request body. Slow clients are dropped.",
         commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "rate-limit",
+        env: Some("PAYGATE_RATE_LIMITS"),
+        value: "RULE",
+        default: "the rules listed in the README",
+        help: "Rate-limit rule `METHOD PATH-PREFIX RATE/UNIT burst=N key=ip|user|global \
+               [delay=MS]`; repeat for several, first match wins. In the environment, \
+               separate rules with `;`. `none` disables rule-based limits.",
+        commands: &[Serve],
+        list_separator: Some(';'),
+    },
+    OptionSpec {
+        name: "trusted-proxy",
+        env: Some("PAYGATE_TRUSTED_PROXIES"),
+        value: "CIDR",
+        default: "none: the client is the TCP peer",
+        help: "A proxy whose X-Forwarded-For is believed; repeat for several. In the \
+               environment, separate ranges with `,`.",
+        commands: &[Serve],
+        list_separator: Some(','),
+    },
+    OptionSpec {
+        name: "guess-limit",
+        env: Some("PAYGATE_GUESS_LIMIT"),
+        value: "LIMIT",
+        default: "10/15min burst=10",
+        help: "Failed password checks allowed per username across all addresses, as \
+               `RATE/UNIT burst=N`; while spent, password checks for it answer 429.",
+        commands: &[Serve],
+        list_separator: None,
     },
     OptionSpec {
         name: "role",
@@ -141,6 +184,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "none",
         help: "Global role for the new user: admin or auditor.",
         commands: &[UserAdd],
+        list_separator: None,
     },
     OptionSpec {
         name: "force",
@@ -149,6 +193,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "off",
         help: "Overwrite existing certificate and key files.",
         commands: &[DevCert],
+        list_separator: None,
     },
 ];
 
@@ -162,8 +207,8 @@ pub enum Invocation {
         command: CommandName,
         /// Positional arguments after the command (the user name for `user add`).
         positional: Vec<String>,
-        /// Flag values by option name; the last occurrence wins.
-        options: BTreeMap<&'static str, String>,
+        /// Flag values by option name, in the order given.
+        options: BTreeMap<&'static str, Vec<String>>,
     },
 }
 
@@ -247,7 +292,10 @@ where
                 }
             }
         };
-        options.insert(spec.name, value);
+        options
+            .entry(spec.name)
+            .or_insert_with(Vec::new)
+            .push(value);
     }
     Ok(Invocation::Run {
         command,
@@ -305,7 +353,13 @@ fn push_option_help(out: &mut String, spec: &OptionSpec) {
 mod tests {
     use super::*;
 
-    fn run(args: &[&str]) -> (CommandName, Vec<String>, BTreeMap<&'static str, String>) {
+    fn run(
+        args: &[&str],
+    ) -> (
+        CommandName,
+        Vec<String>,
+        BTreeMap<&'static str, Vec<String>>,
+    ) {
         match parse(args.iter().copied()).unwrap() {
             Invocation::Run {
                 command,
@@ -320,8 +374,8 @@ mod tests {
     fn flags_take_separate_or_inline_values() {
         let (command, _, options) = run(&["serve", "--listen", "0.0.0.0:1", "--max-body=10"]);
         assert_eq!(command, Serve);
-        assert_eq!(options["listen"], "0.0.0.0:1");
-        assert_eq!(options["max-body"], "10");
+        assert_eq!(options["listen"], ["0.0.0.0:1"]);
+        assert_eq!(options["max-body"], ["10"]);
     }
 
     #[test]
@@ -329,7 +383,18 @@ mod tests {
         let (command, positional, options) = run(&["user", "add", "alice", "--role", "admin"]);
         assert_eq!(command, UserAdd);
         assert_eq!(positional, ["alice"]);
-        assert_eq!(options["role"], "admin");
+        assert_eq!(options["role"], ["admin"]);
+    }
+
+    #[test]
+    fn repeated_options_keep_every_value() {
+        let (_, _, options) = run(&[
+            "serve",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy=::1",
+        ]);
+        assert_eq!(options["trusted-proxy"], ["10.0.0.0/8", "::1"]);
     }
 
     #[test]

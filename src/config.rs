@@ -13,6 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::OPTIONS;
+use crate::client_ip::Cidr;
+use crate::ratelimit::bucket::Limit;
+use crate::ratelimit::rules::{self, Rule};
 
 /// Default certificate path, relative to the working directory.
 pub const DEFAULT_TLS_CERT: &str = "certs/server.crt";
@@ -55,17 +58,23 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// Deadline for each phase a client controls: handshake, first request, headers, body.
     pub client_timeout: Duration,
+    /// Rate-limit rules, first match wins.
+    pub rate_limits: Vec<Rule>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Failed password checks allowed per username.
+    pub guess_limit: Limit,
 }
 
 /// Reads option values with flag > environment > default precedence.
 pub struct Sources<'a> {
-    options: &'a BTreeMap<&'static str, String>,
+    options: &'a BTreeMap<&'static str, Vec<String>>,
     env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl<'a> Sources<'a> {
     pub fn new(
-        options: &'a BTreeMap<&'static str, String>,
+        options: &'a BTreeMap<&'static str, Vec<String>>,
         env: &'a dyn Fn(&str) -> Option<String>,
     ) -> Self {
         Sources { options, env }
@@ -73,7 +82,7 @@ impl<'a> Sources<'a> {
 
     /// The value of an option and a description of where it came from, if set at all.
     fn get(&self, name: &str) -> Option<(String, String)> {
-        if let Some(value) = self.options.get(name) {
+        if let Some(value) = self.options.get(name).and_then(|v| v.last()) {
             return Some((value.clone(), format!("--{name}")));
         }
         let env = OPTIONS.iter().find(|o| o.name == name)?.env?;
@@ -124,6 +133,24 @@ impl<'a> Sources<'a> {
         }
     }
 
+    /// Every value of a repeatable option: all flags if any were given, else the
+    /// environment variable split at the option's separator.
+    fn list(&self, name: &str) -> Option<Vec<String>> {
+        if let Some(values) = self.options.get(name) {
+            return Some(values.clone());
+        }
+        let spec = OPTIONS.iter().find(|o| o.name == name)?;
+        let raw = (self.env)(spec.env?).filter(|v| !v.trim().is_empty())?;
+        let separator = spec.list_separator?;
+        Some(
+            raw.split(separator)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
     /// A switch such as `--force`.
     pub fn flag(&self, name: &str) -> bool {
         self.options.contains_key(name)
@@ -157,6 +184,26 @@ impl ServeConfig {
             .ok_or_else(|| ConfigError("--max-body: at most 67108864 bytes (64 MiB)".into()))?;
         let max_connections =
             sources.positive("max-connections", 1024, "a number of connections")?;
+        let rate_limits = match sources.list("rate-limit") {
+            None => rules::default_rules(),
+            Some(texts) => rules::parse_rules(&texts).map_err(|e| ConfigError(e.0))?,
+        };
+        let trusted_proxies = sources
+            .list("trusted-proxy")
+            .unwrap_or_default()
+            .iter()
+            .map(|raw| Cidr::parse(raw).map_err(|e| ConfigError(format!("--trusted-proxy: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let guess_text = sources
+            .string("guess-limit")
+            .unwrap_or_else(|| crate::ratelimit::DEFAULT_GUESS_LIMIT.to_owned());
+        let guess_limit = rules::parse_rule(&format!("* / {guess_text} key=global"))
+            .map(|rule| rule.limit)
+            .map_err(|_| {
+                ConfigError(format!(
+                    "--guess-limit \"{guess_text}\": expected RATE/UNIT burst=N, e.g. 10/15min burst=10"
+                ))
+            })?;
         Ok(ServeConfig {
             listen,
             data_dir: sources.data_dir(),
@@ -173,6 +220,9 @@ impl ServeConfig {
                 10,
                 "a number of seconds",
             )?),
+            rate_limits,
+            trusted_proxies,
+            guess_limit,
         })
     }
 }
@@ -185,8 +235,10 @@ mod tests {
         flags: &[(&'static str, &str)],
         env: &[(&str, &str)],
     ) -> Result<ServeConfig, ConfigError> {
-        let options: BTreeMap<&'static str, String> =
-            flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let mut options: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        for (k, v) in flags {
+            options.entry(*k).or_default().push(v.to_string());
+        }
         let env: BTreeMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -233,6 +285,57 @@ mod tests {
         assert!(err.0.starts_with("PAYGATE_LISTEN: `localhost`"), "{err}");
         let err = resolve(&[("max-body", "0")], &[]).unwrap_err();
         assert!(err.0.contains("--max-body"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_come_from_repeated_flags_or_a_separated_variable() {
+        let defaults = resolve(&[], &[]).unwrap();
+        assert_eq!(defaults.rate_limits, rules::default_rules());
+        let from_env = resolve(
+            &[],
+            &[(
+                "PAYGATE_RATE_LIMITS",
+                "GET /a 1/s burst=1 key=ip; * / 5/s burst=5 key=user",
+            )],
+        )
+        .unwrap();
+        assert_eq!(from_env.rate_limits.len(), 2);
+        let from_flags = resolve(
+            &[("rate-limit", "GET /a 1/s burst=1 key=ip")],
+            &[(
+                "PAYGATE_RATE_LIMITS",
+                "GET /b 1/s burst=1 key=ip; GET /c 1/s burst=1 key=ip",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            from_flags.rate_limits.len(),
+            1,
+            "flags replace the environment"
+        );
+        let err = resolve(&[("rate-limit", "GET /a fast burst=1 key=ip")], &[]).unwrap_err();
+        assert!(err.0.contains("\"GET /a fast burst=1 key=ip\""), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_and_guess_limit() {
+        let config = resolve(
+            &[("trusted-proxy", "10.0.0.0/8"), ("trusted-proxy", "::1")],
+            &[("PAYGATE_GUESS_LIMIT", "5/hour burst=5")],
+        )
+        .unwrap();
+        assert_eq!(config.trusted_proxies.len(), 2);
+        assert_eq!(config.guess_limit, Limit::new(5, 3600 * 1_000_000_000, 5));
+        let env = resolve(
+            &[],
+            &[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.0.0/16")],
+        )
+        .unwrap();
+        assert_eq!(env.trusted_proxies.len(), 2);
+        assert!(resolve(&[("trusted-proxy", "10.0.0.0/99")], &[]).is_err());
+        assert!(resolve(&[("guess-limit", "lots")], &[]).is_err());
+        let default = resolve(&[], &[]).unwrap().guess_limit;
+        assert_eq!(default, Limit::new(10, 900 * 1_000_000_000, 10));
     }
 
     #[test]

@@ -26,8 +26,6 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::App;
 use crate::config::ServeConfig;
 use crate::filter;
-use crate::passwords::Passwords;
-use crate::store::Store;
 
 /// Most concurrent HTTP/2 streams per connection.
 const H2_MAX_STREAMS: u32 = 64;
@@ -77,27 +75,19 @@ impl Running {
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     crate::tls::ensure_certificate(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let tls = crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    let listen = config.listen;
+    let app = tokio::task::spawn_blocking(move || App::open(config))
         .await
-        .map_err(|e| StartError(format!("opening the store failed: {e}")))?
+        .map_err(|e| StartError(format!("opening the data directory failed: {e}")))?
         .map_err(|e| StartError(e.to_string()))?;
-    let passwords = tokio::task::spawn_blocking(Passwords::new)
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| StartError(format!("preparing password hashing failed: {e}")))?
-        .map_err(|e| StartError(e.to_string()))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| StartError(format!("cannot listen on {}: {e}", config.listen)))?;
+        .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let local_addr = listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the listening address: {e}")))?;
 
-    let app = Arc::new(App {
-        config,
-        store,
-        passwords,
-    });
+    let app = Arc::new(app);
     let (stop, stopped) = watch::channel(false);
     let acceptor = TlsAcceptor::from(tls);
     let task = tokio::spawn(serve(listener, acceptor, app, stopped));
@@ -158,7 +148,8 @@ async fn serve(
     let protocols = Arc::new(Protocols::new(&app.config));
     let slots = Arc::new(Semaphore::new(app.config.max_connections));
     let graceful = GracefulShutdown::new();
-    let sweeper = tokio::spawn(sweep_periodically(app.clone()));
+    let sweeper = tokio::spawn(sweep_idempotency_keys(app.clone()));
+    let rate_sweeper = tokio::spawn(sweep_rate_limits(app.clone()));
 
     loop {
         // Wait for a free connection slot before accepting, so excess clients queue in the
@@ -194,6 +185,7 @@ async fn serve(
 
     drop(listener);
     sweeper.abort();
+    rate_sweeper.abort();
     let timeout = app.config.shutdown_timeout;
     log::info!(
         "stopped accepting; draining {} connection(s) for up to {}s",
@@ -254,7 +246,17 @@ async fn serve_connection(
     connection.await.map_err(io::Error::other)
 }
 
-async fn sweep_periodically(app: Arc<App>) {
+async fn sweep_rate_limits(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(crate::ratelimit::SWEEP_EVERY);
+    loop {
+        ticks.tick().await;
+        if let Err(e) = app.limiter.sweep().await {
+            log::warn!("sweeping rate-limit buckets failed: {e}");
+        }
+    }
+}
+
+async fn sweep_idempotency_keys(app: Arc<App>) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         ticks.tick().await;

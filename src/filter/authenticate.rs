@@ -102,6 +102,15 @@ fn parse_basic(value: &[u8]) -> Option<BasicCredentials> {
     })
 }
 
+/// The username a request claims in its Basic credentials, if it is a well-formed username.
+/// Nothing is verified: this is what rate limiting keys on before authentication runs.
+pub fn claimed_username(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let credentials = parse_basic(value.as_bytes())?;
+    Username::parse("username", &credentials.username).ok()?;
+    Some(credentials.username)
+}
+
 fn is_basic(value: &[u8]) -> bool {
     value.len() >= 6 && value[..6].eq_ignore_ascii_case(b"basic ")
 }

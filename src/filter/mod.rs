@@ -2,8 +2,8 @@
 //! runs. This file is the whole security story of a request; read [`handle`] top to bottom.
 //!
 //! ```text
-//! TLS ─▶ authenticate ─▶ access control ─▶ handler
-//!        (never rejects)  (may 401/403/404)
+//! TLS ─▶ rate limit ─▶ authenticate ─▶ access control ─▶ handler
+//!        (may 429)     (never rejects)  (may 401/403/404)
 //! ```
 //!
 //! TLS is terminated by the server before a request exists (`crate::server`). Each stage
@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod authenticate;
+pub mod rate_limit;
 
 use std::net::SocketAddr;
 
@@ -20,28 +21,41 @@ use uuid::Uuid;
 
 use crate::api;
 use crate::app::App;
+use crate::client_ip::client_ip;
 use crate::http::{finish, Body};
 use crate::routes;
 
 /// Runs one request through the chain and returns the response to send.
 pub async fn handle(
     app: &App,
-    _peer: SocketAddr,
+    peer: SocketAddr,
     request: Request<impl RequestBody>,
 ) -> Response<Body> {
     // Every response, error or not, carries this id in X-Request-Id.
     let request_id = Uuid::new_v4();
+    // The client: the TCP peer, or what a trusted proxy says in X-Forwarded-For.
+    let client = client_ip(peer.ip(), request.headers(), &app.config.trusted_proxies);
     // Which operation is asked for (pure parsing; unknown routes become a 404/405 to send).
     let route = routes::resolve(request.method(), request.uri().path());
+    // Rate limit: first, so a flood costs no hashing, no logging and no database work.
+    let path = request.uri().path();
+    let mut admission =
+        match rate_limit::admit(app, client, request.method(), path, request.headers()).await {
+            Ok(admission) => admission,
+            Err(refusal) => return finish(Err(refusal), request_id),
+        };
     // Authenticate: label the request with who it proves to be; never rejects.
     let identity = authenticate::identify(app, request.headers()).await;
-    // Access control: the only stage here that refuses (401/403/404).
+    // A password that proved right gives back the guess the rate limit reserved for it.
+    admission.settle(app, &identity).await;
+    // Access control: refuses with 401/403/404, or issues the grant the handler runs with.
     let result = match access::authorize(app, identity, route.requirement()).await {
-        // The handler runs only with the grant access control issued.
         Ok(grant) => api::dispatch(app, route, grant, request).await,
         Err(refusal) => Err(refusal),
     };
-    finish(result, request_id)
+    let mut response = finish(result, request_id);
+    admission.decorate(&mut response);
+    response
 }
 
 #[cfg(test)]
@@ -52,8 +66,8 @@ mod tests {
     use super::*;
     use crate::config::{ServeConfig, Sources};
     use crate::domain::Username;
-    use crate::passwords::{hash_blocking, Passwords};
-    use crate::store::{NewUser, Store};
+    use crate::passwords::hash_blocking;
+    use crate::store::NewUser;
     use base64::Engine as _;
     use bytes::Bytes;
     use http_body_util::Full;
@@ -71,24 +85,18 @@ mod tests {
 
     async fn fixture() -> Fixture {
         let dir = std::env::temp_dir().join(format!("paygate-chain-{}", Uuid::new_v4()));
-        let store = Store::open(&dir).unwrap();
-        let options = std::collections::BTreeMap::new();
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("data-dir", vec![dir.display().to_string()]);
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
+        let app = App::open(config).unwrap();
         let user = NewUser {
             username: Username::parse("username", "alice").unwrap(),
             password_hash: hash_blocking("alice password 1").unwrap(),
             role: None,
         };
-        store.create_user_blocking(&user).unwrap();
-        Fixture {
-            app: App {
-                config,
-                store,
-                passwords: Passwords::new().unwrap(),
-            },
-            dir,
-        }
+        app.store.create_user_blocking(&user).unwrap();
+        Fixture { app, dir }
     }
 
     fn request(method: &str, path: &str, auth: Option<&str>, body: &str) -> Request<Full<Bytes>> {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::response::{with_standard_headers, Body};
 use crate::domain::Invalid;
+use crate::ratelimit::Quota;
 use crate::store::StoreError;
 
 /// The `WWW-Authenticate` challenge sent with a 401.
@@ -54,6 +55,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 422: an Idempotency-Key reused for a different request.
     IdempotencyMismatch,
+    /// 429: a rate limit refused the request.
+    RateLimited { quota: Quota, retry_after_s: u64 },
     /// 503: temporarily overloaded (database busy); retry shortly.
     Unavailable,
     /// 500: a bug or an environment failure; the string is for the log only.
@@ -78,6 +81,9 @@ impl From<StoreError> for ApiError {
 /// Problem type URIs for problems a client may want to tell apart; plain statuses use
 /// `about:blank` as RFC 9457 recommends.
 const TYPE_BASE: &str = "tag:paygate.dev,2026:problem:";
+
+/// The IANA-registered problem type for rate limiting (a full URI, not a slug).
+const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 impl ApiError {
     /// The status code and problem fields, without the request id.
@@ -143,6 +149,18 @@ impl ApiError {
                 "this Idempotency-Key was already used for a different request".into(),
                 none,
             ),
+            RateLimited {
+                quota,
+                retry_after_s,
+            } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                QUOTA_EXCEEDED,
+                format!(
+                    "rate limit \"{}\" exceeded; retry in {retry_after_s} s",
+                    quota.name
+                ),
+                json!({ "violated-policies": [quota.name] }),
+            ),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "",
@@ -171,6 +189,8 @@ impl ApiError {
         let (status, slug, detail, extra) = self.parts();
         let problem_type = if slug.is_empty() {
             "about:blank".to_owned()
+        } else if slug.starts_with("https:") {
+            slug.to_owned()
         } else {
             format!("{TYPE_BASE}{slug}")
         };
@@ -205,6 +225,13 @@ impl ApiError {
             }
             ApiError::Unavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RateLimited {
+                quota,
+                retry_after_s,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                super::response::insert_quota(headers, &quota);
             }
             ApiError::BodyTimeout | ApiError::PayloadTooLarge(_) => {
                 // The rest of the body may still be in flight; do not read it.

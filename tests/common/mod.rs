@@ -43,7 +43,7 @@ impl Drop for TempDir {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: TempDir,
-    options: BTreeMap<&'static str, String>,
+    options: BTreeMap<&'static str, Vec<String>>,
     running: Option<Running>,
     pub client: Client,
 }
@@ -63,18 +63,22 @@ impl TestServer {
             are_defaults: false,
         };
         paygate::tls::write_dev_certificate(&files, false).unwrap();
-        let mut options: BTreeMap<&'static str, String> = BTreeMap::new();
-        options.insert("listen", "127.0.0.1:0".into());
-        options.insert("data-dir", dir.0.join("data").display().to_string());
-        options.insert("tls-cert", files.cert.display().to_string());
-        options.insert("tls-key", files.key.display().to_string());
+        let mut options: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        options.insert("listen", vec!["127.0.0.1:0".into()]);
+        options.insert("data-dir", vec![dir.0.join("data").display().to_string()]);
+        options.insert("tls-cert", vec![files.cert.display().to_string()]);
+        options.insert("tls-key", vec![files.key.display().to_string()]);
+        // Tests that are not about rate limiting should not trip over the default rules.
+        if !extra.iter().any(|(name, _)| *name == "rate-limit") {
+            options.insert("rate-limit", vec!["none".into()]);
+        }
         for (name, value) in extra {
-            options.insert(name, value.to_string());
+            options.entry(name).or_default().push(value.to_string());
         }
         Self::launch(dir, options).await
     }
 
-    async fn launch(dir: TempDir, options: BTreeMap<&'static str, String>) -> Self {
+    async fn launch(dir: TempDir, options: BTreeMap<&'static str, Vec<String>>) -> Self {
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
         let running = paygate::server::start(config).await.unwrap();

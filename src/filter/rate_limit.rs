@@ -1,0 +1,89 @@
+//! Rate limiting, the first stage: refuse floods before they cost Argon2, audit writes or
+//! database work. A refusal costs one in-memory lookup (or, at most once per refill
+//! interval per key, one small write to `ratelimit.db`).
+//!
+//! Two budgets apply: the first matching rule's bucket for the request, and — when the
+//! request carries a password (HTTP Basic) — the claimed username's password-guess budget,
+//! shared across all addresses. A guess is reserved before the password is checked and
+//! given back if the password was right, so only failures spend it.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method, Response};
+
+use crate::app::App;
+use crate::filter::authenticate::{self, AuthMethod, Identity};
+use crate::http::{insert_quota, ApiError, Body};
+use crate::ratelimit::{GuessTicket, Quota, Verdict};
+
+/// What the stage let through, carried to the end of the chain.
+#[derive(Debug)]
+pub struct Admission {
+    /// The matched rule's state, reported in `RateLimit` headers.
+    quota: Option<Quota>,
+    /// A password guess reserved for the claimed username.
+    guess: Option<GuessTicket>,
+}
+
+fn refused(verdict: Verdict) -> ApiError {
+    match verdict {
+        Verdict::Refuse {
+            quota,
+            retry_after_s,
+        } => ApiError::RateLimited {
+            quota,
+            retry_after_s,
+        },
+        Verdict::Admit(_) => ApiError::Internal("a granted verdict reported as refusal".into()),
+    }
+}
+
+/// Admits the request or refuses it with 429.
+pub async fn admit(
+    app: &App,
+    client: IpAddr,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Admission, ApiError> {
+    let claimed = authenticate::claimed_username(headers);
+    let quota = match app
+        .limiter
+        .check(method, path, client, claimed.as_deref())
+        .await?
+    {
+        Verdict::Admit(quota) => quota,
+        refusal => return Err(refused(refusal)),
+    };
+    let guess = match &claimed {
+        Some(username) => match app.limiter.reserve_guess(username).await? {
+            Ok(ticket) => Some(ticket),
+            Err(refusal) => return Err(refused(refusal)),
+        },
+        None => None,
+    };
+    Ok(Admission { quota, guess })
+}
+
+impl Admission {
+    /// After authentication: a password that proved right gives its reserved guess back.
+    pub async fn settle(&mut self, app: &App, identity: &Identity) {
+        let proved_password = matches!(
+            identity,
+            Identity::Authenticated(p) if p.method == AuthMethod::Basic
+        );
+        if let (true, Some(ticket)) = (proved_password, self.guess.take()) {
+            if let Err(e) = app.limiter.refund_guess(ticket).await {
+                // Failing to refund only makes the budget stricter.
+                log::warn!("could not refund a password-guess token: {e}");
+            }
+        }
+    }
+
+    /// Adds the matched rule's `RateLimit-Policy` and `RateLimit` headers.
+    pub fn decorate(&self, response: &mut Response<Body>) {
+        if let Some(quota) = &self.quota {
+            insert_quota(response.headers_mut(), quota);
+        }
+    }
+}
