@@ -3,22 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use common::{Client, Creds, TempDir};
+use common::{serve, signal, wait_exit, Client, Creds, TempDir};
 
 fn paygate(dir: &TempDir) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paygate"));
-    command.current_dir(&dir.0).env_remove("RUST_LOG");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("PAYGATE_") {
-            command.env_remove(name);
-        }
-    }
-    command
+    common::paygate_command(dir)
 }
 
 fn run(command: &mut Command) -> Output {
@@ -27,52 +19,6 @@ fn run(command: &mut Command) -> Output {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Starts `paygate serve` on an ephemeral port and returns it with the address it logged.
-/// The caller owns the child and waits for it after signalling it.
-#[allow(clippy::zombie_processes)]
-fn serve(dir: &TempDir, extra: &[&str]) -> (Child, std::net::SocketAddr) {
-    let mut child = paygate(dir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.split("listening on https://").nth(1) {
-            // Keep draining stderr so the server never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr.trim().parse().unwrap());
-        }
-    }
-    panic!("server did not report its address");
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,3 +353,62 @@ impl TestResponse {
         body
     }
 }
+
+/// `paygate` run in `dir`, with no `PAYGATE_*` variables inherited from the test's
+/// environment.
+pub fn paygate_command(dir: &TempDir) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paygate"));
+    command.current_dir(&dir.0).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PAYGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Starts `paygate serve` in `dir` on an ephemeral port and returns it with the address it
+/// logged. The caller owns the child and waits for it after signalling it.
+#[allow(clippy::zombie_processes)]
+pub fn serve(dir: &TempDir, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = paygate_command(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    while let Some(line) = lines.next() {
+        let line = line.unwrap();
+        if let Some(addr) = line.split("listening on https://").nth(1) {
+            // Keep draining stderr so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr.trim().parse().unwrap());
+        }
+    }
+    panic!("server exited before listening");
+}
+
+/// Sends a signal (`TERM`, `INT`, ...) to a child process.
+pub fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits up to 20 s for a child to exit.
+pub fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
