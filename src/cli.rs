@@ -173,7 +173,8 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "LIMIT",
         default: "10/15min burst=10",
         help: "Failed password checks allowed per username across all addresses, as \
-               `RATE/UNIT burst=N`; while spent, password checks for it answer 429.",
+               `RATE/UNIT burst=N`; while spent, password checks for it answer 429. \
+               `none` disables it.",
         commands: &[Serve],
         list_separator: None,
     },

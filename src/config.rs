@@ -62,8 +62,8 @@ pub struct ServeConfig {
     pub rate_limits: Vec<Rule>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Cidr>,
-    /// Failed password checks allowed per username.
-    pub guess_limit: Limit,
+    /// Failed password checks allowed per username; `None` when disabled.
+    pub guess_limit: Option<Limit>,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -197,8 +197,11 @@ impl ServeConfig {
         let guess_text = sources
             .string("guess-limit")
             .unwrap_or_else(|| crate::ratelimit::DEFAULT_GUESS_LIMIT.to_owned());
-        let guess_limit = rules::parse_rule(&format!("* / {guess_text} key=global"))
-            .map(|rule| rule.limit)
+        let guess_limit = if guess_text.trim() == "none" {
+            Ok(None)
+        } else {
+            rules::parse_rule(&format!("* / {guess_text} key=global")).map(|rule| Some(rule.limit))
+        }
             .map_err(|_| {
                 ConfigError(format!(
                     "--guess-limit \"{guess_text}\": expected RATE/UNIT burst=N, e.g. 10/15min burst=10"
@@ -325,7 +328,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.trusted_proxies.len(), 2);
-        assert_eq!(config.guess_limit, Limit::new(5, 3600 * 1_000_000_000, 5));
+        assert_eq!(
+            config.guess_limit,
+            Some(Limit::new(5, 3600 * 1_000_000_000, 5))
+        );
         let env = resolve(
             &[],
             &[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.0.0/16")],
@@ -335,7 +341,13 @@ mod tests {
         assert!(resolve(&[("trusted-proxy", "10.0.0.0/99")], &[]).is_err());
         assert!(resolve(&[("guess-limit", "lots")], &[]).is_err());
         let default = resolve(&[], &[]).unwrap().guess_limit;
-        assert_eq!(default, Limit::new(10, 900 * 1_000_000_000, 10));
+        assert_eq!(default, Some(Limit::new(10, 900 * 1_000_000_000, 10)));
+        assert_eq!(
+            resolve(&[("guess-limit", "none")], &[])
+                .unwrap()
+                .guess_limit,
+            None
+        );
     }
 
     #[test]

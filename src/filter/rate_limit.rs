@@ -57,7 +57,7 @@ pub async fn admit(
     };
     let guess = match &claimed {
         Some(username) => match app.limiter.reserve_guess(username).await? {
-            Ok(ticket) => Some(ticket),
+            Ok(ticket) => ticket,
             Err(refusal) => return Err(refused(refusal)),
         },
         None => None,

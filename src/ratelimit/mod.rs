@@ -153,7 +153,8 @@ const GUESS_RULE: usize = usize::MAX;
 /// The rate limiter of one process.
 pub struct Limiter {
     rules: Vec<Rule>,
-    guess_limit: Limit,
+    /// The per-username password-guess budget; `None` when disabled.
+    guess_limit: Option<Limit>,
     guess_policy: String,
     store: RateStore,
     clock: Arc<dyn Clock>,
@@ -187,15 +188,17 @@ pub fn ip_key(ip: IpAddr) -> String {
 impl Limiter {
     pub fn new(
         rules: Vec<Rule>,
-        guess_limit: Limit,
+        guess_limit: Option<Limit>,
         store: RateStore,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let guess_policy = format!(
-            "\"{GUESS_POLICY}\";q={};w={}",
-            guess_limit.burst,
-            ceil_secs(i64::try_from(guess_limit.window_ns()).unwrap_or(i64::MAX))
-        );
+        let guess_policy = guess_limit.map_or_else(String::new, |limit| {
+            format!(
+                "\"{GUESS_POLICY}\";q={};w={}",
+                limit.burst,
+                ceil_secs(i64::try_from(limit.window_ns()).unwrap_or(i64::MAX))
+            )
+        });
         Limiter {
             rules,
             guess_limit,
@@ -385,12 +388,15 @@ impl Limiter {
     }
 
     /// Reserves one password guess for `username` before its password is checked. Refused
-    /// while the username's budget is empty, so no hash is computed for it.
+    /// while the username's budget is empty, so no hash is computed for it. `None` when the
+    /// guess budget is disabled.
     pub async fn reserve_guess(
         &self,
         username: &str,
-    ) -> Result<Result<GuessTicket, Verdict>, StoreError> {
-        let limit = self.guess_limit;
+    ) -> Result<Result<Option<GuessTicket>, Verdict>, StoreError> {
+        let Some(limit) = self.guess_limit else {
+            return Ok(Ok(None));
+        };
         let now = self.clock.now_ns();
         let local_key = (GUESS_RULE, username.to_owned());
         if let Some(entry) = self.local().get(&local_key) {
@@ -410,7 +416,7 @@ impl Limiter {
             })
             .await?;
         match take {
-            Take::Granted { .. } => Ok(Ok(GuessTicket { key })),
+            Take::Granted { .. } => Ok(Ok(Some(GuessTicket { key }))),
             Take::Denied { retry_ns } => {
                 self.local().entry(local_key).or_default().refused_until =
                     now.saturating_add(retry_ns);
@@ -426,7 +432,9 @@ impl Limiter {
     /// Gives a reserved guess back: the password was right. (This returns the one token the
     /// check reserved; it never refills the budget beyond that.)
     pub async fn refund_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
-        let limit = self.guess_limit;
+        let Some(limit) = self.guess_limit else {
+            return Ok(());
+        };
         self.update(GUESS_POLICY.to_owned(), ticket.key, move |b| {
             b.refund(limit, 1)
         })
@@ -450,8 +458,9 @@ impl Limiter {
         }
         let mut map = self.local();
         map.retain(|(rule, _), entry| {
-            let limit = self.rules.get(*rule).map_or(self.guess_limit, |r| r.limit);
-            entry.refused_until > now || entry.lease.is_some_and(|l| l.usable(limit, now) > 0)
+            let limit = self.rules.get(*rule).map(|r| r.limit).or(self.guess_limit);
+            entry.refused_until > now
+                || (entry.lease.zip(limit)).is_some_and(|(l, limit)| l.usable(limit, now) > 0)
         });
         Ok(rows)
     }
@@ -502,7 +511,7 @@ mod tests {
         let (tokens, period) = rules::parse_rate("3/min").unwrap();
         Limiter::new(
             rules::parse_rules(&texts).unwrap(),
-            Limit::new(tokens, period, 3),
+            Some(Limit::new(tokens, period, 3)),
             RateStore::open(&f.dir).unwrap(),
             f.clock.clone(),
         )
@@ -644,7 +653,7 @@ mod tests {
         let l = limiter(&f, &[]);
         // A success returns its token: any number of correct logins leave the budget intact.
         for _ in 0..5 {
-            let ticket = l.reserve_guess("alice").await.unwrap().unwrap();
+            let ticket = l.reserve_guess("alice").await.unwrap().unwrap().unwrap();
             l.refund_guess(ticket).await.unwrap();
         }
         // Three failures spend the budget of 3 per minute.
