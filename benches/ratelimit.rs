@@ -26,7 +26,7 @@ fn bench_limiter(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("paygate-bench-rl-{}", uuid::Uuid::new_v4()));
     let rules = parse_rules(&[
         "GET /empty 1/day burst=1 key=ip".to_owned(),
-        "* / 100000000/s burst=100000000 key=user".to_owned(),
+        "* / 1000000/s burst=1000000 key=user".to_owned(),
     ])
     .expect("rules");
     let limiter = Limiter::new(

@@ -3,16 +3,17 @@
 //!
 //! # Leases: how a hot key avoids a database write per request
 //!
-//! A process takes up to `lease_size` tokens from the shared bucket in one transaction and
-//! spends them locally. Tokens leave the shared bucket when they are leased, so processes
+//! A process takes up to `lease_size` tokens — 100 ms of refill, at most an eighth of the
+//! burst — from the shared bucket in one transaction and spends them locally. Tokens leave the shared bucket when they are leased, so processes
 //! can never together admit more than the bucket gave out. One subtlety: while a lease is
 //! outstanding the shared bucket keeps refilling, and if it could refill completely while
 //! leased tokens were still unspent, those tokens would come on top of a full burst. So a
 //! lease *decays at the refill rate*: a lease of `n` tokens taken at `t0` may hold at most
 //! `n − (t − t0) / interval` unspent tokens at `t` — exactly the tokens the shared bucket
 //! cannot yet have refilled. Unspent tokens that decay are lost to everybody: that is the
-//! under-admission, at most `lease_size − 1` tokens per process per key per lease, and
-//! zero for rules whose burst is below 8 (their lease size is 1).
+//! under-admission, at most `lease_size − 1` tokens per process per key per lease (so at
+//! most 100 ms of refill or an eighth of the burst), and zero for rules whose burst is below
+//! 16 or whose refill is slower than 20 per second (their lease size is 1).
 //!
 //! # Refusals without the database
 //!
@@ -111,10 +112,18 @@ pub enum Verdict {
 }
 
 /// A password-guess token reserved before a password check, refunded if it succeeds.
+/// Holds one of the username's check slots until it is settled or dropped.
 #[derive(Debug)]
 pub struct GuessTicket {
     key: String,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
+
+/// Password checks per username that may hold a reservation at once in one process.
+pub const GUESS_CONCURRENCY: usize = 2;
+/// Usernames are spread over this many slot groups; two names sharing one only queue
+/// behind each other.
+const GUESS_STRIPES: usize = 256;
 
 /// A lease of tokens taken from the shared bucket.
 #[derive(Debug, Clone, Copy)]
@@ -145,10 +154,8 @@ struct Local {
     shared_left: u32,
 }
 
-/// Index into the local map: rule position (or `usize::MAX` for guesses) and key.
+/// Index into the local map: rule position and key.
 type LocalKey = (usize, String);
-
-const GUESS_RULE: usize = usize::MAX;
 
 /// The rate limiter of one process.
 pub struct Limiter {
@@ -160,13 +167,22 @@ pub struct Limiter {
     clock: Arc<dyn Clock>,
     local: Mutex<HashMap<LocalKey, Local>>,
     waiters: Arc<Semaphore>,
+    /// Password-check slots, by stripe of usernames.
+    guess_slots: Vec<Arc<Semaphore>>,
+    stripe_hasher: std::collections::hash_map::RandomState,
     /// Set by the sweeper when the table holds more than [`MAX_ROWS`] rows.
     overflow: AtomicBool,
 }
 
-/// How many tokens one lease takes: an eighth of the burst, between 1 and 32.
+/// How long a lease should last at the refill rate: long enough that a hot key visits the
+/// database rarely, short enough that little decays unspent.
+const LEASE_SPAN_NS: i64 = 100_000_000;
+
+/// How many tokens one lease takes: 100 ms of refill, but never more than an eighth of the
+/// burst (so a lease can only take a small part of a bucket), and at least one.
 fn lease_size(limit: Limit) -> u32 {
-    (limit.burst / 8).clamp(1, 32)
+    let span = u32::try_from(LEASE_SPAN_NS / limit.interval_ns).unwrap_or(u32::MAX);
+    span.min(limit.burst / 8).max(1)
 }
 
 fn ceil_secs(ns: i64) -> u64 {
@@ -207,6 +223,10 @@ impl Limiter {
             clock,
             local: Mutex::new(HashMap::new()),
             waiters: Arc::new(Semaphore::new(MAX_WAITERS)),
+            guess_slots: (0..GUESS_STRIPES)
+                .map(|_| Arc::new(Semaphore::new(GUESS_CONCURRENCY)))
+                .collect(),
+            stripe_hasher: std::collections::hash_map::RandomState::new(),
             overflow: AtomicBool::new(false),
         }
     }
@@ -390,6 +410,11 @@ impl Limiter {
     /// Reserves one password guess for `username` before its password is checked. Refused
     /// while the username's budget is empty, so no hash is computed for it. `None` when the
     /// guess budget is disabled.
+    ///
+    /// At most [`GUESS_CONCURRENCY`] checks per username (per stripe of usernames) hold a
+    /// reservation at once in this process; further checks wait for one to settle. So a
+    /// client sending many requests with the right password in parallel queues instead of
+    /// spending its own budget on reservations that would all be refunded.
     pub async fn reserve_guess(
         &self,
         username: &str,
@@ -397,35 +422,27 @@ impl Limiter {
         let Some(limit) = self.guess_limit else {
             return Ok(Ok(None));
         };
+        // Randomly keyed per process, so nobody can pick names that share a victim's stripe.
+        let stripe = std::hash::BuildHasher::hash_one(&self.stripe_hasher, username);
+        let stripe = self.guess_slots[(stripe % GUESS_STRIPES as u64) as usize].clone();
+        // The semaphores are never closed, so acquiring cannot fail.
+        let slot = stripe
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::TaskFailed)?;
         let now = self.clock.now_ns();
-        let local_key = (GUESS_RULE, username.to_owned());
-        if let Some(entry) = self.local().get(&local_key) {
-            if now < entry.refused_until {
-                let retry = entry.refused_until - now;
-                let retry_after_s = ceil_secs(retry).max(1);
-                return Ok(Err(Verdict::Refuse {
-                    quota: self.guess_quota(0, retry),
-                    retry_after_s,
-                }));
-            }
-        }
         let key = format!("user:{username}");
-        let (take, bucket) = self
+        let take = self
             .update(GUESS_POLICY.to_owned(), key.clone(), move |b| {
-                (b.take(limit, now, 0), *b)
+                b.take(limit, now, 0)
             })
             .await?;
         match take {
-            Take::Granted { .. } => Ok(Ok(Some(GuessTicket { key }))),
-            Take::Denied { retry_ns } => {
-                self.local().entry(local_key).or_default().refused_until =
-                    now.saturating_add(retry_ns);
-                let _ = bucket;
-                Ok(Err(Verdict::Refuse {
-                    quota: self.guess_quota(0, retry_ns),
-                    retry_after_s: ceil_secs(retry_ns).max(1),
-                }))
-            }
+            Take::Granted { .. } => Ok(Ok(Some(GuessTicket { key, _slot: slot }))),
+            Take::Denied { retry_ns } => Ok(Err(Verdict::Refuse {
+                quota: self.guess_quota(0, retry_ns),
+                retry_after_s: ceil_secs(retry_ns).max(1),
+            })),
         }
     }
 
@@ -458,7 +475,7 @@ impl Limiter {
         }
         let mut map = self.local();
         map.retain(|(rule, _), entry| {
-            let limit = self.rules.get(*rule).map(|r| r.limit).or(self.guess_limit);
+            let limit = self.rules.get(*rule).map(|r| r.limit);
             entry.refused_until > now
                 || (entry.lease.zip(limit)).is_some_and(|(l, limit)| l.usable(limit, now) > 0)
         });
@@ -537,10 +554,23 @@ mod tests {
         count
     }
 
+    #[test]
+    fn leases_are_100ms_of_refill_and_at_most_an_eighth_of_the_burst() {
+        let size = |rule: &str| lease_size(rules::parse_rule(rule).unwrap().limit);
+        assert_eq!(size("* / 100/s burst=200 key=ip"), 10, "100 ms at 100/s");
+        assert_eq!(
+            size("* / 1000/s burst=64 key=ip"),
+            8,
+            "an eighth of the burst"
+        );
+        assert_eq!(size("* / 5/min burst=5 key=ip"), 1);
+        assert_eq!(size("* / 1000000/s burst=1000000 key=ip"), 100_000);
+    }
+
     #[tokio::test]
     async fn several_processes_never_admit_more_than_burst_plus_refill() {
         let f = fixture();
-        let rule = "* / 10/s burst=64 key=ip"; // lease size 8
+        let rule = "* / 80/s burst=64 key=ip"; // lease size 8
         let (a, b, c) = (
             limiter(&f, &[rule]),
             limiter(&f, &[rule]),
@@ -551,8 +581,8 @@ mod tests {
             64,
             "exactly the burst at one instant"
         );
-        // Half a second later five tokens have refilled: no more than five get through.
-        f.clock.advance(NS_PER_SEC / 2);
+        // 62.5 ms later five tokens have refilled: no more than five get through.
+        f.clock.advance(62_500_000);
         assert_eq!(admissions(&[&a, &b, &c], 100).await, 5);
         // After a long idle the bucket is full again, but leased tokens from before have
         // decayed: still at most the burst.
@@ -565,12 +595,12 @@ mod tests {
     #[tokio::test]
     async fn leases_decay_so_refill_cannot_stack_on_unspent_tokens() {
         let f = fixture();
-        let rule = "* / 10/s burst=64 key=ip";
+        let rule = "* / 80/s burst=64 key=ip";
         let (a, b) = (limiter(&f, &[rule]), limiter(&f, &[rule]));
         // a leases 8 tokens and spends one.
         assert!(admitted(&a, "/x", None).await);
-        // 6.4 s later the shared bucket is full again (the lease's 8 tokens refilled too) ...
-        f.clock.advance(6_400_000_000);
+        // 0.8 s later the shared bucket is full again (the lease's 8 tokens refilled too) ...
+        f.clock.advance(800_000_000);
         assert_eq!(admissions(&[&b], 100).await, 64);
         // ... so a's unspent tokens must be gone, or 64 + 7 would pass in one instant.
         assert!(!admitted(&a, "/x", None).await);

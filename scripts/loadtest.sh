@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Load test: paygate against a bare hyper + rustls responder, in one run on one machine, so
+# every figure is also a ratio of what this machine can do at all.
+#
+#   bash scripts/loadtest.sh                # 10 s per scenario
+#   DURATION=30s CONNECTIONS=64 bash scripts/loadtest.sh
+#
+# Builds release binaries, prepares a data directory (a user, an account, a payment),
+# drives each scenario with wrk over TLS with keep-alive, and prints requests/s, p50/p99
+# latency and the ratio to the bare responder; the table is also written to $OUT.
+# Every server binds 127.0.0.1 only, and every run is bounded by $DURATION.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-1}
+root=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$root/target/loadtest/results.md}
+
+if ! command -v wrk >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+  else echo "wrk is needed: apt-get install wrk" >&2; exit 1; fi
+fi
+
+(cd "$root" && cargo build --release --quiet --bin paygate --example bare_responder)
+paygate=$root/target/release/paygate
+bare=$root/target/release/examples/bare_responder
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cd "$work"
+"$paygate" dev-cert >/dev/null
+ca=$work/certs/server.crt
+
+# start NAME ARGS...: starts paygate with ARGS on a free port; sets $port and $pid.
+start() {
+  local name=$1; shift
+  RUST_LOG=info "$paygate" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
+    --tls-key certs/server.key "$@" 2>"$work/$name.log" &
+  pid=$!; pids+=("$pid")
+  port=""
+  for _ in $(seq 1 100); do
+    port=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/$name.log" | head -n1)
+    [ -n "$port" ] && break; sleep 0.1
+  done
+  [ -n "$port" ] || { cat "$work/$name.log"; echo "$name did not start" >&2; exit 1; }
+}
+
+# The data every scenario reads: a user, an account and a payment.
+start setup --rate-limit none
+api="https://127.0.0.1:$port"
+user=loadtest; pass='load test passphrase'
+curl -sS --cacert "$ca" -X POST "$api/users" -H 'Content-Type: application/json' \
+  -d "{\"username\":\"$user\",\"password\":\"$pass\"}" >/dev/null
+account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts" -H 'Content-Type: application/json' \
+  -d '{"name":"Load","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
+payment=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts/$account/payments" \
+  -H 'Content-Type: application/json' -d '{"payee":"ACME","amount_minor":100,"currency":"EUR"}' \
+  | sed -E 's/.*"id":"([^"]+)".*/\1/')
+read_path="/accounts/$account/payments/$payment"
+status_bytes=$(curl -sS --cacert "$ca" "$api/apiStatus" | wc -c)
+read_bytes=$(curl -sS --cacert "$ca" -u "$user:$pass" "$api$read_path" | wc -c)
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+basic="Authorization: Basic $(printf '%s' "$user:$pass" | base64 -w0)"
+
+# measure NAME URL [HEADER]: runs wrk and records "name rps p50_ms p99_ms".
+results=()
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.2f", v}'; }
+measure() {
+  local name=$1 url=$2 header=${3:-}
+  local args=(-t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency)
+  [ -n "$header" ] && args+=(-H "$header")
+  local report; report=$(wrk "${args[@]}" "$url")
+  local rps p50 p99 non2xx
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$report")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$report" | to_ms)
+  p99=$(awk '$1=="99%" {print $2}' <<<"$report" | to_ms)
+  non2xx=$(awk '/Non-2xx or 3xx responses/ {print $5}' <<<"$report")
+  results+=("$name $rps $p50 $p99 ${non2xx:-0}")
+  printf '%-28s %10s req/s  p50 %7s ms  p99 %7s ms  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >&2
+}
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+echo "== bare responder" >&2
+"$bare" 127.0.0.1:0 certs/server.crt certs/server.key "$status_bytes" 2>"$work/bare-small.log" &
+pid=$!; pids+=("$pid"); sleep 0.5
+bport=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/bare-small.log")
+measure bare-small "https://127.0.0.1:$bport/"
+"$bare" 127.0.0.1:0 certs/server.crt certs/server.key "$read_bytes" 2>"$work/bare-read.log" &
+pid=$!; pids+=("$pid"); sleep 0.5
+bport=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/bare-read.log")
+measure bare-read "https://127.0.0.1:$bport/"
+
+echo "== paygate, limiter on, nothing rejected" >&2
+start on --rate-limit '* / 1000000/s burst=1000000 key=user'
+measure apiStatus "https://127.0.0.1:$port/apiStatus"
+measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
+rss_on=$(rss_kib "$pid")
+
+echo "== paygate, limiter off" >&2
+start off --rate-limit none --guess-limit none
+measure basic-read-limiter-off "https://127.0.0.1:$port$read_path" "$basic"
+
+echo "== paygate, a flood the limiter rejects" >&2
+start flood --rate-limit 'GET /apiStatus 1/day burst=1 key=ip'
+measure flood-rejected "https://127.0.0.1:$port/apiStatus"
+rss_flood=$(rss_kib "$pid")
+
+mkdir -p "$(dirname "$OUT")"
+{
+  echo "# paygate load test, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs"
+  echo
+  echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; load generator on the same machine."
+  echo
+  echo "| scenario | requests/s | p50 ms | p99 ms | non-2xx | vs bare (same body size) |"
+  echo "|---|---|---|---|---|---|"
+  small=$(awk '$1=="bare-small" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  big=$(awk '$1=="bare-read" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  for line in "${results[@]}"; do
+    read -r name rps p50 p99 non2xx <<<"$line"
+    case $name in
+      *read*) ref=$big ;;
+      *) ref=$small ;;
+    esac
+    ratio=$(awk -v a="$rps" -v b="$ref" 'BEGIN {printf "%.2f", a/b}')
+    echo "| $name | $rps | $p50 | $p99 | $non2xx | $ratio |"
+  done
+  on=$(awk '$1=="basic-read-limiter-on" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  off=$(awk '$1=="basic-read-limiter-off" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  echo
+  echo "Authenticated read, limiter on / off: $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%.2f", a/b}')"
+  echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
+} | tee "$OUT"
