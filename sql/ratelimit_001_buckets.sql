@@ -11,3 +11,17 @@ CREATE TABLE buckets (
 ) STRICT, WITHOUT ROWID;
 
 CREATE INDEX buckets_by_full_at ON buckets (full_at);
+
+-- Tokens a process has taken from a bucket and may still spend from memory. While a lease
+-- is live, its tokens are held back from the bucket's capacity for everybody else, so
+-- tokens in buckets plus tokens in leases never exceed the burst.
+CREATE TABLE leases (
+    rule       TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    holder     TEXT    NOT NULL,
+    tokens     INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (rule, key, holder)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX leases_by_expiry ON leases (expires_at);

@@ -3,24 +3,30 @@
 //!
 //! # Leases: how a hot key avoids a database write per request
 //!
-//! A process takes up to `lease_size` tokens — 100 ms of refill, at most an eighth of the
-//! burst — from the shared bucket in one transaction and spends them locally. Tokens leave the shared bucket when they are leased, so processes
-//! can never together admit more than the bucket gave out. One subtlety: while a lease is
-//! outstanding the shared bucket keeps refilling, and if it could refill completely while
-//! leased tokens were still unspent, those tokens would come on top of a full burst. So a
-//! lease *decays at the refill rate*: a lease of `n` tokens taken at `t0` may hold at most
-//! `n − (t − t0) / interval` unspent tokens at `t` — exactly the tokens the shared bucket
-//! cannot yet have refilled. Unspent tokens that decay are lost to everybody: that is the
-//! under-admission, at most `lease_size − 1` tokens per process per key per lease (so at
-//! most 100 ms of refill or an eighth of the burst), and zero for rules whose burst is below
-//! 16 or whose refill is slower than 20 per second (their lease size is 1).
+//! A process takes up to `lease_size` tokens (an eighth of the burst, at most one second
+//! of refill) from the shared bucket in one transaction, records the lease in
+//! `ratelimit.db` for one second, and spends the tokens from memory. While a lease is live,
+//! its tokens are held back from the bucket's capacity for every other process: tokens in
+//! the bucket plus tokens in live leases never exceed the burst, so processes together
+//! never admit more than burst + refill, however leases and refills interleave. A lease
+//! ends when its holder comes back for the next one or when it expires; the holder never
+//! spends an expired lease.
+//!
+//! The price is under-admission: tokens held by one process are unavailable to the others
+//! until used or returned, and the unspent tokens of a lease that expires (its holder went
+//! quiet or died) are lost — at most `lease_size − 1` per process per key per second.
+//! Rules whose burst is below 16 lease one token at a time and are exact.
+//!
+//! Only one lease refresh per key runs at a time in a process; concurrent requests for
+//! that key wait for it and then spend from the new lease.
 //!
 //! # Refusals without the database
 //!
-//! When the shared bucket has no token, the process remembers when the next one will exist
-//! and refuses that key locally until then: nothing can add tokens to a bucket sooner than
-//! its refill (refunds exist only for the password-guess budget). A flood against an empty
-//! bucket costs one transaction per refill interval per process, not one per request.
+//! When the shared bucket has no token, the process remembers when the next one will be
+//! refilled and refuses that key locally until then. (Tokens can reappear sooner only when
+//! another process returns an unspent lease; the local refusal then under-admits briefly.)
+//! A flood against an empty bucket costs one transaction per refill interval per process,
+//! not one per request.
 //!
 //! # Bounds
 //!
@@ -128,20 +134,20 @@ const GUESS_STRIPES: usize = 256;
 /// A lease of tokens taken from the shared bucket.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
-    taken_at: i64,
+    /// The holder stops spending at this instant; the store stops holding the tokens back.
+    expires_at: i64,
     size: u32,
     used: u32,
 }
 
 impl Lease {
-    /// Unspent tokens this process may still use at `now` (see the module docs: a lease
-    /// decays at the refill rate).
-    fn usable(&self, limit: Limit, now: i64) -> u32 {
-        let elapsed = i128::from(now.saturating_sub(self.taken_at).max(0));
-        let undecayed = (i128::from(self.size) * i128::from(limit.interval_ns) - elapsed).max(0)
-            / i128::from(limit.interval_ns);
-        let undecayed = u32::try_from(undecayed).unwrap_or(0);
-        undecayed.min(self.size - self.used)
+    /// Unspent tokens this process may still use at `now`.
+    fn usable(&self, now: i64) -> u32 {
+        if now < self.expires_at {
+            self.size - self.used
+        } else {
+            0
+        }
     }
 }
 
@@ -152,6 +158,8 @@ struct Local {
     refused_until: i64,
     /// Whole tokens the shared bucket held at our last visit, for `RateLimit: r=`.
     shared_left: u32,
+    /// When the shared bucket will be full again, as of our last visit.
+    full_at: i64,
 }
 
 /// Index into the local map: rule position and key.
@@ -165,7 +173,11 @@ pub struct Limiter {
     guess_policy: String,
     store: RateStore,
     clock: Arc<dyn Clock>,
+    /// This process's name on its leases in `ratelimit.db` (random per start).
+    holder: String,
     local: Mutex<HashMap<LocalKey, Local>>,
+    /// One lease refresh per key at a time: keys are spread over these locks.
+    refresh_locks: Vec<tokio::sync::Mutex<()>>,
     waiters: Arc<Semaphore>,
     /// Password-check slots, by stripe of usernames.
     guess_slots: Vec<Arc<Semaphore>>,
@@ -174,15 +186,25 @@ pub struct Limiter {
     overflow: AtomicBool,
 }
 
-/// How long a lease should last at the refill rate: long enough that a hot key visits the
-/// database rarely, short enough that little decays unspent.
-const LEASE_SPAN_NS: i64 = 100_000_000;
+/// How long a lease lives (and holds its tokens back from other processes).
+const LEASE_TTL_NS: i64 = NS_PER_SEC;
+/// Keys are spread over this many refresh locks.
+const REFRESH_STRIPES: usize = 64;
 
-/// How many tokens one lease takes: 100 ms of refill, but never more than an eighth of the
-/// burst (so a lease can only take a small part of a bucket), and at least one.
+/// How many tokens one lease takes: an eighth of the burst (so one process can only hold a
+/// small part of a bucket) and no more than refills during the lease's life; at least one.
 fn lease_size(limit: Limit) -> u32 {
-    let span = u32::try_from(LEASE_SPAN_NS / limit.interval_ns).unwrap_or(u32::MAX);
-    span.min(limit.burst / 8).max(1)
+    let refill = u32::try_from(LEASE_TTL_NS / limit.interval_ns).unwrap_or(u32::MAX);
+    refill.min(limit.burst / 8).max(1)
+}
+
+/// Holds back what other processes' live leases hold: the bucket may not contain more than
+/// the burst less those tokens. Persisting this floor is what keeps "tokens in the bucket +
+/// tokens in leases ≤ burst" true when the bucket has refilled while leases were out.
+fn hold_back(bucket: &mut TokenBucket, limit: Limit, held_by_others: u32, now: i64) {
+    let floor = i128::from(now) + i128::from(limit.interval_ns) * i128::from(held_by_others);
+    let floor = i64::try_from(floor).unwrap_or(i64::MAX);
+    bucket.full_at = bucket.full_at.max(floor);
 }
 
 fn ceil_secs(ns: i64) -> u64 {
@@ -221,7 +243,11 @@ impl Limiter {
             guess_policy,
             store,
             clock,
+            holder: uuid::Uuid::new_v4().to_string(),
             local: Mutex::new(HashMap::new()),
+            refresh_locks: (0..REFRESH_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             waiters: Arc::new(Semaphore::new(MAX_WAITERS)),
             guess_slots: (0..GUESS_STRIPES)
                 .map(|_| Arc::new(Semaphore::new(GUESS_CONCURRENCY)))
@@ -243,18 +269,23 @@ impl Limiter {
             .then_some(OVERFLOW_KEY)
     }
 
-    /// Runs a bucket update on the blocking pool.
-    async fn update<T: Send + 'static>(
+    /// Runs one [`RateStore::step`] for this process on the blocking pool.
+    async fn step<T: Send + 'static>(
         &self,
         rule: String,
         key: String,
-        change: impl FnOnce(&mut TokenBucket) -> T + Send + 'static,
+        change: impl FnOnce(&mut TokenBucket, u32) -> (u32, T) + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
         let overflow = self.overflow_key();
-        tokio::task::spawn_blocking(move || store.update(&rule, &key, overflow, change))
-            .await
-            .map_err(|_| StoreError::TaskFailed)?
+        let holder = self.holder.clone();
+        let now = self.clock.now_ns();
+        let expires_at = now.saturating_add(LEASE_TTL_NS);
+        tokio::task::spawn_blocking(move || {
+            store.step(&rule, &key, overflow, &holder, now, expires_at, change)
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)?
     }
 
     /// Decides a request. `claimed_user` is the username the request claims (unverified).
@@ -299,6 +330,22 @@ impl Limiter {
         }
     }
 
+    /// Answers from this process's memory alone, when it can.
+    fn decide_locally(&self, key: &LocalKey, rule: &Rule, now: i64) -> Option<Verdict> {
+        let mut map = self.local();
+        let entry = map.get_mut(key)?;
+        if let Some(lease) = entry.lease.as_mut() {
+            let usable = lease.usable(now);
+            if usable > 0 {
+                lease.used += 1;
+                let remaining = usable - 1 + entry.shared_left;
+                let reset = (entry.full_at.saturating_sub(now)).max(0);
+                return Some(Verdict::Admit(Some(self.quota(rule, remaining, reset))));
+            }
+        }
+        (now < entry.refused_until).then(|| self.refuse(rule, entry.refused_until - now))
+    }
+
     async fn check_leased(
         &self,
         index: usize,
@@ -306,41 +353,41 @@ impl Limiter {
         key: String,
     ) -> Result<Verdict, StoreError> {
         let limit = rule.limit;
-        let now = self.clock.now_ns();
         let local_key = (index, key);
-        if let Some(entry) = self.local().get_mut(&local_key) {
-            if let Some(lease) = entry.lease.as_mut() {
-                let usable = lease.usable(limit, now);
-                if usable > 0 {
-                    lease.used += 1;
-                    let remaining = usable - 1 + entry.shared_left;
-                    let reset =
-                        i64::from(limit.burst - remaining.min(limit.burst)) * limit.interval_ns;
-                    return Ok(Verdict::Admit(Some(self.quota(rule, remaining, reset))));
-                }
-            }
-            if now < entry.refused_until {
-                return Ok(self.refuse(rule, entry.refused_until - now));
-            }
+        if let Some(verdict) = self.decide_locally(&local_key, rule, self.clock.now_ns()) {
+            return Ok(verdict);
         }
-
+        // One refresh per key at a time; whoever waited here may find a fresh lease.
+        let stripe = std::hash::BuildHasher::hash_one(&self.stripe_hasher, &local_key);
+        let _refreshing = self.refresh_locks[(stripe % REFRESH_STRIPES as u64) as usize]
+            .lock()
+            .await;
+        if let Some(verdict) = self.decide_locally(&local_key, rule, self.clock.now_ns()) {
+            return Ok(verdict);
+        }
         let size = lease_size(limit);
+        let now = self.clock.now_ns();
         let (granted, bucket) = self
-            .update(rule.name.clone(), local_key.1.clone(), move |b| {
-                (b.take_up_to(limit, now, size), *b)
-            })
+            .step(
+                rule.name.clone(),
+                local_key.1.clone(),
+                move |b, held_by_others| {
+                    hold_back(b, limit, held_by_others, now);
+                    let granted = b.take_up_to(limit, now, size);
+                    (granted, (granted, *b))
+                },
+            )
             .await?;
         let mut map = self.local();
         if map.len() >= MAX_LOCAL_KEYS && !map.contains_key(&local_key) {
-            map.retain(|_, e| {
-                e.refused_until > now || e.lease.is_some_and(|l| l.usable(limit, now) > 0)
-            });
+            map.retain(|_, e| e.refused_until > now || e.lease.is_some_and(|l| l.usable(now) > 0));
             if map.len() >= MAX_LOCAL_KEYS {
                 map.clear();
             }
         }
         let entry = map.entry(local_key).or_default();
         entry.shared_left = bucket.whole_tokens(limit, now);
+        entry.full_at = bucket.full_at;
         if granted == 0 {
             let retry = bucket.wait_for_token(limit, now);
             entry.refused_until = now.saturating_add(retry);
@@ -348,7 +395,7 @@ impl Limiter {
         }
         entry.refused_until = 0;
         entry.lease = Some(Lease {
-            taken_at: now,
+            expires_at: now.saturating_add(LEASE_TTL_NS),
             size: granted,
             used: 1,
         });
@@ -376,8 +423,9 @@ impl Limiter {
             0
         };
         let (take, bucket) = self
-            .update(rule.name.clone(), key, move |b| {
-                (b.take(limit, now, max_wait), *b)
+            .step(rule.name.clone(), key, move |b, held_by_others| {
+                hold_back(b, limit, held_by_others, now);
+                (0, (b.take(limit, now, max_wait), *b))
             })
             .await?;
         match take {
@@ -433,8 +481,8 @@ impl Limiter {
         let now = self.clock.now_ns();
         let key = format!("user:{username}");
         let take = self
-            .update(GUESS_POLICY.to_owned(), key.clone(), move |b| {
-                b.take(limit, now, 0)
+            .step(GUESS_POLICY.to_owned(), key.clone(), move |b, _| {
+                (0, b.take(limit, now, 0))
             })
             .await?;
         match take {
@@ -452,8 +500,9 @@ impl Limiter {
         let Some(limit) = self.guess_limit else {
             return Ok(());
         };
-        self.update(GUESS_POLICY.to_owned(), ticket.key, move |b| {
-            b.refund(limit, 1)
+        self.step(GUESS_POLICY.to_owned(), ticket.key, move |b, _| {
+            b.refund(limit, 1);
+            (0, ())
         })
         .await
     }
@@ -474,10 +523,8 @@ impl Limiter {
             }
         }
         let mut map = self.local();
-        map.retain(|(rule, _), entry| {
-            let limit = self.rules.get(*rule).map(|r| r.limit);
-            entry.refused_until > now
-                || (entry.lease.zip(limit)).is_some_and(|(l, limit)| l.usable(limit, now) > 0)
+        map.retain(|_, entry| {
+            entry.refused_until > now || entry.lease.is_some_and(|l| l.usable(now) > 0)
         });
         Ok(rows)
     }
@@ -555,16 +602,16 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_100ms_of_refill_and_at_most_an_eighth_of_the_burst() {
+    fn leases_are_an_eighth_of_the_burst_and_at_most_a_second_of_refill() {
         let size = |rule: &str| lease_size(rules::parse_rule(rule).unwrap().limit);
-        assert_eq!(size("* / 100/s burst=200 key=ip"), 10, "100 ms at 100/s");
         assert_eq!(
-            size("* / 1000/s burst=64 key=ip"),
-            8,
+            size("* / 100/s burst=200 key=ip"),
+            25,
             "an eighth of the burst"
         );
+        assert_eq!(size("* / 10/s burst=200 key=ip"), 10, "a second of refill");
         assert_eq!(size("* / 5/min burst=5 key=ip"), 1);
-        assert_eq!(size("* / 1000000/s burst=1000000 key=ip"), 100_000);
+        assert_eq!(size("* / 1000000/s burst=1000000 key=ip"), 125_000);
     }
 
     #[tokio::test]
@@ -584,8 +631,7 @@ mod tests {
         // 62.5 ms later five tokens have refilled: no more than five get through.
         f.clock.advance(62_500_000);
         assert_eq!(admissions(&[&a, &b, &c], 100).await, 5);
-        // After a long idle the bucket is full again, but leased tokens from before have
-        // decayed: still at most the burst.
+        // After a long idle the bucket is full again and the old leases have expired.
         f.clock.advance(3600 * NS_PER_SEC);
         assert_eq!(admissions(&[&a, &b], 1).await, 1);
         f.clock.advance(NS_PER_SEC / 100);
@@ -593,17 +639,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn leases_decay_so_refill_cannot_stack_on_unspent_tokens() {
+    async fn refill_cannot_stack_on_tokens_held_in_leases() {
         let f = fixture();
         let rule = "* / 80/s burst=64 key=ip";
         let (a, b) = (limiter(&f, &[rule]), limiter(&f, &[rule]));
         // a leases 8 tokens and spends one.
         assert!(admitted(&a, "/x", None).await);
-        // 0.8 s later the shared bucket is full again (the lease's 8 tokens refilled too) ...
+        // 0.8 s later the shared bucket has refilled those 8 tokens, but a still holds 7:
+        // b can have 56, not 64 ...
         f.clock.advance(800_000_000);
-        assert_eq!(admissions(&[&b], 100).await, 64);
-        // ... so a's unspent tokens must be gone, or 64 + 7 would pass in one instant.
-        assert!(!admitted(&a, "/x", None).await);
+        assert_eq!(admissions(&[&b], 100).await, 56);
+        // ... and a spends its 7: 64 in all, never 71.
+        assert_eq!(admissions(&[&a], 100).await, 7);
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_neither_spent_nor_handed_out_twice() {
+        let f = fixture();
+        let rule = "* / 2/s burst=16 key=ip"; // lease size 2
+        let (a, b) = (limiter(&f, &[rule]), limiter(&f, &[rule]));
+        assert!(admitted(&a, "/x", None).await); // a holds 1 unspent
+        assert_eq!(admissions(&[&b], 100).await, 14);
+        // 2 s later a's lease has expired and 4 tokens have refilled: exactly those 4 pass.
+        f.clock.advance(2 * NS_PER_SEC);
+        assert_eq!(admissions(&[&a, &b], 100).await, 4);
     }
 
     #[tokio::test]

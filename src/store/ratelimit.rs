@@ -1,10 +1,11 @@
-//! `ratelimit.db`: the token buckets every process on a data directory shares.
+//! `ratelimit.db`: the token buckets every process on a data directory shares, and the
+//! leases processes hold on them.
 //!
-//! One row per bucket that is not full, holding the instant it will be full again. Every
-//! change is one tiny `BEGIN IMMEDIATE` transaction (read the row, apply the bucket
-//! arithmetic, write it back), so processes never see a half-applied decision. The limiter
-//! calls this rarely — per lease of several tokens, not per request — and on the blocking
-//! pool.
+//! One row per bucket that is not full, holding the instant it will be full again, and one
+//! row per live lease. Every change is one tiny `BEGIN IMMEDIATE` transaction (read, apply
+//! the bucket arithmetic, write back), so processes never see a half-applied decision. The
+//! limiter calls this rarely — per lease of several tokens, not per request — and on the
+//! blocking pool.
 
 use std::path::Path;
 
@@ -35,17 +36,24 @@ impl RateStore {
         Ok(RateStore { pool })
     }
 
-    /// Applies `change` to the bucket `(rule, key)` atomically and returns its result.
+    /// One atomic step on the bucket `(rule, key)` for the lease holder `holder`: the
+    /// holder's previous lease ends; `change` acts on the bucket, told how many tokens other
+    /// holders' live leases hold back, and answers with the size of the holder's new lease
+    /// (0 for none) and a result; the new lease is recorded until `expires_at`.
     ///
-    /// When the bucket has no row (it is full) and `overflow_key` is given, the change is
-    /// applied to the bucket `(rule, overflow_key)` instead: that is how the number of rows
-    /// stays bounded while the table is at its cap.
-    pub fn update<T>(
+    /// When the bucket has no row (it is full) and `overflow_key` is given, the step applies
+    /// to `(rule, overflow_key)` instead: that is how the number of rows stays bounded while
+    /// the table is at its cap.
+    #[allow(clippy::too_many_arguments)] // each argument is one named part of the step
+    pub fn step<T>(
         &self,
         rule: &str,
         key: &str,
         overflow_key: Option<&str>,
-        change: impl FnOnce(&mut TokenBucket) -> T,
+        holder: &str,
+        now: i64,
+        expires_at: i64,
+        change: impl FnOnce(&mut TokenBucket, u32) -> (u32, T),
     ) -> Result<T, StoreError> {
         let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -59,14 +67,39 @@ impl RateStore {
             (None, Some(overflow)) => (overflow, read(overflow)?),
             (None, None) => (key, None),
         };
+        let leases: Vec<(String, i64, i64)> = tx
+            .prepare_cached(
+                "SELECT holder, tokens, expires_at FROM leases WHERE rule = ?1 AND key = ?2",
+            )?
+            .query_map(params![rule, key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let held_by_others: i64 = leases
+            .iter()
+            .filter(|(who, _, expires)| who != holder && *expires > now)
+            .map(|(_, tokens, _)| tokens)
+            .sum();
+        let held_by_others = u32::try_from(held_by_others).unwrap_or(u32::MAX);
         let mut bucket = full_at.map_or(TokenBucket::FULL, |full_at| TokenBucket { full_at });
-        let result = change(&mut bucket);
+        let (hold, result) = change(&mut bucket, held_by_others);
         if Some(bucket.full_at) != full_at {
             tx.prepare_cached(
                 "INSERT INTO buckets (rule, key, full_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (rule, key) DO UPDATE SET full_at = excluded.full_at",
             )?
             .execute(params![rule, key, bucket.full_at])?;
+        }
+        if hold > 0 {
+            tx.prepare_cached(
+                "INSERT INTO leases (rule, key, holder, tokens, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (rule, key, holder) DO UPDATE SET
+                     tokens = excluded.tokens, expires_at = excluded.expires_at",
+            )?
+            .execute(params![rule, key, holder, hold, expires_at])?;
+        } else if leases.iter().any(|l| l.0 == holder) {
+            tx.prepare_cached("DELETE FROM leases WHERE rule = ?1 AND key = ?2 AND holder = ?3")?
+                .execute(params![rule, key, holder])?;
         }
         tx.commit()?;
         Ok(result)
@@ -78,6 +111,7 @@ impl RateStore {
         let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM buckets WHERE full_at <= ?1", [now_ns])?;
+        tx.execute("DELETE FROM leases WHERE expires_at <= ?1", [now_ns])?;
         let remaining: i64 = tx.query_row("SELECT count(*) FROM buckets", [], |r| r.get(0))?;
         tx.commit()?;
         Ok(u64::try_from(remaining).unwrap_or(0))
@@ -98,46 +132,73 @@ mod tests {
         burst: 2,
         interval_ns: 1_000_000_000,
     };
+    const NOW: i64 = 1_000_000_000_000;
+
+    fn take(store: &RateStore, key: &str, overflow: Option<&str>) -> Take {
+        store
+            .step("r", key, overflow, "me", NOW, NOW, |b, _| {
+                (0, b.take(L, NOW, 0))
+            })
+            .unwrap()
+    }
 
     #[test]
     fn buckets_persist_across_handles_and_overflow_is_shared() {
         let dir = temp_dir();
-        let now = 1_000_000_000_000;
         let store = RateStore::open(&dir).unwrap();
         for _ in 0..2 {
-            assert!(matches!(
-                store.update("r", "k", None, |b| b.take(L, now, 0)).unwrap(),
-                Take::Granted { .. }
-            ));
+            assert!(matches!(take(&store, "k", None), Take::Granted { .. }));
         }
         drop(store);
         let store = RateStore::open(&dir).unwrap();
-        let again = store.update("r", "k", None, |b| b.take(L, now, 0)).unwrap();
         assert!(
-            matches!(again, Take::Denied { .. }),
+            matches!(take(&store, "k", None), Take::Denied { .. }),
             "a reopened store remembers"
         );
         // A new key under overflow draws from the shared overflow bucket, adding no row.
-        for key in ["a", "b"] {
-            store
-                .update("r", key, Some("overflow"), |b| b.take(L, now, 0))
-                .unwrap();
-        }
-        let third = store
-            .update("r", "c", Some("overflow"), |b| b.take(L, now, 0))
-            .unwrap();
-        assert!(matches!(third, Take::Denied { .. }));
-        assert_eq!(store.sweep(now).unwrap(), 2, "rows: k and overflow");
+        take(&store, "a", Some("overflow"));
+        take(&store, "b", Some("overflow"));
+        assert!(matches!(
+            take(&store, "c", Some("overflow")),
+            Take::Denied { .. }
+        ));
+        assert_eq!(store.sweep(NOW).unwrap(), 2, "rows: k and overflow");
         assert_eq!(
-            store.sweep(now + 10_000_000_000).unwrap(),
+            store.sweep(NOW + 10_000_000_000).unwrap(),
             0,
             "full buckets are swept"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// Two connections (as two processes would have) hammer one bucket: the fast busy
-    /// handler keeps every wait short, and no update is lost.
+    #[test]
+    fn leases_are_seen_by_others_and_end_with_their_holder() {
+        let dir = temp_dir();
+        let store = RateStore::open(&dir).unwrap();
+        let expires = NOW + 1_000;
+        let lease = |holder: &str, now: i64, hold: u32| {
+            store
+                .step("r", "k", None, holder, now, expires, move |_, held| {
+                    (hold, held)
+                })
+                .unwrap()
+        };
+        assert_eq!(lease("a", NOW, 5), 0);
+        assert_eq!(lease("b", NOW, 3), 5, "a's lease is held back from b");
+        assert_eq!(lease("a", NOW, 0), 3, "a's own lease is not");
+        assert_eq!(lease("b", NOW, 0), 0, "a's lease ended when a came back");
+        assert_eq!(lease("c", NOW, 4), 0);
+        assert_eq!(
+            lease("d", expires, 0),
+            0,
+            "expired leases hold nothing back"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Two connections (as two processes would have: SQLite coordinates connections of one
+    /// process through the same file locks it uses between processes) hammer one bucket:
+    /// the fast busy handler keeps every wait short, and no update is lost.
     #[test]
     fn two_writers_on_one_bucket_wait_briefly_and_lose_nothing() {
         let dir = temp_dir();
@@ -145,18 +206,20 @@ mod tests {
             burst: 1_000_000,
             interval_ns: 1_000_000_000,
         };
-        let now = 1_000_000_000_000;
         RateStore::open(&dir).unwrap();
         let workers: Vec<_> = (0..2)
-            .map(|_| {
+            .map(|i| {
                 let store = RateStore::open(&dir).unwrap();
                 std::thread::spawn(move || {
+                    let holder = format!("writer{i}");
                     let mut worst = Duration::ZERO;
                     let mut taken = 0u32;
                     for _ in 0..2000 {
                         let started = Instant::now();
                         taken += store
-                            .update("r", "hot", None, |b| b.take_up_to(big, now, 1))
+                            .step("r", "hot", None, &holder, NOW, NOW, |b, _| {
+                                (0, b.take_up_to(big, NOW, 1))
+                            })
                             .unwrap();
                         worst = worst.max(started.elapsed());
                     }
@@ -168,7 +231,9 @@ mod tests {
             workers.into_iter().map(|w| w.join().unwrap()).collect();
         let store = RateStore::open(&dir).unwrap();
         let left = store
-            .update("r", "hot", None, |b| b.whole_tokens(big, now))
+            .step("r", "hot", None, "reader", NOW, NOW, |b, _| {
+                (0, b.whole_tokens(big, NOW))
+            })
             .unwrap();
         assert_eq!(results.iter().map(|r| r.0).sum::<u32>(), 4000);
         assert_eq!(
