@@ -8,10 +8,10 @@
 //! Checking a password for a user that does not exist verifies against a dummy hash made
 //! with the same parameters, so an unknown username costs the same time as a wrong password.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::Semaphore;
 
@@ -21,36 +21,77 @@ pub const M_COST: u32 = 19_456;
 pub const T_COST: u32 = 2;
 /// Argon2id lanes.
 pub const P_COST: u32 = 1;
+/// Bytes of hash output stored in the PHC string.
+const OUTPUT_LEN: usize = 32;
 
-fn argon2() -> Argon2<'static> {
-    // The constants above are valid Argon2 parameters; `Params::new` only rejects values
-    // outside the algorithm's ranges, so this cannot fail.
-    let params = Params::new(M_COST, T_COST, P_COST, None).expect("valid Argon2 parameters");
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+/// Argon2's working memory (`M_COST` KiB). Reused from hash to hash: allocating ~19 MiB per
+/// hash on whichever blocking thread runs it lets the allocator keep a freed copy per thread
+/// arena, and resident memory climbs to hundreds of MiB under a login burst.
+type Memory = Vec<Block>;
+
+fn fit(memory: &mut Memory, blocks: usize) -> &mut [Block] {
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    &mut memory[..blocks]
 }
 
-/// Hashes on the calling thread; for the command line and for the dummy hash.
-pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
+/// Hashes `password` with a fresh salt into a PHC string, using `memory`.
+fn hash_with(memory: &mut Memory, password: &str) -> Result<String, PasswordError> {
+    let fail = |e: &dyn std::fmt::Display| PasswordError(e.to_string());
     let mut salt = [0u8; 16];
     SystemRandom::new()
         .fill(&mut salt)
         .map_err(|_| PasswordError("the system random generator failed".into()))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| PasswordError(e.to_string()))?;
-    argon2()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| PasswordError(e.to_string()))
+    let params = Params::new(M_COST, T_COST, P_COST, Some(OUTPUT_LEN)).map_err(|e| fail(&e))?;
+    let blocks = params.block_count();
+    let mut out = [0u8; OUTPUT_LEN];
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, fit(memory, blocks))
+        .map_err(|e| fail(&e))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| fail(&e))?;
+    let output = Output::new(&out).map_err(|e| fail(&e))?;
+    Ok(format!(
+        "$argon2id$v=19$m={M_COST},t={T_COST},p={P_COST}${}${output}",
+        salt.as_str()
+    ))
 }
 
-fn verify_blocking(phc: &str, password: &str) -> bool {
-    match PasswordHash::new(phc) {
-        // Verification uses the parameters recorded in the PHC string.
-        Ok(hash) => argon2().verify_password(password.as_bytes(), &hash).is_ok(),
-        Err(_) => {
-            log::warn!("a stored password hash is not a valid PHC string");
-            false
+/// Checks `password` against a PHC string, using `memory`; the comparison is constant-time.
+fn verify_with(memory: &mut Memory, phc: &str, password: &str) -> bool {
+    let checked = (|| {
+        let hash = PasswordHash::new(phc).ok()?;
+        if hash.algorithm.as_str() != "argon2id" {
+            return None;
         }
-    }
+        let version = hash
+            .version
+            .map_or(Some(Version::V0x13), |v| Version::try_from(v).ok())?;
+        let params = Params::try_from(&hash).ok()?;
+        let mut salt = [0u8; 64];
+        let salt = hash.salt?.decode_b64(&mut salt).ok()?;
+        let expected = hash.hash?;
+        let mut out = vec![0u8; expected.len()];
+        let blocks = params.block_count();
+        Argon2::new(Algorithm::Argon2id, version, params)
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                salt,
+                &mut out,
+                fit(memory, blocks),
+            )
+            .ok()?;
+        Some(Output::new(&out).ok()? == expected)
+    })();
+    checked.unwrap_or_else(|| {
+        log::warn!("a stored password hash is not a usable Argon2id PHC string");
+        false
+    })
+}
+
+/// Hashes on the calling thread; for the command line and for the dummy hash.
+pub fn hash_blocking(password: &str) -> Result<String, PasswordError> {
+    hash_with(&mut Memory::new(), password)
 }
 
 /// Hashing failed (random generator or parameters); not a client mistake.
@@ -70,6 +111,8 @@ impl std::error::Error for PasswordError {}
 pub struct Passwords {
     /// One permit per core: the most hashes that run at once.
     permits: Arc<Semaphore>,
+    /// Working memories, one per permit at most (a hash holds a permit while it uses one).
+    memories: Arc<Mutex<Vec<Memory>>>,
     /// Verified against when the user does not exist, to take the same time.
     dummy_hash: Arc<str>,
 }
@@ -80,22 +123,34 @@ impl Passwords {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Passwords {
             permits: Arc::new(Semaphore::new(cores)),
+            memories: Arc::new(Mutex::new(Vec::with_capacity(cores))),
             dummy_hash: hash_blocking("paygate dummy password for unknown users")?.into(),
         })
     }
 
+    /// Runs `work` on the blocking pool with a hashing permit and a working memory.
     async fn with_permit<T: Send + 'static>(
         &self,
-        work: impl FnOnce() -> T + Send + 'static,
+        work: impl FnOnce(&mut Memory) -> T + Send + 'static,
     ) -> Option<T> {
         // The semaphore is never closed, so acquiring only fails if it were; treat as failure.
         let _permit = self.permits.acquire().await.ok()?;
-        tokio::task::spawn_blocking(work).await.ok()
+        let memories = self.memories.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while this lock is held cannot leave the list inconsistent.
+            let lock = || memories.lock().unwrap_or_else(|p| p.into_inner());
+            let mut memory = lock().pop().unwrap_or_default();
+            let result = work(&mut memory);
+            lock().push(memory);
+            result
+        })
+        .await
+        .ok()
     }
 
     /// Hashes a new password.
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        self.with_permit(move || hash_blocking(&password))
+        self.with_permit(move |memory| hash_with(memory, &password))
             .await
             .unwrap_or_else(|| Err(PasswordError("hashing task failed".into())))
     }
@@ -106,7 +161,7 @@ impl Passwords {
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.dummy_hash.to_string());
         let matched = self
-            .with_permit(move || verify_blocking(&phc, &password))
+            .with_permit(move |memory| verify_with(memory, &phc, &password))
             .await
             .unwrap_or(false);
         known && matched
@@ -116,6 +171,34 @@ impl Passwords {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phc_strings_interoperate_with_the_argon2_crate() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let ours = hash_blocking("interop passphrase").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"interop passphrase", &parsed)
+            .is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"interop passphrasE", &parsed)
+            .is_err());
+
+        let params = Params::new(M_COST, T_COST, P_COST, None).unwrap();
+        let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(
+                b"their passphrase",
+                &SaltString::encode_b64(&[7u8; 16]).unwrap(),
+            )
+            .unwrap()
+            .to_string();
+        let mut memory = Memory::new();
+        assert!(verify_with(&mut memory, &theirs, "their passphrase"));
+        assert!(!verify_with(&mut memory, &theirs, "their passphrasE"));
+        // Other Argon2 variants are not accepted.
+        let argon2i = theirs.replace("$argon2id$", "$argon2i$");
+        assert!(!verify_with(&mut memory, &argon2i, "their passphrase"));
+    }
 
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_never_match() {

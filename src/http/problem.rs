@@ -159,7 +159,7 @@ impl ApiError {
                     "rate limit \"{}\" exceeded; retry in {retry_after_s} s",
                     quota.name
                 ),
-                json!({ "violated-policies": [quota.name] }),
+                json!({ "violated-policies": [&*quota.name] }),
             ),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,

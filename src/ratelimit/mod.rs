@@ -92,9 +92,9 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
     /// The `RateLimit-Policy` item, e.g. `"post-users";q=5;w=3600`.
-    pub policy: String,
+    pub policy: Arc<str>,
     /// The policy name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Whole tokens left (approximate by at most one lease on multi-process setups).
     pub remaining: u32,
     /// Seconds until the bucket is full again, or until the next token when refused.
@@ -163,14 +163,14 @@ struct Local {
 }
 
 /// Index into the local map: rule position and key.
-type LocalKey = (usize, String);
+type LocalKey = (usize, BucketKey);
 
 /// The rate limiter of one process.
 pub struct Limiter {
     rules: Vec<Rule>,
     /// The per-username password-guess budget; `None` when disabled.
     guess_limit: Option<Limit>,
-    guess_policy: String,
+    guess_policy: Arc<str>,
     store: RateStore,
     clock: Arc<dyn Clock>,
     /// This process's name on its leases in `ratelimit.db` (random per start).
@@ -212,14 +212,35 @@ fn ceil_secs(ns: i64) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// The bucket key for an address: IPv4 as is, IPv6 by its /64.
-pub fn ip_key(ip: IpAddr) -> String {
-    match crate::client_ip::canonical(ip) {
-        IpAddr::V4(v4) => format!("ip:{v4}"),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+/// Whose bucket a request draws from, within one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BucketKey {
+    /// A client address: IPv4 as is, IPv6 reduced to its /64.
+    Ip(IpAddr),
+    User(String),
+    Global,
+}
+
+impl std::fmt::Display for BucketKey {
+    /// The key as stored in `ratelimit.db`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BucketKey::Ip(IpAddr::V6(v6)) => write!(f, "ip:{v6}/64"),
+            BucketKey::Ip(ip) => write!(f, "ip:{ip}"),
+            BucketKey::User(user) => write!(f, "user:{user}"),
+            BucketKey::Global => f.write_str("global"),
         }
+    }
+}
+
+/// The bucket key for an address: IPv4 as is, IPv6 by its /64.
+pub fn ip_key(ip: IpAddr) -> BucketKey {
+    match crate::client_ip::canonical(ip) {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & (u128::MAX << 64);
+            BucketKey::Ip(IpAddr::V6(prefix.into()))
+        }
+        v4 => BucketKey::Ip(v4),
     }
 }
 
@@ -237,6 +258,7 @@ impl Limiter {
                 ceil_secs(i64::try_from(limit.window_ns()).unwrap_or(i64::MAX))
             )
         });
+        let guess_policy = Arc::from(guess_policy);
         Limiter {
             rules,
             guess_limit,
@@ -300,8 +322,8 @@ impl Limiter {
             return Ok(Verdict::Admit(None));
         };
         let key = match (rule.key, claimed_user) {
-            (KeyKind::Global, _) => "global".to_owned(),
-            (KeyKind::User, Some(user)) => format!("user:{user}"),
+            (KeyKind::Global, _) => BucketKey::Global,
+            (KeyKind::User, Some(user)) => BucketKey::User(user.to_owned()),
             (KeyKind::Ip | KeyKind::User, _) => ip_key(client),
         };
         match rule.delay {
@@ -312,7 +334,7 @@ impl Limiter {
 
     fn quota(&self, rule: &Rule, remaining: u32, reset_ns: i64) -> Quota {
         Quota {
-            policy: rule.policy_header_item(),
+            policy: rule.policy.clone(),
             name: rule.name.clone(),
             remaining,
             reset_s: ceil_secs(reset_ns),
@@ -350,7 +372,7 @@ impl Limiter {
         &self,
         index: usize,
         rule: &Rule,
-        key: String,
+        key: BucketKey,
     ) -> Result<Verdict, StoreError> {
         let limit = rule.limit;
         let local_key = (index, key);
@@ -369,8 +391,8 @@ impl Limiter {
         let now = self.clock.now_ns();
         let (granted, bucket) = self
             .step(
-                rule.name.clone(),
-                local_key.1.clone(),
+                rule.name.to_string(),
+                local_key.1.to_string(),
                 move |b, held_by_others| {
                     hold_back(b, limit, held_by_others, now);
                     let granted = b.take_up_to(limit, now, size);
@@ -410,7 +432,7 @@ impl Limiter {
     async fn check_with_delay(
         &self,
         rule: &Rule,
-        key: String,
+        key: BucketKey,
         delay: Duration,
     ) -> Result<Verdict, StoreError> {
         let limit = rule.limit;
@@ -423,10 +445,14 @@ impl Limiter {
             0
         };
         let (take, bucket) = self
-            .step(rule.name.clone(), key, move |b, held_by_others| {
-                hold_back(b, limit, held_by_others, now);
-                (0, (b.take(limit, now, max_wait), *b))
-            })
+            .step(
+                rule.name.to_string(),
+                key.to_string(),
+                move |b, held_by_others| {
+                    hold_back(b, limit, held_by_others, now);
+                    (0, (b.take(limit, now, max_wait), *b))
+                },
+            )
             .await?;
         match take {
             Take::Denied { retry_ns } => Ok(self.refuse(rule, retry_ns)),
@@ -449,7 +475,7 @@ impl Limiter {
     fn guess_quota(&self, remaining: u32, reset_ns: i64) -> Quota {
         Quota {
             policy: self.guess_policy.clone(),
-            name: GUESS_POLICY.to_owned(),
+            name: Arc::from(GUESS_POLICY),
             remaining,
             reset_s: ceil_secs(reset_ns),
         }
@@ -680,7 +706,7 @@ mod tests {
         };
         assert_eq!(retry_after_s, 30, "2 per minute: one token every 30 s");
         assert_eq!(quota.header(), "\"any\";r=0;t=30");
-        assert_eq!(quota.policy, "\"any\";q=2;w=60");
+        assert_eq!(&*quota.policy, "\"any\";q=2;w=60");
         // The refusal is remembered: even with the store gone, the answer is the same.
         let dir = f.dir.clone();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -733,7 +759,11 @@ mod tests {
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         assert_eq!(ip_key(a), ip_key(b));
         assert_ne!(ip_key(a), ip_key("2001:db8:1:3::1".parse().unwrap()));
-        assert_eq!(ip_key("::ffff:192.0.2.1".parse().unwrap()), "ip:192.0.2.1");
+        assert_eq!(
+            ip_key("::ffff:192.0.2.1".parse().unwrap()).to_string(),
+            "ip:192.0.2.1"
+        );
+        assert_eq!(ip_key(a).to_string(), "ip:2001:db8:1:2::/64");
     }
 
     #[tokio::test]
@@ -756,7 +786,7 @@ mod tests {
         else {
             panic!("budget spent")
         };
-        assert_eq!((quota.name.as_str(), retry_after_s), (GUESS_POLICY, 20));
+        assert_eq!((&*quota.name, retry_after_s), (GUESS_POLICY, 20));
         assert!(
             l.reserve_guess("bob").await.unwrap().is_ok(),
             "per username"

@@ -12,6 +12,7 @@
 //! milliseconds for its token instead of being refused at once.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -33,7 +34,9 @@ pub enum KeyKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// Policy name shown in `RateLimit-Policy` and `RateLimit`, derived from method and path.
-    pub name: String,
+    pub name: Arc<str>,
+    /// The `RateLimit-Policy` item, e.g. `"post-users";q=5;w=3600` (built once).
+    pub policy: Arc<str>,
     /// `None` for `*`.
     pub method: Option<Method>,
     pub prefix: String,
@@ -200,15 +203,18 @@ pub fn parse_rule(text: &str) -> Result<Rule, RuleError> {
             "burst ÷ rate exceeds a year; use a faster rate or a smaller burst".into(),
         ));
     }
-    Ok(Rule {
-        name: policy_name(&method, prefix),
+    let mut rule = Rule {
+        name: policy_name(&method, prefix).into(),
+        policy: Arc::from(""),
         method,
         prefix: prefix.trim_end_matches('/').to_owned(),
         limit,
         key,
         delay: delay.filter(|d| !d.is_zero()),
         text: text.to_owned(),
-    })
+    };
+    rule.policy = rule.policy_header_item().into();
+    Ok(rule)
 }
 
 /// Parses a rule list; `none` alone disables rate limiting by rule. Policy names are made
@@ -221,7 +227,8 @@ pub fn parse_rules(texts: &[String]) -> Result<Vec<Rule>, RuleError> {
     for (i, text) in texts.iter().enumerate() {
         let mut rule = parse_rule(text.trim())?;
         if rules.iter().any(|r| r.name == rule.name) {
-            rule.name = format!("{}-{}", rule.name, i + 1);
+            rule.name = format!("{}-{}", rule.name, i + 1).into();
+            rule.policy = rule.policy_header_item().into();
         }
         rules.push(rule);
     }
@@ -249,7 +256,7 @@ impl Rule {
     }
 
     /// `RateLimit-Policy` item: quota and window in seconds.
-    pub fn policy_header_item(&self) -> String {
+    fn policy_header_item(&self) -> String {
         let window_s =
             (self.limit.window_ns() + i128::from(NS_PER_SEC) - 1) / i128::from(NS_PER_SEC);
         format!("\"{}\";q={};w={}", self.name, self.limit.burst, window_s)
@@ -286,12 +293,12 @@ mod tests {
         );
         assert_eq!(rule.key, KeyKind::Ip);
         assert_eq!(rule.delay, None);
-        assert_eq!(rule.name, "post-sessions");
-        assert_eq!(rule.policy_header_item(), "\"post-sessions\";q=5;w=60");
+        assert_eq!(&*rule.name, "post-sessions");
+        assert_eq!(&*rule.policy, "\"post-sessions\";q=5;w=60");
 
         let rule = parse_rule("* / 100/s burst=200 key=user delay=250").unwrap();
         assert_eq!(rule.method, None);
-        assert_eq!(rule.name, "any");
+        assert_eq!(&*rule.name, "any");
         assert_eq!(rule.delay, Some(Duration::from_millis(250)));
         assert_eq!(rule.limit.interval_ns, NS_PER_SEC / 100);
 
