@@ -5,7 +5,9 @@
 //! logged with its cause and answered with a bare 500 or 503: internals never reach a client.
 
 use http::{header, HeaderValue, Method, StatusCode};
-use serde_json::json;
+use std::borrow::Cow;
+
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::response::{with_standard_headers, Body};
@@ -78,6 +80,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// Members some problems add to the standard ones.
+#[derive(Debug, Default, Serialize)]
+struct Extra<'a> {
+    /// The request field that broke a rule (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    /// The rate-limit policies that refused the request (429).
+    #[serde(rename = "violated-policies", skip_serializing_if = "Option::is_none")]
+    violated_policies: Option<[&'a str; 1]>,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Serialize)]
+struct ProblemBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    request_id: &'a str,
+    #[serde(flatten)]
+    extra: Extra<'a>,
+}
+
 /// Problem type URIs for problems a client may want to tell apart; plain statuses use
 /// `about:blank` as RFC 9457 recommends.
 const TYPE_BASE: &str = "tag:paygate.dev,2026:problem:";
@@ -87,9 +113,9 @@ const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#qu
 
 impl ApiError {
     /// The status code and problem fields, without the request id.
-    fn parts(&self) -> (StatusCode, &'static str, String, serde_json::Value) {
+    fn parts(&self) -> (StatusCode, &'static str, String, Extra<'_>) {
         use ApiError::*;
-        let none = serde_json::Value::Null;
+        let none = Extra::default();
         match self {
             BadRequest(detail) => (
                 StatusCode::BAD_REQUEST,
@@ -101,7 +127,10 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid-field",
                 invalid.to_string(),
-                json!({ "field": invalid.field }),
+                Extra {
+                    field: Some(invalid.field),
+                    ..Extra::default()
+                },
             ),
             Unauthenticated(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -159,7 +188,10 @@ impl ApiError {
                     "rate limit \"{}\" exceeded; retry in {retry_after_s} s",
                     quota.name
                 ),
-                json!({ "violated-policies": [&*quota.name] }),
+                Extra {
+                    violated_policies: Some([&*quota.name]),
+                    ..Extra::default()
+                },
             ),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -188,23 +220,24 @@ impl ApiError {
         }
         let (status, slug, detail, extra) = self.parts();
         let problem_type = if slug.is_empty() {
-            "about:blank".to_owned()
+            Cow::Borrowed("about:blank")
         } else if slug.starts_with("https:") {
-            slug.to_owned()
+            Cow::Borrowed(slug)
         } else {
-            format!("{TYPE_BASE}{slug}")
+            Cow::Owned(format!("{TYPE_BASE}{slug}"))
         };
-        let mut body = json!({
-            "type": problem_type,
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-            "request_id": request_id.to_string(),
-        });
-        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
-            body.extend(extra);
-        }
-        let mut response = http::Response::new(Body::from(body.to_string()));
+        let mut id = Uuid::encode_buffer();
+        let body = ProblemBody {
+            kind: &problem_type,
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: &detail,
+            request_id: request_id.hyphenated().encode_lower(&mut id),
+            extra,
+        };
+        // Serialising borrowed strings and integers into a Vec cannot fail.
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = http::Response::new(Body::from(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(
