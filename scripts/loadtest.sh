@@ -67,6 +67,11 @@ read_path="/accounts/$account/payments/$payment"
 status_bytes=$(curl -sS --cacert "$ca" "$api/apiStatus" | wc -c)
 read_bytes=$(curl -sS --cacert "$ca" -u "$user:$pass" "$api$read_path" | wc -c)
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+# The body of a 429 problem document, measured on a server that refuses everything.
+start sizing --rate-limit 'GET /apiStatus 1/day burst=1 key=ip'
+curl -sS --cacert "$ca" "https://127.0.0.1:$port/apiStatus" >/dev/null
+refusal_bytes=$(curl -sS --cacert "$ca" "https://127.0.0.1:$port/apiStatus" | wc -c)
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 basic="Authorization: Basic $(printf '%s' "$user:$pass" | base64 -w0)"
 
 # measure NAME URL [HEADER]: runs wrk and records "name rps p50_ms p99_ms".
@@ -97,6 +102,10 @@ measure bare-small "https://127.0.0.1:$bport/"
 pid=$!; pids+=("$pid"); sleep 0.5
 bport=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/bare-read.log")
 measure bare-read "https://127.0.0.1:$bport/"
+"$bare" 127.0.0.1:0 certs/server.crt certs/server.key "$refusal_bytes" 2>"$work/bare-refusal.log" &
+pid=$!; pids+=("$pid"); sleep 0.5
+bport=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/bare-refusal.log")
+measure bare-refusal "https://127.0.0.1:$bport/"
 
 echo "== paygate, limiter on, nothing rejected" >&2
 start on --rate-limit '* / 1000000/s burst=1000000 key=user'
@@ -119,14 +128,18 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; load generator on the same machine."
   echo
+  echo "Bodies: apiStatus $status_bytes B, payment read $read_bytes B, 429 problem $refusal_bytes B; each scenario is compared with the bare responder serving a body of the same size."
+  echo
   echo "| scenario | requests/s | p50 ms | p99 ms | non-2xx | vs bare (same body size) |"
   echo "|---|---|---|---|---|---|"
   small=$(awk '$1=="bare-small" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   big=$(awk '$1=="bare-read" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  refusal=$(awk '$1=="bare-refusal" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   for line in "${results[@]}"; do
     read -r name rps p50 p99 non2xx <<<"$line"
     case $name in
       *read*) ref=$big ;;
+      *refus*|flood*) ref=$refusal ;;
       *) ref=$small ;;
     esac
     ratio=$(awk -v a="$rps" -v b="$ref" 'BEGIN {printf "%.2f", a/b}')
