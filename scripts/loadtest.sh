@@ -115,6 +115,7 @@ rss_on=$(rss_kib "$pid")
 
 echo "== paygate, limiter off" >&2
 start off --rate-limit none --guess-limit none
+measure apiStatus-limiter-off "https://127.0.0.1:$port/apiStatus"
 measure basic-read-limiter-off "https://127.0.0.1:$port$read_path" "$basic"
 
 echo "== paygate, a flood the limiter rejects" >&2
@@ -147,7 +148,9 @@ mkdir -p "$(dirname "$OUT")"
   done
   on=$(awk '$1=="basic-read-limiter-on" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   off=$(awk '$1=="basic-read-limiter-off" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  status_on=$(awk '$1=="apiStatus" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  status_off=$(awk '$1=="apiStatus-limiter-off" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   echo
-  echo "Authenticated read, limiter on / off: $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%.2f", a/b}')"
+  echo "Limiter on / off: authenticated (Basic) read $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%.2f", a/b}'), apiStatus $(awk -v a="$status_on" -v b="$status_off" 'BEGIN {printf "%.2f", a/b}')"
   echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"

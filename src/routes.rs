@@ -62,11 +62,21 @@ impl Route {
 
 /// Finds the route for a request.
 pub fn resolve(method: &Method, path: &str) -> Route {
-    let segments: Vec<&str> = match path.strip_prefix('/') {
-        Some(rest) => rest.split('/').collect(),
-        None => return not_found(),
+    let Some(rest) = path.strip_prefix('/') else {
+        return not_found();
     };
-    match segments.as_slice() {
+    // No route has more than four segments; a longer path is unknown (and costs no
+    // allocation to find out).
+    let mut segments = [""; 4];
+    let mut count = 0;
+    for segment in rest.split('/') {
+        if count == segments.len() {
+            return not_found();
+        }
+        segments[count] = segment;
+        count += 1;
+    }
+    match &segments[..count] {
         ["apiStatus"] => by_method(method, &[Method::GET], |_| Route::ApiStatus),
         ["users"] => by_method(method, &[Method::POST], |_| Route::CreateUser),
         ["users", name] if !name.is_empty() => {
@@ -213,6 +223,8 @@ mod tests {
         assert_eq!(status_of(resolve(&Method::GET, "/accounts/")), 404);
         assert_eq!(status_of(resolve(&Method::GET, "/apiStatus/")), 404);
         assert_eq!(status_of(resolve(&Method::GET, "*")), 404);
+        let deep = format!("/accounts/{A}/payments/{P}/extra");
+        assert_eq!(status_of(resolve(&Method::GET, &deep)), 404);
         assert_eq!(status_of(resolve(&Method::DELETE, "/apiStatus")), 405);
         assert_eq!(
             status_of(resolve(&Method::PUT, &format!("/accounts/{A}/payments"))),

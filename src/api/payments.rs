@@ -17,7 +17,7 @@ use super::{ListBody, Pagination};
 use crate::app::App;
 use crate::domain::{check_amount, check_idempotency_key, check_payee, check_text, Invalid};
 use crate::filter::authenticate::Principal;
-use crate::http::{json, read_json, ApiError, Body, Conflict};
+use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
 use crate::store::{
     CancelOutcome, Completion, IdempotencyClaim, Membership, Payment, PaymentInsert, PaymentStatus,
     StoredResponse,
@@ -236,8 +236,7 @@ fn in_flight() -> ApiError {
 fn stored_response(stored: &StoredResponse, replayed: bool) -> Result<Response<Body>, ApiError> {
     let status = StatusCode::from_u16(stored.status)
         .map_err(|_| ApiError::Internal(format!("stored status {} is invalid", stored.status)))?;
-    let mut response = Response::new(Body::from(stored.body.clone()));
-    *response.status_mut() = status;
+    let mut response = response_with(status, stored.body.clone());
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,

@@ -8,4 +8,4 @@ mod response;
 
 pub use body::{read_json, RequestBody};
 pub use problem::{ApiError, Challenge, Conflict};
-pub use response::{finish, insert_quota, json, Body};
+pub use response::{finish, insert_quota, json, response_with, Body};

@@ -237,8 +237,7 @@ impl ApiError {
         };
         // Serialising borrowed strings and integers into a Vec cannot fail.
         let body = serde_json::to_vec(&body).unwrap_or_default();
-        let mut response = http::Response::new(Body::from(body));
-        *response.status_mut() = status;
+        let mut response = super::response::response_with(status, body);
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -55,12 +55,22 @@ pub(super) fn with_standard_headers(
     response
 }
 
+/// Headers a response ends up with at most: room for them is made once, up front.
+const HEADER_CAPACITY: usize = 16;
+
+/// An empty-headed response with room for every header paygate adds.
+pub fn response_with(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Body::from(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().reserve(HEADER_CAPACITY);
+    response
+}
+
 /// A JSON response with the given status.
 pub fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Body>, ApiError> {
     let bytes = serde_json::to_vec(value)
         .map_err(|e| ApiError::Internal(format!("serialising a response: {e}")))?;
-    let mut response = Response::new(Body::from(bytes));
-    *response.status_mut() = status;
+    let mut response = response_with(status, bytes);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
