@@ -126,7 +126,7 @@ pub struct GuessTicket {
 }
 
 /// Password checks per username that may hold a reservation at once in one process.
-pub const GUESS_CONCURRENCY: usize = 2;
+pub const GUESS_CONCURRENCY: usize = 4;
 /// Usernames are spread over this many slot groups; two names sharing one only queue
 /// behind each other.
 const GUESS_STRIPES: usize = 256;
@@ -796,6 +796,38 @@ mod tests {
             l.reserve_guess("alice").await.unwrap().is_ok(),
             "refilled one"
         );
+    }
+
+    #[tokio::test]
+    async fn parallel_checks_for_one_user_queue_instead_of_spending_the_budget() {
+        let f = fixture();
+        let l = Limiter::new(
+            Vec::new(),
+            Some(Limit::new(10, 60 * NS_PER_SEC, 10)),
+            RateStore::open(&f.dir).unwrap(),
+            f.clock.clone(),
+        );
+        let reserve = || async { l.reserve_guess("carol").await.unwrap().unwrap().unwrap() };
+        let mut held = Vec::new();
+        for _ in 0..GUESS_CONCURRENCY {
+            held.push(reserve().await);
+        }
+        let next = tokio::time::timeout(Duration::from_millis(50), reserve()).await;
+        assert!(next.is_err(), "one more concurrent check waits for a slot");
+        // Right passwords give their tokens back: a burst of correct parallel checks, however
+        // long, never exhausts the budget.
+        for ticket in held.drain(..) {
+            l.refund_guess(ticket).await.unwrap();
+        }
+        for _ in 0..50 {
+            let ticket = reserve().await;
+            l.refund_guess(ticket).await.unwrap();
+        }
+        // Ten failures do.
+        for _ in 0..10 {
+            drop(reserve().await);
+        }
+        assert!(l.reserve_guess("carol").await.unwrap().is_err());
     }
 
     #[tokio::test]

@@ -44,8 +44,6 @@ pub struct Rule {
     pub key: KeyKind,
     /// How long an over-limit request may wait for its token.
     pub delay: Option<Duration>,
-    /// The rule as written, for messages.
-    pub text: String,
 }
 
 /// A rule that cannot be parsed; the message quotes it.
@@ -211,7 +209,6 @@ pub fn parse_rule(text: &str) -> Result<Rule, RuleError> {
         limit,
         key,
         delay: delay.filter(|d| !d.is_zero()),
-        text: text.to_owned(),
     };
     rule.policy = rule.policy_header_item().into();
     Ok(rule)
