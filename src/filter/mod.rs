@@ -15,14 +15,13 @@ pub mod rate_limit;
 
 use std::net::SocketAddr;
 
-use crate::http::RequestBody;
 use http::{Request, Response};
 use uuid::Uuid;
 
 use crate::api;
 use crate::app::App;
 use crate::client_ip::client_ip;
-use crate::http::{finish, Body};
+use crate::http::{finish, Body, RequestBody};
 use crate::routes;
 
 /// Runs one request through the chain and returns the response to send.
@@ -38,12 +37,11 @@ pub async fn handle(
     // Which operation is asked for (pure parsing; unknown routes become a 404/405 to send).
     let route = routes::resolve(request.method(), request.uri().path());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
-    let path = request.uri().path();
-    let mut admission =
-        match rate_limit::admit(app, client, request.method(), path, request.headers()).await {
-            Ok(admission) => admission,
-            Err(refusal) => return finish(Err(refusal), request_id),
-        };
+    let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
+    let mut admission = match rate_limit::admit(app, client, method, path, headers).await {
+        Ok(admission) => admission,
+        Err(refusal) => return finish(Err(refusal), request_id),
+    };
     // Authenticate: label the request with who it proves to be; never rejects.
     let identity = authenticate::identify(app, request.headers()).await;
     // A password that proved right gives back the guess the rate limit reserved for it.
@@ -84,9 +82,16 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
+        fixture_with_rules(&[]).await
+    }
+
+    async fn fixture_with_rules(rules: &[&str]) -> Fixture {
         let dir = std::env::temp_dir().join(format!("paygate-chain-{}", Uuid::new_v4()));
         let mut options = std::collections::BTreeMap::new();
         options.insert("data-dir", vec![dir.display().to_string()]);
+        if !rules.is_empty() {
+            options.insert("rate-limit", rules.iter().map(|r| r.to_string()).collect());
+        }
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
         let app = App::open(config).unwrap();
@@ -139,6 +144,31 @@ mod tests {
             "not json",
         );
         assert_eq!(status(&f, right).await, 415);
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_refuses_before_anything_else_looks_at_the_request() {
+        let f = fixture_with_rules(&["* / 1/day burst=1 key=ip"]).await;
+        let right = || request("POST", "/accounts", Some("alice:alice password 1"), "x");
+        assert_eq!(
+            status(&f, right()).await,
+            415,
+            "the first request reaches the handler"
+        );
+        // Refused before authentication: no 401 for the wrong password, no 404 for a route
+        // that does not exist, and the password-guess budget is not touched.
+        let wrong = request("POST", "/accounts", Some("alice:wrong password"), "x");
+        assert_eq!(status(&f, wrong).await, 429);
+        assert_eq!(status(&f, request("GET", "/nowhere", None, "")).await, 429);
+        for _ in 0..20 {
+            let wrong = request("GET", "/accounts", Some("alice:wrong password"), "");
+            assert_eq!(status(&f, wrong).await, 429);
+        }
+        let ticket = f.app.limiter.reserve_guess("alice").await.unwrap();
+        assert!(
+            matches!(ticket, Ok(Some(_))),
+            "alice's guess budget is untouched"
+        );
     }
 
     #[tokio::test]
