@@ -2,15 +2,14 @@
 //! HTTP/2 with hyper, and drain gracefully on shutdown.
 //!
 //! Every phase a client controls has a deadline (`--client-timeout`): the TLS handshake,
-//! the wait for the first request (covering HTTP version detection and the HTTP/2 preface),
-//! each request's headers (hyper's header read timeout, which also closes idle keep-alive
-//! connections) and each request body. Concurrent connections are capped; beyond the cap,
+//! any time without a request in flight (before the first request — covering HTTP version
+//! detection and the HTTP/2 preface — and between requests, for HTTP/1.1 and HTTP/2 alike),
+//! each request's headers (hyper's header read timeout) and each request body. Concurrent connections are capped; beyond the cap,
 //! connections wait in the kernel's backlog rather than costing memory here.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -217,14 +216,18 @@ async fn serve_connection(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
     let builder = protocols.for_alpn(tls.get_ref().1.alpn_protocol());
 
-    // Set by the first request; until then the connection is on the first-request deadline.
-    let requested = Arc::new(AtomicBool::new(false));
+    // Tracks whether the connection is doing anything, so an idle one can be closed.
+    let activity = Arc::new(Activity::new());
     let service = {
-        let requested = requested.clone();
+        let activity = activity.clone();
         service_fn(move |request| {
-            requested.store(true, Ordering::Relaxed);
+            let busy = activity.begin();
             let app = app.clone();
-            async move { Ok::<_, Infallible>(filter::handle(&app, peer, request).await) }
+            async move {
+                let response = filter::handle(&app, peer, request).await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let connection = watcher.watch(
@@ -233,17 +236,66 @@ async fn serve_connection(
             .into_owned(),
     );
     tokio::pin!(connection);
-    tokio::select! {
-        served = &mut connection => return served.map_err(io::Error::other),
-        () = tokio::time::sleep(deadline) => {}
+    // Idle deadline: no request in flight for `deadline` — before the first request (this
+    // covers protocol detection and the HTTP/2 preface) and between requests (idle
+    // keep-alive, for HTTP/2 as for HTTP/1.1) — closes the connection.
+    let mut check_at = tokio::time::Instant::now() + deadline;
+    loop {
+        tokio::select! {
+            served = &mut connection => return served.map_err(io::Error::other),
+            () = tokio::time::sleep_until(check_at) => {}
+        }
+        match activity.idle_since() {
+            Some(since) if since.elapsed() >= deadline => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle past the client timeout",
+                ))
+            }
+            Some(since) => check_at = since + deadline,
+            None => check_at = tokio::time::Instant::now() + deadline,
+        }
     }
-    if !requested.load(Ordering::Relaxed) {
-        return Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no request arrived before the first-request deadline",
-        ));
+}
+
+/// Requests in flight on one connection, and since when it has had none.
+struct Activity {
+    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
+}
+
+/// Marks one request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
+        }
     }
-    connection.await.map_err(io::Error::other)
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        // Plain counters: a panic cannot leave them inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.lock().0 += 1;
+        Busy(self.clone())
+    }
+
+    /// When the connection last became idle, or `None` while requests are in flight.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        let (in_flight, since) = *self.lock();
+        (in_flight == 0).then_some(since)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.0 -= 1;
+        state.1 = tokio::time::Instant::now();
+    }
 }
 
 async fn sweep_rate_limits(app: Arc<App>) {

@@ -294,3 +294,57 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         .expect("shutdown completes once drained")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_for_http1_and_http2() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let server = TestServer::start().await; // 2 s client timeout
+                                            // HTTP/2: one request, then silence on an open connection.
+    let tls = server
+        .client
+        .connect_with(&[b"h2"], rustls::DEFAULT_VERSIONS)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let uri = format!("https://localhost:{}/apiStatus", server.addr.port());
+    let request = http::Request::get(uri)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let idle_from = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        closed.is_ok(),
+        "an idle HTTP/2 connection must be closed by the server"
+    );
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        idle_from.elapsed()
+    );
+
+    // HTTP/1.1 keep-alive: the same.
+    let mut tls = server.client.connect().await;
+    tls.write_all(b"GET /apiStatus HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let idle_from = Instant::now();
+    let mut everything = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut everything)).await;
+    assert!(
+        read.is_ok(),
+        "an idle HTTP/1.1 connection must be closed by the server"
+    );
+    assert!(String::from_utf8_lossy(&everything).starts_with("HTTP/1.1 200"));
+    assert!(idle_from.elapsed() >= Duration::from_millis(1500));
+    server.shutdown().await;
+}
