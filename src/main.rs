@@ -67,8 +67,11 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
         .thread_name("paygate-worker")
         .build()?;
     runtime.block_on(async {
+        // Handlers first: a signal that arrives as soon as the server says it is listening
+        // must already mean "drain", not the default "die".
+        let stop = stop_signal()?;
         let running = paygate::server::start(config).await?;
-        wait_for_stop_signal().await?;
+        stop.await;
         log::info!("stop signal received; shutting down");
         running.shutdown().await;
         Ok::<(), Failure>(())
@@ -77,16 +80,17 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn wait_for_stop_signal() -> Result<(), Failure> {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first of them.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 fn dev_cert(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {

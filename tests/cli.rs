@@ -251,3 +251,18 @@ fn help_documents_every_command() {
         );
     }
 }
+
+#[test]
+fn a_signal_right_after_start_still_drains_and_exits_0() {
+    // The handlers are installed before the server announces itself, so a signal sent the
+    // moment it says "listening" is a clean stop, never the default kill.
+    let dir = TempDir::new("cli-early-signal");
+    for name in ["TERM", "INT", "TERM", "INT", "TERM"] {
+        let (mut child, _) = serve(&dir, &[]);
+        signal(&child, name);
+        assert!(
+            wait_exit(&mut child).success(),
+            "SIG{name} right after start"
+        );
+    }
+}
