@@ -172,6 +172,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_broken_rate_limit_store_fails_closed_with_503() {
+        let f = fixture_with_rules(&["* / 100/s burst=100 key=ip"]).await;
+        let db = rusqlite::Connection::open(f.dir.join("ratelimit.db")).unwrap();
+        db.execute_batch("DROP TABLE buckets").unwrap();
+        drop(db);
+        let response = handle(
+            &f.app,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            request("GET", "/apiStatus", None, ""),
+        )
+        .await;
+        assert_eq!(response.status(), 503);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+
+    #[tokio::test]
     async fn authentication_labels_but_never_rejects() {
         let f = fixture().await;
         // Bad credentials on a public route: authenticated (and failed), yet served.

@@ -15,6 +15,7 @@ use crate::app::App;
 use crate::filter::authenticate::{self, AuthMethod, Identity};
 use crate::http::{insert_quota, ApiError, Body};
 use crate::ratelimit::{GuessTicket, Quota, Verdict};
+use crate::store::StoreError;
 
 /// What the stage let through, carried to the end of the chain.
 #[derive(Debug)]
@@ -38,7 +39,13 @@ fn refused(verdict: Verdict) -> ApiError {
     }
 }
 
-/// Admits the request or refuses it with 429.
+/// The limiter cannot decide (its database failed): refuse rather than go unlimited.
+fn undecided(e: StoreError) -> ApiError {
+    log::error!("rate limiter unavailable, refusing requests: {e}");
+    ApiError::Unavailable
+}
+
+/// Admits the request or refuses it with 429 (or 503 when the limiter cannot decide).
 pub async fn admit(
     app: &App,
     client: IpAddr,
@@ -50,13 +57,19 @@ pub async fn admit(
     let quota = match app
         .limiter
         .check(method, path, client, claimed.as_deref())
-        .await?
+        .await
+        .map_err(undecided)?
     {
         Verdict::Admit(quota) => quota,
         refusal => return Err(refused(refusal)),
     };
     let guess = match &claimed {
-        Some(username) => match app.limiter.reserve_guess(username).await? {
+        Some(username) => match app
+            .limiter
+            .reserve_guess(username)
+            .await
+            .map_err(undecided)?
+        {
             Ok(ticket) => ticket,
             Err(refusal) => return Err(refused(refusal)),
         },
