@@ -287,7 +287,7 @@ async fn the_password_guess_budget_holds_across_addresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_waits_for_the_token_then_admits() {
     let server = TestServer::start_with(&[
-        ("rate-limit", "GET /apiStatus 2/s burst=1 key=ip delay=2000"),
+        ("rate-limit", "GET /apiStatus 1/s burst=1 key=ip delay=3000"),
         ("rate-limit", "GET /nowhere 1/min burst=1 key=ip delay=100"),
         ("client-timeout", "5"),
     ])
