@@ -2,7 +2,9 @@
 //! costs a request. Run with `cargo bench --bench chain`.
 //!
 //! - `route/resolve`: parsing a payment path into a route.
-//! - `chain/public`: `GET /apiStatus` through the whole chain (no credentials).
+//! - `chain/public`: `GET /apiStatus` through the whole chain (no credentials), no
+//!   rate-limit rule; `chain/public_limited`: the same under a generous rule (the limiter's
+//!   cost on an admitted request); `chain/refused_429`: the same under an exhausted rule.
 //! - `chain/anonymous_401`: a protected route without credentials, refused by access control.
 //! - `chain/basic_read`: an authenticated payment read with HTTP Basic — dominated by one
 //!   Argon2id verification, the figure that session tokens exist to avoid.
@@ -33,20 +35,27 @@ fn request(path: &str, authorization: Option<&str>) -> Request<Full<Bytes>> {
         .expect("valid request")
 }
 
+/// A server state on a fresh data directory with the given rate-limit rules.
+fn app_with(rules: &[&str]) -> (App, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("paygate-bench-{}", uuid::Uuid::new_v4()));
+    let mut options = BTreeMap::new();
+    options.insert("data-dir", vec![dir.display().to_string()]);
+    options.insert("rate-limit", rules.iter().map(|r| r.to_string()).collect());
+    let no_env = |_: &str| None;
+    let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config");
+    (App::open(config).expect("app"), dir)
+}
+
 fn bench_chain(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let dir = std::env::temp_dir().join(format!("paygate-bench-{}", uuid::Uuid::new_v4()));
-    let mut options = BTreeMap::new();
-    options.insert("data-dir", vec![dir.display().to_string()]);
     // The chain's own cost: no rule matches, so the limiter answers from a rule scan alone.
-    options.insert("rate-limit", vec!["none".to_owned()]);
-    let no_env = |_: &str| None;
-    let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config");
-    let app = App::open(config).expect("app");
+    let (app, dir) = app_with(&["none"]);
+    let (limited, limited_dir) = app_with(&["* / 1000000/s burst=1000000 key=ip"]);
+    let (flooded, flooded_dir) = app_with(&["* / 1/day burst=1 key=ip"]);
     let new = NewUser {
         username: Username::parse("username", "bench").expect("name"),
         password_hash: hash_blocking("bench password 1").expect("hash"),
@@ -100,6 +109,24 @@ fn bench_chain(c: &mut Criterion) {
             ))
         })
     });
+    c.bench_function("chain/public_limited", |b| {
+        b.iter(|| {
+            runtime.block_on(paygate::filter::handle(
+                &limited,
+                peer,
+                request("/apiStatus", None),
+            ))
+        })
+    });
+    c.bench_function("chain/refused_429", |b| {
+        b.iter(|| {
+            runtime.block_on(paygate::filter::handle(
+                &flooded,
+                peer,
+                request("/apiStatus", None),
+            ))
+        })
+    });
     c.bench_function("chain/anonymous_401", |b| {
         b.iter(|| {
             runtime.block_on(paygate::filter::handle(
@@ -122,7 +149,9 @@ fn bench_chain(c: &mut Criterion) {
         })
     });
     slow.finish();
-    let _ = std::fs::remove_dir_all(dir);
+    for dir in [dir, limited_dir, flooded_dir] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 criterion_group!(benches, bench_chain);

@@ -11,13 +11,11 @@ use crate::ratelimit::Quota;
 
 /// Adds the IETF `RateLimit-Policy` and `RateLimit` headers for `quota`.
 pub fn insert_quota(headers: &mut http::HeaderMap, quota: &Quota) {
-    // Policy names are built from [a-z0-9-] only, so both values are valid header values.
-    if let Ok(policy) = HeaderValue::from_str(&quota.policy) {
-        headers.insert(HeaderName::from_static("ratelimit-policy"), policy);
-    }
-    if let Ok(state) = HeaderValue::from_str(&quota.header()) {
-        headers.insert(HeaderName::from_static("ratelimit"), state);
-    }
+    headers.insert(
+        HeaderName::from_static("ratelimit-policy"),
+        quota.policy.clone(),
+    );
+    headers.insert(HeaderName::from_static("ratelimit"), quota.header());
 }
 
 /// Every response body is a complete buffer: paygate's answers are small JSON documents.

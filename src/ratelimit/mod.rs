@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http::Method;
+use http::{HeaderValue, Method};
 use tokio::sync::Semaphore;
 
 use crate::store::{RateStore, StoreError};
@@ -91,8 +91,8 @@ impl Clock for SystemClock {
 /// A policy's state as reported to the client in `RateLimit`/`RateLimit-Policy`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
-    /// The `RateLimit-Policy` item, e.g. `"post-users";q=5;w=3600`.
-    pub policy: Arc<str>,
+    /// The `RateLimit-Policy` field, e.g. `"post-users";q=5;w=3600`.
+    pub policy: HeaderValue,
     /// The policy name.
     pub name: Arc<str>,
     /// Whole tokens left (approximate by at most one lease on multi-process setups).
@@ -102,10 +102,34 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// The `RateLimit` field value.
-    pub fn header(&self) -> String {
-        format!("\"{}\";r={};t={}", self.name, self.remaining, self.reset_s)
+    /// The `RateLimit` field value, `"name";r=<remaining>;t=<seconds>` — built by hand, as
+    /// it is on every admitted response.
+    pub fn header(&self) -> HeaderValue {
+        let mut out = Vec::with_capacity(self.name.len() + 32);
+        out.push(b'"');
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(b"\";r=");
+        push_decimal(&mut out, u64::from(self.remaining));
+        out.extend_from_slice(b";t=");
+        push_decimal(&mut out, self.reset_s);
+        // Names are [a-z0-9-] and the rest is digits and punctuation: always valid.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(out))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
     }
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// The limiter's verdict on one request.
@@ -170,7 +194,7 @@ pub struct Limiter {
     rules: Vec<Rule>,
     /// The per-username password-guess budget; `None` when disabled.
     guess_limit: Option<Limit>,
-    guess_policy: Arc<str>,
+    guess_policy: HeaderValue,
     store: RateStore,
     clock: Arc<dyn Clock>,
     /// This process's name on its leases in `ratelimit.db` (random per start).
@@ -251,14 +275,10 @@ impl Limiter {
         store: RateStore,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let guess_policy = guess_limit.map_or_else(String::new, |limit| {
-            format!(
-                "\"{GUESS_POLICY}\";q={};w={}",
-                limit.burst,
-                ceil_secs(i64::try_from(limit.window_ns()).unwrap_or(i64::MAX))
-            )
+        let guess_policy = guess_limit.map_or(HeaderValue::from_static(""), |limit| {
+            let window = ceil_secs(i64::try_from(limit.window_ns()).unwrap_or(i64::MAX));
+            rules::policy_header(GUESS_POLICY, limit.burst, window)
         });
-        let guess_policy = Arc::from(guess_policy);
         Limiter {
             rules,
             guess_limit,
@@ -706,7 +726,7 @@ mod tests {
         };
         assert_eq!(retry_after_s, 30, "2 per minute: one token every 30 s");
         assert_eq!(quota.header(), "\"any\";r=0;t=30");
-        assert_eq!(&*quota.policy, "\"any\";q=2;w=60");
+        assert_eq!(quota.policy, "\"any\";q=2;w=60");
         // The refusal is remembered: even with the store gone, the answer is the same.
         let dir = f.dir.clone();
         std::fs::remove_dir_all(&dir).unwrap();

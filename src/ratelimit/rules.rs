@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
+use http::{HeaderValue, Method};
 
 use super::bucket::{Limit, NS_PER_SEC};
 
@@ -35,8 +35,8 @@ pub enum KeyKind {
 pub struct Rule {
     /// Policy name shown in `RateLimit-Policy` and `RateLimit`, derived from method and path.
     pub name: Arc<str>,
-    /// The `RateLimit-Policy` item, e.g. `"post-users";q=5;w=3600` (built once).
-    pub policy: Arc<str>,
+    /// The `RateLimit-Policy` field, e.g. `"post-users";q=5;w=3600` (built once).
+    pub policy: HeaderValue,
     /// `None` for `*`.
     pub method: Option<Method>,
     pub prefix: String,
@@ -203,14 +203,14 @@ pub fn parse_rule(text: &str) -> Result<Rule, RuleError> {
     }
     let mut rule = Rule {
         name: policy_name(&method, prefix).into(),
-        policy: Arc::from(""),
+        policy: HeaderValue::from_static(""),
         method,
         prefix: prefix.trim_end_matches('/').to_owned(),
         limit,
         key,
         delay: delay.filter(|d| !d.is_zero()),
     };
-    rule.policy = rule.policy_header_item().into();
+    rule.policy = rule.policy_header();
     Ok(rule)
 }
 
@@ -225,7 +225,7 @@ pub fn parse_rules(texts: &[String]) -> Result<Vec<Rule>, RuleError> {
         let mut rule = parse_rule(text.trim())?;
         if rules.iter().any(|r| r.name == rule.name) {
             rule.name = format!("{}-{}", rule.name, i + 1).into();
-            rule.policy = rule.policy_header_item().into();
+            rule.policy = rule.policy_header();
         }
         rules.push(rule);
     }
@@ -252,12 +252,19 @@ impl Rule {
         }
     }
 
-    /// `RateLimit-Policy` item: quota and window in seconds.
-    fn policy_header_item(&self) -> String {
+    /// `RateLimit-Policy` field: quota and window in seconds.
+    fn policy_header(&self) -> HeaderValue {
         let window_s =
             (self.limit.window_ns() + i128::from(NS_PER_SEC) - 1) / i128::from(NS_PER_SEC);
-        format!("\"{}\";q={};w={}", self.name, self.limit.burst, window_s)
+        policy_header(&self.name, self.limit.burst, window_s)
     }
+}
+
+/// A `RateLimit-Policy` field value: `"name";q=<quota>;w=<window seconds>`.
+pub fn policy_header(name: &str, quota: u32, window_s: impl fmt::Display) -> HeaderValue {
+    // Policy names are built from [a-z0-9-] only, so the value is always valid.
+    HeaderValue::try_from(format!("\"{name}\";q={quota};w={window_s}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
 }
 
 /// The first rule that applies, if any.
@@ -291,7 +298,7 @@ mod tests {
         assert_eq!(rule.key, KeyKind::Ip);
         assert_eq!(rule.delay, None);
         assert_eq!(&*rule.name, "post-sessions");
-        assert_eq!(&*rule.policy, "\"post-sessions\";q=5;w=60");
+        assert_eq!(rule.policy, "\"post-sessions\";q=5;w=60");
 
         let rule = parse_rule("* / 100/s burst=200 key=user delay=250").unwrap();
         assert_eq!(rule.method, None);
