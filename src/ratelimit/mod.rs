@@ -182,8 +182,6 @@ struct Local {
     refused_until: i64,
     /// Whole tokens the shared bucket held at our last visit, for `RateLimit: r=`.
     shared_left: u32,
-    /// When the shared bucket will be full again, as of our last visit.
-    full_at: i64,
 }
 
 /// Index into the local map: rule position and key.
@@ -381,7 +379,9 @@ impl Limiter {
             if usable > 0 {
                 lease.used += 1;
                 let remaining = usable - 1 + entry.shared_left;
-                let reset = (entry.full_at.saturating_sub(now)).max(0);
+                // Seconds until the tokens not left would have refilled.
+                let missing = rule.limit.burst.saturating_sub(remaining);
+                let reset = i64::from(missing).saturating_mul(rule.limit.interval_ns);
                 return Some(Verdict::Admit(Some(self.quota(rule, remaining, reset))));
             }
         }
@@ -429,7 +429,6 @@ impl Limiter {
         }
         let entry = map.entry(local_key).or_default();
         entry.shared_left = bucket.whole_tokens(limit, now);
-        entry.full_at = bucket.full_at;
         if granted == 0 {
             let retry = bucket.wait_for_token(limit, now);
             entry.refused_until = now.saturating_add(retry);
@@ -737,6 +736,24 @@ mod tests {
             panic!("still refused")
         };
         assert_eq!(retry_after_s, 20);
+    }
+
+    #[tokio::test]
+    async fn admitted_requests_report_tokens_left_and_time_to_refill() {
+        let f = fixture();
+        let l = limiter(&f, &["* / 10/s burst=16 key=ip"]); // lease size 2
+        let quota = |v: Verdict| match v {
+            Verdict::Admit(Some(q)) => (q.remaining, q.reset_s),
+            other => panic!("admitted expected, got {other:?}"),
+        };
+        let check = || l.check(&Method::GET, "/x", IP, None);
+        assert_eq!(quota(check().await.unwrap()), (15, 1), "from the database");
+        assert_eq!(quota(check().await.unwrap()), (14, 1), "from the lease");
+        for _ in 0..12 {
+            check().await.unwrap();
+        }
+        // Two tokens left: 14 missing take 1.4 s to refill, reported as 2 s.
+        assert_eq!(quota(check().await.unwrap()), (1, 2));
     }
 
     #[tokio::test]
