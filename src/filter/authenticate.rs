@@ -79,7 +79,7 @@ pub enum Identity {
 
 /// Basic credentials decoded from the header (RFC 7617).
 #[derive(Debug, PartialEq, Eq)]
-struct BasicCredentials {
+pub struct BasicCredentials {
     username: String,
     password: String,
 }
@@ -102,13 +102,41 @@ fn parse_basic(value: &[u8]) -> Option<BasicCredentials> {
     })
 }
 
-/// The username a request claims in its Basic credentials, if it is a well-formed username.
-/// Nothing is verified: this is what rate limiting keys on before authentication runs.
-pub fn claimed_username(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?;
-    let credentials = parse_basic(value.as_bytes())?;
-    Username::parse("username", &credentials.username).ok()?;
-    Some(credentials.username)
+/// What the `Authorization` header offers, parsed once per request: rate limiting reads the
+/// claimed username from it, authentication verifies it.
+#[derive(Debug)]
+pub enum Credentials {
+    /// No `Authorization` header.
+    None,
+    Basic(BasicCredentials),
+    /// A scheme paygate does not accept.
+    Unsupported,
+    /// A Basic header that does not decode to `user:password` in UTF-8.
+    Malformed,
+}
+
+impl Credentials {
+    /// Parses the request's `Authorization` header.
+    pub fn read(headers: &HeaderMap) -> Credentials {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Credentials::None;
+        };
+        if !is_basic(value.as_bytes()) {
+            return Credentials::Unsupported;
+        }
+        parse_basic(value.as_bytes()).map_or(Credentials::Malformed, Credentials::Basic)
+    }
+
+    /// The username the request claims, if it is a well-formed username. Nothing is
+    /// verified: this is what rate limiting keys on before authentication runs.
+    pub fn claimed_username(&self) -> Option<&str> {
+        match self {
+            Credentials::Basic(basic) if Username::parse("username", &basic.username).is_ok() => {
+                Some(&basic.username)
+            }
+            _ => None,
+        }
+    }
 }
 
 fn is_basic(value: &[u8]) -> bool {
@@ -117,23 +145,17 @@ fn is_basic(value: &[u8]) -> bool {
 
 /// Labels the request. Never fails: storage errors while looking up a user are logged and
 /// the request is treated as unauthenticated (fail closed).
-pub async fn identify(app: &App, headers: &HeaderMap) -> Identity {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Identity::Anonymous;
+pub async fn identify(app: &App, credentials: Credentials) -> Identity {
+    let failed = |reason| Identity::Failed {
+        claimed: None,
+        reason,
     };
-    if !is_basic(value.as_bytes()) {
-        return Identity::Failed {
-            claimed: None,
-            reason: AuthFailure::UnsupportedScheme,
-        };
+    match credentials {
+        Credentials::None => Identity::Anonymous,
+        Credentials::Unsupported => failed(AuthFailure::UnsupportedScheme),
+        Credentials::Malformed => failed(AuthFailure::MalformedBasic),
+        Credentials::Basic(basic) => verify_basic(app, basic).await,
     }
-    let Some(credentials) = parse_basic(value.as_bytes()) else {
-        return Identity::Failed {
-            claimed: None,
-            reason: AuthFailure::MalformedBasic,
-        };
-    };
-    verify_basic(app, credentials).await
 }
 
 async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {

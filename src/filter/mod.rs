@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::api;
 use crate::app::App;
 use crate::client_ip::client_ip;
+use crate::filter::authenticate::Credentials;
 use crate::http::{finish, Body, RequestBody};
 use crate::routes;
 
@@ -36,14 +37,20 @@ pub async fn handle(
     let client = client_ip(peer.ip(), request.headers(), &app.config.trusted_proxies);
     // Which operation is asked for (pure parsing; unknown routes become a 404/405 to send).
     let route = routes::resolve(request.method(), request.uri().path());
+    // The credentials offered, parsed once: the rate limit keys on the name they claim.
+    let credentials = Credentials::read(request.headers());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
-    let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
-    let mut admission = match rate_limit::admit(app, client, method, path, headers).await {
+    let (method, path, claimed) = (
+        request.method(),
+        request.uri().path(),
+        credentials.claimed_username(),
+    );
+    let mut admission = match rate_limit::admit(app, client, method, path, claimed).await {
         Ok(admission) => admission,
         Err(refusal) => return finish(Err(refusal), request_id),
     };
     // Authenticate: label the request with who it proves to be; never rejects.
-    let identity = authenticate::identify(app, request.headers()).await;
+    let identity = authenticate::identify(app, credentials).await;
     // A password that proved right gives back the guess the rate limit reserved for it.
     admission.settle(app, &identity).await;
     // Access control: refuses with 401/403/404, or issues the grant the handler runs with.

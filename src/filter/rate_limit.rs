@@ -9,10 +9,10 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, Method, Response};
+use http::{Method, Response};
 
 use crate::app::App;
-use crate::filter::authenticate::{self, AuthMethod, Identity};
+use crate::filter::authenticate::{AuthMethod, Identity};
 use crate::http::{insert_quota, ApiError, Body};
 use crate::ratelimit::{GuessTicket, Quota, Verdict};
 use crate::store::StoreError;
@@ -46,24 +46,24 @@ fn undecided(e: StoreError) -> ApiError {
 }
 
 /// Admits the request or refuses it with 429 (or 503 when the limiter cannot decide).
+/// `claimed` is the username the request's credentials name, unverified.
 pub async fn admit(
     app: &App,
     client: IpAddr,
     method: &Method,
     path: &str,
-    headers: &HeaderMap,
+    claimed: Option<&str>,
 ) -> Result<Admission, ApiError> {
-    let claimed = authenticate::claimed_username(headers);
     let quota = match app
         .limiter
-        .check(method, path, client, claimed.as_deref())
+        .check(method, path, client, claimed)
         .await
         .map_err(undecided)?
     {
         Verdict::Admit(quota) => quota,
         refusal => return Err(refused(refusal)),
     };
-    let guess = match &claimed {
+    let guess = match claimed {
         Some(username) => match app
             .limiter
             .reserve_guess(username)
