@@ -6,6 +6,7 @@ use crate::config::ServeConfig;
 use crate::passwords::Passwords;
 use crate::ratelimit::{Limiter, SystemClock};
 use crate::store::{RateStore, Store};
+use crate::tokens::Tokens;
 
 /// Shared, read-mostly state; one per worker, behind an `Arc`.
 pub struct App {
@@ -13,6 +14,7 @@ pub struct App {
     pub store: Store,
     pub passwords: Passwords,
     pub limiter: Limiter,
+    pub tokens: Tokens,
 }
 
 impl App {
@@ -22,6 +24,7 @@ impl App {
         let store = Store::open(&config.data_dir)?;
         let rates = RateStore::open(&config.data_dir)?;
         let passwords = Passwords::new()?;
+        let tokens = Tokens::open(&config.data_dir, config.token_format, config.token_ttl_s)?;
         let limiter = Limiter::new(
             config.rate_limits.clone(),
             config.guess_limit,
@@ -33,6 +36,7 @@ impl App {
             store,
             passwords,
             limiter,
+            tokens,
         })
     }
 }

@@ -33,6 +33,10 @@ pub enum CommandName {
     Serve,
     DevCert,
     UserAdd,
+    UserDisable,
+    KeysRotate,
+    KeysPrune,
+    KeysExport,
 }
 
 impl CommandName {
@@ -41,6 +45,10 @@ impl CommandName {
             CommandName::Serve => "paygate serve [OPTIONS]",
             CommandName::DevCert => "paygate dev-cert [OPTIONS]",
             CommandName::UserAdd => "paygate user add NAME [OPTIONS]   (password read from stdin)",
+            CommandName::UserDisable => "paygate user disable NAME [OPTIONS]",
+            CommandName::KeysRotate => "paygate keys rotate [OPTIONS]",
+            CommandName::KeysPrune => "paygate keys prune [OPTIONS]",
+            CommandName::KeysExport => "paygate keys export [OPTIONS]",
         }
     }
 
@@ -55,11 +63,28 @@ impl CommandName {
                 "Create a user. The password is read from the first line of standard input \
                  and must meet the same rules as registration over the API."
             }
+            CommandName::UserDisable => {
+                "Disable a user: their password, sessions and tokens stop working at once, in \
+                 every worker."
+            }
+            CommandName::KeysRotate => {
+                "Add a new current JWT signing key. Older keys keep verifying the tokens they \
+                 signed; running workers switch to the new key within a second."
+            }
+            CommandName::KeysPrune => {
+                "Delete retired JWT signing keys whose tokens have all expired (retired more \
+                 than --token-ttl + 120 s ago). The current key is never deleted."
+            }
+            CommandName::KeysExport => {
+                "Print every JWT signing key as a JSON Web Key Set, current key first, so other \
+                 services can verify paygate's tokens. The output is SECRET: anyone holding it \
+                 can mint tokens for any user."
+            }
         }
     }
 }
 
-use CommandName::{DevCert, Serve, UserAdd};
+use CommandName::{DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable};
 
 /// Every option paygate accepts. Order is the order of `--help`.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -77,8 +102,16 @@ pub const OPTIONS: &[OptionSpec] = &[
         env: Some("PAYGATE_DATA_DIR"),
         value: "DIR",
         default: "./data",
-        help: "Directory for the SQLite databases; created if missing, must be writable.",
-        commands: &[Serve, DevCert, UserAdd],
+        help: "Directory for the SQLite databases and keys; created if missing, must be writable.",
+        commands: &[
+            Serve,
+            DevCert,
+            UserAdd,
+            UserDisable,
+            KeysRotate,
+            KeysPrune,
+            KeysExport,
+        ],
         list_separator: None,
     },
     OptionSpec {
@@ -179,6 +212,36 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "token-format",
+        env: Some("PAYGATE_TOKEN_FORMAT"),
+        value: "opaque|jwt",
+        default: "jwt",
+        help: "What POST /sessions issues: a signed JWT or a random opaque token stored (hashed) \
+               in the database. Both kinds are always accepted.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "token-ttl",
+        env: Some("PAYGATE_TOKEN_TTL"),
+        value: "SECS",
+        default: "3600",
+        help: "Lifetime of issued tokens, at most 86400; JWTs claiming a longer lifetime are \
+               refused. `keys prune` uses it to know when a retired key's tokens are gone.",
+        commands: &[Serve, KeysPrune],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "step-up-amount",
+        env: Some("PAYGATE_STEP_UP_AMOUNT"),
+        value: "MINOR",
+        default: "off",
+        help: "Payments above this amount (in minor units) need a token obtained with a TOTP \
+               code (amr includes otp).",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "role",
         env: None,
         value: "ROLE",
@@ -240,16 +303,29 @@ where
         Some("dev-cert") => DevCert,
         Some("user") => match args.pop().as_deref() {
             Some("add") => UserAdd,
-            Some("--help" | "-h") | None => return Ok(Invocation::Help(command_help(UserAdd))),
+            Some("disable") => UserDisable,
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
             Some(other) => {
                 return Err(UsageError(format!(
-                    "unknown command `user {other}`; the user command has: add"
+                    "unknown command `user {other}`; the user command has: add, disable"
+                )))
+            }
+        },
+        Some("keys") => match args.pop().as_deref() {
+            Some("rotate") => KeysRotate,
+            Some("prune") => KeysPrune,
+            Some("export") => KeysExport,
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
+            Some(other) => {
+                return Err(UsageError(format!(
+                    "unknown command `keys {other}`; the keys command has: rotate, prune, export"
                 )))
             }
         },
         Some(other) => {
             return Err(UsageError(format!(
-                "unknown command `{other}`; commands are: serve, dev-cert, user add"
+                "unknown command `{other}`; commands are: serve, dev-cert, user add, \
+                 user disable, keys rotate, keys prune, keys export"
             )))
         }
     };
@@ -311,6 +387,10 @@ fn main_help() -> String {
          Usage:\n  paygate serve [OPTIONS]          run the HTTPS API server\n  \
          paygate dev-cert [OPTIONS]       write a self-signed development certificate\n  \
          paygate user add NAME [OPTIONS]  create a user (password from stdin)\n  \
+         paygate user disable NAME        disable a user and end their sessions\n  \
+         paygate keys rotate              add a new current JWT signing key\n  \
+         paygate keys prune               delete retired keys whose tokens expired\n  \
+         paygate keys export              print the keys as a JWK Set (secret!)\n  \
          paygate <command> --help         options of one command\n  \
          paygate --version\n\n\
          Every option can also be set through its environment variable; flags win over the \

@@ -16,6 +16,7 @@ use crate::cli::OPTIONS;
 use crate::client_ip::Cidr;
 use crate::ratelimit::bucket::Limit;
 use crate::ratelimit::rules::{self, Rule};
+use crate::tokens::{TokenFormat, MAX_TOKEN_TTL_S};
 
 /// Default certificate path, relative to the working directory.
 pub const DEFAULT_TLS_CERT: &str = "certs/server.crt";
@@ -64,6 +65,12 @@ pub struct ServeConfig {
     pub trusted_proxies: Vec<Cidr>,
     /// Failed password checks allowed per username; `None` when disabled.
     pub guess_limit: Option<Limit>,
+    /// What `POST /sessions` issues.
+    pub token_format: TokenFormat,
+    /// Lifetime of issued tokens in seconds; also the longest a JWT may claim.
+    pub token_ttl_s: i64,
+    /// Payments above this amount (minor units) need a second factor; `None` when off.
+    pub step_up_amount: Option<i64>,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -151,6 +158,19 @@ impl<'a> Sources<'a> {
         )
     }
 
+    /// `--token-ttl` in seconds, within 1 s and [`MAX_TOKEN_TTL_S`] (used by `serve` and by
+    /// `keys prune`, which must know how long tokens live).
+    pub fn token_ttl(&self) -> Result<i64, ConfigError> {
+        let ttl = self.positive("token-ttl", 3600, "a number of seconds")?;
+        if ttl > MAX_TOKEN_TTL_S {
+            let source = self.get("token-ttl").map(|(_, s)| s).unwrap_or_default();
+            return Err(ConfigError(format!(
+                "{source}: tokens may live at most {MAX_TOKEN_TTL_S} s (one day)"
+            )));
+        }
+        Ok(i64::try_from(ttl).unwrap_or(i64::MAX))
+    }
+
     /// A switch such as `--force`.
     pub fn flag(&self, name: &str) -> bool {
         self.options.contains_key(name)
@@ -207,7 +227,23 @@ impl ServeConfig {
                     "--guess-limit \"{guess_text}\": expected RATE/UNIT burst=N, e.g. 10/15min burst=10"
                 ))
             })?;
+        let token_format = match sources.get("token-format") {
+            None => TokenFormat::Jwt,
+            Some((raw, source)) => TokenFormat::parse(raw.trim()).ok_or_else(|| {
+                ConfigError(format!(
+                    "{source}: `{raw}` is not a token format: opaque or jwt"
+                ))
+            })?,
+        };
+        let step_up_amount = match sources.get("step-up-amount") {
+            None => None,
+            Some((raw, _)) if raw.trim() == "off" => None,
+            Some(_) => Some(sources.positive("step-up-amount", 1, "an amount in minor units")?),
+        };
         Ok(ServeConfig {
+            token_format,
+            token_ttl_s: sources.token_ttl()?,
+            step_up_amount: step_up_amount.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
             listen,
             data_dir: sources.data_dir(),
             tls: sources.tls_files(),
@@ -348,6 +384,28 @@ mod tests {
                 .guess_limit,
             None
         );
+    }
+
+    #[test]
+    fn token_settings() {
+        let defaults = resolve(&[], &[]).unwrap();
+        assert_eq!(defaults.token_format, TokenFormat::Jwt);
+        assert_eq!(defaults.token_ttl_s, 3600);
+        assert_eq!(defaults.step_up_amount, None);
+        let set = resolve(
+            &[("token-format", "opaque"), ("step-up-amount", "100000")],
+            &[("PAYGATE_TOKEN_TTL", "600")],
+        )
+        .unwrap();
+        assert_eq!(set.token_format, TokenFormat::Opaque);
+        assert_eq!(set.token_ttl_s, 600);
+        assert_eq!(set.step_up_amount, Some(100_000));
+        let err = resolve(&[("token-ttl", "86401")], &[]).unwrap_err();
+        assert!(err.0.contains("at most 86400"), "{err}");
+        assert!(resolve(&[("token-ttl", "0")], &[]).is_err());
+        let err = resolve(&[("token-format", "paseto")], &[]).unwrap_err();
+        assert!(err.0.contains("opaque or jwt"), "{err}");
+        assert!(resolve(&[("step-up-amount", "-5")], &[]).is_err());
     }
 
     #[test]

@@ -9,13 +9,16 @@
 //! - [`cli`] and [`config`]: command line and environment → validated settings.
 //! - [`server`]: TCP accept loop, TLS termination, HTTP/1.1 and HTTP/2, graceful drain.
 //! - [`tls`]: rustls configuration (ring provider) and development certificates.
-//! - [`filter`]: the filter chain, one module per stage — [`filter::authenticate`],
-//!   [`filter::access`].
+//! - [`filter`]: the filter chain, one module per stage — [`filter::rate_limit`],
+//!   [`filter::authenticate`], [`filter::access`].
 //! - [`routes`]: which operations exist and what access each needs.
 //! - [`api`]: the handlers, one module per resource.
 //! - [`http`]: the error type and its one mapping to problem+json, JSON bodies, headers.
 //! - [`domain`]: validated values (usernames, permissions, amounts, currencies, ...).
 //! - [`passwords`]: Argon2id hashing at bounded concurrency.
+//! - [`tokens`]: JWTs and their keys, opaque session tokens, TOTP, and the exact per-worker
+//!   cache of token state.
+//! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
 //! - [`store`]: all SQL, behind the [`store::Store`] type.
 //! - [`app`]: the state requests share; [`time`]: timestamps.
 
@@ -37,3 +40,4 @@ pub mod server;
 pub mod store;
 pub mod time;
 pub mod tls;
+pub mod tokens;

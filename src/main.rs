@@ -8,6 +8,7 @@ use paygate::cli::{self, CommandName, Invocation};
 use paygate::config::{ServeConfig, Sources};
 use paygate::domain::{check_password, Role, Username};
 use paygate::store::{NewUser, Store, UserInsert};
+use paygate::tokens::keys;
 
 type Failure = Box<dyn std::error::Error>;
 
@@ -40,6 +41,10 @@ fn main() -> ExitCode {
                 CommandName::Serve => serve(&sources, &positional),
                 CommandName::DevCert => dev_cert(&sources, &positional),
                 CommandName::UserAdd => user_add(&sources, &positional),
+                CommandName::UserDisable => user_disable(&sources, &positional),
+                CommandName::KeysRotate => keys_rotate(&sources, &positional),
+                CommandName::KeysPrune => keys_prune(&sources, &positional),
+                CommandName::KeysExport => keys_export(&sources, &positional),
             }
         }
     };
@@ -144,4 +149,69 @@ fn user_add(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure>
         }
         UserInsert::UsernameTaken => Err(format!("user {} already exists", new.username).into()),
     }
+}
+
+fn user_disable(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    let [name] = positional else {
+        return Err("`paygate user disable` takes exactly one user name".into());
+    };
+    let store = Store::open(&sources.data_dir())?;
+    if store.disable_user_blocking(name)? {
+        println!("disabled user {name}; their sessions and tokens no longer work");
+        Ok(())
+    } else {
+        Err(format!("no user is named {name:?}").into())
+    }
+}
+
+fn now_s() -> i64 {
+    paygate::time::now_millis() / 1000
+}
+
+fn keys_rotate(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let dir = sources.data_dir();
+    paygate::store::ensure_data_dir(&dir)?;
+    let now = now_s();
+    let (set, ()) = keys::update(&dir, now, |set| {
+        Ok((set.rotated(&ring::rand::SystemRandom::new(), now)?, ()))
+    })?;
+    println!(
+        "new current signing key {}; {} key(s) in {}; running workers switch within a second",
+        set.current().kid,
+        set.all().len(),
+        dir.join(keys::KEYS_FILE).display()
+    );
+    Ok(())
+}
+
+fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let dir = sources.data_dir();
+    paygate::store::ensure_data_dir(&dir)?;
+    let ttl = sources.token_ttl()?;
+    let now = now_s();
+    let (set, removed) = keys::update(&dir, now, |set| Ok(set.pruned(now, ttl)))?;
+    if removed.is_empty() {
+        println!(
+            "no key to prune: every retired key may still have live tokens (token ttl {ttl} s)"
+        );
+    } else {
+        println!(
+            "pruned {} key(s): {}; {} key(s) left",
+            removed.len(),
+            removed.join(", "),
+            set.all().len()
+        );
+    }
+    Ok(())
+}
+
+fn keys_export(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let dir = sources.data_dir();
+    paygate::store::ensure_data_dir(&dir)?;
+    let set = keys::load_or_create(&dir, now_s())?;
+    println!("{}", serde_json::to_string_pretty(&set.jwks())?);
+    Ok(())
 }

@@ -18,6 +18,12 @@ pub enum Route {
     ApiStatus,
     CreateUser,
     GetUser(String),
+    /// `GET /users/me`: the caller.
+    GetMe,
+    Login,
+    Logout,
+    EnrolTotp,
+    ConfirmTotp,
     CreateAccount,
     ListAccounts,
     GetAccount(Uuid),
@@ -37,6 +43,10 @@ pub enum Requirement {
     Public,
     /// Any authenticated user.
     Authenticated,
+    /// A user who proved their password (and TOTP code, if enrolled) in this request.
+    Password,
+    /// A user authenticated by a Bearer token (the token is what the route acts on).
+    Token,
     /// The user named here, or a global admin or auditor.
     SelfOrStaff(String),
     /// A grant on the account that includes the permission.
@@ -49,7 +59,11 @@ impl Route {
         match self {
             ApiStatus | CreateUser | Reject(_) => Requirement::Public,
             GetUser(name) => Requirement::SelfOrStaff(name.clone()),
-            CreateAccount | ListAccounts => Requirement::Authenticated,
+            Login => Requirement::Password,
+            Logout => Requirement::Token,
+            GetMe | EnrolTotp | ConfirmTotp | CreateAccount | ListAccounts => {
+                Requirement::Authenticated
+            }
             GrantMember(account) => Requirement::Account(*account, Perm::Admin),
             GetAccount(account) | ListPayments(account) | GetPayment(account, _) => {
                 Requirement::Account(*account, Perm::Read)
@@ -79,6 +93,18 @@ pub fn resolve(method: &Method, path: &str) -> Route {
     match &segments[..count] {
         ["apiStatus"] => by_method(method, &[Method::GET], |_| Route::ApiStatus),
         ["users"] => by_method(method, &[Method::POST], |_| Route::CreateUser),
+        ["users", "me"] => by_method(method, &[Method::GET], |_| Route::GetMe),
+        ["users", "me", "totp"] => by_method(method, &[Method::POST], |_| Route::EnrolTotp),
+        ["users", "me", "totp", "confirm"] => {
+            by_method(method, &[Method::POST], |_| Route::ConfirmTotp)
+        }
+        ["sessions"] => by_method(method, &[Method::POST, Method::DELETE], |m| {
+            if m == Method::POST {
+                Route::Login
+            } else {
+                Route::Logout
+            }
+        }),
         ["users", name] if !name.is_empty() => {
             let name = (*name).to_owned();
             by_method(method, &[Method::GET], |_| Route::GetUser(name))
@@ -172,6 +198,23 @@ mod tests {
             (
                 Method::GET,
                 "/accounts".to_owned(),
+                Requirement::Authenticated,
+            ),
+            (
+                Method::GET,
+                "/users/me".to_owned(),
+                Requirement::Authenticated,
+            ),
+            (Method::POST, "/sessions".to_owned(), Requirement::Password),
+            (Method::DELETE, "/sessions".to_owned(), Requirement::Token),
+            (
+                Method::POST,
+                "/users/me/totp".to_owned(),
+                Requirement::Authenticated,
+            ),
+            (
+                Method::POST,
+                "/users/me/totp/confirm".to_owned(),
                 Requirement::Authenticated,
             ),
             (

@@ -149,6 +149,8 @@ async fn serve(
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_idempotency_keys(app.clone()));
     let rate_sweeper = tokio::spawn(sweep_rate_limits(app.clone()));
+    let session_sweeper = tokio::spawn(sweep_sessions(app.clone()));
+    let key_watcher = tokio::spawn(watch_signing_keys(app.clone()));
 
     loop {
         // Wait for a free connection slot before accepting, so excess clients queue in the
@@ -185,6 +187,8 @@ async fn serve(
     drop(listener);
     sweeper.abort();
     rate_sweeper.abort();
+    session_sweeper.abort();
+    key_watcher.abort();
     let timeout = app.config.shutdown_timeout;
     log::info!(
         "stopped accepting; draining {} connection(s) for up to {}s",
@@ -305,6 +309,31 @@ async fn sweep_rate_limits(app: Arc<App>) {
         if let Err(e) = app.limiter.sweep().await {
             log::warn!("sweeping rate-limit buckets failed: {e}");
         }
+    }
+}
+
+/// Deletes expired sessions and revocations every ten minutes (they are refused by their
+/// expiry anyway; this only keeps the tables small).
+async fn sweep_sessions(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        ticks.tick().await;
+        match app.store.sweep_sessions().await {
+            Ok(0) => {}
+            Ok(n) => log::info!("deleted {n} expired session(s) and revocation(s)"),
+            Err(e) => log::warn!("sweeping sessions failed: {e}"),
+        }
+    }
+}
+
+/// Looks at the JWT key file every second, so `paygate keys rotate` reaches every worker
+/// within a second without a restart.
+async fn watch_signing_keys(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        let keyring = app.tokens.keyring.clone();
+        let _ = tokio::task::spawn_blocking(move || keyring.reload_if_changed()).await;
     }
 }
 

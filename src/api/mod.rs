@@ -6,7 +6,9 @@
 
 mod accounts;
 mod payments;
+mod sessions;
 mod status;
+mod totp;
 mod users;
 
 use crate::http::RequestBody;
@@ -30,6 +32,13 @@ pub async fn dispatch(
         (Route::ApiStatus, _) => status::get(),
         (Route::CreateUser, _) => users::create(app, request).await,
         (Route::GetUser(name), Grant::User(_)) => users::get(app, name).await,
+        (Route::GetMe, Grant::User(principal)) => users::get(app, principal.username).await,
+        (Route::Login, Grant::User(principal)) => sessions::login(app, &principal).await,
+        (Route::Logout, Grant::User(principal)) => sessions::logout(app, &principal).await,
+        (Route::EnrolTotp, Grant::User(principal)) => totp::enrol(app, &principal).await,
+        (Route::ConfirmTotp, Grant::User(principal)) => {
+            totp::confirm(app, &principal, request).await
+        }
         (Route::CreateAccount, Grant::User(principal)) => {
             accounts::create(app, &principal, request).await
         }

@@ -161,6 +161,13 @@ pub async fn create(
     let body: NewPayment =
         read_json(request, app.config.max_body, app.config.client_timeout).await?;
     let wanted = validate(body, membership)?;
+    if let Some(limit) = app.config.step_up_amount {
+        if wanted.amount_minor > limit && !principal.has_second_factor() {
+            return Err(ApiError::SecondFactorRequired(format!(
+                "payments above {limit} (minor units) need a second factor: log in with a TOTP                  code (X-TOTP) and use that token"
+            )));
+        }
+    }
     let payment = Payment {
         id: Uuid::now_v7(),
         account_id: membership.account.id,

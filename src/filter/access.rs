@@ -5,11 +5,13 @@
 //! it names (or a global admin/auditor), or need a permission on an account. Account checks
 //! are object-level: without a grant on that account the answer is 404, so nobody learns
 //! that someone else's account exists; with a grant that lacks the permission, 403.
-//! Missing or failed credentials on a protected route are 401 with a Basic challenge.
+//! Missing or failed credentials on a protected route are 401: with a Basic challenge, or
+//! `Bearer error="invalid_token"` when a token was offered, or a request for the TOTP code
+//! when only that is missing. When the user store could not be asked, 503.
 
 use crate::app::App;
 use crate::domain::Role;
-use crate::filter::authenticate::{Identity, Principal};
+use crate::filter::authenticate::{AuthFailure, AuthMethod, Identity, Principal};
 use crate::http::{ApiError, Challenge};
 use crate::routes::Requirement;
 use crate::store::Membership;
@@ -34,11 +36,19 @@ pub async fn authorize(
     if requirement == Requirement::Public {
         return Ok(Grant::Anyone);
     }
-    let Identity::Authenticated(principal) = identity else {
-        return Err(ApiError::Unauthenticated(Challenge::Basic));
+    let principal = match identity {
+        Identity::Authenticated(principal) => principal,
+        other => return Err(unauthenticated(&other)),
     };
     match requirement {
         Requirement::Public | Requirement::Authenticated => Ok(Grant::User(principal)),
+        Requirement::Password if principal.method == AuthMethod::Basic => {
+            Ok(Grant::User(principal))
+        }
+        // A token cannot log in again: that would extend a session forever.
+        Requirement::Password => Err(ApiError::Unauthenticated(Challenge::Basic)),
+        Requirement::Token if principal.token.is_some() => Ok(Grant::User(principal)),
+        Requirement::Token => Err(ApiError::Unauthenticated(Challenge::BearerRequired)),
         Requirement::SelfOrStaff(name) => {
             let staff = matches!(principal.role, Some(Role::Admin | Role::Auditor));
             if principal.username == name || staff {
@@ -60,5 +70,20 @@ pub async fn authorize(
             }
             Ok(Grant::Account(principal, membership))
         }
+    }
+}
+
+/// The 401 (or 503) for a request without a proven identity.
+fn unauthenticated(identity: &Identity) -> ApiError {
+    match identity {
+        Identity::Failed {
+            reason: AuthFailure::Unavailable,
+            ..
+        } => ApiError::Unavailable,
+        Identity::Failed { reason, .. } if reason.is_second_factor() => {
+            ApiError::Unauthenticated(Challenge::SecondFactor)
+        }
+        failed if failed.tried_bearer() => ApiError::Unauthenticated(Challenge::InvalidToken),
+        _ => ApiError::Unauthenticated(Challenge::Basic),
     }
 }

@@ -4,28 +4,60 @@
 //! attempt stays visible to later stages (so it can be recorded), and access control alone
 //! decides whether the route needs an identity at all.
 //!
-//! HTTP Basic (RFC 7617, UTF-8): the password is checked against the user's Argon2id hash.
-//! An unknown, malformed or disabled username is checked against a dummy hash instead, so
-//! every failure costs the same time and says the same thing.
+//! Three kinds of credentials, all ending in the same [`Principal`]:
+//! - HTTP Basic (RFC 7617, UTF-8): the password is checked against the user's Argon2id
+//!   hash. An unknown, malformed or disabled username is checked against a dummy hash
+//!   instead, so every failure costs the same time. A user with TOTP enrolled must also send
+//!   a current, unused code in `X-TOTP`.
+//! - A Bearer JWT: signature and claims verified without I/O, then the user and the `jti`'s
+//!   revocation looked up through the exact per-worker token cache.
+//! - A Bearer opaque token: looked up by its SHA-256 through the same cache.
+//!
+//! Why a credential failed is kept in the [`Identity`] for the audit log; the client is only
+//! ever told that it failed.
+
+use std::borrow::Cow;
 
 use base64::Engine as _;
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderName};
 
 use crate::app::App;
 use crate::domain::{Role, Username};
+use crate::tokens::jwt::{self, Claims, JwtRejection};
+use crate::tokens::{opaque, totp, Tokens};
+
+/// The header carrying a TOTP code next to Basic credentials.
+pub const X_TOTP: HeaderName = HeaderName::from_static("x-totp");
 
 /// How the identity was proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
     Basic,
+    BearerJwt,
+    BearerOpaque,
 }
 
 impl AuthMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::Basic => "basic",
+            AuthMethod::BearerJwt => "bearer-jwt",
+            AuthMethod::BearerOpaque => "bearer-opaque",
         }
     }
+
+    fn is_bearer(self) -> bool {
+        matches!(self, AuthMethod::BearerJwt | AuthMethod::BearerOpaque)
+    }
+}
+
+/// The token a request was authenticated with, so that logout can end it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRef {
+    /// A JWT's id and expiry (Unix seconds).
+    Jwt { jti: String, exp: i64 },
+    /// An opaque token's hash.
+    Session([u8; 32]),
 }
 
 /// A proven identity.
@@ -37,6 +69,15 @@ pub struct Principal {
     pub method: AuthMethod,
     /// Authentication methods references (RFC 8176): how the user proved themselves.
     pub amr: &'static [&'static str],
+    /// The bearer token used, if any.
+    pub token: Option<TokenRef>,
+}
+
+impl Principal {
+    /// Whether the user proved a second factor (a TOTP code) for this identity.
+    pub fn has_second_factor(&self) -> bool {
+        self.amr.contains(&"otp")
+    }
 }
 
 /// Why credentials did not prove an identity; for logs and audit, never for the client.
@@ -50,6 +91,26 @@ pub enum AuthFailure {
     BadCredentials,
     /// The user exists but is disabled.
     Disabled,
+    /// The password was right, but the user has TOTP enrolled and sent no code.
+    SecondFactorRequired,
+    /// The TOTP code matches none of the current steps.
+    BadSecondFactor,
+    /// The TOTP code was right but its step was already used.
+    ReplayedSecondFactor,
+    /// A JWT failed verification.
+    BadJwt(JwtRejection),
+    /// A JWT whose `jti` was revoked by logout.
+    RevokedToken,
+    /// A Bearer value that is neither a JWT nor an opaque token.
+    MalformedToken,
+    /// An opaque token that names no session (never issued, logged out, or swept).
+    UnknownSession,
+    /// An opaque token past its expiry.
+    ExpiredSession,
+    /// A valid JWT for a user that does not exist.
+    UnknownSubject,
+    /// The database could not be asked; the request is not authenticated (fail closed).
+    Unavailable,
 }
 
 impl AuthFailure {
@@ -59,7 +120,27 @@ impl AuthFailure {
             AuthFailure::UnsupportedScheme => "unsupported authorization scheme",
             AuthFailure::BadCredentials => "unknown user or wrong password",
             AuthFailure::Disabled => "user disabled",
+            AuthFailure::SecondFactorRequired => "totp code required",
+            AuthFailure::BadSecondFactor => "wrong totp code",
+            AuthFailure::ReplayedSecondFactor => "totp code already used",
+            AuthFailure::BadJwt(rejection) => rejection.as_str(),
+            AuthFailure::RevokedToken => "token revoked",
+            AuthFailure::MalformedToken => "malformed bearer token",
+            AuthFailure::UnknownSession => "unknown session",
+            AuthFailure::ExpiredSession => "session expired",
+            AuthFailure::UnknownSubject => "token for an unknown user",
+            AuthFailure::Unavailable => "user store unavailable",
         }
+    }
+
+    /// Whether the password was right and only the second factor is missing or wrong.
+    pub fn is_second_factor(self) -> bool {
+        matches!(
+            self,
+            AuthFailure::SecondFactorRequired
+                | AuthFailure::BadSecondFactor
+                | AuthFailure::ReplayedSecondFactor
+        )
     }
 }
 
@@ -71,17 +152,41 @@ pub enum Identity {
     Authenticated(Principal),
     /// Credentials were offered but proved nothing.
     Failed {
+        /// How the request tried to authenticate, when the scheme was one of ours.
+        method: Option<AuthMethod>,
         /// The username the request claimed, when it named one.
         claimed: Option<String>,
         reason: AuthFailure,
     },
 }
 
-/// Basic credentials decoded from the header (RFC 7617).
-#[derive(Debug, PartialEq, Eq)]
+impl Identity {
+    /// Whether the request tried a Bearer token (and so deserves a Bearer challenge).
+    pub fn tried_bearer(&self) -> bool {
+        match self {
+            Identity::Failed { method, .. } => method.is_some_and(AuthMethod::is_bearer),
+            Identity::Authenticated(p) => p.method.is_bearer(),
+            Identity::Anonymous => false,
+        }
+    }
+}
+
+/// Basic credentials decoded from the header (RFC 7617), with the TOTP code sent beside
+/// them, if any.
+#[derive(PartialEq, Eq)]
 pub struct BasicCredentials {
     username: String,
     password: String,
+    totp: Option<String>,
+}
+
+impl std::fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password or the code, not even in a debug log.
+        f.debug_struct("BasicCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Decodes `Basic <base64(user:password)>`; the scheme name is case-insensitive.
@@ -99,37 +204,96 @@ fn parse_basic(value: &[u8]) -> Option<BasicCredentials> {
     Some(BasicCredentials {
         username: username.to_owned(),
         password: password.to_owned(),
+        totp: None,
     })
 }
 
 /// What the `Authorization` header offers, parsed once per request: rate limiting reads the
-/// claimed username from it, authentication verifies it.
+/// claimed username from it, authentication finishes checking it.
 #[derive(Debug)]
 pub enum Credentials {
     /// No `Authorization` header.
     None,
     Basic(BasicCredentials),
+    /// A JWT whose signature and claims verified (revocation and user not yet checked).
+    Jwt(Claims),
+    /// A JWT that failed verification. For an unknown `kid` the token is kept: a key
+    /// rotation may not have reached this worker yet, so it is checked again after a
+    /// re-read of the keys.
+    BadJwt {
+        rejection: JwtRejection,
+        retry: Option<String>,
+    },
+    /// The hash of something shaped like an opaque token.
+    Opaque([u8; 32]),
+    /// A Bearer value that is neither.
+    MalformedBearer,
     /// A scheme paygate does not accept.
     Unsupported,
     /// A Basic header that does not decode to `user:password` in UTF-8.
-    Malformed,
+    MalformedBasic,
+}
+
+fn has_scheme(value: &[u8], scheme: &[u8]) -> bool {
+    value.len() > scheme.len()
+        && value[..scheme.len()].eq_ignore_ascii_case(scheme)
+        && value[scheme.len()] == b' '
 }
 
 impl Credentials {
-    /// Parses the request's `Authorization` header.
-    pub fn read(headers: &HeaderMap) -> Credentials {
+    /// Parses the request's `Authorization` (and `X-TOTP`) headers. A JWT is verified here
+    /// (pure computation, about a microsecond), so the username rate limiting keys on is
+    /// one the token's signature vouches for.
+    pub fn read(headers: &HeaderMap, tokens: &Tokens, now_s: i64) -> Credentials {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Credentials::None;
         };
-        if !is_basic(value.as_bytes()) {
+        let value = value.as_bytes();
+        if has_scheme(value, b"basic") {
+            return match parse_basic(value) {
+                Some(mut basic) => {
+                    basic.totp = headers
+                        .get(X_TOTP)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| v.trim().to_owned());
+                    Credentials::Basic(basic)
+                }
+                None => Credentials::MalformedBasic,
+            };
+        }
+        if !has_scheme(value, b"bearer") {
             return Credentials::Unsupported;
         }
-        parse_basic(value.as_bytes()).map_or(Credentials::Malformed, Credentials::Basic)
+        let Ok(token) = std::str::from_utf8(&value[7..]) else {
+            return Credentials::MalformedBearer;
+        };
+        let token = token.trim_matches(' ');
+        if token.contains('.') {
+            return match tokens.verify_jwt(token, now_s) {
+                Ok(claims) => Credentials::Jwt(claims),
+                Err(rejection) => Credentials::BadJwt {
+                    rejection,
+                    retry: (rejection == JwtRejection::UnknownKey).then(|| token.to_owned()),
+                },
+            };
+        }
+        opaque::parse(token).map_or(Credentials::MalformedBearer, Credentials::Opaque)
     }
 
-    /// The username the request claims, if it is a well-formed username. Nothing is
-    /// verified: this is what rate limiting keys on before authentication runs.
-    pub fn claimed_username(&self) -> Option<&str> {
+    /// The username rate limiting keys on: the one Basic credentials claim (unverified),
+    /// a verified JWT's subject, or the user of an opaque token this worker has seen.
+    pub fn rate_limit_user<'a>(&'a self, tokens: &Tokens) -> Option<Cow<'a, str>> {
+        match self {
+            Credentials::Basic(_) => self.password_user().map(Cow::Borrowed),
+            Credentials::Jwt(claims) => Some(Cow::Borrowed(&claims.sub)),
+            Credentials::Opaque(hash) => tokens.cache.session_user_hint(hash).map(Cow::Owned),
+            _ => None,
+        }
+    }
+
+    /// The well-formed username whose password this request tries, if any: the one whose
+    /// password-guess budget it spends.
+    pub fn password_user(&self) -> Option<&str> {
         match self {
             Credentials::Basic(basic) if Username::parse("username", &basic.username).is_ok() => {
                 Some(&basic.username)
@@ -139,57 +303,189 @@ impl Credentials {
     }
 }
 
-fn is_basic(value: &[u8]) -> bool {
-    value.len() >= 6 && value[..6].eq_ignore_ascii_case(b"basic ")
-}
-
-/// Labels the request. Never fails: storage errors while looking up a user are logged and
-/// the request is treated as unauthenticated (fail closed).
+/// Labels the request. Never fails: when the database cannot be asked, the request is
+/// labelled as failed (fail closed) with [`AuthFailure::Unavailable`].
 pub async fn identify(app: &App, credentials: Credentials) -> Identity {
-    let failed = |reason| Identity::Failed {
+    let failed = |method, reason| Identity::Failed {
+        method,
         claimed: None,
         reason,
     };
     match credentials {
         Credentials::None => Identity::Anonymous,
-        Credentials::Unsupported => failed(AuthFailure::UnsupportedScheme),
-        Credentials::Malformed => failed(AuthFailure::MalformedBasic),
+        Credentials::Unsupported => failed(None, AuthFailure::UnsupportedScheme),
+        Credentials::MalformedBasic => failed(Some(AuthMethod::Basic), AuthFailure::MalformedBasic),
+        Credentials::MalformedBearer => {
+            failed(Some(AuthMethod::BearerOpaque), AuthFailure::MalformedToken)
+        }
         Credentials::Basic(basic) => verify_basic(app, basic).await,
+        Credentials::Jwt(claims) => resolve_jwt(app, claims).await,
+        Credentials::BadJwt {
+            retry: Some(token), ..
+        } => match reverify_after_key_reload(app, token).await {
+            Ok(claims) => resolve_jwt(app, claims).await,
+            Err(rejection) => failed(Some(AuthMethod::BearerJwt), AuthFailure::BadJwt(rejection)),
+        },
+        Credentials::BadJwt { rejection, .. } => {
+            failed(Some(AuthMethod::BearerJwt), AuthFailure::BadJwt(rejection))
+        }
+        Credentials::Opaque(hash) => resolve_session(app, hash).await,
     }
 }
 
+/// A token named a `kid` this worker does not know: re-read the key file (at most once a
+/// second) and verify again.
+async fn reverify_after_key_reload(app: &App, token: String) -> Result<Claims, JwtRejection> {
+    let keyring = app.tokens.keyring.clone();
+    let reloaded = tokio::task::spawn_blocking(move || keyring.reload_for_unknown_kid()).await;
+    if !reloaded.unwrap_or(false) {
+        return Err(JwtRejection::UnknownKey);
+    }
+    app.tokens
+        .verify_jwt(&token, crate::time::now_millis() / 1000)
+}
+
+async fn resolve_jwt(app: &App, claims: Claims) -> Identity {
+    let failed = |claimed: &str, reason| Identity::Failed {
+        method: Some(AuthMethod::BearerJwt),
+        claimed: Some(claimed.to_owned()),
+        reason,
+    };
+    let found = app
+        .tokens
+        .cache
+        .jwt_subject(&app.store, &claims.sub, &claims.jti)
+        .await;
+    match found {
+        Err(e) => {
+            log::error!("looking up a token's user failed: {e}");
+            failed(&claims.sub, AuthFailure::Unavailable)
+        }
+        Ok(None) => failed(&claims.sub, AuthFailure::UnknownSubject),
+        Ok(Some((_, true))) => failed(&claims.sub, AuthFailure::RevokedToken),
+        Ok(Some((subject, _))) if subject.disabled => failed(&claims.sub, AuthFailure::Disabled),
+        Ok(Some((subject, false))) => Identity::Authenticated(Principal {
+            user_id: subject.user_id,
+            username: subject.username,
+            role: subject.role,
+            method: AuthMethod::BearerJwt,
+            // Verification refused every other amr, so the fallback is never used.
+            amr: jwt::amr_from(&claims.amr).unwrap_or(&["pwd"]),
+            token: Some(TokenRef::Jwt {
+                jti: claims.jti,
+                exp: claims.exp,
+            }),
+        }),
+    }
+}
+
+/// The `amr` values of a stored session.
+fn session_amr(stored: &str) -> Option<&'static [&'static str]> {
+    match stored {
+        "pwd" => Some(&["pwd"]),
+        "pwd otp" => Some(&["pwd", "otp"]),
+        _ => None,
+    }
+}
+
+async fn resolve_session(app: &App, hash: [u8; 32]) -> Identity {
+    let failed = |claimed: Option<String>, reason| Identity::Failed {
+        method: Some(AuthMethod::BearerOpaque),
+        claimed,
+        reason,
+    };
+    let row = match app.tokens.cache.session(&app.store, hash).await {
+        Err(e) => {
+            log::error!("looking up a session failed: {e}");
+            return failed(None, AuthFailure::Unavailable);
+        }
+        Ok(None) => return failed(None, AuthFailure::UnknownSession),
+        Ok(Some(row)) => row,
+    };
+    let claimed = Some(row.subject.username.clone());
+    if row.expires_at <= crate::time::now_millis() {
+        return failed(claimed, AuthFailure::ExpiredSession);
+    }
+    if row.subject.disabled {
+        return failed(claimed, AuthFailure::Disabled);
+    }
+    let Some(amr) = session_amr(&row.amr) else {
+        log::error!(
+            "session of user {} has unknown amr {:?}",
+            row.subject.user_id,
+            row.amr
+        );
+        return failed(claimed, AuthFailure::Unavailable);
+    };
+    Identity::Authenticated(Principal {
+        user_id: row.subject.user_id,
+        username: row.subject.username,
+        role: row.subject.role,
+        method: AuthMethod::BearerOpaque,
+        amr,
+        token: Some(TokenRef::Session(hash)),
+    })
+}
+
 async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {
-    let BasicCredentials { username, password } = credentials;
+    let BasicCredentials {
+        username,
+        password,
+        totp: code,
+    } = credentials;
+    let mut lookup_failed = false;
     let user = match Username::parse("username", &username) {
         Err(_) => None,
         Ok(name) => match app.store.user_by_name(name.as_str().to_owned()).await {
             Ok(user) => user,
             Err(e) => {
                 log::error!("looking up a user for authentication failed: {e}");
+                lookup_failed = true;
                 None
             }
         },
     };
     let phc = user.as_ref().map(|u| u.password_hash.clone());
     let matched = app.passwords.verify(phc, password).await;
-    let claimed = Some(username);
-    match user {
-        Some(user) if matched && !user.disabled => Identity::Authenticated(Principal {
-            user_id: user.id,
-            username: user.username,
-            role: user.role,
-            method: AuthMethod::Basic,
-            amr: &["pwd"],
-        }),
-        Some(user) if matched && user.disabled => Identity::Failed {
-            claimed,
-            reason: AuthFailure::Disabled,
-        },
-        _ => Identity::Failed {
-            claimed,
-            reason: AuthFailure::BadCredentials,
-        },
-    }
+    let failed = |reason| Identity::Failed {
+        method: Some(AuthMethod::Basic),
+        claimed: Some(username.clone()),
+        reason,
+    };
+    let user = match user {
+        _ if lookup_failed => return failed(AuthFailure::Unavailable),
+        Some(user) if matched && user.disabled => return failed(AuthFailure::Disabled),
+        Some(user) if matched => user,
+        _ => return failed(AuthFailure::BadCredentials),
+    };
+    let amr: &'static [&'static str] = match &user.totp_secret {
+        None => &["pwd"],
+        Some(secret) => {
+            let Some(code) = code else {
+                return failed(AuthFailure::SecondFactorRequired);
+            };
+            let now_s = crate::time::now_millis() / 1000;
+            let Some(step) = totp::matching_step(secret, &code, now_s) else {
+                return failed(AuthFailure::BadSecondFactor);
+            };
+            match app.store.use_totp_step(user.id, step).await {
+                Ok(true) => &["pwd", "otp"],
+                Ok(false) => return failed(AuthFailure::ReplayedSecondFactor),
+                Err(e) => {
+                    log::error!("recording a used TOTP step failed: {e}");
+                    return failed(AuthFailure::Unavailable);
+                }
+            }
+        }
+    };
+    Identity::Authenticated(Principal {
+        user_id: user.id,
+        username: user.username,
+        role: user.role,
+        method: AuthMethod::Basic,
+        amr,
+        token: None,
+    })
 }
 
 #[cfg(test)]

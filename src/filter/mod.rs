@@ -37,18 +37,19 @@ pub async fn handle(
     let client = client_ip(peer.ip(), request.headers(), &app.config.trusted_proxies);
     // Which operation is asked for (pure parsing; unknown routes become a 404/405 to send).
     let route = routes::resolve(request.method(), request.uri().path());
-    // The credentials offered, parsed once: the rate limit keys on the name they claim.
-    let credentials = Credentials::read(request.headers());
+    // The credentials offered, parsed once (a JWT's signature is checked here, in memory):
+    // the rate limit keys on the user they name.
+    let credentials = Credentials::read(request.headers(), &app.tokens, now_s());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
-    let (method, path, claimed) = (
-        request.method(),
-        request.uri().path(),
-        credentials.claimed_username(),
-    );
-    let mut admission = match rate_limit::admit(app, client, method, path, claimed).await {
+    let (method, path) = (request.method(), request.uri().path());
+    let user = credentials.rate_limit_user(&app.tokens);
+    let password_user = credentials.password_user();
+    let admitted = rate_limit::admit(app, client, method, path, user.as_deref(), password_user);
+    let mut admission = match admitted.await {
         Ok(admission) => admission,
         Err(refusal) => return finish(Err(refusal), request_id),
     };
+    drop(user);
     // Authenticate: label the request with who it proves to be; never rejects.
     let identity = authenticate::identify(app, credentials).await;
     // A password that proved right gives back the guess the rate limit reserved for it.
@@ -61,6 +62,10 @@ pub async fn handle(
     let mut response = finish(result, request_id);
     admission.decorate(&mut response);
     response
+}
+
+fn now_s() -> i64 {
+    crate::time::now_millis() / 1000
 }
 
 #[cfg(test)]

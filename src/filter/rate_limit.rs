@@ -5,14 +5,15 @@
 //! Two budgets apply: the first matching rule's bucket for the request, and — when the
 //! request carries a password (HTTP Basic) — the claimed username's password-guess budget,
 //! shared across all addresses. A guess is reserved before the password is checked and
-//! given back if the password was right, so only failures spend it.
+//! given back if the password was right, so only failures spend it. Wrong TOTP codes spend
+//! the same budget.
 
 use std::net::IpAddr;
 
 use http::{Method, Response};
 
 use crate::app::App;
-use crate::filter::authenticate::{AuthMethod, Identity};
+use crate::filter::authenticate::{AuthFailure, AuthMethod, Identity};
 use crate::http::{insert_quota, ApiError, Body};
 use crate::ratelimit::{GuessTicket, Quota, Verdict};
 use crate::store::StoreError;
@@ -46,50 +47,67 @@ fn undecided(e: StoreError) -> ApiError {
 }
 
 /// Admits the request or refuses it with 429 (or 503 when the limiter cannot decide).
-/// `claimed` is the username the request's credentials name, unverified.
+/// `user` is the username `key=user` rules count against; `password_user` the username
+/// whose password the request tries, which spends that user's guess budget.
 pub async fn admit(
     app: &App,
     client: IpAddr,
     method: &Method,
     path: &str,
-    claimed: Option<&str>,
+    user: Option<&str>,
+    password_user: Option<&str>,
 ) -> Result<Admission, ApiError> {
     let quota = match app
         .limiter
-        .check(method, path, client, claimed)
+        .check(method, path, client, user)
         .await
         .map_err(undecided)?
     {
         Verdict::Admit(quota) => quota,
         refusal => return Err(refused(refusal)),
     };
-    let guess = match claimed {
-        Some(username) => match app
-            .limiter
-            .reserve_guess(username)
-            .await
-            .map_err(undecided)?
-        {
-            Ok(ticket) => ticket,
-            Err(refusal) => return Err(refused(refusal)),
-        },
+    let guess = match password_user {
+        Some(username) => reserve_guess(app, username).await?,
         None => None,
     };
     Ok(Admission { quota, guess })
 }
 
+/// Reserves one guess from `username`'s budget before a secret of theirs is checked (a
+/// password here, a TOTP code by the enrolment handler); refused with 429 while it is spent.
+pub async fn reserve_guess(app: &App, username: &str) -> Result<Option<GuessTicket>, ApiError> {
+    match app
+        .limiter
+        .reserve_guess(username)
+        .await
+        .map_err(undecided)?
+    {
+        Ok(ticket) => Ok(ticket),
+        Err(refusal) => Err(refused(refusal)),
+    }
+}
+
+/// Gives back a reserved guess: the secret was right.
+pub async fn refund_guess(app: &App, ticket: Option<GuessTicket>) {
+    if let Some(ticket) = ticket {
+        if let Err(e) = app.limiter.refund_guess(ticket).await {
+            // Failing to refund only makes the budget stricter.
+            log::warn!("could not refund a password-guess token: {e}");
+        }
+    }
+}
+
 impl Admission {
-    /// After authentication: a password that proved right gives its reserved guess back.
+    /// After authentication: a password that proved right gives its reserved guess back —
+    /// also when only the TOTP code was missing, but not when a code was wrong or replayed.
     pub async fn settle(&mut self, app: &App, identity: &Identity) {
-        let proved_password = matches!(
-            identity,
-            Identity::Authenticated(p) if p.method == AuthMethod::Basic
-        );
-        if let (true, Some(ticket)) = (proved_password, self.guess.take()) {
-            if let Err(e) = app.limiter.refund_guess(ticket).await {
-                // Failing to refund only makes the budget stricter.
-                log::warn!("could not refund a password-guess token: {e}");
-            }
+        let proved_password = match identity {
+            Identity::Authenticated(p) => p.method == AuthMethod::Basic,
+            Identity::Failed { reason, .. } => *reason == AuthFailure::SecondFactorRequired,
+            Identity::Anonymous => false,
+        };
+        if proved_password {
+            refund_guess(app, self.guess.take()).await;
         }
     }
 

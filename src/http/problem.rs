@@ -18,8 +18,15 @@ use crate::store::StoreError;
 /// The `WWW-Authenticate` challenge sent with a 401.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Challenge {
-    /// No usable credentials: ask for HTTP Basic.
+    /// No usable credentials: ask for HTTP Basic (or a Bearer token).
     Basic,
+    /// A Bearer token was offered and is not valid (RFC 6750 `invalid_token`). Why is for
+    /// the audit log only.
+    InvalidToken,
+    /// The operation needs a Bearer token (logout) and none was offered.
+    BearerRequired,
+    /// The password was right; a current TOTP code is missing, wrong or already used.
+    SecondFactor,
 }
 
 /// The kinds of 409 a client can meet, each with its own problem type.
@@ -28,6 +35,8 @@ pub enum Conflict {
     UsernameTaken,
     /// Another request with the same Idempotency-Key is still being processed.
     IdempotencyInFlight,
+    /// TOTP confirmation without an enrolment awaiting it.
+    NoTotpEnrolment,
     /// Only pending payments can be cancelled.
     PaymentNotPending,
 }
@@ -43,6 +52,8 @@ pub enum ApiError {
     Unauthenticated(Challenge),
     /// 403: the identity is known but not allowed to do this.
     Forbidden(String),
+    /// 403: allowed only with a second factor (a token whose `amr` includes `otp`).
+    SecondFactorRequired(String),
     /// 404: no such resource — or one the caller may not know exists.
     NotFound(String),
     /// 405, with the methods the resource does allow.
@@ -132,13 +143,32 @@ impl ApiError {
                     ..Extra::default()
                 },
             ),
-            Unauthenticated(_) => (
-                StatusCode::UNAUTHORIZED,
-                "",
-                "valid credentials are required for this resource".into(),
+            Unauthenticated(challenge) => {
+                let (slug, detail) = match challenge {
+                    Challenge::Basic => ("", "valid credentials are required for this resource"),
+                    Challenge::InvalidToken => (
+                        "invalid-token",
+                        "the bearer token is not valid; log in again with POST /sessions",
+                    ),
+                    Challenge::BearerRequired => (
+                        "",
+                        "this needs the bearer token to act on, from POST /sessions",
+                    ),
+                    Challenge::SecondFactor => (
+                        "second-factor-required",
+                        "this account uses two-factor authentication: send a current, unused \
+                         code from the authenticator app in the X-TOTP header",
+                    ),
+                };
+                (StatusCode::UNAUTHORIZED, slug, detail.into(), none)
+            }
+            Forbidden(detail) => (StatusCode::FORBIDDEN, "", detail.clone(), none),
+            SecondFactorRequired(detail) => (
+                StatusCode::FORBIDDEN,
+                "second-factor-required",
+                detail.clone(),
                 none,
             ),
-            Forbidden(detail) => (StatusCode::FORBIDDEN, "", detail.clone(), none),
             NotFound(detail) => (StatusCode::NOT_FOUND, "", detail.clone(), none),
             MethodNotAllowed(allowed) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -156,6 +186,7 @@ impl ApiError {
                 let slug = match kind {
                     self::Conflict::UsernameTaken => "username-taken",
                     self::Conflict::IdempotencyInFlight => "idempotency-key-in-flight",
+                    self::Conflict::NoTotpEnrolment => "no-totp-enrolment",
                     self::Conflict::PaymentNotPending => "payment-not-pending",
                 };
                 (StatusCode::CONFLICT, slug, detail.clone(), none)
@@ -244,11 +275,27 @@ impl ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         match self {
-            ApiError::Unauthenticated(Challenge::Basic) => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static(r#"Basic realm="paygate", charset="UTF-8""#),
-                );
+            ApiError::Unauthenticated(challenge) => {
+                let basic = HeaderValue::from_static(r#"Basic realm="paygate", charset="UTF-8""#);
+                let bearer = HeaderValue::from_static(r#"Bearer realm="paygate""#);
+                match challenge {
+                    Challenge::Basic => {
+                        headers.insert(header::WWW_AUTHENTICATE, basic);
+                        headers.append(header::WWW_AUTHENTICATE, bearer);
+                    }
+                    Challenge::InvalidToken => {
+                        headers.insert(
+                            header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                        );
+                    }
+                    Challenge::BearerRequired => {
+                        headers.insert(header::WWW_AUTHENTICATE, bearer);
+                    }
+                    Challenge::SecondFactor => {
+                        headers.insert(header::WWW_AUTHENTICATE, basic);
+                    }
+                }
             }
             ApiError::MethodNotAllowed(allowed) => {
                 if let Ok(value) = HeaderValue::from_str(&allow_list(allowed)) {

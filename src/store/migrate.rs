@@ -13,7 +13,14 @@ use super::StoreError;
 pub type Migrations = &'static [(i64, &'static str, &'static str)];
 
 /// The main database: users, accounts, payments.
-pub const MAIN: Migrations = &[(1, "001_init.sql", include_str!("../../sql/001_init.sql"))];
+pub const MAIN: Migrations = &[
+    (1, "001_init.sql", include_str!("../../sql/001_init.sql")),
+    (
+        2,
+        "002_sessions_totp.sql",
+        include_str!("../../sql/002_sessions_totp.sql"),
+    ),
+];
 
 /// The rate-limit database, kept apart so its frequent small writes never contend with
 /// payments for SQLite's single write lock.

@@ -14,6 +14,7 @@ mod idempotency;
 mod migrate;
 mod payments;
 mod ratelimit;
+mod sessions;
 mod users;
 
 use std::fmt;
@@ -28,6 +29,7 @@ pub use accounts::{Account, MemberUpsert, Membership};
 pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
 pub use ratelimit::RateStore;
+pub use sessions::{DataVersion, SessionRow, Subject, TotpState};
 pub use users::{NewUser, User, UserInsert};
 
 /// File name of the main database inside the data directory.
@@ -160,7 +162,7 @@ impl Store {
     /// Fails with a message naming the path when the directory is unusable or the database
     /// was written by a newer paygate.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        ensure_writable_dir(data_dir)?;
+        ensure_data_dir(data_dir)?;
         let pool = open_pool(&data_dir.join(MAIN_DB), Durability::Full, migrate::MAIN, 8)?;
         Ok(Store { pool })
     }
@@ -192,7 +194,7 @@ impl Store {
 
 /// Creates the data directory if needed and proves it is writable, so a permission problem
 /// is reported at start with the path, not as an obscure SQLite error on the first write.
-pub(crate) fn ensure_writable_dir(dir: &Path) -> Result<(), StoreError> {
+pub fn ensure_data_dir(dir: &Path) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(|e| {
         StoreError::Startup(format!(
             "cannot create data directory {}: {e}; create it or choose another with --data-dir",

@@ -12,7 +12,7 @@ use std::path::Path;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
-use super::{ensure_writable_dir, migrate, open_pool, Durability, StoreError};
+use super::{ensure_data_dir, migrate, open_pool, Durability, StoreError};
 use crate::ratelimit::bucket::TokenBucket;
 
 /// File name of the rate-limit database inside the data directory.
@@ -26,7 +26,7 @@ pub struct RateStore {
 
 impl RateStore {
     pub fn open(data_dir: &Path) -> Result<RateStore, StoreError> {
-        ensure_writable_dir(data_dir)?;
+        ensure_data_dir(data_dir)?;
         let pool = open_pool(
             &data_dir.join(RATELIMIT_DB),
             Durability::Normal,

@@ -1,4 +1,4 @@
-//! Users: registration, lookup by name for authentication.
+//! Users: registration, lookup by name for authentication, disabling.
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -15,6 +15,8 @@ pub struct User {
     pub role: Option<Role>,
     pub disabled: bool,
     pub created_at: i64,
+    /// The confirmed TOTP secret; when set, logging in needs a code too.
+    pub totp_secret: Option<Vec<u8>>,
 }
 
 /// A user to create; the password is already hashed.
@@ -41,6 +43,7 @@ fn row_to_user(row: &rusqlite::Row<'_>) -> rusqlite::Result<(User, Option<String
             role: None,
             disabled: row.get(4)?,
             created_at: row.get(5)?,
+            totp_secret: row.get(6)?,
         },
         row.get(3)?,
     ))
@@ -81,13 +84,14 @@ pub(super) fn insert(conn: &mut Connection, new: &NewUser) -> Result<UserInsert,
         role: new.role,
         disabled: false,
         created_at: now,
+        totp_secret: None,
     }))
 }
 
 pub(super) fn by_name(conn: &Connection, username: &str) -> Result<Option<User>, StoreError> {
     let row = conn
         .prepare_cached(
-            "SELECT id, username, password_hash, role, disabled, created_at
+            "SELECT id, username, password_hash, role, disabled, created_at, totp_secret
              FROM users WHERE username = ?1",
         )?
         .query_row([username], row_to_user)
@@ -104,6 +108,27 @@ impl Store {
     /// Creates a user from a synchronous caller (the `user add` command).
     pub fn create_user_blocking(&self, new: &NewUser) -> Result<UserInsert, StoreError> {
         self.run_blocking(|conn| insert(conn, new))
+    }
+
+    /// Disables a user and ends their sessions, in one transaction. Their JWTs stop
+    /// working too: verification checks the user. Returns false when no user has the name.
+    pub fn disable_user_blocking(&self, username: &str) -> Result<bool, StoreError> {
+        self.run_blocking(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(id) = tx
+                .query_row(
+                    "UPDATE users SET disabled = 1 WHERE username = ?1 RETURNING id",
+                    [username],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+            else {
+                return Ok(false);
+            };
+            tx.execute("DELETE FROM sessions WHERE user_id = ?1", [id])?;
+            tx.commit()?;
+            Ok(true)
+        })
     }
 
     /// Finds a user by exact username.

@@ -103,6 +103,47 @@ impl TestServer {
         Self::launch(dir, options).await
     }
 
+    /// Another server on the same data directory and options, as a second worker would
+    /// be: its own caches and connections, the same databases and keys.
+    pub async fn sibling(&self) -> TestServer {
+        self.sibling_with(&[]).await
+    }
+
+    /// A sibling with some options replaced.
+    pub async fn sibling_with(&self, replace: &[(&'static str, &str)]) -> TestServer {
+        let dir = TempDir::new("sibling");
+        std::fs::copy(self.dir.0.join("server.crt"), dir.0.join("server.crt")).unwrap();
+        let mut options = self.options.clone();
+        options.insert("listen", vec!["127.0.0.1:0".into()]);
+        for (name, value) in replace {
+            options.insert(name, vec![value.to_string()]);
+        }
+        let no_env = |_: &str| None;
+        let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
+        let running = paygate::server::start(config).await.unwrap();
+        let addr = running.local_addr();
+        let client = Client::new(addr, &dir.0.join("server.crt"));
+        TestServer {
+            addr,
+            dir,
+            options,
+            running: Some(running),
+            client,
+        }
+    }
+
+    /// The data directory the server uses.
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(&self.options["data-dir"][0])
+    }
+
+    /// Logs in with Basic credentials and returns the Bearer token.
+    pub async fn login(&self, creds: &Creds) -> String {
+        let response = self.client.post("/sessions").basic(creds).send().await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()["token"].as_str().unwrap().to_owned()
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
@@ -241,6 +282,10 @@ impl RequestBuilder {
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
     }
 
     pub fn basic(self, creds: &Creds) -> Self {

@@ -1,0 +1,253 @@
+//! What this worker knows about the server-side state of tokens — the user behind a JWT
+//! and whether its `jti` was revoked, the session behind an opaque token — kept exact.
+//!
+//! Every entry is stamped with the main database's `PRAGMA data_version` as read before the
+//! entry was fetched. Each use first reads the current version (an in-memory read of the
+//! WAL index, no disk I/O, about a microsecond); if anything was committed since — a logout,
+//! a disabled user, a new payment, by any worker — the cache is dropped and refilled from
+//! the database on demand. So a logout or a disabled user takes effect for the very next
+//! request in every worker, and a steady read load never touches the database.
+//!
+//! Only positive results are cached for opaque tokens: a client sending random tokens gets
+//! a database lookup each (behind the rate limiter) but cannot push real sessions out.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::store::{DataVersion, SessionRow, Store, StoreError, Subject};
+
+/// Entries kept at most; the cache empties itself when full (it refills in one lookup per
+/// active token).
+const MAX_ENTRIES: usize = 16_384;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Jwt { sub: String, jti: String },
+    Session([u8; 32]),
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Jwt { subject: Subject, revoked: bool },
+    Session(SessionRow),
+}
+
+struct Entries {
+    /// The data version every entry is current for.
+    version: i64,
+    map: HashMap<Key, Entry>,
+}
+
+pub struct TokenCache {
+    watch: Arc<Mutex<DataVersion>>,
+    entries: Mutex<Entries>,
+}
+
+impl TokenCache {
+    /// Opens the version watch on the main database of `data_dir`. Blocking.
+    pub fn open(data_dir: &Path) -> Result<TokenCache, StoreError> {
+        Ok(TokenCache {
+            watch: Arc::new(Mutex::new(DataVersion::open(data_dir)?)),
+            entries: Mutex::new(Entries {
+                version: i64::MIN,
+                map: HashMap::new(),
+            }),
+        })
+    }
+
+    /// The database's change counter now. Read inline when the watch connection is free
+    /// (it is a shared-memory read); when another task holds it, on the blocking pool
+    /// rather than wait on the reactor.
+    async fn version(&self) -> Result<i64, StoreError> {
+        if let Ok(mut watch) = self.watch.try_lock() {
+            return watch.read();
+        }
+        let watch = self.watch.clone();
+        tokio::task::spawn_blocking(move || {
+            watch.lock().unwrap_or_else(PoisonError::into_inner).read()
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The entry for `key` if it is current as of `version`.
+    fn get(&self, version: i64, key: &Key) -> Option<Entry> {
+        let mut entries = self.lock();
+        if version > entries.version {
+            entries.map.clear();
+            entries.version = version;
+        }
+        // An older version (a slow task) neither reads nor writes newer entries.
+        if version != entries.version {
+            return None;
+        }
+        entries.map.get(key).cloned()
+    }
+
+    /// Caches what was fetched after `version` was read: it is at least that current.
+    fn put(&self, version: i64, key: Key, entry: Entry) {
+        let mut entries = self.lock();
+        if version != entries.version {
+            return;
+        }
+        if entries.map.len() >= MAX_ENTRIES {
+            entries.map.clear();
+        }
+        entries.map.insert(key, entry);
+    }
+
+    /// The user a verified JWT names and whether its `jti` is revoked; `None` if no user
+    /// has that name.
+    pub async fn jwt_subject(
+        &self,
+        store: &Store,
+        sub: &str,
+        jti: &str,
+    ) -> Result<Option<(Subject, bool)>, StoreError> {
+        let key = Key::Jwt {
+            sub: sub.to_owned(),
+            jti: jti.to_owned(),
+        };
+        let version = self.version().await?;
+        if let Some(Entry::Jwt { subject, revoked }) = self.get(version, &key) {
+            return Ok(Some((subject, revoked)));
+        }
+        let found = store.jwt_subject(sub.to_owned(), jti.to_owned()).await?;
+        if let Some((subject, revoked)) = &found {
+            let entry = Entry::Jwt {
+                subject: subject.clone(),
+                revoked: *revoked,
+            };
+            self.put(version, key, entry);
+        }
+        Ok(found)
+    }
+
+    /// The session an opaque token's hash names, if it exists.
+    pub async fn session(
+        &self,
+        store: &Store,
+        token_hash: [u8; 32],
+    ) -> Result<Option<SessionRow>, StoreError> {
+        let key = Key::Session(token_hash);
+        let version = self.version().await?;
+        if let Some(Entry::Session(row)) = self.get(version, &key) {
+            return Ok(Some(row));
+        }
+        let found = store.session(token_hash).await?;
+        if let Some(row) = &found {
+            self.put(version, key, Entry::Session(row.clone()));
+        }
+        Ok(found)
+    }
+
+    /// The username of a session this worker has seen, without asking the database or
+    /// checking freshness: good enough to pick a rate-limit bucket, never to authenticate.
+    pub fn session_user_hint(&self, token_hash: &[u8; 32]) -> Option<String> {
+        match self.lock().map.get(&Key::Session(*token_hash)) {
+            Some(Entry::Session(row)) => Some(row.subject.username.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Username;
+    use crate::store::test_support::temp_store;
+    use crate::store::{NewUser, UserInsert};
+
+    #[tokio::test]
+    async fn a_commit_by_another_connection_is_seen_by_the_next_lookup() {
+        let (store, dir) = temp_store();
+        let new = NewUser {
+            username: Username::parse("username", "alice").unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        };
+        let UserInsert::Created(alice) = store.create_user_blocking(&new).unwrap() else {
+            unreachable!()
+        };
+        let cache = TokenCache::open(&dir).unwrap();
+        let far = crate::time::now_millis() + 60_000;
+        store
+            .create_session([7; 32], alice.id, "pwd".into(), far)
+            .await
+            .unwrap();
+        assert!(cache.session(&store, [7; 32]).await.unwrap().is_some());
+        assert_eq!(cache.session_user_hint(&[7; 32]).as_deref(), Some("alice"));
+        let (_, revoked) = cache
+            .jwt_subject(&store, "alice", "j")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!revoked);
+
+        // Logout of both kinds, through the pool (as another worker would).
+        assert!(store.end_session([7; 32]).await.unwrap());
+        store.revoke_jti("j".into(), i64::MAX).await.unwrap();
+        assert!(cache.session(&store, [7; 32]).await.unwrap().is_none());
+        let (_, revoked) = cache
+            .jwt_subject(&store, "alice", "j")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(revoked);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn entries_are_served_from_memory_while_nothing_changes() {
+        let (store, dir) = temp_store();
+        let cache = TokenCache::open(&dir).unwrap();
+        assert!(cache
+            .jwt_subject(&store, "ghost", "j")
+            .await
+            .unwrap()
+            .is_none());
+        let version = cache.version().await.unwrap();
+        let key = Key::Jwt {
+            sub: "ghost".into(),
+            jti: "j".into(),
+        };
+        let entry = Entry::Jwt {
+            subject: Subject {
+                user_id: 1,
+                username: "ghost".into(),
+                role: None,
+                disabled: false,
+            },
+            revoked: false,
+        };
+        cache.put(version, key, entry);
+        // Nothing was committed, so the entry answers without the database.
+        assert!(cache
+            .jwt_subject(&store, "ghost", "j")
+            .await
+            .unwrap()
+            .is_some());
+        // A stale stamp never writes into a newer cache.
+        cache.get(version + 1, &Key::Session([0; 32]));
+        cache.put(
+            version,
+            Key::Session([1; 32]),
+            Entry::Jwt {
+                subject: Subject {
+                    user_id: 1,
+                    username: "x".into(),
+                    role: None,
+                    disabled: false,
+                },
+                revoked: false,
+            },
+        );
+        assert!(cache.lock().map.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
