@@ -235,7 +235,14 @@ fn help_documents_every_command() {
         "serve",
         "dev-cert",
         "user add",
+        "user disable",
+        "keys rotate",
+        "keys prune",
+        "keys export",
         "PAYGATE_LISTEN",
+        "PAYGATE_TOKEN_FORMAT",
+        "PAYGATE_TOKEN_TTL",
+        "PAYGATE_STEP_UP_AMOUNT",
         "--max-body",
     ] {
         assert!(text.contains(needle), "{needle}");
@@ -244,6 +251,10 @@ fn help_documents_every_command() {
         &["serve", "--help"][..],
         &["dev-cert", "--help"],
         &["user", "add", "--help"],
+        &["user", "disable", "--help"],
+        &["keys", "rotate", "--help"],
+        &["keys", "prune", "--help"],
+        &["keys", "export", "--help"],
     ] {
         let output = run(paygate(&dir).args(command));
         assert!(output.status.success(), "{command:?}");
@@ -267,4 +278,58 @@ fn a_signal_right_after_start_still_drains_and_exits_0() {
             "SIG{name} right after start"
         );
     }
+}
+
+#[test]
+fn keys_commands_manage_a_private_key_file() {
+    let dir = TempDir::new("cli-keys");
+    let data = dir.0.join("data");
+    let export = run(paygate(&dir)
+        .args(["keys", "export", "--data-dir"])
+        .arg(&data));
+    assert!(export.status.success(), "{}", stderr(&export));
+    let jwks: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
+    assert_eq!(
+        jwks["keys"].as_array().unwrap().len(),
+        1,
+        "created on first use"
+    );
+    assert_eq!(jwks["keys"][0]["kty"], "oct");
+    let file = data.join("jwt-keys.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let rotate = run(paygate(&dir)
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&data));
+    assert!(rotate.status.success(), "{}", stderr(&rotate));
+    let export = run(paygate(&dir)
+        .args(["keys", "export", "--data-dir"])
+        .arg(&data));
+    let jwks: serde_json::Value = serde_json::from_slice(&export.stdout).unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    let prune = run(paygate(&dir)
+        .args(["keys", "prune", "--data-dir"])
+        .arg(&data));
+    assert!(String::from_utf8_lossy(&prune.stdout).contains("no key to prune"));
+
+    // A key file others can read is refused, with the fix in the message.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let export = run(paygate(&dir)
+        .args(["keys", "export", "--data-dir"])
+        .arg(&data));
+    assert!(!export.status.success());
+    assert!(stderr(&export).contains("chmod 600"), "{}", stderr(&export));
+    let bad_ttl = run(paygate(&dir)
+        .args(["keys", "prune", "--token-ttl", "0", "--data-dir"])
+        .arg(&data));
+    assert!(!bad_ttl.status.success());
+}
+
+#[test]
+fn user_disable_names_an_unknown_user() {
+    let dir = TempDir::new("cli-disable");
+    let output = run(paygate(&dir).args(["user", "disable", "nobody"]));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("nobody"), "{}", stderr(&output));
 }
