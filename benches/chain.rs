@@ -6,6 +6,9 @@
 //!   rate-limit rule; `chain/public_limited`: the same under a generous rule (the limiter's
 //!   cost on an admitted request); `chain/refused_429`: the same under an exhausted rule.
 //! - `chain/anonymous_401`: a protected route without credentials, refused by access control.
+//! - `chain/jwt_read` and `chain/opaque_read`: the same payment read with a Bearer JWT and
+//!   with an opaque session token (token state from the per-worker cache, the account grant
+//!   and the payment from SQLite).
 //! - `chain/basic_read`: an authenticated payment read with HTTP Basic — dominated by one
 //!   Argon2id verification, the figure that session tokens exist to avoid.
 
@@ -97,6 +100,22 @@ fn bench_chain(c: &mut Criterion) {
         base64::engine::general_purpose::STANDARD.encode("bench:bench password 1")
     );
 
+    let jwt = format!(
+        "Bearer {}",
+        app.tokens
+            .sign_jwt("bench", &["pwd"], paygate::time::now_millis() / 1000)
+            .token
+    );
+    let (opaque, hash) =
+        paygate::tokens::opaque::generate(&ring::rand::SystemRandom::new()).expect("random");
+    runtime
+        .block_on(
+            app.store
+                .create_session(hash, user.id, "pwd".into(), i64::MAX),
+        )
+        .expect("session");
+    let opaque = format!("Bearer {opaque}");
+
     c.bench_function("route/resolve", |b| {
         b.iter(|| paygate::routes::resolve(&Method::GET, black_box(&payment_path)))
     });
@@ -136,6 +155,18 @@ fn bench_chain(c: &mut Criterion) {
             ))
         })
     });
+    for (name, authorization) in [("chain/jwt_read", &jwt), ("chain/opaque_read", &opaque)] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let response = runtime.block_on(paygate::filter::handle(
+                    &app,
+                    peer,
+                    request(&payment_path, Some(authorization)),
+                ));
+                assert_eq!(response.status(), 200);
+            })
+        });
+    }
     let mut slow = c.benchmark_group("chain_argon2");
     slow.sample_size(20);
     slow.bench_function("basic_read", |b| {

@@ -7,6 +7,8 @@
 //! (`alg` exactly `HS256`, `typ` JWT, a known `kid`, no `crit`, no repeated member), the
 //! signature, and only then the claims (issuer, audience, times with 60 s leeway, lifetime).
 
+use std::borrow::Cow;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::hmac;
@@ -95,7 +97,7 @@ pub fn amr_from(values: &[String]) -> Option<&'static [&'static str]> {
 }
 
 /// `aud` may be one string or an array of them (RFC 7519 section 4.1.3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Audience {
     One(String),
@@ -111,8 +113,9 @@ impl Audience {
     }
 }
 
-/// The claims of a paygate token. All are required.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The claims of a paygate token. All are required; others are ignored (RFC 7519), but no
+/// member may appear twice, at any depth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Claims {
     pub iss: String,
     pub aud: Audience,
@@ -126,12 +129,13 @@ pub struct Claims {
     pub amr: Vec<String>,
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    typ: Option<String>,
-    kid: Option<String>,
-    crit: Option<de::IgnoredAny>,
+/// The JOSE header members paygate reads.
+struct Header<'a> {
+    alg: Cow<'a, str>,
+    typ: Option<Cow<'a, str>>,
+    kid: Option<Cow<'a, str>>,
+    /// Whether a `crit` member is present (its value does not matter: it is refused).
+    crit: bool,
 }
 
 #[derive(Serialize)]
@@ -196,13 +200,8 @@ impl<'a> Jws<'a> {
         let header_bytes = decode_segment(header_text)?;
         let payload = decode_segment(payload_text)?;
         let signature = decode_segment(signature_text)?;
-        match has_unique_members(&header_bytes) {
-            None => return Err(JwtRejection::BadHeader),
-            Some(false) => return Err(JwtRejection::DuplicateMember),
-            Some(true) => {}
-        }
-        let header: Header =
-            serde_json::from_slice(&header_bytes).map_err(|_| JwtRejection::BadHeader)?;
+        let header: Header<'_> = serde_json::from_slice(&header_bytes)
+            .map_err(|e| rejection(&e, JwtRejection::BadHeader))?;
         if header.alg != "HS256" {
             return Err(JwtRejection::AlgorithmNotAllowed);
         }
@@ -210,14 +209,14 @@ impl<'a> Jws<'a> {
         if !header.typ.is_some_and(|t| t.eq_ignore_ascii_case("JWT")) {
             return Err(JwtRejection::WrongType);
         }
-        if header.crit.is_some() {
+        if header.crit {
             return Err(JwtRejection::CriticalHeader);
         }
         Ok(Jws {
             signing_input,
             payload,
             signature,
-            kid: header.kid,
+            kid: header.kid.map(Cow::into_owned),
         })
     }
 
@@ -258,13 +257,8 @@ pub fn verify(
         .ok_or(JwtRejection::UnknownKey)?;
     jws.verify_signature(&key.key)?;
     // From here on the payload is ours (or made with our key).
-    match has_unique_members(jws.payload()) {
-        None => return Err(JwtRejection::BadClaims),
-        Some(false) => return Err(JwtRejection::DuplicateMember),
-        Some(true) => {}
-    }
-    let claims: Claims =
-        serde_json::from_slice(jws.payload()).map_err(|_| JwtRejection::BadClaims)?;
+    let claims: Claims = serde_json::from_slice(jws.payload())
+        .map_err(|e| rejection(&e, JwtRejection::BadClaims))?;
     if claims.iss != ISSUER {
         return Err(JwtRejection::WrongIssuer);
     }
@@ -287,13 +281,138 @@ pub fn verify(
     Ok(claims)
 }
 
-/// Whether every JSON object in `json`, at any depth, names each member once (`None` when
-/// it is not JSON at all). serde would otherwise keep the last of two `alg`s or `sub`s; a
-/// verifier must not guess.
-fn has_unique_members(json: &[u8]) -> Option<bool> {
-    serde_json::from_slice::<UniqueMembers>(json)
-        .ok()
-        .map(|u| u.0)
+/// The message of the error that marks a repeated member, told apart from other parse
+/// errors by [`rejection`].
+const REPEATED: &str = "repeated member";
+
+fn rejection(e: &serde_json::Error, otherwise: JwtRejection) -> JwtRejection {
+    if e.to_string().starts_with(REPEATED) {
+        JwtRejection::DuplicateMember
+    } else {
+        otherwise
+    }
+}
+
+/// Puts a member's value in its slot, refusing a second one.
+fn fill<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
+    match slot {
+        Some(_) => Err(E::custom(REPEATED)),
+        None => {
+            *slot = Some(value);
+            Ok(())
+        }
+    }
+}
+
+/// Skips the value of a member paygate does not read, after checking that its name was not
+/// seen before and that objects inside it repeat nothing either.
+fn skip_other<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    name: MemberName<'de>,
+    others: &mut Vec<MemberName<'de>>,
+) -> Result<(), A::Error> {
+    if others.contains(&name) || !map.next_value::<UniqueMembers>()?.0 {
+        return Err(de::Error::custom(REPEATED));
+    }
+    others.push(name);
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for Header<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = Header<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JOSE header object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header<'de>, A::Error> {
+                let (mut alg, mut typ, mut kid, mut crit) = (None, None, None, None);
+                let mut others = Vec::new();
+                while let Some(name) = map.next_key::<MemberName<'de>>()? {
+                    match &*name.0 {
+                        "alg" => fill(&mut alg, map.next_value::<MemberName<'de>>()?.0)?,
+                        "typ" => fill(&mut typ, map.next_value::<MemberName<'de>>()?.0)?,
+                        "kid" => fill(&mut kid, map.next_value::<MemberName<'de>>()?.0)?,
+                        "crit" => fill(&mut crit, map.next_value::<UniqueMembers>()?)?,
+                        _ => skip_other(&mut map, name, &mut others)?,
+                    }
+                }
+                Ok(Header {
+                    alg: alg.ok_or_else(|| de::Error::missing_field("alg"))?,
+                    typ,
+                    kid,
+                    crit: crit.is_some(),
+                })
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Audience {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AudienceVisitor;
+        impl<'de> Visitor<'de> for AudienceVisitor {
+            type Value = Audience;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E>(self, aud: &str) -> Result<Audience, E> {
+                Ok(Audience::One(aud.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Audience, A::Error> {
+                let mut list = Vec::new();
+                while let Some(aud) = seq.next_element::<String>()? {
+                    list.push(aud);
+                }
+                Ok(Audience::Many(list))
+            }
+        }
+        deserializer.deserialize_any(AudienceVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Claims {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ClaimsVisitor;
+        impl<'de> Visitor<'de> for ClaimsVisitor {
+            type Value = Claims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JWT claims object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Claims, A::Error> {
+                let (mut iss, mut aud, mut sub, mut jti, mut amr) = (None, None, None, None, None);
+                let (mut iat, mut nbf, mut exp) = (None, None, None);
+                let mut others = Vec::new();
+                while let Some(name) = map.next_key::<MemberName<'de>>()? {
+                    match &*name.0 {
+                        "iss" => fill(&mut iss, map.next_value::<String>()?)?,
+                        "aud" => fill(&mut aud, map.next_value::<Audience>()?)?,
+                        "sub" => fill(&mut sub, map.next_value::<String>()?)?,
+                        "iat" => fill(&mut iat, map.next_value::<i64>()?)?,
+                        "nbf" => fill(&mut nbf, map.next_value::<i64>()?)?,
+                        "exp" => fill(&mut exp, map.next_value::<i64>()?)?,
+                        "jti" => fill(&mut jti, map.next_value::<String>()?)?,
+                        "amr" => fill(&mut amr, map.next_value::<Vec<String>>()?)?,
+                        _ => skip_other(&mut map, name, &mut others)?,
+                    }
+                }
+                let missing = de::Error::missing_field;
+                Ok(Claims {
+                    iss: iss.ok_or_else(|| missing("iss"))?,
+                    aud: aud.ok_or_else(|| missing("aud"))?,
+                    sub: sub.ok_or_else(|| missing("sub"))?,
+                    iat: iat.ok_or_else(|| missing("iat"))?,
+                    nbf: nbf.ok_or_else(|| missing("nbf"))?,
+                    exp: exp.ok_or_else(|| missing("exp"))?,
+                    jti: jti.ok_or_else(|| missing("jti"))?,
+                    amr: amr.ok_or_else(|| missing("amr"))?,
+                })
+            }
+        }
+        deserializer.deserialize_map(ClaimsVisitor)
+    }
 }
 
 /// Walks any JSON value; holds false if some object repeats a member name.
@@ -343,14 +462,37 @@ impl<'de> Visitor<'de> for UniqueMembersVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueMembers, A::Error> {
         // Headers and claims have a handful of members: a list beats a hash set here.
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen: Vec<MemberName<'de>> = Vec::new();
         let mut unique = true;
-        while let Some(name) = map.next_key::<String>()? {
+        while let Some(name) = map.next_key::<MemberName<'de>>()? {
             unique &= !seen.contains(&name);
             unique &= map.next_value::<UniqueMembers>()?.0;
             seen.push(name);
         }
         Ok(UniqueMembers(unique))
+    }
+}
+
+/// A member name, borrowed from the input unless it contains escapes.
+#[derive(PartialEq, Eq)]
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
     }
 }
 
