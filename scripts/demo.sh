@@ -50,6 +50,17 @@ call() {
 }
 json=(-H 'Content-Type: application/json')
 field() { sed -E "s/.*\"$1\":\"([^\"]+)\".*/\1/" <<<"$body"; }
+# totp SECRET [STEPS]: the RFC 6238 code (HMAC-SHA1, 6 digits, 30 s) for now plus STEPS
+# steps, as an authenticator app would show it; base32, od and openssl only.
+totp() {
+  local key counter mac offset
+  key=$(printf '%s' "$1" | base32 -d | od -An -v -tx1 | tr -d ' \n')
+  counter=$(printf '%016x' $(( $(date +%s) / 30 + ${2:-0} )))
+  mac=$(printf '%b' "$(sed 's/../\\x&/g' <<<"$counter")" \
+    | openssl dgst -sha1 -mac HMAC -macopt "hexkey:$key" | awk '{print $NF}')
+  offset=$(( 16#${mac:39:1} ))
+  printf '%06d' $(( (16#${mac:offset*2:8} & 0x7fffffff) % 1000000 ))
+}
 
 call 200 GET /apiStatus
 call 201 POST /users "${json[@]}" -d "{\"username\":\"alice-$run\",\"password\":\"correct horse battery\"}"
@@ -79,5 +90,26 @@ call 200 DELETE "/accounts/$account/payments/$payment" "${alice[@]}"
 call 409 DELETE "/accounts/$account/payments/$payment" "${alice[@]}"
 call 415 POST /accounts "${alice[@]}" -d '{"name":"x","currency":"EUR"}'
 call 405 DELETE /apiStatus
+
+# Log in once, then use the token instead of the password.
+call 201 POST /sessions "${alice[@]}"
+bearer=(-H "Authorization: Bearer $(field token)")
+call 200 GET /accounts "${bearer[@]}"
+call 200 GET /users/me "${bearer[@]}"
+call 401 GET /accounts -H "Authorization: Bearer $(field token)x"
+# Turn on TOTP: enrol, confirm with a code (from a step that will not end mid-tour).
+call 200 POST /users/me/totp "${bearer[@]}"
+secret=$(field secret)
+while [ $(( 30 - $(date +%s) % 30 )) -lt 6 ]; do sleep 1; done
+call 204 POST /users/me/totp/confirm "${bearer[@]}" "${json[@]}" -d "{\"code\":\"$(totp "$secret" -1)\"}"
+# From now on the password alone no longer logs in; a code does, once.
+call 401 POST /sessions "${alice[@]}"
+code=$(totp "$secret")
+call 201 POST /sessions "${alice[@]}" -H "X-TOTP: $code"
+grep -q '"amr":\["pwd","otp"\]' <<<"$body" || { echo "FAILED: no otp in amr" >&2; exit 1; }
+call 401 POST /sessions "${alice[@]}" -H "X-TOTP: $code"
+# Log out: the token stops working at once.
+call 204 DELETE /sessions "${bearer[@]}"
+call 401 GET /accounts "${bearer[@]}"
 
 printf '\n\033[1mtour complete: %d steps behaved as described\033[0m\n' "$step"

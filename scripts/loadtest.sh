@@ -5,7 +5,8 @@
 #   bash scripts/loadtest.sh                # 10 s per scenario
 #   DURATION=30s CONNECTIONS=64 bash scripts/loadtest.sh
 #
-# Builds release binaries, prepares a data directory (a user, an account, a payment),
+# Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
+# and an opaque session token),
 # drives each scenario with wrk over TLS with keep-alive, and prints requests/s, p50/p99
 # latency and the ratio to the bare responder; the table is also written to $OUT.
 # Every server binds 127.0.0.1 only, and every run is bounded by $DURATION.
@@ -66,6 +67,12 @@ payment=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts/$accou
 read_path="/accounts/$account/payments/$payment"
 status_bytes=$(curl -sS --cacert "$ca" "$api/apiStatus" | wc -c)
 read_bytes=$(curl -sS --cacert "$ca" -u "$user:$pass" "$api$read_path" | wc -c)
+# Tokens outlive the server that issued them: JWT keys and sessions live in the data dir.
+jwt=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/sessions" | sed -E 's/.*"token":"([^"]+)".*/\1/')
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+start opaque-login --rate-limit none --token-format opaque
+opaque=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$port/sessions" \
+  | sed -E 's/.*"token":"([^"]+)".*/\1/')
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 # The body of a 429 problem document, measured on a server that refuses everything.
 start sizing --rate-limit 'GET /apiStatus 1/day burst=1 key=ip'
@@ -110,12 +117,16 @@ measure bare-refusal "https://127.0.0.1:$bport/"
 echo "== paygate, limiter on, nothing rejected" >&2
 start on --rate-limit '* / 1000000/s burst=1000000 key=user'
 measure apiStatus "https://127.0.0.1:$port/apiStatus"
+measure jwt-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
 rss_on=$(rss_kib "$pid")
 
 echo "== paygate, limiter off" >&2
 start off --rate-limit none --guess-limit none
 measure apiStatus-limiter-off "https://127.0.0.1:$port/apiStatus"
+measure jwt-read-limiter-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+measure opaque-read-limiter-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-off "https://127.0.0.1:$port$read_path" "$basic"
 
 echo "== paygate, a flood the limiter rejects" >&2
@@ -146,11 +157,10 @@ mkdir -p "$(dirname "$OUT")"
     ratio=$(awk -v a="$rps" -v b="$ref" 'BEGIN {printf "%.2f", a/b}')
     echo "| $name | $rps | $p50 | $p99 | $non2xx | $ratio |"
   done
-  on=$(awk '$1=="basic-read-limiter-on" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
-  off=$(awk '$1=="basic-read-limiter-off" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
-  status_on=$(awk '$1=="apiStatus" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
-  status_off=$(awk '$1=="apiStatus-limiter-off" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
+  rps_of() { awk -v n="$1" '$1==n {print $2}' <<<"$(printf '%s\n' "${results[@]}")"; }
+  ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f", a/b}'; }
   echo
-  echo "Limiter on / off: authenticated (Basic) read $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%.2f", a/b}'), apiStatus $(awk -v a="$status_on" -v b="$status_off" 'BEGIN {printf "%.2f", a/b}')"
+  echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
+  echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"

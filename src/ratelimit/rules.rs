@@ -62,6 +62,9 @@ const MAX_WINDOW_NS: i128 = 366 * 86_400 * NS_PER_SEC as i128;
 
 /// The rules used when none are configured.
 pub const DEFAULT_RULES: &[&str] = &[
+    // The caller's own resources (TOTP enrolment) are not registrations: same generous
+    // per-user limit as everything else, checked before the registration rule's prefix.
+    "POST /users/me 100/s burst=200 key=user",
     "POST /users 10/hour burst=5 key=ip",
     "POST /sessions 10/min burst=5 key=ip",
     "* / 100/s burst=200 key=user",
@@ -367,6 +370,14 @@ mod tests {
     #[test]
     fn defaults_parse_and_none_disables() {
         assert_eq!(default_rules().len(), DEFAULT_RULES.len());
+        let defaults = default_rules();
+        let matched = |method: Method, path: &str| {
+            first_match(&defaults, &method, path).map(|(_, rule)| rule.limit.burst)
+        };
+        assert_eq!(matched(Method::POST, "/users"), Some(5), "registration");
+        assert_eq!(matched(Method::POST, "/users/me/totp"), Some(200));
+        assert_eq!(matched(Method::POST, "/users/me/totp/confirm"), Some(200));
+        assert_eq!(matched(Method::POST, "/sessions"), Some(5));
         assert!(parse_rules(&["none".to_owned()]).unwrap().is_empty());
         let dup = parse_rules(&[
             "GET /a 1/s burst=1 key=ip".to_owned(),
