@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::audit::AuditLog;
 use crate::config::ServeConfig;
 use crate::passwords::Passwords;
 use crate::ratelimit::{Limiter, SystemClock};
@@ -15,6 +16,7 @@ pub struct App {
     pub passwords: Passwords,
     pub limiter: Limiter,
     pub tokens: Tokens,
+    pub audit: AuditLog,
 }
 
 impl App {
@@ -25,6 +27,12 @@ impl App {
         let rates = RateStore::open(&config.data_dir)?;
         let passwords = Passwords::new()?;
         let tokens = Tokens::open(&config.data_dir, config.token_format, config.token_ttl_s)?;
+        let audit = AuditLog::open(
+            &config.data_dir,
+            config.instance.as_deref(),
+            config.audit_rotate_bytes,
+            config.audit,
+        )?;
         let limiter = Limiter::new(
             config.rate_limits.clone(),
             config.guess_limit,
@@ -37,6 +45,7 @@ impl App {
             passwords,
             limiter,
             tokens,
+            audit,
         })
     }
 }

@@ -37,6 +37,7 @@ pub enum CommandName {
     KeysRotate,
     KeysPrune,
     KeysExport,
+    AuditVerify,
 }
 
 impl CommandName {
@@ -49,6 +50,7 @@ impl CommandName {
             CommandName::KeysRotate => "paygate keys rotate [OPTIONS]",
             CommandName::KeysPrune => "paygate keys prune [OPTIONS]",
             CommandName::KeysExport => "paygate keys export [OPTIONS]",
+            CommandName::AuditVerify => "paygate audit verify [DIR] [OPTIONS]",
         }
     }
 
@@ -75,6 +77,12 @@ impl CommandName {
                 "Delete retired JWT signing keys whose tokens have all expired (retired more \
                  than --token-ttl + 120 s ago). The current key is never deleted."
             }
+            CommandName::AuditVerify => {
+                "Check every audit chain in DIR (default: the audit directory of --data-dir) \
+                 with the audit key of its data directory (DIR/../audit.key). Exits 0 and \
+                 prints the number of records checked, or exits 1 naming the first bad file \
+                 and line and why."
+            }
             CommandName::KeysExport => {
                 "Print every JWT signing key as a JSON Web Key Set, current key first, so other \
                  services can verify paygate's tokens. The output is SECRET: anyone holding it \
@@ -84,7 +92,9 @@ impl CommandName {
     }
 }
 
-use CommandName::{DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable};
+use CommandName::{
+    AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable,
+};
 
 /// Every option paygate accepts. Order is the order of `--help`.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -111,6 +121,7 @@ pub const OPTIONS: &[OptionSpec] = &[
             KeysRotate,
             KeysPrune,
             KeysExport,
+            AuditVerify,
         ],
         list_separator: None,
     },
@@ -242,6 +253,35 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "instance",
+        env: Some("PAYGATE_INSTANCE"),
+        value: "NAME",
+        default: "the first free number",
+        help: "This worker's name in the audit log: its chain is audit/NAME/. Every process \
+               on a data directory needs its own (systemd: %i).",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "audit",
+        env: Some("PAYGATE_AUDIT"),
+        value: "on|off",
+        default: "on",
+        help: "`off` serves requests without audit records. Only for measuring the audit \
+               log's cost; it is logged loudly at start.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "audit-rotate-bytes",
+        env: Some("PAYGATE_AUDIT_ROTATE_BYTES"),
+        value: "BYTES",
+        default: "67108864",
+        help: "Size at which an audit file is closed and the chain continues in the next.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "role",
         env: None,
         value: "ROLE",
@@ -322,10 +362,19 @@ where
                 )))
             }
         },
+        Some("audit") => match args.pop().as_deref() {
+            Some("verify") => AuditVerify,
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
+            Some(other) => {
+                return Err(UsageError(format!(
+                    "unknown command `audit {other}`; the audit command has: verify"
+                )))
+            }
+        },
         Some(other) => {
             return Err(UsageError(format!(
                 "unknown command `{other}`; commands are: serve, dev-cert, user add, \
-                 user disable, keys rotate, keys prune, keys export"
+                 user disable, keys rotate, keys prune, keys export, audit verify"
             )))
         }
     };
@@ -391,6 +440,7 @@ fn main_help() -> String {
          paygate keys rotate              add a new current JWT signing key\n  \
          paygate keys prune               delete retired keys whose tokens expired\n  \
          paygate keys export              print the keys as a JWK Set (secret!)\n  \
+         paygate audit verify [DIR]       check every audit chain\n  \
          paygate <command> --help         options of one command\n  \
          paygate --version\n\n\
          Every option can also be set through its environment variable; flags win over the \

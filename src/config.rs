@@ -71,6 +71,12 @@ pub struct ServeConfig {
     pub token_ttl_s: i64,
     /// Payments above this amount (minor units) need a second factor; `None` when off.
     pub step_up_amount: Option<i64>,
+    /// This worker's audit chain; `None` picks the first free instance number.
+    pub instance: Option<String>,
+    /// Whether requests are audited (off only to measure the audit log's cost).
+    pub audit: bool,
+    /// Size at which an audit file is rotated.
+    pub audit_rotate_bytes: u64,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -240,7 +246,35 @@ impl ServeConfig {
             Some((raw, _)) if raw.trim() == "off" => None,
             Some(_) => Some(sources.positive("step-up-amount", 1, "an amount in minor units")?),
         };
+        let instance = match sources.get("instance") {
+            None => None,
+            Some((raw, source)) if crate::audit::valid_instance(raw.trim()) => {
+                let _ = source;
+                Some(raw.trim().to_owned())
+            }
+            Some((raw, source)) => {
+                return Err(ConfigError(format!(
+                    "{source}: `{raw}` is not an instance name: 1 to 64 of A-Z a-z 0-9 . _ -"
+                )))
+            }
+        };
+        let audit = match sources.get("audit") {
+            None => true,
+            Some((raw, source)) => match raw.trim() {
+                "on" => true,
+                "off" => false,
+                _ => return Err(ConfigError(format!("{source}: `{raw}` is not on or off"))),
+            },
+        };
+        let audit_rotate_bytes = sources.positive(
+            "audit-rotate-bytes",
+            crate::audit::DEFAULT_ROTATE_BYTES,
+            "a size in bytes",
+        )?;
         Ok(ServeConfig {
+            instance,
+            audit,
+            audit_rotate_bytes,
             token_format,
             token_ttl_s: sources.token_ttl()?,
             step_up_amount: step_up_amount.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
@@ -406,6 +440,25 @@ mod tests {
         let err = resolve(&[("token-format", "paseto")], &[]).unwrap_err();
         assert!(err.0.contains("opaque or jwt"), "{err}");
         assert!(resolve(&[("step-up-amount", "-5")], &[]).is_err());
+    }
+
+    #[test]
+    fn audit_settings() {
+        let defaults = resolve(&[], &[]).unwrap();
+        assert!(defaults.audit);
+        assert_eq!(defaults.instance, None);
+        assert_eq!(defaults.audit_rotate_bytes, 64 * 1024 * 1024);
+        let set = resolve(
+            &[("instance", "w-2"), ("audit", "off")],
+            &[("PAYGATE_AUDIT_ROTATE_BYTES", "1000")],
+        )
+        .unwrap();
+        assert_eq!(set.instance.as_deref(), Some("w-2"));
+        assert!(!set.audit);
+        assert_eq!(set.audit_rotate_bytes, 1000);
+        assert!(resolve(&[("instance", "../etc")], &[]).is_err());
+        assert!(resolve(&[("instance", ".hidden")], &[]).is_err());
+        assert!(resolve(&[("audit", "maybe")], &[]).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`tls`]: rustls configuration (ring provider) and development certificates.
 //! - [`filter`]: the filter chain, one module per stage — [`filter::rate_limit`],
 //!   [`filter::authenticate`], [`filter::access`].
+//! - [`audit`]: the HMAC-chained, group-committed audit log and its verifier.
 //! - [`routes`]: which operations exist and what access each needs.
 //! - [`api`]: the handlers, one module per resource.
 //! - [`http`]: the error type and its one mapping to problem+json, JSON bodies, headers.
@@ -20,6 +21,7 @@
 //!   cache of token state.
 //! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
 //! - [`store`]: all SQL, behind the [`store::Store`] type.
+//! - [`secret_file`]: private (0600) files in the data directory, written atomically.
 //! - [`app`]: the state requests share; [`time`]: timestamps.
 
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
@@ -36,6 +39,7 @@ pub mod http;
 pub mod passwords;
 pub mod ratelimit;
 pub mod routes;
+pub mod secret_file;
 pub mod server;
 pub mod store;
 pub mod time;

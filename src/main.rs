@@ -45,6 +45,7 @@ fn main() -> ExitCode {
                 CommandName::KeysRotate => keys_rotate(&sources, &positional),
                 CommandName::KeysPrune => keys_prune(&sources, &positional),
                 CommandName::KeysExport => keys_export(&sources, &positional),
+                CommandName::AuditVerify => audit_verify(&sources, &positional),
             }
         }
     };
@@ -214,4 +215,31 @@ fn keys_export(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failu
     let set = keys::load_or_create(&dir, now_s())?;
     println!("{}", serde_json::to_string_pretty(&set.jwks())?);
     Ok(())
+}
+
+fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    let dir = match positional {
+        [] => sources.data_dir().join(paygate::audit::AUDIT_DIR),
+        [dir] => std::path::PathBuf::from(dir),
+        _ => return Err("`paygate audit verify` takes at most one directory".into()),
+    };
+    if !dir.is_dir() {
+        return Err(format!("{} is not an audit directory", dir.display()).into());
+    }
+    let data_dir = dir
+        .canonicalize()?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let key = paygate::audit::load_key(&data_dir.join(paygate::audit::KEY_FILE))?;
+    match paygate::audit::verify::verify_dir(&dir, &key) {
+        Ok(report) => {
+            println!(
+                "audit log OK: {} records in {} file(s), {} chain(s) verified",
+                report.records, report.files, report.chains
+            );
+            Ok(())
+        }
+        Err(broken) => Err(format!("audit log BROKEN: {broken}").into()),
+    }
 }

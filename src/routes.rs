@@ -24,6 +24,8 @@ pub enum Route {
     Logout,
     EnrolTotp,
     ConfirmTotp,
+    /// `GET /audit`: recent audit records.
+    ReadAudit,
     CreateAccount,
     ListAccounts,
     GetAccount(Uuid),
@@ -49,6 +51,8 @@ pub enum Requirement {
     Token,
     /// The user named here, or a global admin or auditor.
     SelfOrStaff(String),
+    /// A global admin or auditor.
+    Staff,
     /// A grant on the account that includes the permission.
     Account(Uuid, Perm),
 }
@@ -60,6 +64,7 @@ impl Route {
             ApiStatus | CreateUser | Reject(_) => Requirement::Public,
             GetUser(name) => Requirement::SelfOrStaff(name.clone()),
             Login => Requirement::Password,
+            ReadAudit => Requirement::Staff,
             Logout => Requirement::Token,
             GetMe | EnrolTotp | ConfirmTotp | CreateAccount | ListAccounts => {
                 Requirement::Authenticated
@@ -98,6 +103,7 @@ pub fn resolve(method: &Method, path: &str) -> Route {
         ["users", "me", "totp", "confirm"] => {
             by_method(method, &[Method::POST], |_| Route::ConfirmTotp)
         }
+        ["audit"] => by_method(method, &[Method::GET], |_| Route::ReadAudit),
         ["sessions"] => by_method(method, &[Method::POST, Method::DELETE], |m| {
             if m == Method::POST {
                 Route::Login

@@ -50,12 +50,18 @@ pub struct Running {
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    app: Arc<App>,
 }
 
 impl Running {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The state the server's requests share (for tests that inspect or inject faults).
+    pub fn app(&self) -> Arc<App> {
+        self.app.clone()
     }
 
     /// Stops accepting, lets in-flight requests finish within the shutdown timeout, and
@@ -89,12 +95,13 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let app = Arc::new(app);
     let (stop, stopped) = watch::channel(false);
     let acceptor = TlsAcceptor::from(tls);
-    let task = tokio::spawn(serve(listener, acceptor, app, stopped));
+    let task = tokio::spawn(serve(listener, acceptor, app.clone(), stopped));
     log::info!("paygate listening on https://{local_addr}");
     Ok(Running {
         local_addr,
         stop,
         task,
+        app,
     })
 }
 
@@ -201,6 +208,14 @@ async fn serve(
             "shutdown timeout of {}s passed with requests still in flight; closing them",
             timeout.as_secs()
         ),
+    }
+    // Every record queued by the drained requests is written and synced before exit.
+    let flushing = app.clone();
+    if tokio::task::spawn_blocking(move || flushing.audit.close())
+        .await
+        .is_ok()
+    {
+        log::info!("audit log flushed");
     }
 }
 

@@ -1,8 +1,8 @@
 //! Wall-clock time as paygate shows it: RFC 3339 UTC timestamps with millisecond precision,
 //! and the civil-date arithmetic behind them.
 //!
-//! Only formatting and calendar conversion live here; no time zones, no parsing of
-//! client-supplied dates. Storage keeps Unix milliseconds, so ordering never depends on text.
+//! Only formatting, calendar conversion and one strict parser (for `?since=`) live here; no
+//! time zones. Storage keeps Unix milliseconds, so ordering never depends on text.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,6 +56,60 @@ pub fn format_rfc3339_millis(millis: i64) -> String {
     )
 }
 
+/// Days since 1970-01-01 of a calendar date (Howard Hinnant's `days_from_civil`).
+pub fn days_from_civil(date: CivilDate) -> i64 {
+    let year = date.year - i64::from(date.month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = i64::from(date.month);
+    let doy =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(date.day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only, at most millisecond precision) into Unix
+/// milliseconds. Anything else — offsets, other separators, impossible dates — is `None`.
+pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let millis = match &b[19..] {
+        b"Z" => 0,
+        [b'.', rest @ .., b'Z'] if (1..=3).contains(&rest.len()) => {
+            num(20..20 + rest.len())? * 10i64.pow(3 - rest.len() as u32)
+        }
+        _ => return None,
+    };
+    let date = CivilDate {
+        year,
+        month: u8::try_from(month).ok().filter(|m| (1..=12).contains(m))?,
+        day: u8::try_from(day).ok().filter(|d| (1..=31).contains(d))?,
+    };
+    let days = days_from_civil(date);
+    // Reject 2026-02-30 and the like: the date must survive the round trip.
+    if civil_from_days(days) != date || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +126,37 @@ mod tests {
             format_rfc3339_millis(1_767_225_599_999),
             "2025-12-31T23:59:59.999Z"
         );
+    }
+
+    #[test]
+    fn rfc3339_parsing_is_strict_and_round_trips() {
+        for millis in [0, 951_782_400_123, 1_767_225_599_999, 1_795_950_000_000] {
+            assert_eq!(
+                parse_rfc3339_utc(&format_rfc3339_millis(millis)),
+                Some(millis)
+            );
+        }
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-29T12:00:00Z"),
+            Some(1_795_953_600_000)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-29T12:00:00.5Z"),
+            Some(1_795_953_600_500)
+        );
+        for bad in [
+            "",
+            "2026-11-29",
+            "2026-11-29T12:00:00",
+            "2026-11-29T12:00:00+01:00",
+            "2026-02-30T00:00:00Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29 12:00:00Z",
+            "2026-11-29T12:00:00.1234Z",
+            "+026-11-29T12:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! validate input, call the store, and shape JSON.
 
 mod accounts;
+mod audit;
 mod payments;
 mod sessions;
 mod status;
@@ -32,6 +33,7 @@ pub async fn dispatch(
         (Route::ApiStatus, _) => status::get(),
         (Route::CreateUser, _) => users::create(app, request).await,
         (Route::GetUser(name), Grant::User(_)) => users::get(app, name).await,
+        (Route::ReadAudit, Grant::User(_)) => audit::recent(app, request.uri().query()).await,
         (Route::GetMe, Grant::User(principal)) => users::get(app, principal.username).await,
         (Route::Login, Grant::User(principal)) => sessions::login(app, &principal).await,
         (Route::Logout, Grant::User(principal)) => sessions::logout(app, &principal).await,

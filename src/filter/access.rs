@@ -49,6 +49,15 @@ pub async fn authorize(
         Requirement::Password => Err(ApiError::Unauthenticated(Challenge::Basic)),
         Requirement::Token if principal.token.is_some() => Ok(Grant::User(principal)),
         Requirement::Token => Err(ApiError::Unauthenticated(Challenge::BearerRequired)),
+        Requirement::Staff => {
+            if matches!(principal.role, Some(Role::Admin | Role::Auditor)) {
+                Ok(Grant::User(principal))
+            } else {
+                Err(ApiError::Forbidden(
+                    "this needs the admin or auditor role".into(),
+                ))
+            }
+        }
         Requirement::SelfOrStaff(name) => {
             let staff = matches!(principal.role, Some(Role::Admin | Role::Auditor));
             if principal.username == name || staff {

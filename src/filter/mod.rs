@@ -2,18 +2,22 @@
 //! runs. This file is the whole security story of a request; read [`handle`] top to bottom.
 //!
 //! ```text
-//! TLS ─▶ rate limit ─▶ authenticate ─▶ access control ─▶ handler
-//!        (may 429)     (never rejects)  (may 401/403/404)
+//! TLS ─▶ rate limit ─▶ authenticate ─▶ audit ─▶ access control ─▶ handler
+//!        (may 429)     (never rejects)  (durable; (may 401/403/404)
+//!                                       503 if not)
 //! ```
 //!
 //! TLS is terminated by the server before a request exists (`crate::server`). Each stage
 //! lives in its own module; this one only wires them together.
 
 pub mod access;
+pub mod audit;
 pub mod authenticate;
 pub mod rate_limit;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use http::{Request, Response};
 use uuid::Uuid;
@@ -21,8 +25,8 @@ use uuid::Uuid;
 use crate::api;
 use crate::app::App;
 use crate::client_ip::client_ip;
-use crate::filter::authenticate::Credentials;
-use crate::http::{finish, Body, RequestBody};
+use crate::filter::authenticate::{Credentials, Identity};
+use crate::http::{finish, ApiError, Body, RequestBody};
 use crate::routes;
 
 /// Runs one request through the chain and returns the response to send.
@@ -31,7 +35,8 @@ pub async fn handle(
     peer: SocketAddr,
     request: Request<impl RequestBody>,
 ) -> Response<Body> {
-    // Every response, error or not, carries this id in X-Request-Id.
+    let started = Instant::now();
+    // Every response, error or not, carries this id in X-Request-Id (and the audit log).
     let request_id = Uuid::new_v4();
     // The client: the TCP peer, or what a trusted proxy says in X-Forwarded-For.
     let client = client_ip(peer.ip(), request.headers(), &app.config.trusted_proxies);
@@ -54,11 +59,42 @@ pub async fn handle(
     let identity = authenticate::identify(app, credentials).await;
     // A password that proved right gives back the guess the rate limit reserved for it.
     admission.settle(app, &identity).await;
+    // Audit: the attempt is durable on disk before anything can change (or 503).
+    let (path, query) = (request.uri().path(), request.uri().query());
+    let method = request.method();
+    let audited = audit::record_request(
+        app, request_id, started, client, method, path, query, &route, &identity,
+    );
+    let audited = match audited.await {
+        Ok(audited) => audited,
+        Err(refusal) => {
+            let mut response = finish(Err(refusal), request_id);
+            admission.decorate(&mut response);
+            return response;
+        }
+    };
+    let auth_failure = match &identity {
+        Identity::Failed { reason, .. } => Some(reason.as_str()),
+        _ => None,
+    };
     // Access control: refuses with 401/403/404, or issues the grant the handler runs with.
     let result = match access::authorize(app, identity, route.requirement()).await {
         Ok(grant) => api::dispatch(app, route, grant, request).await,
         Err(refusal) => Err(refusal),
     };
+    // Audit: how it ended.
+    let reason = match &result {
+        Ok(_) => None,
+        Err(ApiError::Unauthenticated(_)) => {
+            Some(auth_failure.map_or(Cow::Borrowed("no credentials"), Cow::Borrowed))
+        }
+        Err(e) => Some(e.audit_reason()),
+    };
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(e) => e.status(),
+    };
+    audited.record_response(app, status.as_u16(), reason);
     let mut response = finish(result, request_id);
     admission.decorate(&mut response);
     response

@@ -72,6 +72,8 @@ pub enum ApiError {
     RateLimited { quota: Quota, retry_after_s: u64 },
     /// 503: temporarily overloaded (database busy); retry shortly.
     Unavailable,
+    /// 503: the audit log cannot be written, so nothing is done.
+    AuditUnavailable,
     /// 500: a bug or an environment failure; the string is for the log only.
     Internal(String),
 }
@@ -230,12 +232,44 @@ impl ApiError {
                 "the server is busy; retry shortly".into(),
                 none,
             ),
+            AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit-unavailable",
+                "the request could not be recorded in the audit log, so nothing was done; \
+                 retry shortly"
+                    .into(),
+                none,
+            ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "",
                 "the server could not complete the request".into(),
                 none,
             ),
+        }
+    }
+
+    /// Why the request was refused, for the audit log: a category, a field name or a
+    /// sentence the server wrote — never a value the client sent (a malformed body's parser
+    /// message could quote a password).
+    pub fn audit_reason(&self) -> Cow<'static, str> {
+        use ApiError::*;
+        match self {
+            BadRequest(_) => "malformed request".into(),
+            Invalid(invalid) => format!("invalid {}", invalid.field).into(),
+            Unauthenticated(_) => "not authenticated".into(),
+            Forbidden(detail) => Cow::Owned(detail.clone()),
+            SecondFactorRequired(_) => "second factor required".into(),
+            NotFound(_) => "not found".into(),
+            MethodNotAllowed(_) => "method not allowed".into(),
+            BodyTimeout => "body too slow".into(),
+            Conflict(..) | IdempotencyMismatch => Cow::Borrowed(self.parts().1),
+            PayloadTooLarge(_) => "body too large".into(),
+            UnsupportedMediaType => "not json".into(),
+            RateLimited { .. } => "rate limited".into(),
+            Unavailable => "unavailable".into(),
+            AuditUnavailable => "audit log unavailable".into(),
+            Internal(_) => "internal error".into(),
         }
     }
 
@@ -302,7 +336,7 @@ impl ApiError {
                     headers.insert(header::ALLOW, value);
                 }
             }
-            ApiError::Unavailable => {
+            ApiError::Unavailable | ApiError::AuditUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::RateLimited {

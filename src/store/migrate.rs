@@ -30,6 +30,13 @@ pub const RATELIMIT: Migrations = &[(
     include_str!("../../sql/ratelimit_001_buckets.sql"),
 )];
 
+/// The audit checkpoints (`audit/checkpoints.db`).
+pub const AUDIT: Migrations = &[(
+    1,
+    "audit_001_checkpoints.sql",
+    include_str!("../../sql/audit_001_checkpoints.sql"),
+)];
+
 /// The schema version this binary writes.
 pub fn latest_version(migrations: Migrations) -> i64 {
     migrations.last().map_or(0, |m| m.0)
@@ -80,7 +87,7 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order_and_apply_once() {
-        for migrations in [MAIN, RATELIMIT] {
+        for migrations in [MAIN, RATELIMIT, AUDIT] {
             for (i, (version, name, _)) in migrations.iter().enumerate() {
                 assert_eq!(*version, i as i64 + 1);
                 assert!(name.contains(&format!("{version:03}_")), "{name}");

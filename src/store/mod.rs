@@ -10,6 +10,7 @@
 //! ever blocks the reactor.
 
 mod accounts;
+mod audit;
 mod idempotency;
 mod migrate;
 mod payments;
@@ -26,6 +27,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
 pub use accounts::{Account, MemberUpsert, Membership};
+pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
 pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
 pub use ratelimit::RateStore;

@@ -10,9 +10,8 @@
 //! worker notices a replaced file within a second ([`Keyring::reload_if_changed`], polled by
 //! the server) and at once when a token names a `kid` it does not know.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +21,8 @@ use base64::Engine as _;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+
+use crate::secret_file::{read_private, write_private};
 
 /// File name of the key set inside the data directory.
 pub const KEYS_FILE: &str = "jwt-keys.json";
@@ -246,24 +247,7 @@ impl KeySet {
 
 /// Reads the key set, refusing a file that other users can read.
 pub fn load(path: &Path) -> Result<KeySet, KeyError> {
-    let file = File::open(path)
-        .map_err(|e| KeyError(format!("cannot open key file {}: {e}", path.display())))?;
-    let mode = file
-        .metadata()
-        .map_err(|e| KeyError(format!("cannot stat {}: {e}", path.display())))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(KeyError(format!(
-            "key file {} has mode {:04o}: group and others must have no access; run \
-             `chmod 600 {}`",
-            path.display(),
-            mode & 0o7777,
-            path.display()
-        )));
-    }
-    let bytes = fs::read(path)
-        .map_err(|e| KeyError(format!("cannot read key file {}: {e}", path.display())))?;
+    let bytes = read_private(path).map_err(KeyError)?;
     KeySet::from_json(&bytes, path)
 }
 
@@ -275,7 +259,7 @@ pub fn load_or_create(data_dir: &Path, now_s: i64) -> Result<KeySet, KeyError> {
         return load(&path);
     }
     let set = KeySet::generate(&SystemRandom::new(), now_s)?;
-    match write_file(&path, &set.to_json(), false) {
+    match write_private(&path, &set.to_json(), false) {
         Ok(()) => {
             log::info!(
                 "created JWT signing key {} in {}",
@@ -310,40 +294,9 @@ pub fn update<T>(
     let current = load_or_create(data_dir, now_s)?;
     let (next, result) = change(&current)?;
     let path = data_dir.join(KEYS_FILE);
-    write_file(&path, &next.to_json(), true)
+    write_private(&path, &next.to_json(), true)
         .map_err(|e| KeyError(format!("cannot write {}: {e}", path.display())))?;
     Ok((next, result))
-}
-
-/// Writes `bytes` to `path` durably and atomically, with mode 0600. Without `replace`, fails
-/// with `AlreadyExists` if `path` exists.
-fn write_file(path: &Path, bytes: &[u8], replace: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("keys"),
-        std::process::id()
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    let placed = if replace {
-        fs::rename(&temp, path)
-    } else {
-        // A hard link never replaces an existing file: exactly one creator wins.
-        fs::hard_link(&temp, path).and_then(|()| fs::remove_file(&temp))
-    };
-    if placed.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    placed?;
-    File::open(dir)?.sync_all()
 }
 
 /// What identifies one version of the key file on disk.
@@ -444,6 +397,7 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("paygate-keys-{}", uuid::Uuid::new_v4()));

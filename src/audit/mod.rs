@@ -1,0 +1,239 @@
+//! The audit log: an append-only, fsync'd, HMAC-chained record of every request that gets
+//! past rate limiting — written before access control runs, so a crash cannot hide an
+//! attempt.
+//!
+//! Layout under the data directory:
+//!
+//! ```text
+//! audit.key                  the chain's HMAC key (0600), apart from the log
+//! audit/checkpoints.db       per instance: records made durable, last chain value
+//! audit/<instance>/000001.jsonl, 000002.jsonl, …   one chain per writer instance
+//! ```
+//!
+//! Each worker process writes its own chain (its *instance*: `--instance`, or the first
+//! free number), under an exclusive lock on the instance directory. One chain per process
+//! means no lock shared between processes on the request path, group commit within each
+//! process, and a chain whose order is simply the order of that file. `paygate audit
+//! verify` checks every chain.
+//!
+//! - [`record`]: the line format and the chain.
+//! - [`writer`]: group commit, rotation, torn-tail recovery, failure handling.
+//! - [`verify`]: checking a whole audit directory.
+//! - [`read`]: recent records for `GET /audit`.
+
+pub mod read;
+pub mod record;
+pub mod verify;
+pub mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::secret_file::{read_private, sync_dir, write_private};
+pub use writer::AuditUnavailable;
+use writer::AuditWriter;
+
+/// The audit directory inside the data directory.
+pub const AUDIT_DIR: &str = "audit";
+/// The audit key file inside the data directory (not inside the audit directory).
+pub const KEY_FILE: &str = "audit.key";
+/// Default size at which a file is rotated.
+pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads the audit key.
+pub fn load_key(path: &Path) -> Result<hmac::Key, String> {
+    let text = read_private(path)?;
+    let mut secret = [0u8; 32];
+    match URL_SAFE_NO_PAD.decode_slice(text.trim_ascii(), &mut secret) {
+        Ok(32) => Ok(hmac::Key::new(hmac::HMAC_SHA256, &secret)),
+        _ => Err(format!(
+            "{} does not hold a 32-byte base64url key; restore it from a backup (without it \
+             the existing audit chains cannot be verified)",
+            path.display()
+        )),
+    }
+}
+
+/// Reads the audit key of `data_dir`, creating a random one on first start.
+pub fn load_or_create_key(data_dir: &Path) -> Result<hmac::Key, String> {
+    let path = data_dir.join(KEY_FILE);
+    if !path.exists() {
+        let mut secret = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| "the system random generator failed".to_owned())?;
+        let text = format!("{}\n", URL_SAFE_NO_PAD.encode(secret));
+        match write_private(&path, text.as_bytes(), false) {
+            Ok(()) => log::info!("created the audit key {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
+    }
+    load_key(&path)
+}
+
+/// Whether `name` can name an instance (and so a directory): 1–64 of `A-Z a-z 0-9 . _ -`,
+/// not starting with a dot.
+pub fn valid_instance(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Creates `dir` if needed, syncing its parent so the new entry survives a crash.
+fn create_dir_durably(dir: &Path) -> Result<(), String> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent).map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// Takes the exclusive lock of an instance directory; `Ok(None)` if another process holds
+/// it.
+fn lock_instance(audit_dir: &Path, instance: &str) -> Result<Option<File>, String> {
+    let dir = audit_dir.join(instance);
+    create_dir_durably(&dir)?;
+    let path = dir.join(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// A worker's audit log.
+pub struct AuditLog {
+    /// This writer's instance name (its chain).
+    pub instance: String,
+    /// `<instance>` as records show it in `worker`.
+    pub pid: u32,
+    /// `None` when auditing was switched off (`--audit off`, for measurements only).
+    writer: Option<AuditWriter>,
+    /// Held for the life of the process: one writer per chain.
+    _lock: Option<File>,
+}
+
+impl AuditLog {
+    /// Opens the audit log of `data_dir` for `instance` (or the first free instance
+    /// number), recovering a torn tail, and starts its writer. Blocking.
+    pub fn open(
+        data_dir: &Path,
+        instance: Option<&str>,
+        rotate_bytes: u64,
+        enabled: bool,
+    ) -> Result<AuditLog, String> {
+        let pid = std::process::id();
+        if !enabled {
+            log::warn!(
+                "AUDIT LOG OFF (--audit off): requests are served without an audit record; \
+                 use this only to measure the audit log's cost"
+            );
+            return Ok(AuditLog {
+                instance: instance.unwrap_or("off").to_owned(),
+                pid,
+                writer: None,
+                _lock: None,
+            });
+        }
+        let key = load_or_create_key(data_dir)?;
+        let audit_dir = data_dir.join(AUDIT_DIR);
+        create_dir_durably(&audit_dir)?;
+        let (instance, lock) = match instance {
+            Some(name) => match lock_instance(&audit_dir, name)? {
+                Some(lock) => (name.to_owned(), lock),
+                None => {
+                    return Err(format!(
+                        "audit instance {name} is in use by another paygate process on {}; \
+                         give every worker its own --instance",
+                        data_dir.display()
+                    ))
+                }
+            },
+            None => first_free_instance(&audit_dir)?,
+        };
+        let dir = audit_dir.join(&instance);
+        let writer = AuditWriter::start(&audit_dir, &dir, &instance, key, rotate_bytes)?;
+        log::info!("audit log: {}", dir.display());
+        Ok(AuditLog {
+            instance,
+            pid,
+            writer: Some(writer),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Queues a record and waits until it is on disk.
+    pub async fn append_durably(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
+        match &self.writer {
+            Some(writer) => writer.append_durably(body).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a record; it is written with the next group commit.
+    pub fn append(&self, body: Vec<u8>) {
+        if let Some(writer) = &self.writer {
+            writer.append(body);
+        }
+    }
+
+    /// Makes writes fail until called with `false` (fault-injection tests).
+    pub fn inject_fault(&self, failing: bool) {
+        if let Some(writer) = &self.writer {
+            writer.inject_fault(failing);
+        }
+    }
+
+    /// Writes everything queued and stops the writer. Blocking; call at shutdown.
+    pub fn close(&self) {
+        if let Some(writer) = &self.writer {
+            writer.close();
+        }
+    }
+}
+
+fn first_free_instance(audit_dir: &Path) -> Result<(String, File), String> {
+    for n in 1..=1024u32 {
+        let name = n.to_string();
+        if let Some(lock) = lock_instance(audit_dir, &name)? {
+            return Ok((name, lock));
+        }
+    }
+    Err(format!(
+        "every audit instance from 1 to 1024 in {} is in use",
+        audit_dir.display()
+    ))
+}
+
+/// The directories of every instance in an audit directory, by name.
+pub fn instance_dirs(audit_dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut dirs = Vec::new();
+    for entry in fs::read_dir(audit_dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        if let Some(name) = entry.file_name().to_str().filter(|n| valid_instance(n)) {
+            dirs.push((name.to_owned(), entry.path()));
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}

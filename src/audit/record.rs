@@ -1,0 +1,236 @@
+//! What an audit line holds, and how lines are chained.
+//!
+//! A line is one JSON object: `{"seq":N, …fields…, "chain":"<64 hex>"}`. The chain value is
+//! HMAC-SHA256(audit key, previous line's chain value ‖ the line without its `chain`
+//! member, i.e. the bytes up to `,"chain"` followed by `}`). The first line of an
+//! instance's first file uses 32 zero bytes as the previous value; every later file
+//! continues from the last line of the one before. So editing, deleting, inserting or
+//! reordering any line breaks every chain value from there on.
+//!
+//! Fields are serialised by serde_json, which escapes every control character: no value a
+//! client sends can end a line or add a member.
+
+use ring::hmac;
+use serde::Serialize;
+
+/// The chain value before the first record.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// The bytes that end every line before the hex chain value.
+const CHAIN_MEMBER: &[u8] = b",\"chain\":\"";
+
+/// The `request` record: written and synced before access control runs.
+#[derive(Debug, Serialize)]
+pub struct RequestRecord<'a> {
+    /// UTC, RFC 3339 with milliseconds.
+    pub time: &'a str,
+    pub phase: &'static str,
+    pub request_id: &'a str,
+    /// The worker instance and its process id.
+    pub worker: &'a str,
+    pub pid: u32,
+    pub client_ip: String,
+    /// The proven username, or null.
+    pub principal: Option<&'a str>,
+    /// The username a failed attempt claimed, if it named one.
+    pub claimed: Option<&'a str>,
+    /// `basic`, `bearer-jwt`, `bearer-opaque`, `capability` or `none`.
+    pub auth: &'static str,
+    /// `ok`, `failed`, or null when no credentials were offered.
+    pub auth_result: Option<&'static str>,
+    /// Why authentication failed.
+    pub auth_reason: Option<&'static str>,
+    pub method: &'a str,
+    /// Path and query, with secret query parameters redacted.
+    pub path: &'a str,
+    /// `C`, `R`, `U` or `D`.
+    pub op: &'static str,
+}
+
+/// The `response` record: how the request ended.
+#[derive(Debug, Serialize)]
+pub struct ResponseRecord<'a> {
+    pub time: &'a str,
+    pub phase: &'static str,
+    pub request_id: &'a str,
+    pub worker: &'a str,
+    pub pid: u32,
+    pub status: u16,
+    /// Why a 4xx/5xx was answered (never a secret: a category, a field name or a
+    /// server-written sentence).
+    pub reason: Option<&'a str>,
+    pub duration_us: u64,
+}
+
+/// A record's JSON without `seq` and `chain`: `{"time":…}`. Serialising borrowed strings
+/// and integers cannot fail.
+pub fn body_of(record: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+/// The full line (with `seq` and `chain`, ending in a newline) for `body` as record `seq`
+/// after the chain value `prev`; returns the line's own chain value too.
+pub fn seal(
+    key: &hmac::Key,
+    prev: &[u8; 32],
+    seq: u64,
+    body: &[u8],
+    line: &mut Vec<u8>,
+) -> [u8; 32] {
+    let start = line.len();
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(seq.to_string().as_bytes());
+    // `body` is a JSON object: `{` + members + `}`; splice its members in after `seq`.
+    if body.len() > 2 {
+        line.push(b',');
+        line.extend_from_slice(&body[1..body.len() - 1]);
+    }
+    line.push(b'}');
+    let chain = chain_value(key, prev, &line[start..]);
+    // Replace the closing brace with the chain member.
+    line.pop();
+    line.extend_from_slice(CHAIN_MEMBER);
+    line.extend_from_slice(hex(&chain).as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    chain
+}
+
+fn chain_value(key: &hmac::Key, prev: &[u8; 32], content: &[u8]) -> [u8; 32] {
+    let mut context = hmac::Context::with_key(key);
+    context.update(prev);
+    context.update(content);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.sign().as_ref());
+    out
+}
+
+/// A line taken apart: what was signed, and the chain value it carries.
+pub struct Unsealed {
+    /// The line without its chain member (the signed bytes).
+    pub content: Vec<u8>,
+    pub chain: [u8; 32],
+}
+
+/// Splits a line (without its newline) into content and chain value; `None` when it does
+/// not end with a well-formed chain member.
+pub fn unseal(line: &[u8]) -> Option<Unsealed> {
+    // ,"chain":"<64 hex>"}
+    let tail = CHAIN_MEMBER.len() + 64 + 2;
+    if line.len() < tail + 2 || !line.ends_with(b"\"}") {
+        return None;
+    }
+    let at = line.len() - tail;
+    if &line[at..at + CHAIN_MEMBER.len()] != CHAIN_MEMBER {
+        return None;
+    }
+    let chain = unhex(&line[at + CHAIN_MEMBER.len()..line.len() - 2])?;
+    let mut content = line[..at].to_vec();
+    content.push(b'}');
+    Some(Unsealed { content, chain })
+}
+
+/// Whether `unsealed` follows `prev` under `key` (constant-time comparison).
+pub fn verifies(key: &hmac::Key, prev: &[u8; 32], unsealed: &Unsealed) -> bool {
+    let mut context = Vec::with_capacity(32 + unsealed.content.len());
+    context.extend_from_slice(prev);
+    context.extend_from_slice(&unsealed.content);
+    hmac::verify(key, &context, &unsealed.chain).is_ok()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+pub fn unhex(text: &[u8]) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in text.chunks(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, b"test audit key, 32 bytes long!!!")
+    }
+
+    #[test]
+    fn a_sealed_line_unseals_and_verifies_only_after_its_predecessor() {
+        let key = key();
+        let mut line = Vec::new();
+        let body = br#"{"time":"t","phase":"request"}"#;
+        let first = seal(&key, &GENESIS, 1, body, &mut line);
+        assert!(line.starts_with(br#"{"seq":1,"time":"t","phase":"request","chain":""#));
+        assert!(line.ends_with(b"\"}\n"));
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["seq"], 1);
+        let unsealed = unseal(&line[..line.len() - 1]).unwrap();
+        assert_eq!(unsealed.chain, first);
+        assert!(verifies(&key, &GENESIS, &unsealed));
+        assert!(!verifies(&key, &[1; 32], &unsealed), "wrong predecessor");
+        let other = hmac::Key::new(hmac::HMAC_SHA256, b"another key");
+        assert!(!verifies(&other, &GENESIS, &unsealed), "wrong key");
+
+        // An edited byte anywhere in the content breaks it.
+        let edited = String::from_utf8(line[..line.len() - 1].to_vec())
+            .unwrap()
+            .replace("request", "respons");
+        let unsealed = unseal(edited.as_bytes()).unwrap();
+        assert!(!verifies(&key, &GENESIS, &unsealed));
+    }
+
+    #[test]
+    fn client_strings_cannot_break_a_line() {
+        let record = RequestRecord {
+            time: "t",
+            phase: "request",
+            request_id: "r",
+            worker: "1",
+            pid: 1,
+            client_ip: "127.0.0.1".into(),
+            principal: None,
+            claimed: Some("x\"}\n{\"seq\":99,\"forged\":\"\u{0}"),
+            auth: "basic",
+            auth_result: Some("failed"),
+            auth_reason: None,
+            method: "GET",
+            path: "/a\r\nb",
+            op: "R",
+        };
+        let mut line = Vec::new();
+        seal(&key(), &GENESIS, 7, &body_of(&record), &mut line);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["seq"], 7);
+        assert!(parsed.get("forged").is_none());
+        assert_eq!(parsed["path"], "/a\r\nb");
+    }
+
+    #[test]
+    fn malformed_chain_members_are_refused() {
+        assert!(unseal(b"{}").is_none());
+        assert!(unseal(br#"{"seq":1,"chain":"zz"}"#).is_none());
+        let upper = format!(r#"{{"seq":1,"chain":"{}"}}"#, "A".repeat(64));
+        assert!(unseal(upper.as_bytes()).is_none());
+        let good = format!(r#"{{"seq":1,"chain":"{}"}}"#, "a".repeat(64));
+        assert!(unseal(good.as_bytes()).is_some());
+        assert_eq!(unhex(hex(&[0xab; 32]).as_bytes()), Some([0xab; 32]));
+    }
+}

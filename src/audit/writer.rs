@@ -1,0 +1,507 @@
+//! The audit writer: one thread per worker process that appends chained lines to this
+//! instance's file with group commit.
+//!
+//! Requests hand their record to a queue and wait. The thread takes *everything* queued,
+//! chains it, writes it with one `write`, makes it durable with one `fdatasync`, records the
+//! checkpoint, and only then answers every waiter. Records queued while a sync runs go into
+//! the next one, which starts as soon as this one ends: no timer, and a request never waits
+//! for a sync that began before its record was queued.
+//!
+//! If a write or sync fails, every waiter of that batch gets an error (the request answers
+//! 503 and does nothing), the file is cut back to its last durable length, and each later
+//! batch first retries that repair: until it succeeds, every record fails, so the worker
+//! serves nothing it could not audit.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use ring::hmac;
+use tokio::sync::oneshot;
+
+use super::record::{seal, unseal, GENESIS};
+use crate::secret_file::sync_dir;
+use crate::store::{Checkpoint, Checkpoints};
+
+/// The audit log could not make a record durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditUnavailable;
+
+type Done = oneshot::Sender<Result<(), AuditUnavailable>>;
+
+struct Entry {
+    /// The record's JSON without `seq` and `chain`.
+    body: Vec<u8>,
+    /// Who waits for it to be durable, if anyone.
+    done: Option<Done>,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: Vec<Entry>,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Fault injection for tests: while set, writes and repairs fail as a full disk would.
+    fault: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A worker's handle on its audit log.
+pub struct AuditWriter {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Where a chain stands: records written so far and the last chain value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub chain: [u8; 32],
+}
+
+/// File name of the `n`th file of an instance.
+pub fn file_name(n: u32) -> String {
+    format!("{n:06}.jsonl")
+}
+
+/// The numbered log files of an instance directory, in order.
+pub fn log_files(dir: &Path) -> std::io::Result<Vec<(u32, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(n) = name
+            .strip_suffix(".jsonl")
+            .filter(|stem| stem.len() == 6)
+            .and_then(|stem| stem.parse::<u32>().ok())
+        {
+            files.push((n, path));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What the end of an audit file holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    /// The last whole record, and the length of the file up to and including it; bytes
+    /// after it are a torn write.
+    Record(Head, usize),
+    /// No record at all (bytes, if any, are a torn write).
+    Empty,
+    /// Neither of the last two lines is a record: not a torn write but damage.
+    Damaged,
+}
+
+fn parse_record(line: &[u8]) -> Option<Head> {
+    let seq = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()?
+        .get("seq")?
+        .as_u64()?;
+    Some(Head {
+        seq,
+        chain: unseal(line)?.chain,
+    })
+}
+
+/// Finds the last whole record of `bytes`. A final fragment without its newline never
+/// completed; a final line that is not a record (zeros after a power cut) is the remains of
+/// a torn write too. Anything worse is damage.
+fn last_record(bytes: &[u8]) -> Tail {
+    let mut end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    for _ in 0..2 {
+        if end == 0 {
+            return Tail::Empty;
+        }
+        let start = bytes[..end - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if let Some(head) = parse_record(&bytes[start..end - 1]) {
+            return Tail::Record(head, end);
+        }
+        end = start;
+    }
+    Tail::Damaged
+}
+
+/// What [`open_instance`] found and prepared.
+struct Opened {
+    file: File,
+    number: u32,
+    size: u64,
+    head: Head,
+}
+
+/// Opens the newest file of an instance directory for appending, creating the first one if
+/// there is none. A torn tail (an incomplete or unreadable last line left by a crash) is
+/// moved to `<file>.<ms>.torn` and cut off, so the chain continues from the last whole
+/// record.
+fn open_instance(dir: &Path) -> Result<Opened, String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} in {}: {e}", dir.display());
+    let files = log_files(dir).map_err(|e| fail("cannot list the audit files", &e))?;
+    let Some((number, path)) = files.last().cloned() else {
+        let path = dir.join(file_name(1));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| fail("cannot create the first audit file", &e))?;
+        sync_dir(dir).map_err(|e| fail("cannot sync", &e))?;
+        return Ok(Opened {
+            file,
+            number: 1,
+            size: 0,
+            head: Head {
+                seq: 0,
+                chain: GENESIS,
+            },
+        });
+    };
+    let mut bytes = Vec::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| fail("cannot read the audit file", &e))?;
+    let (head, good) = match last_record(&bytes) {
+        Tail::Record(head, good) => (Some(head), good),
+        Tail::Empty => (None, 0),
+        Tail::Damaged => {
+            return Err(format!(
+                "audit file {} is damaged before its last line (not a torn write); run \
+                 `paygate audit verify` to see where, and move the file aside to start a \
+                 new chain",
+                path.display()
+            ))
+        }
+    };
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| fail("cannot open the audit file", &e))?;
+    if good < bytes.len() {
+        let torn = path.with_extension(format!("jsonl.{}.torn", crate::time::now_millis()));
+        fs::write(&torn, &bytes[good..])
+            .and_then(|()| File::open(&torn)?.sync_all())
+            .and_then(|()| file.set_len(good as u64))
+            .and_then(|()| file.sync_all())
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| fail("cannot set a torn audit tail aside", &e))?;
+        log::warn!(
+            "audit file {} ended in a torn record ({} bytes, left by a crash); moved it to {} \
+             and continued the chain from the last whole record",
+            path.display(),
+            bytes.len() - good,
+            torn.display()
+        );
+    }
+    let head = match head {
+        Some(head) => head,
+        // An empty newest file (a crash right after rotating): continue from the one before.
+        None => match files.len().checked_sub(2).map(|i| &files[i].1) {
+            None => Head {
+                seq: 0,
+                chain: GENESIS,
+            },
+            Some(previous) => {
+                let bytes = fs::read(previous).map_err(|e| fail("cannot read", &e))?;
+                match last_record(&bytes) {
+                    Tail::Record(head, good) if good == bytes.len() => head,
+                    _ => {
+                        return Err(format!(
+                            "{} does not end with a whole record; run `paygate audit verify`",
+                            previous.display()
+                        ))
+                    }
+                }
+            }
+        },
+    };
+    Ok(Opened {
+        file,
+        number,
+        size: good as u64,
+        head,
+    })
+}
+
+/// The thread's state.
+struct Writer {
+    dir: PathBuf,
+    instance: String,
+    key: hmac::Key,
+    file: File,
+    number: u32,
+    /// Bytes of the file known to be durable.
+    size: u64,
+    head: Head,
+    rotate_bytes: u64,
+    checkpoints: Checkpoints,
+    /// A write failed and the file has not been cut back yet.
+    broken: bool,
+    shared: Arc<Shared>,
+    buffer: Vec<u8>,
+}
+
+impl AuditWriter {
+    /// Opens (or continues) the chain in `dir` (this instance's directory) and starts the
+    /// writer thread. `audit_dir` holds the checkpoint database.
+    pub fn start(
+        audit_dir: &Path,
+        dir: &Path,
+        instance: &str,
+        key: hmac::Key,
+        rotate_bytes: u64,
+    ) -> Result<AuditWriter, String> {
+        let opened = open_instance(dir)?;
+        let checkpoints = Checkpoints::open(audit_dir).map_err(|e| {
+            format!(
+                "cannot open the audit checkpoints in {}: {e}",
+                audit_dir.display()
+            )
+        })?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            fault: AtomicBool::new(false),
+        });
+        let mut writer = Writer {
+            dir: dir.to_owned(),
+            instance: instance.to_owned(),
+            key,
+            file: opened.file,
+            number: opened.number,
+            size: opened.size,
+            head: opened.head,
+            rotate_bytes,
+            checkpoints,
+            broken: false,
+            shared: shared.clone(),
+            buffer: Vec::with_capacity(64 * 1024),
+        };
+        let thread = std::thread::Builder::new()
+            .name("paygate-audit".into())
+            .spawn(move || writer.run())
+            .map_err(|e| format!("cannot start the audit writer thread: {e}"))?;
+        Ok(AuditWriter {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn enqueue(&self, body: Vec<u8>, done: Option<Done>) -> bool {
+        let mut queue = self.shared.lock();
+        if queue.closing {
+            return false;
+        }
+        queue.entries.push(Entry { body, done });
+        drop(queue);
+        self.shared.wake.notify_one();
+        true
+    }
+
+    /// Queues a record and waits until it is durable.
+    pub async fn append_durably(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
+        let (done, durable) = oneshot::channel();
+        if !self.enqueue(body, Some(done)) {
+            return Err(AuditUnavailable);
+        }
+        durable.await.unwrap_or(Err(AuditUnavailable))
+    }
+
+    /// Queues a record without waiting (it goes out with the next group commit).
+    pub fn append(&self, body: Vec<u8>) {
+        if !self.enqueue(body, None) {
+            log::error!("an audit record arrived after the log was closed");
+        }
+    }
+
+    /// Makes writes fail (as on a full or broken disk) until called with `false`. For
+    /// fault-injection tests.
+    pub fn inject_fault(&self, failing: bool) {
+        self.shared.fault.store(failing, Ordering::SeqCst);
+    }
+
+    /// Writes what is queued and stops the thread. Blocking.
+    pub fn close(&self) {
+        self.shared.lock().closing = true;
+        self.shared.wake.notify_all();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        // Let the thread drain and end on its own; never block a drop.
+        self.shared.lock().closing = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Writer {
+    fn run(&mut self) {
+        loop {
+            let batch = {
+                let mut queue = self.shared.lock();
+                while queue.entries.is_empty() && !queue.closing {
+                    queue = self
+                        .shared
+                        .wake
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                if queue.entries.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut queue.entries)
+            };
+            let result = self.commit(&batch);
+            for entry in batch {
+                if let Some(done) = entry.done {
+                    // A waiter that went away (client disconnected) needs no answer.
+                    let _ = done.send(result);
+                }
+            }
+        }
+    }
+
+    fn fault(&self) -> std::io::Result<()> {
+        if self.shared.fault.load(Ordering::SeqCst) {
+            Err(std::io::Error::other("injected audit write failure"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Chains, writes and syncs one batch.
+    fn commit(&mut self, batch: &[Entry]) -> Result<(), AuditUnavailable> {
+        if self.broken {
+            if let Err(e) = self.repair() {
+                log::error!("audit log still not writable, refusing requests: {e}");
+                return Err(AuditUnavailable);
+            }
+            log::info!("audit log writable again; serving requests");
+            self.broken = false;
+        }
+        self.buffer.clear();
+        let mut head = self.head;
+        for entry in batch {
+            head.seq += 1;
+            head.chain = seal(
+                &self.key,
+                &head.chain,
+                head.seq,
+                &entry.body,
+                &mut self.buffer,
+            );
+        }
+        let written = self.rotate_if_full().and_then(|()| self.write_buffer());
+        match written {
+            Ok(()) => {
+                self.size += self.buffer.len() as u64;
+                self.head = head;
+                let checkpoint = Checkpoint {
+                    records: head.seq,
+                    head: head.chain,
+                };
+                if let Err(e) = self.checkpoints.save(&self.instance, &checkpoint) {
+                    log::warn!("could not checkpoint the audit log (records stay durable): {e}");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                log::error!(
+                    "writing the audit log {} failed: {e}; refusing requests until it is \
+                     writable",
+                    self.dir.join(file_name(self.number)).display()
+                );
+                self.broken = true;
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    fn write_buffer(&mut self) -> std::io::Result<()> {
+        self.fault()?;
+        self.file.write_all(&self.buffer)?;
+        self.file.sync_data()
+    }
+
+    /// Starts the next file when this batch would push the current one past the limit.
+    fn rotate_if_full(&mut self) -> std::io::Result<()> {
+        if self.size == 0 || self.size + self.buffer.len() as u64 <= self.rotate_bytes {
+            return Ok(());
+        }
+        self.fault()?;
+        let next = self.number + 1;
+        let path = self.dir.join(file_name(next));
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.number = next;
+        self.size = 0;
+        log::info!("audit log rotated to {}", path.display());
+        Ok(())
+    }
+
+    /// Cuts the file back to its durable length, dropping whatever a failed write left.
+    fn repair(&mut self) -> std::io::Result<()> {
+        self.fault()?;
+        self.file.set_len(self.size)?;
+        self.file.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_record_is_found_and_torn_tails_are_not_records() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
+        let mut bytes = Vec::new();
+        let first = seal(&key, &GENESIS, 1, br#"{"a":1}"#, &mut bytes);
+        let second = seal(&key, &first, 2, br#"{"a":2}"#, &mut bytes);
+        let whole = bytes.len();
+        let head = Head {
+            seq: 2,
+            chain: second,
+        };
+        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
+        // A fragment without a newline.
+        bytes.extend_from_slice(br#"{"seq":3,"a":"#);
+        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
+        // A "line" of zeros (a power cut can leave those).
+        bytes.truncate(whole);
+        bytes.extend_from_slice(&[0, 0, 0, b'\n']);
+        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
+        // Two bad lines are damage, not a torn write.
+        bytes.extend_from_slice(b"junk\n");
+        assert_eq!(last_record(&bytes), Tail::Damaged);
+        assert_eq!(last_record(b""), Tail::Empty);
+        assert_eq!(last_record(b"partial"), Tail::Empty);
+    }
+}

@@ -1,0 +1,183 @@
+//! The audit stage: after authentication, before access control. The `request` record —
+//! who (or who claimed to be), how they authenticated and with what result, what they ask —
+//! is on disk (group-committed, fdatasync'd) before anything may change; if it cannot be
+//! written, the request ends here with 503. The `response` record follows with the status,
+//! the reason for a refusal, and the time taken.
+//!
+//! Nothing secret is written: no password, token, `Authorization` value or TOTP code is
+//! ever handed to this stage, and secret query parameters are replaced by `REDACTED`.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::Method;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::audit::record::{body_of, RequestRecord, ResponseRecord};
+use crate::filter::authenticate::Identity;
+use crate::http::ApiError;
+use crate::routes::Route;
+use crate::time::{format_rfc3339_millis, now_millis};
+
+/// Query parameters whose values are never written anywhere.
+const SECRET_PARAMETERS: &[&str] = &["access_token", "token", "password", "code", "secret"];
+/// Longest path (with query) recorded; longer ones are cut and marked.
+const MAX_PATH: usize = 2048;
+
+/// A request whose `request` record is durable; closes it with a `response` record.
+pub struct Audited {
+    request_id: String,
+    started: Instant,
+}
+
+/// The path and query as recorded: secret parameter values replaced, length bounded.
+pub fn redacted_path(path: &str, query: Option<&str>) -> String {
+    let mut out = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            if SECRET_PARAMETERS
+                .iter()
+                .any(|secret| name.eq_ignore_ascii_case(secret))
+            {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            } else {
+                out.push_str(pair);
+            }
+        }
+    }
+    if out.len() > MAX_PATH {
+        let mut cut = MAX_PATH;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("…[truncated]");
+    }
+    out
+}
+
+/// What the request would do: `C`reate, `R`ead, `U`pdate or `D`elete.
+fn operation(method: &Method, route: &Route) -> &'static str {
+    match route {
+        // Setting a grant or confirming an enrolment changes an existing thing.
+        Route::GrantMember(_) | Route::ConfirmTotp => "U",
+        _ => match *method {
+            Method::GET | Method::HEAD | Method::OPTIONS => "R",
+            Method::POST => "C",
+            Method::DELETE => "D",
+            _ => "U",
+        },
+    }
+}
+
+/// Writes the `request` record and waits until it is durable.
+#[allow(clippy::too_many_arguments)]
+pub async fn record_request(
+    app: &App,
+    request_id: Uuid,
+    started: Instant,
+    client: IpAddr,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    route: &Route,
+    identity: &Identity,
+) -> Result<Audited, ApiError> {
+    let mut id = Uuid::encode_buffer();
+    let request_id = request_id.hyphenated().encode_lower(&mut id);
+    let time = format_rfc3339_millis(now_millis());
+    let path = redacted_path(path, query);
+    let (principal, claimed, auth, auth_result, auth_reason) = match identity {
+        Identity::Anonymous => (None, None, "none", None, None),
+        Identity::Authenticated(p) => (
+            Some(p.username.as_str()),
+            None,
+            p.method.as_str(),
+            Some("ok"),
+            None,
+        ),
+        Identity::Failed {
+            method,
+            claimed,
+            reason,
+        } => (
+            None,
+            claimed.as_deref(),
+            method.map_or("none", |m| m.as_str()),
+            Some("failed"),
+            Some(reason.as_str()),
+        ),
+    };
+    let record = RequestRecord {
+        time: &time,
+        phase: "request",
+        request_id,
+        worker: &app.audit.instance,
+        pid: app.audit.pid,
+        client_ip: client.to_string(),
+        principal,
+        claimed,
+        auth,
+        auth_result,
+        auth_reason,
+        method: method.as_str(),
+        path: &path,
+        op: operation(method, route),
+    };
+    match app.audit.append_durably(body_of(&record)).await {
+        Ok(()) => Ok(Audited {
+            request_id: request_id.to_owned(),
+            started,
+        }),
+        Err(_) => Err(ApiError::AuditUnavailable),
+    }
+}
+
+impl Audited {
+    /// Queues the `response` record (it goes out with the next group commit; the response
+    /// does not wait for it).
+    pub fn record_response(self, app: &App, status: u16, reason: Option<Cow<'_, str>>) {
+        let time = format_rfc3339_millis(now_millis());
+        let record = ResponseRecord {
+            time: &time,
+            phase: "response",
+            request_id: &self.request_id,
+            worker: &app.audit.instance,
+            pid: app.audit.pid,
+            status,
+            reason: reason.as_deref(),
+            duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        app.audit.append(body_of(&record));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_parameters_are_redacted() {
+        assert_eq!(redacted_path("/a", None), "/a");
+        assert_eq!(
+            redacted_path("/a", Some("limit=5&access_token=abc.def&Token=x&cursor=y")),
+            "/a?limit=5&access_token=REDACTED&Token=REDACTED&cursor=y"
+        );
+        assert_eq!(
+            redacted_path("/a", Some("access_token")),
+            "/a?access_token=REDACTED"
+        );
+        let long = "x".repeat(5000);
+        let cut = redacted_path(&format!("/{long}"), None);
+        assert!(cut.len() < MAX_PATH + 20 && cut.ends_with("[truncated]"));
+    }
+}
