@@ -94,10 +94,16 @@ impl TestServer {
     }
 
     /// Stops the server and starts a new one on the same data directory and options.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|| {}).await
+    }
+
+    /// Stops the server, runs `between` (e.g. to damage a file), and starts it again.
+    pub async fn restart_with(mut self, between: impl FnOnce()) -> Self {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
+        between();
         let dir = TempDir(std::mem::take(&mut self.dir.0));
         let options = std::mem::take(&mut self.options);
         Self::launch(dir, options).await
@@ -132,6 +138,11 @@ impl TestServer {
         }
     }
 
+    /// The running server's shared state.
+    pub fn app(&self) -> Arc<paygate::app::App> {
+        self.running.as_ref().expect("running").app()
+    }
+
     /// The data directory the server uses.
     pub fn data_dir(&self) -> PathBuf {
         PathBuf::from(&self.options["data-dir"][0])
@@ -142,6 +153,15 @@ impl TestServer {
         let response = self.client.post("/sessions").basic(creds).send().await;
         assert_eq!(response.status, 201, "{}", response.text());
         response.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Shuts down and hands over the directory (data included), which lives as long as
+    /// the returned value.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        TempDir(std::mem::take(&mut self.dir.0))
     }
 
     pub async fn shutdown(mut self) {
@@ -312,12 +332,28 @@ impl RequestBuilder {
     }
 
     pub async fn send(self) -> TestResponse {
+        self.exchange(true).await.expect("a response")
+    }
+
+    /// Like `send`, but `None` when the server is gone (connection refused or closed).
+    pub async fn try_send(self) -> Option<TestResponse> {
+        self.exchange(false).await
+    }
+
+    async fn exchange(self, must: bool) -> Option<TestResponse> {
         let alpn: &[&[u8]] = if self.http2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let tls = self
+        let tls = match self
             .client
             .connect_with(alpn, rustls::DEFAULT_VERSIONS)
             .await
-            .expect("TLS connection");
+        {
+            Ok(tls) => tls,
+            Err(e) if !must => {
+                let _ = e;
+                return None;
+            }
+            Err(e) => panic!("TLS connection: {e}"),
+        };
         let mut request = Request::builder().method(self.method).uri(format!(
             "https://localhost:{}{}",
             self.client.addr.port(),
@@ -337,22 +373,34 @@ impl RequestBuilder {
                     .await
                     .unwrap();
             tokio::spawn(conn);
-            sender.send_request(request).await.unwrap()
+            sender.send_request(request).await
         } else {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
             tokio::spawn(conn);
-            sender.send_request(request).await.unwrap()
+            sender.send_request(request).await
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(e) if !must => {
+                let _ = e;
+                return None;
+            }
+            Err(e) => panic!("request failed: {e}"),
         };
         let status = response.status();
         let version = response.version();
         let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        TestResponse {
+        let body = match response.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) if !must => return None,
+            Err(e) => panic!("reading the body: {e}"),
+        };
+        Some(TestResponse {
             status,
             version,
             headers,
             body,
-        }
+        })
     }
 }
 
