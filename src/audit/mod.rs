@@ -152,6 +152,7 @@ impl AuditLog {
                 _lock: None,
             });
         }
+        create_dir_durably(data_dir)?;
         let key = load_or_create_key(data_dir)?;
         let audit_dir = data_dir.join(AUDIT_DIR);
         create_dir_durably(&audit_dir)?;

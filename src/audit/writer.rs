@@ -2,8 +2,8 @@
 //! instance's file with group commit.
 //!
 //! Requests hand their record to a queue and wait. The thread takes *everything* queued,
-//! chains it, writes it with one `write`, makes it durable with one `fdatasync`, records the
-//! checkpoint, and only then answers every waiter. Records queued while a sync runs go into
+//! chains it, writes it with one `write`, makes it durable with one `fdatasync`, answers
+//! every waiter, and then records the checkpoint. Records queued while a sync runs go into
 //! the next one, which starts as soon as this one ends: no timer, and a request never waits
 //! for a sync that began before its record was queued.
 //!
@@ -382,6 +382,22 @@ impl Writer {
                     let _ = done.send(result);
                 }
             }
+            // After the answers: the checkpoint is not what makes records durable, so no
+            // request waits for it. It never runs ahead of the log; it may lag by the
+            // batch in flight when the process dies here.
+            if result.is_ok() {
+                self.checkpoint();
+            }
+        }
+    }
+
+    fn checkpoint(&self) {
+        let checkpoint = Checkpoint {
+            records: self.head.seq,
+            head: self.head.chain,
+        };
+        if let Err(e) = self.checkpoints.save(&self.instance, &checkpoint) {
+            log::warn!("could not checkpoint the audit log (records stay durable): {e}");
         }
     }
 
@@ -420,13 +436,6 @@ impl Writer {
             Ok(()) => {
                 self.size += self.buffer.len() as u64;
                 self.head = head;
-                let checkpoint = Checkpoint {
-                    records: head.seq,
-                    head: head.chain,
-                };
-                if let Err(e) = self.checkpoints.save(&self.instance, &checkpoint) {
-                    log::warn!("could not checkpoint the audit log (records stay durable): {e}");
-                }
                 Ok(())
             }
             Err(e) => {

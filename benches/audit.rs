@@ -1,0 +1,97 @@
+//! Criterion benches for the audit log. Run with `cargo bench --bench audit`.
+//!
+//! - `audit/seal`: serialising a request record and chaining it (HMAC-SHA256): the CPU a
+//!   record costs before any I/O.
+//! - `audit_durable/group_commit/N`: N concurrent writers each make one record durable
+//!   (queued, written and fdatasync'd together); throughput is records per second.
+//! - `audit_durable/fsync_per_record`: the baseline without group commit — one `write` and
+//!   one `fdatasync` per record, same record size, same file system.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+use paygate::audit::record::{body_of, seal, RequestRecord, GENESIS};
+use paygate::audit::AuditLog;
+
+fn sample(time: &str) -> RequestRecord<'_> {
+    RequestRecord {
+        time,
+        phase: "request",
+        request_id: "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f",
+        worker: "1",
+        pid: 4242,
+        client_ip: "127.0.0.1".into(),
+        principal: Some("alice"),
+        claimed: None,
+        auth: "bearer-jwt",
+        auth_result: Some("ok"),
+        auth_reason: None,
+        method: "GET",
+        path: "/accounts/0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f/payments/0190f3a2-7c1e-7d2a-9b4e-aaaaaaaaaaaa",
+        op: "R",
+    }
+}
+
+fn bench_audit(c: &mut Criterion) {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]);
+    let time = paygate::time::format_rfc3339_millis(paygate::time::now_millis());
+    let mut line = Vec::with_capacity(1024);
+    c.bench_function("audit/seal", |b| {
+        b.iter(|| {
+            line.clear();
+            let body = body_of(&sample(&time));
+            seal(&key, &GENESIS, 1, &body, &mut line)
+        })
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = std::env::temp_dir().join(format!("paygate-bench-audit-{}", uuid::Uuid::new_v4()));
+    let log = Arc::new(AuditLog::open(&dir, Some("bench"), 1 << 40, true).expect("audit log"));
+    let body = body_of(&sample(&time));
+    let mut group = c.benchmark_group("audit_durable");
+    group.sample_size(20);
+    for writers in [1u64, 16, 64] {
+        group.throughput(Throughput::Elements(writers));
+        group.bench_function(BenchmarkId::new("group_commit", writers), |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let mut tasks = Vec::with_capacity(writers as usize);
+                    for _ in 0..writers {
+                        let (log, body) = (log.clone(), body.clone());
+                        tasks.push(tokio::spawn(async move { log.append_durably(body).await }));
+                    }
+                    for task in tasks {
+                        task.await.expect("task").expect("durable");
+                    }
+                })
+            })
+        });
+    }
+    let baseline = dir.join("fsync-per-record.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&baseline)
+        .expect("file");
+    let mut line = Vec::new();
+    seal(&key, &GENESIS, 1, &body, &mut line);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("fsync_per_record", |b| {
+        b.iter(|| {
+            file.write_all(&line).expect("write");
+            file.sync_data().expect("fdatasync");
+        })
+    });
+    group.finish();
+    log.close();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(benches, bench_audit);
+criterion_main!(benches);
