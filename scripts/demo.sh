@@ -112,4 +112,15 @@ call 401 POST /sessions "${alice[@]}" -H "X-TOTP: $code"
 call 204 DELETE /sessions "${bearer[@]}"
 call 401 GET /accounts "${bearer[@]}"
 
+# The audit log holds every step above; stop the server (it flushes the log) and verify
+# every chain. (Only when this script started the server: it needs the data directory.)
+if [ -n "$server_pid" ]; then
+  kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
+  step=$((step + 1))
+  printf '\n\033[1m[%d] paygate audit verify\033[0m\n' "$step"
+  verified=$(cd "$workdir" && "$root/target/debug/paygate" audit verify 2>&1) || {
+    printf '%s\n' "$verified"; echo "FAILED: audit verify" >&2; exit 1; }
+  printf '    %s\n' "$verified"
+fi
+
 printf '\n\033[1mtour complete: %d steps behaved as described\033[0m\n' "$step"

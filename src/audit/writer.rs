@@ -5,7 +5,9 @@
 //! chains it, writes it with one `write`, makes it durable with one `fdatasync`, answers
 //! every waiter, and then records the checkpoint. Records queued while a sync runs go into
 //! the next one, which starts as soon as this one ends: no timer, and a request never waits
-//! for a sync that began before its record was queued.
+//! for a sync that began before its record was queued. Records nobody waits for
+//! (`response` records) never start a commit by themselves while requests keep coming:
+//! they go out with the next waited-for commit, or after 50 ms at most.
 //!
 //! If a write or sync fails, every waiter of that batch gets an error (the request answers
 //! 503 and does nothing), the file is cut back to its last durable length, and each later
@@ -41,8 +43,15 @@ struct Entry {
 #[derive(Default)]
 struct Queue {
     entries: Vec<Entry>,
+    /// How many of `entries` someone waits for: only those start a commit at once.
+    waited_for: usize,
     closing: bool,
 }
+
+/// How long records nobody waits for (`response` records) may sit in the queue before
+/// they are committed on their own. Under load they ride along with the next commit that
+/// a request waits for, instead of making that request wait behind a commit of their own.
+const UNWAITED_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -307,9 +316,15 @@ impl AuditWriter {
         if queue.closing {
             return false;
         }
+        // The writer needs waking when a waiter arrives (commit now), or when the queue
+        // stops being empty (start the flush clock for unwaited records).
+        let wake = done.is_some() && queue.waited_for == 0 || queue.entries.is_empty();
+        queue.waited_for += usize::from(done.is_some());
         queue.entries.push(Entry { body, done });
         drop(queue);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         true
     }
 
@@ -363,16 +378,35 @@ impl Writer {
         loop {
             let batch = {
                 let mut queue = self.shared.lock();
-                while queue.entries.is_empty() && !queue.closing {
-                    queue = self
+                loop {
+                    if queue.waited_for > 0 || queue.closing {
+                        break;
+                    }
+                    if queue.entries.is_empty() {
+                        queue = self
+                            .shared
+                            .wake
+                            .wait(queue)
+                            .unwrap_or_else(PoisonError::into_inner);
+                        continue;
+                    }
+                    let (next, waited) = self
                         .shared
                         .wake
-                        .wait(queue)
+                        .wait_timeout(queue, UNWAITED_FLUSH)
                         .unwrap_or_else(PoisonError::into_inner);
+                    queue = next;
+                    if waited.timed_out() {
+                        break;
+                    }
                 }
                 if queue.entries.is_empty() {
-                    return;
+                    if queue.closing {
+                        return;
+                    }
+                    continue;
                 }
+                queue.waited_for = 0;
                 std::mem::take(&mut queue.entries)
             };
             let result = self.commit(&batch);
