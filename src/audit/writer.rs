@@ -15,7 +15,8 @@
 //! serves nothing it could not audit.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -52,6 +53,9 @@ struct Queue {
 /// they are committed on their own. Under load they ride along with the next commit that
 /// a request waits for, instead of making that request wait behind a commit of their own.
 const UNWAITED_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Bytes of zeros written ahead of the records at a time.
+const PREALLOCATE: u64 = 1024 * 1024;
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -152,29 +156,38 @@ fn last_record(bytes: &[u8]) -> Tail {
 struct Opened {
     file: File,
     number: u32,
+    /// Bytes of records in the file.
     size: u64,
+    /// Bytes the file holds, preallocated zeros after the records included.
+    allocated: u64,
     head: Head,
 }
 
-/// Opens the newest file of an instance directory for appending, creating the first one if
-/// there is none. A torn tail (an incomplete or unreadable last line left by a crash) is
-/// moved to `<file>.<ms>.torn` and cut off, so the chain continues from the last whole
-/// record.
+fn open_rw(path: &Path, create: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+}
+
+/// Opens the newest file of an instance directory for writing, creating the first one if
+/// there is none. Zeros after the last record are preallocated space and stay. A torn tail
+/// (an incomplete or unreadable last line left by a crash) is moved to `<file>.<ms>.torn`
+/// and cut off, so the chain continues from the last whole record.
 fn open_instance(dir: &Path) -> Result<Opened, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} in {}: {e}", dir.display());
     let files = log_files(dir).map_err(|e| fail("cannot list the audit files", &e))?;
     let Some((number, path)) = files.last().cloned() else {
         let path = dir.join(file_name(1));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| fail("cannot create the first audit file", &e))?;
+        let file =
+            open_rw(&path, true).map_err(|e| fail("cannot create the first audit file", &e))?;
         sync_dir(dir).map_err(|e| fail("cannot sync", &e))?;
         return Ok(Opened {
             file,
             number: 1,
             size: 0,
+            allocated: 0,
             head: Head {
                 seq: 0,
                 chain: GENESIS,
@@ -197,23 +210,24 @@ fn open_instance(dir: &Path) -> Result<Opened, String> {
             ))
         }
     };
-    let file = OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(|e| fail("cannot open the audit file", &e))?;
-    if good < bytes.len() {
+    let file = open_rw(&path, false).map_err(|e| fail("cannot open the audit file", &e))?;
+    let mut allocated = bytes.len() as u64;
+    let tail = &bytes[good..];
+    if tail.iter().any(|&b| b != 0) {
+        // Keep what was written, without the preallocated zeros after it.
+        let written = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         let torn = path.with_extension(format!("jsonl.{}.torn", crate::time::now_millis()));
-        fs::write(&torn, &bytes[good..])
+        fs::write(&torn, &tail[..written])
             .and_then(|()| File::open(&torn)?.sync_all())
             .and_then(|()| file.set_len(good as u64))
             .and_then(|()| file.sync_all())
             .and_then(|()| sync_dir(dir))
             .map_err(|e| fail("cannot set a torn audit tail aside", &e))?;
+        allocated = good as u64;
         log::warn!(
-            "audit file {} ended in a torn record ({} bytes, left by a crash); moved it to {} \
-             and continued the chain from the last whole record",
+            "audit file {} ended in a torn record ({written} bytes, left by a crash); moved \
+             it to {} and continued the chain from the last whole record",
             path.display(),
-            bytes.len() - good,
             torn.display()
         );
     }
@@ -228,7 +242,7 @@ fn open_instance(dir: &Path) -> Result<Opened, String> {
             Some(previous) => {
                 let bytes = fs::read(previous).map_err(|e| fail("cannot read", &e))?;
                 match last_record(&bytes) {
-                    Tail::Record(head, good) if good == bytes.len() => head,
+                    Tail::Record(head, good) if bytes[good..].iter().all(|&b| b == 0) => head,
                     _ => {
                         return Err(format!(
                             "{} does not end with a whole record; run `paygate audit verify`",
@@ -243,6 +257,7 @@ fn open_instance(dir: &Path) -> Result<Opened, String> {
         file,
         number,
         size: good as u64,
+        allocated,
         head,
     })
 }
@@ -254,8 +269,12 @@ struct Writer {
     key: hmac::Key,
     file: File,
     number: u32,
-    /// Bytes of the file known to be durable.
+    /// Bytes of records in the file, all durable.
     size: u64,
+    /// Bytes the file holds: records, then zeros written ahead so that appending a batch
+    /// overwrites allocated blocks and `fdatasync` need not commit a new file size (about
+    /// a third faster per sync on ext4).
+    allocated: u64,
     head: Head,
     rotate_bytes: u64,
     checkpoints: Checkpoints,
@@ -294,6 +313,7 @@ impl AuditWriter {
             file: opened.file,
             number: opened.number,
             size: opened.size,
+            allocated: opened.allocated,
             head: opened.head,
             rotate_bytes,
             checkpoints,
@@ -402,6 +422,8 @@ impl Writer {
                 }
                 if queue.entries.is_empty() {
                     if queue.closing {
+                        drop(queue);
+                        self.trim();
                         return;
                     }
                     continue;
@@ -486,8 +508,30 @@ impl Writer {
 
     fn write_buffer(&mut self) -> std::io::Result<()> {
         self.fault()?;
-        self.file.write_all(&self.buffer)?;
+        let end = self.size + self.buffer.len() as u64;
+        if end > self.allocated {
+            // Zeros ahead of the records, made durable once per step.
+            let step = PREALLOCATE.max(self.buffer.len() as u64);
+            let zeros = vec![0u8; usize::try_from(step).unwrap_or(usize::MAX)];
+            self.file.write_all_at(&zeros, self.allocated)?;
+            self.file.sync_data()?;
+            self.allocated += step;
+        }
+        self.file.write_all_at(&self.buffer, self.size)?;
         self.file.sync_data()
+    }
+
+    /// Drops the preallocated zeros at a clean stop or rotation: a closed file ends with
+    /// its last record.
+    fn trim(&mut self) {
+        let trimmed = self
+            .file
+            .set_len(self.size)
+            .and_then(|()| self.file.sync_all());
+        match trimmed {
+            Ok(()) => self.allocated = self.size,
+            Err(e) => log::warn!("could not trim the audit file: {e}"),
+        }
     }
 
     /// Starts the next file when this batch would push the current one past the limit.
@@ -496,16 +540,16 @@ impl Writer {
             return Ok(());
         }
         self.fault()?;
+        self.file.set_len(self.size)?;
+        self.file.sync_all()?;
         let next = self.number + 1;
         let path = self.dir.join(file_name(next));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = open_rw(&path, true)?;
         sync_dir(&self.dir)?;
         self.file = file;
         self.number = next;
         self.size = 0;
+        self.allocated = 0;
         log::info!("audit log rotated to {}", path.display());
         Ok(())
     }
@@ -514,7 +558,9 @@ impl Writer {
     fn repair(&mut self) -> std::io::Result<()> {
         self.fault()?;
         self.file.set_len(self.size)?;
-        self.file.sync_all()
+        self.file.sync_all()?;
+        self.allocated = self.size;
+        Ok(())
     }
 }
 
