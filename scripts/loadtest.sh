@@ -118,6 +118,9 @@ echo "== paygate, limiter on, nothing rejected" >&2
 start on --rate-limit '* / 1000000/s burst=1000000 key=user'
 measure apiStatus "https://127.0.0.1:$port/apiStatus"
 measure jwt-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+# Durable-before-proceeding is latency-bound at low concurrency (Little's law): the same
+# read with four times the connections shows what group commit does with more to batch.
+CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
 rss_on=$(rss_kib "$pid")
@@ -125,6 +128,7 @@ rss_on=$(rss_kib "$pid")
 echo "== paygate, limiter on, audit log off (--audit off: only to measure the audit's cost)" >&2
 start audit-off --rate-limit '* / 1000000/s burst=1000000 key=user' --audit off
 measure jwt-read-audit-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-audit-off-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
 
 echo "== paygate, limiter off" >&2
@@ -166,7 +170,7 @@ mkdir -p "$(dirname "$OUT")"
   ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f", a/b}'; }
   echo
   echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
-  echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off), apiStatus $(ratio apiStatus apiStatus-audit-off)"
+  echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off) ($((CONNECTIONS * 4)) connections: $(ratio jwt-read-4x-connections jwt-read-audit-off-4x-connections)), apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"
