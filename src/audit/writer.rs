@@ -282,6 +282,10 @@ struct Writer {
     broken: bool,
     shared: Arc<Shared>,
     buffer: Vec<u8>,
+    /// The runtime the waiters run on. Answering a batch's waiters from one task spawned
+    /// there costs one cross-thread wake-up per batch instead of one per waiter, and frees
+    /// this thread for the next commit sooner.
+    answer_on: Option<tokio::runtime::Handle>,
 }
 
 impl AuditWriter {
@@ -320,6 +324,7 @@ impl AuditWriter {
             broken: false,
             shared: shared.clone(),
             buffer: Vec::with_capacity(64 * 1024),
+            answer_on: tokio::runtime::Handle::try_current().ok(),
         };
         let thread = std::thread::Builder::new()
             .name("paygate-audit".into())
@@ -432,11 +437,16 @@ impl Writer {
                 std::mem::take(&mut queue.entries)
             };
             let result = self.commit(&batch);
-            for entry in batch {
-                if let Some(done) = entry.done {
+            let waiters: Vec<Done> = batch.into_iter().filter_map(|e| e.done).collect();
+            let answer = move || {
+                for done in waiters {
                     // A waiter that went away (client disconnected) needs no answer.
                     let _ = done.send(result);
                 }
+            };
+            match &self.answer_on {
+                Some(runtime) => drop(runtime.spawn(async move { answer() })),
+                None => answer(),
             }
             // After the answers: the checkpoint is not what makes records durable, so no
             // request waits for it. It never runs ahead of the log; it may lag by the
