@@ -286,6 +286,9 @@ struct Writer {
     /// there costs one cross-thread wake-up per batch instead of one per waiter, and frees
     /// this thread for the next commit sooner.
     answer_on: Option<tokio::runtime::Handle>,
+    /// Records and commits since start, logged at a clean stop (the average batch size
+    /// says how much group commit is saving).
+    committed: (u64, u64),
 }
 
 impl AuditWriter {
@@ -325,6 +328,7 @@ impl AuditWriter {
             shared: shared.clone(),
             buffer: Vec::with_capacity(64 * 1024),
             answer_on: tokio::runtime::Handle::try_current().ok(),
+            committed: (0, 0),
         };
         let thread = std::thread::Builder::new()
             .name("paygate-audit".into())
@@ -429,6 +433,12 @@ impl Writer {
                     if queue.closing {
                         drop(queue);
                         self.trim();
+                        let (records, commits) = self.committed;
+                        log::info!(
+                            "audit log closed: {records} records in {commits} commits \
+                             ({:.1} per fdatasync)",
+                            records as f64 / commits.max(1) as f64
+                        );
                         return;
                     }
                     continue;
@@ -502,6 +512,8 @@ impl Writer {
             Ok(()) => {
                 self.size += self.buffer.len() as u64;
                 self.head = head;
+                self.committed.0 += batch.len() as u64;
+                self.committed.1 += 1;
                 Ok(())
             }
             Err(e) => {
