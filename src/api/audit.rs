@@ -3,7 +3,7 @@
 
 use http::{Response, StatusCode};
 
-use super::ListBody;
+use super::{parse_limit, ListBody};
 use crate::app::App;
 use crate::audit::AUDIT_DIR;
 use crate::http::{json, ApiError, Body};
@@ -18,17 +18,7 @@ pub async fn recent(app: &App, query: Option<&str>) -> Result<Response<Body>, Ap
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::BadRequest(format!(
-                            "limit must be a whole number from 1 to {MAX_LIMIT}"
-                        ))
-                    })?;
-            }
+            "limit" => limit = parse_limit(value, MAX_LIMIT)?,
             "since" => {
                 // `:` may arrive percent-encoded.
                 let value = value.replace("%3A", ":").replace("%3a", ":");

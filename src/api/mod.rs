@@ -90,23 +90,24 @@ impl Pagination {
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
-                "limit" => {
-                    page.limit = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_LIMIT).contains(n))
-                        .ok_or_else(|| {
-                            ApiError::BadRequest(format!(
-                                "limit must be a whole number from 1 to {MAX_LIMIT}"
-                            ))
-                        })?;
-                }
+                "limit" => page.limit = parse_limit(value, MAX_LIMIT)?,
                 "cursor" => page.before = Some(decode_cursor(value)?),
                 _ => {}
             }
         }
         Ok(page)
     }
+}
+
+/// A `?limit=` value: a whole number from 1 to `max`.
+fn parse_limit(value: &str, max: usize) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("limit must be a whole number from 1 to {max}"))
+        })
 }
 
 /// Cursors are opaque to clients: base64url of the last item's sequence number.

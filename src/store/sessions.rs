@@ -48,12 +48,7 @@ fn subject(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Subject, 
 }
 
 fn with_role((mut subject, role): (Subject, Option<String>)) -> Result<Subject, StoreError> {
-    subject.role = match role.as_deref() {
-        None => None,
-        Some(raw) => Some(Role::parse(raw).ok_or_else(|| {
-            StoreError::Corrupt(format!("user {} has unknown role {raw:?}", subject.user_id))
-        })?),
-    };
+    subject.role = super::users::role_of(subject.user_id, role.as_deref())?;
     Ok(subject)
 }
 

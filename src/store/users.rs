@@ -49,13 +49,19 @@ fn row_to_user(row: &rusqlite::Row<'_>) -> rusqlite::Result<(User, Option<String
     ))
 }
 
+/// A stored role column as a [`Role`].
+pub(super) fn role_of(user_id: i64, stored: Option<&str>) -> Result<Option<Role>, StoreError> {
+    stored
+        .map(|raw| {
+            Role::parse(raw).ok_or_else(|| {
+                StoreError::Corrupt(format!("user {user_id} has unknown role {raw:?}"))
+            })
+        })
+        .transpose()
+}
+
 fn with_role((mut user, role): (User, Option<String>)) -> Result<User, StoreError> {
-    user.role = match role.as_deref() {
-        None => None,
-        Some(raw) => Some(Role::parse(raw).ok_or_else(|| {
-            StoreError::Corrupt(format!("user {} has unknown role {raw:?}", user.id))
-        })?),
-    };
+    user.role = role_of(user.id, role.as_deref())?;
     Ok(user)
 }
 

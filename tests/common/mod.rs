@@ -124,18 +124,7 @@ impl TestServer {
         for (name, value) in replace {
             options.insert(name, vec![value.to_string()]);
         }
-        let no_env = |_: &str| None;
-        let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
-        let running = paygate::server::start(config).await.unwrap();
-        let addr = running.local_addr();
-        let client = Client::new(addr, &dir.0.join("server.crt"));
-        TestServer {
-            addr,
-            dir,
-            options,
-            running: Some(running),
-            client,
-        }
+        Self::launch(dir, options).await
     }
 
     /// The running server's shared state.
