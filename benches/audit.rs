@@ -28,6 +28,7 @@ fn sample(time: &str) -> RequestRecord<'_> {
         auth: "bearer-jwt",
         auth_result: Some("ok"),
         auth_reason: None,
+        capability: None,
         method: "GET",
         path: "/accounts/0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f/payments/0190f3a2-7c1e-7d2a-9b4e-aaaaaaaaaaaa",
         op: "R",

@@ -34,6 +34,12 @@ pub enum Route {
     CreatePayment(Uuid),
     GetPayment(Uuid, Uuid),
     CancelPayment(Uuid, Uuid),
+    MintCapability(Uuid, Uuid),
+    ListCapabilities(Uuid),
+    DeriveCapability,
+    RevokeCapability(Uuid),
+    /// `POST /users/{name}/disable`.
+    DisableUser(String),
     /// No such route; answered with this error after the chain has seen the request.
     Reject(ApiError),
 }
@@ -55,13 +61,24 @@ pub enum Requirement {
     Staff,
     /// A grant on the account that includes the permission.
     Account(Uuid, Perm),
+    /// The permission on one payment: by a grant on its account, or by a capability for
+    /// exactly that payment.
+    Payment(Uuid, Uuid, Perm),
+    /// Any grant on the account (what the grant allows is the handler's question).
+    Member(Uuid),
+    /// The global admin role.
+    Admin,
 }
 
 impl Route {
     pub fn requirement(&self) -> Requirement {
         use Route::*;
         match self {
-            ApiStatus | CreateUser | Reject(_) => Requirement::Public,
+            ApiStatus | CreateUser | DeriveCapability | Reject(_) => Requirement::Public,
+            DisableUser(_) => Requirement::Admin,
+            MintCapability(account, _) => Requirement::Member(*account),
+            ListCapabilities(account) => Requirement::Account(*account, Perm::Admin),
+            RevokeCapability(_) => Requirement::Authenticated,
             GetUser(name) => Requirement::SelfOrStaff(name.clone()),
             Login => Requirement::Password,
             ReadAudit => Requirement::Staff,
@@ -70,11 +87,14 @@ impl Route {
                 Requirement::Authenticated
             }
             GrantMember(account) => Requirement::Account(*account, Perm::Admin),
-            GetAccount(account) | ListPayments(account) | GetPayment(account, _) => {
+            GetAccount(account) | ListPayments(account) => {
                 Requirement::Account(*account, Perm::Read)
             }
+            GetPayment(account, payment) => Requirement::Payment(*account, *payment, Perm::Read),
             CreatePayment(account) => Requirement::Account(*account, Perm::Write),
-            CancelPayment(account, _) => Requirement::Account(*account, Perm::Delete),
+            CancelPayment(account, payment) => {
+                Requirement::Payment(*account, *payment, Perm::Delete)
+            }
         }
     }
 }
@@ -84,9 +104,9 @@ pub fn resolve(method: &Method, path: &str) -> Route {
     let Some(rest) = path.strip_prefix('/') else {
         return not_found();
     };
-    // No route has more than four segments; a longer path is unknown (and costs no
+    // No route has more than five segments; a longer path is unknown (and costs no
     // allocation to find out).
-    let mut segments = [""; 4];
+    let mut segments = [""; 5];
     let mut count = 0;
     for segment in rest.split('/') {
         if count == segments.len() {
@@ -111,6 +131,28 @@ pub fn resolve(method: &Method, path: &str) -> Route {
                 Route::Logout
             }
         }),
+        ["users", name, "disable"] if !name.is_empty() => {
+            let name = (*name).to_owned();
+            by_method(method, &[Method::POST], |_| Route::DisableUser(name))
+        }
+        ["capabilities", "derive"] => {
+            by_method(method, &[Method::POST], |_| Route::DeriveCapability)
+        }
+        ["capabilities", id] => with_id(id, "capability", |id| {
+            by_method(method, &[Method::DELETE], |_| Route::RevokeCapability(id))
+        }),
+        ["accounts", account, "capabilities"] => with_id(account, "account", |account| {
+            by_method(method, &[Method::GET], |_| Route::ListCapabilities(account))
+        }),
+        ["accounts", account, "payments", payment, "capabilities"] => {
+            with_id(account, "account", |account| {
+                with_id(payment, "payment", |payment| {
+                    by_method(method, &[Method::POST], |_| {
+                        Route::MintCapability(account, payment)
+                    })
+                })
+            })
+        }
         ["users", name] if !name.is_empty() => {
             let name = (*name).to_owned();
             by_method(method, &[Method::GET], |_| Route::GetUser(name))
@@ -193,6 +235,7 @@ mod tests {
     #[test]
     fn every_route_resolves_with_its_requirement() {
         let a: Uuid = A.parse().unwrap();
+        let p: Uuid = P.parse().unwrap();
         let cases = [
             (Method::GET, "/apiStatus".to_owned(), Requirement::Public),
             (Method::POST, "/users".to_owned(), Requirement::Public),
@@ -251,12 +294,37 @@ mod tests {
             (
                 Method::GET,
                 format!("/accounts/{A}/payments/{P}"),
-                Requirement::Account(a, Perm::Read),
+                Requirement::Payment(a, p, Perm::Read),
             ),
             (
                 Method::DELETE,
                 format!("/accounts/{A}/payments/{P}"),
-                Requirement::Account(a, Perm::Delete),
+                Requirement::Payment(a, p, Perm::Delete),
+            ),
+            (
+                Method::POST,
+                format!("/accounts/{A}/payments/{P}/capabilities"),
+                Requirement::Member(a),
+            ),
+            (
+                Method::GET,
+                format!("/accounts/{A}/capabilities"),
+                Requirement::Account(a, Perm::Admin),
+            ),
+            (
+                Method::POST,
+                "/capabilities/derive".to_owned(),
+                Requirement::Public,
+            ),
+            (
+                Method::DELETE,
+                format!("/capabilities/{P}"),
+                Requirement::Authenticated,
+            ),
+            (
+                Method::POST,
+                "/users/bob/disable".to_owned(),
+                Requirement::Admin,
             ),
         ];
         for (method, path, requirement) in cases {
@@ -272,7 +340,7 @@ mod tests {
         assert_eq!(status_of(resolve(&Method::GET, "/accounts/")), 404);
         assert_eq!(status_of(resolve(&Method::GET, "/apiStatus/")), 404);
         assert_eq!(status_of(resolve(&Method::GET, "*")), 404);
-        let deep = format!("/accounts/{A}/payments/{P}/extra");
+        let deep = format!("/accounts/{A}/payments/{P}/capabilities/extra");
         assert_eq!(status_of(resolve(&Method::GET, &deep)), 404);
         assert_eq!(status_of(resolve(&Method::DELETE, "/apiStatus")), 405);
         assert_eq!(

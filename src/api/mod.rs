@@ -6,6 +6,7 @@
 
 mod accounts;
 mod audit;
+mod capabilities;
 mod payments;
 mod sessions;
 mod status;
@@ -57,12 +58,23 @@ pub async fn dispatch(
         (Route::CreatePayment(_), Grant::Account(principal, membership)) => {
             payments::create(app, &principal, &membership, request).await
         }
-        (Route::GetPayment(account, payment), Grant::Account(..)) => {
+        (Route::GetPayment(account, payment), Grant::Account(..) | Grant::Capability(_)) => {
             payments::get(app, account, payment).await
         }
-        (Route::CancelPayment(account, payment), Grant::Account(..)) => {
+        (Route::CancelPayment(account, payment), Grant::Account(..) | Grant::Capability(_)) => {
             payments::cancel(app, account, payment).await
         }
+        (Route::MintCapability(_, payment), Grant::Account(principal, membership)) => {
+            capabilities::mint(app, &principal, &membership, payment, request).await
+        }
+        (Route::DeriveCapability, _) => capabilities::derive(app, request).await,
+        (Route::RevokeCapability(id), Grant::User(principal)) => {
+            capabilities::revoke(app, &principal, id).await
+        }
+        (Route::ListCapabilities(account), Grant::Account(..)) => {
+            capabilities::list(app, account).await
+        }
+        (Route::DisableUser(name), Grant::User(_)) => users::disable(app, name).await,
         (route, grant) => Err(ApiError::Internal(format!(
             "access control issued {grant:?} for {route:?}, which needs another grant"
         ))),

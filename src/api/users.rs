@@ -80,3 +80,16 @@ pub(super) fn set_location(response: &mut Response<Body>, location: &str) {
         response.headers_mut().insert(header::LOCATION, value);
     }
 }
+
+/// `POST /users/{name}/disable` (admin): the user's password, sessions, tokens and the
+/// capabilities they minted stop working at once.
+pub async fn disable(app: &App, name: String) -> Result<Response<Body>, ApiError> {
+    if app.store.disable_user(name).await? {
+        Ok(crate::http::response_with(
+            StatusCode::NO_CONTENT,
+            Vec::new(),
+        ))
+    } else {
+        Err(ApiError::NotFound("no such user".into()))
+    }
+}

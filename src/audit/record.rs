@@ -40,6 +40,8 @@ pub struct RequestRecord<'a> {
     pub auth_result: Option<&'static str>,
     /// Why authentication failed.
     pub auth_reason: Option<&'static str>,
+    /// The id of the capability used (never its token).
+    pub capability: Option<&'a str>,
     pub method: &'a str,
     /// Path and query, with secret query parameters redacted.
     pub path: &'a str,
@@ -210,6 +212,7 @@ mod tests {
             auth: "basic",
             auth_result: Some("failed"),
             auth_reason: None,
+            capability: None,
             method: "GET",
             path: "/a\r\nb",
             op: "R",

@@ -133,6 +133,11 @@ pub struct Perms(u8);
 
 impl Perms {
     pub const ALL: Perms = Perms(15);
+    /// Read only: what the auditor role holds on every account.
+    pub const READ_ONLY: Perms = Perms(1);
+    /// The permissions that act on a single payment, and so can be delegated by a
+    /// capability: read and cancel.
+    pub const ON_ONE_PAYMENT: Perms = Perms(1 | 4);
 
     /// Parses a non-empty set of distinct letters from `rwda`, in any order.
     pub fn parse(field: &'static str, raw: &str) -> Result<Self, Invalid> {
@@ -160,6 +165,11 @@ impl Perms {
 
     pub fn contains(self, perm: Perm) -> bool {
         self.0 & perm.bit() != 0
+    }
+
+    /// Whether every permission of `self` is also in `other`.
+    pub fn is_subset_of(self, other: Perms) -> bool {
+        self.0 & !other.0 == 0
     }
 }
 

@@ -10,8 +10,8 @@
 //! when only that is missing. When the user store could not be asked, 503.
 
 use crate::app::App;
-use crate::domain::Role;
-use crate::filter::authenticate::{AuthFailure, AuthMethod, Identity, Principal};
+use crate::domain::{Perm, Perms, Role};
+use crate::filter::authenticate::{AuthFailure, AuthMethod, CapabilityUse, Identity, Principal};
 use crate::http::{ApiError, Challenge};
 use crate::routes::Requirement;
 use crate::store::Membership;
@@ -25,6 +25,8 @@ pub enum Grant {
     User(Principal),
     /// An authenticated user with the needed permission on an account.
     Account(Principal, Membership),
+    /// A capability for exactly the payment the route names, with the permission needed.
+    Capability(CapabilityUse),
 }
 
 /// Decides, or answers 401/403/404.
@@ -38,6 +40,8 @@ pub async fn authorize(
     }
     let principal = match identity {
         Identity::Authenticated(principal) => principal,
+        // A capability is worth exactly what it names, nothing a user would add on top.
+        Identity::Capability(capability) => return capability_grant(capability, &requirement),
         other => return Err(unauthenticated(&other)),
     };
     match requirement {
@@ -49,6 +53,22 @@ pub async fn authorize(
         Requirement::Password => Err(ApiError::Unauthenticated(Challenge::Basic)),
         Requirement::Token if principal.token.is_some() => Ok(Grant::User(principal)),
         Requirement::Token => Err(ApiError::Unauthenticated(Challenge::BearerRequired)),
+        Requirement::Admin => {
+            if principal.role == Some(Role::Admin) {
+                Ok(Grant::User(principal))
+            } else {
+                Err(ApiError::Forbidden("this needs the admin role".into()))
+            }
+        }
+        Requirement::Member(account) => {
+            match app.store.membership(principal.user_id, account).await? {
+                Some(membership) => Ok(Grant::Account(principal, membership)),
+                None => Err(ApiError::NotFound("no such account".into())),
+            }
+        }
+        Requirement::Payment(account, _, perm) => {
+            account_grant(app, principal, account, perm).await
+        }
         Requirement::Staff => {
             if matches!(principal.role, Some(Role::Admin | Role::Auditor)) {
                 Ok(Grant::User(principal))
@@ -66,19 +86,60 @@ pub async fn authorize(
                 Err(ApiError::NotFound("no such user".into()))
             }
         }
-        Requirement::Account(account, perm) => {
-            let Some(membership) = app.store.membership(principal.user_id, account).await? else {
-                return Err(ApiError::NotFound("no such account".into()));
-            };
-            if !membership.perms.contains(perm) {
-                return Err(ApiError::Forbidden(format!(
-                    "this needs the '{}' permission on the account; you hold '{}'",
-                    perm.letter(),
-                    membership.perms
-                )));
+        Requirement::Account(account, perm) => account_grant(app, principal, account, perm).await,
+    }
+}
+
+/// A user's permission on an account: their grant, or — for reading — the auditor role,
+/// which reads every account and changes nothing.
+async fn account_grant(
+    app: &App,
+    principal: Principal,
+    account: uuid::Uuid,
+    perm: Perm,
+) -> Result<Grant, ApiError> {
+    let membership = match app.store.membership(principal.user_id, account).await? {
+        Some(membership) => membership,
+        None if principal.role == Some(Role::Auditor) => match app.store.account(account).await? {
+            Some(account) => Membership {
+                account,
+                perms: Perms::READ_ONLY,
+            },
+            None => return Err(ApiError::NotFound("no such account".into())),
+        },
+        None => return Err(ApiError::NotFound("no such account".into())),
+    };
+    if !membership.perms.contains(perm) {
+        return Err(ApiError::Forbidden(format!(
+            "this needs the '{}' permission on the account; you hold '{}'",
+            perm.letter(),
+            membership.perms
+        )));
+    }
+    Ok(Grant::Account(principal, membership))
+}
+
+/// What a capability may do: the one payment it names, with the permissions it carries.
+fn capability_grant(
+    capability: CapabilityUse,
+    requirement: &Requirement,
+) -> Result<Grant, ApiError> {
+    match requirement {
+        Requirement::Payment(account, payment, perm)
+            if *account == capability.account && *payment == capability.payment =>
+        {
+            if capability.perms.contains(*perm) {
+                Ok(Grant::Capability(capability))
+            } else {
+                Err(ApiError::Forbidden(format!(
+                    "this capability does not carry the '{}' permission",
+                    perm.letter()
+                )))
             }
-            Ok(Grant::Account(principal, membership))
         }
+        _ => Err(ApiError::Forbidden(
+            "a capability grants access to its one payment only".into(),
+        )),
     }
 }
 

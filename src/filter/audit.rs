@@ -96,8 +96,14 @@ pub async fn record_request(
     let request_id = request_id.hyphenated().encode_lower(&mut id);
     let time = format_rfc3339_millis(now_millis());
     let path = redacted_path(path, query);
+    let mut capability_id = Uuid::encode_buffer();
+    let capability = match identity {
+        Identity::Capability(c) => Some(&*c.id.hyphenated().encode_lower(&mut capability_id)),
+        _ => None,
+    };
     let (principal, claimed, auth, auth_result, auth_reason) = match identity {
         Identity::Anonymous => (None, None, "none", None, None),
+        Identity::Capability(_) => (None, None, "capability", Some("ok"), None),
         Identity::Authenticated(p) => (
             Some(p.username.as_str()),
             None,
@@ -129,6 +135,7 @@ pub async fn record_request(
         auth,
         auth_result,
         auth_reason,
+        capability,
         method: method.as_str(),
         path: &path,
         op: operation(method, route),

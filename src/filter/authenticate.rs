@@ -24,7 +24,7 @@ use http::{header, HeaderMap, HeaderName};
 use crate::app::App;
 use crate::domain::{Role, Username};
 use crate::tokens::jwt::{self, Claims, JwtRejection};
-use crate::tokens::{opaque, totp, Tokens};
+use crate::tokens::{capability, opaque, totp, Tokens};
 
 /// The header carrying a TOTP code next to Basic credentials.
 pub const X_TOTP: HeaderName = HeaderName::from_static("x-totp");
@@ -35,6 +35,8 @@ pub enum AuthMethod {
     Basic,
     BearerJwt,
     BearerOpaque,
+    /// A capability token (Bearer header or `access_token` query parameter).
+    Capability,
 }
 
 impl AuthMethod {
@@ -43,11 +45,15 @@ impl AuthMethod {
             AuthMethod::Basic => "basic",
             AuthMethod::BearerJwt => "bearer-jwt",
             AuthMethod::BearerOpaque => "bearer-opaque",
+            AuthMethod::Capability => "capability",
         }
     }
 
     fn is_bearer(self) -> bool {
-        matches!(self, AuthMethod::BearerJwt | AuthMethod::BearerOpaque)
+        matches!(
+            self,
+            AuthMethod::BearerJwt | AuthMethod::BearerOpaque | AuthMethod::Capability
+        )
     }
 }
 
@@ -109,6 +115,12 @@ pub enum AuthFailure {
     ExpiredSession,
     /// A valid JWT for a user that does not exist.
     UnknownSubject,
+    /// A capability token that names no capability.
+    UnknownCapability,
+    /// A capability that was revoked (itself or one it was derived from).
+    RevokedCapability,
+    /// A capability past its expiry.
+    ExpiredCapability,
     /// The database could not be asked; the request is not authenticated (fail closed).
     Unavailable,
 }
@@ -129,6 +141,9 @@ impl AuthFailure {
             AuthFailure::UnknownSession => "unknown session",
             AuthFailure::ExpiredSession => "session expired",
             AuthFailure::UnknownSubject => "token for an unknown user",
+            AuthFailure::UnknownCapability => "unknown capability",
+            AuthFailure::RevokedCapability => "capability revoked",
+            AuthFailure::ExpiredCapability => "capability expired",
             AuthFailure::Unavailable => "user store unavailable",
         }
     }
@@ -144,12 +159,26 @@ impl AuthFailure {
     }
 }
 
+/// What a valid capability lets its bearer do: exactly these permissions on exactly this
+/// payment, whoever the bearer is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapabilityUse {
+    pub id: uuid::Uuid,
+    pub account: uuid::Uuid,
+    pub payment: uuid::Uuid,
+    pub perms: crate::domain::Perms,
+    /// The capability's expiry (Unix milliseconds): a derived one may not outlive it.
+    pub expires_at: i64,
+}
+
 /// The label this stage puts on a request.
 #[derive(Debug, Clone)]
 pub enum Identity {
     /// No `Authorization` header.
     Anonymous,
     Authenticated(Principal),
+    /// A valid capability: no user, a grant on one payment.
+    Capability(CapabilityUse),
     /// Credentials were offered but proved nothing.
     Failed {
         /// How the request tried to authenticate, when the scheme was one of ours.
@@ -166,6 +195,7 @@ impl Identity {
         match self {
             Identity::Failed { method, .. } => method.is_some_and(AuthMethod::is_bearer),
             Identity::Authenticated(p) => p.method.is_bearer(),
+            Identity::Capability(_) => true,
             Identity::Anonymous => false,
         }
     }
@@ -226,12 +256,21 @@ pub enum Credentials {
     },
     /// The hash of something shaped like an opaque token.
     Opaque([u8; 32]),
+    /// The hash of a capability token.
+    Capability([u8; 32]),
     /// A Bearer value that is neither.
     MalformedBearer,
     /// A scheme paygate does not accept.
     Unsupported,
     /// A Basic header that does not decode to `user:password` in UTF-8.
     MalformedBasic,
+}
+
+/// The value of the `access_token` query parameter, if present (RFC 6750 section 2.3).
+fn access_token(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("access_token="))
 }
 
 fn has_scheme(value: &[u8], scheme: &[u8]) -> bool {
@@ -241,12 +280,23 @@ fn has_scheme(value: &[u8], scheme: &[u8]) -> bool {
 }
 
 impl Credentials {
-    /// Parses the request's `Authorization` (and `X-TOTP`) headers. A JWT is verified here
-    /// (pure computation, about a microsecond), so the username rate limiting keys on is
-    /// one the token's signature vouches for.
-    pub fn read(headers: &HeaderMap, tokens: &Tokens, now_s: i64) -> Credentials {
+    /// Parses the request's `Authorization` (and `X-TOTP`) headers, or without them an
+    /// `access_token` query parameter (which may carry a capability token only: session
+    /// tokens do not belong in URLs). A JWT is verified here (pure computation, about a
+    /// microsecond), so the username rate limiting keys on is one the token's signature
+    /// vouches for.
+    pub fn read(
+        headers: &HeaderMap,
+        query: Option<&str>,
+        tokens: &Tokens,
+        now_s: i64,
+    ) -> Credentials {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Credentials::None;
+            return match access_token(query) {
+                None => Credentials::None,
+                Some(token) => capability::parse(token)
+                    .map_or(Credentials::MalformedBearer, Credentials::Capability),
+            };
         };
         let value = value.as_bytes();
         if has_scheme(value, b"basic") {
@@ -268,6 +318,10 @@ impl Credentials {
             return Credentials::MalformedBearer;
         };
         let token = token.trim_matches(' ');
+        if token.starts_with(capability::PREFIX) {
+            return capability::parse(token)
+                .map_or(Credentials::MalformedBearer, Credentials::Capability);
+        }
         if token.contains('.') {
             return match tokens.verify_jwt(token, now_s) {
                 Ok(claims) => Credentials::Jwt(claims),
@@ -330,7 +384,41 @@ pub async fn identify(app: &App, credentials: Credentials) -> Identity {
             failed(Some(AuthMethod::BearerJwt), AuthFailure::BadJwt(rejection))
         }
         Credentials::Opaque(hash) => resolve_session(app, hash).await,
+        Credentials::Capability(hash) => resolve_capability(app, hash).await,
     }
+}
+
+async fn resolve_capability(app: &App, hash: [u8; 32]) -> Identity {
+    let failed = |reason| Identity::Failed {
+        method: Some(AuthMethod::Capability),
+        claimed: None,
+        reason,
+    };
+    let state = match app.tokens.cache.capability(&app.store, hash).await {
+        Err(e) => {
+            log::error!("looking up a capability failed: {e}");
+            return failed(AuthFailure::Unavailable);
+        }
+        Ok(None) => return failed(AuthFailure::UnknownCapability),
+        Ok(Some(state)) => state,
+    };
+    let capability = state.capability;
+    if capability.revoked_at.is_some() {
+        return failed(AuthFailure::RevokedCapability);
+    }
+    if capability.expires_at <= crate::time::now_millis() {
+        return failed(AuthFailure::ExpiredCapability);
+    }
+    if state.minter_disabled {
+        return failed(AuthFailure::Disabled);
+    }
+    Identity::Capability(CapabilityUse {
+        id: capability.id,
+        account: capability.account_id,
+        payment: capability.payment_id,
+        perms: capability.perms,
+        expires_at: capability.expires_at,
+    })
 }
 
 /// A token named a `kid` this worker does not know: re-read the key file (at most once a

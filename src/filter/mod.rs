@@ -44,7 +44,8 @@ pub async fn handle(
     let route = routes::resolve(request.method(), request.uri().path());
     // The credentials offered, parsed once (a JWT's signature is checked here, in memory):
     // the rate limit keys on the user they name.
-    let credentials = Credentials::read(request.headers(), &app.tokens, now_s());
+    let query = request.uri().query();
+    let credentials = Credentials::read(request.headers(), query, &app.tokens, now_s());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
     let (method, path) = (request.method(), request.uri().path());
     let user = credentials.rate_limit_user(&app.tokens);

@@ -104,7 +104,7 @@ impl Admission {
         let proved_password = match identity {
             Identity::Authenticated(p) => p.method == AuthMethod::Basic,
             Identity::Failed { reason, .. } => *reason == AuthFailure::SecondFactorRequired,
-            Identity::Anonymous => false,
+            Identity::Anonymous | Identity::Capability(_) => false,
         };
         if proved_password {
             refund_guess(app, self.guess.take()).await;

@@ -33,11 +33,11 @@ pub enum MemberUpsert {
     UnknownUser,
 }
 
-fn parse_uuid(raw: &str) -> Result<Uuid, StoreError> {
+pub(super) fn parse_uuid(raw: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(raw).map_err(|_| StoreError::Corrupt(format!("bad uuid {raw:?}")))
 }
 
-fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
+pub(super) fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
     Perms::parse("perms", raw).map_err(|_| StoreError::Corrupt(format!("bad perms {raw:?}")))
 }
 
@@ -143,6 +143,24 @@ impl Store {
         account: Uuid,
     ) -> Result<Option<Membership>, StoreError> {
         self.run(move |conn| membership(conn, user, account)).await
+    }
+
+    /// An account by id, whoever asks (for the auditor role).
+    pub async fn account(&self, account: Uuid) -> Result<Option<Account>, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT name, currency, created_at FROM accounts WHERE id = ?1")?
+                .query_row([account.to_string()], |r| {
+                    Ok(Account {
+                        id: account,
+                        name: r.get(0)?,
+                        currency: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                })
+                .optional()?)
+        })
+        .await
     }
 
     /// Grants `perms` on `account` to the user called `username`, replacing any earlier grant.

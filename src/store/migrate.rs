@@ -20,6 +20,11 @@ pub const MAIN: Migrations = &[
         "002_sessions_totp.sql",
         include_str!("../../sql/002_sessions_totp.sql"),
     ),
+    (
+        3,
+        "003_capabilities.sql",
+        include_str!("../../sql/003_capabilities.sql"),
+    ),
 ];
 
 /// The rate-limit database, kept apart so its frequent small writes never contend with

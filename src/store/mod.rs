@@ -11,6 +11,7 @@
 
 mod accounts;
 mod audit;
+mod capabilities;
 mod idempotency;
 mod migrate;
 mod payments;
@@ -28,6 +29,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use accounts::{Account, MemberUpsert, Membership};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
+pub use capabilities::{Capability, CapabilityState, NewCapability};
 pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
 pub use ratelimit::RateStore;

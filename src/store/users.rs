@@ -105,6 +105,26 @@ pub(super) fn by_name(conn: &Connection, username: &str) -> Result<Option<User>,
     row.map(with_role).transpose()
 }
 
+/// Disables a user and ends their sessions, in one transaction. Their JWTs and the
+/// capabilities they minted stop working too: both check the user when used. Returns false
+/// when no user has the name.
+fn disable(conn: &mut Connection, username: &str) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(id) = tx
+        .query_row(
+            "UPDATE users SET disabled = 1 WHERE username = ?1 RETURNING id",
+            [username],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+    else {
+        return Ok(false);
+    };
+    tx.execute("DELETE FROM sessions WHERE user_id = ?1", [id])?;
+    tx.commit()?;
+    Ok(true)
+}
+
 impl Store {
     /// Creates a user unless the name is taken.
     pub async fn create_user(&self, new: NewUser) -> Result<UserInsert, StoreError> {
@@ -116,25 +136,14 @@ impl Store {
         self.run_blocking(|conn| insert(conn, new))
     }
 
-    /// Disables a user and ends their sessions, in one transaction. Their JWTs stop
-    /// working too: verification checks the user. Returns false when no user has the name.
+    /// Disables a user (see [`disable`]).
+    pub async fn disable_user(&self, username: String) -> Result<bool, StoreError> {
+        self.run(move |conn| disable(conn, &username)).await
+    }
+
+    /// Disables a user from a synchronous caller (the `user disable` command).
     pub fn disable_user_blocking(&self, username: &str) -> Result<bool, StoreError> {
-        self.run_blocking(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(id) = tx
-                .query_row(
-                    "UPDATE users SET disabled = 1 WHERE username = ?1 RETURNING id",
-                    [username],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()?
-            else {
-                return Ok(false);
-            };
-            tx.execute("DELETE FROM sessions WHERE user_id = ?1", [id])?;
-            tx.commit()?;
-            Ok(true)
-        })
+        self.run_blocking(|conn| disable(conn, username))
     }
 
     /// Finds a user by exact username.

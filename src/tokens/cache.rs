@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::store::{DataVersion, SessionRow, Store, StoreError, Subject};
+use crate::store::{CapabilityState, DataVersion, SessionRow, Store, StoreError, Subject};
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
 /// active token).
@@ -25,12 +25,14 @@ const MAX_ENTRIES: usize = 16_384;
 enum Key {
     Jwt { sub: String, jti: String },
     Session([u8; 32]),
+    Capability([u8; 32]),
 }
 
 #[derive(Debug, Clone)]
 enum Entry {
     Jwt { subject: Subject, revoked: bool },
     Session(SessionRow),
+    Capability(CapabilityState),
 }
 
 struct Entries {
@@ -142,6 +144,24 @@ impl TokenCache {
         let found = store.session(token_hash).await?;
         if let Some(row) = &found {
             self.put(version, key, Entry::Session(row.clone()));
+        }
+        Ok(found)
+    }
+
+    /// The capability a token's hash names, if it exists (revoked or not).
+    pub async fn capability(
+        &self,
+        store: &Store,
+        token_hash: [u8; 32],
+    ) -> Result<Option<CapabilityState>, StoreError> {
+        let key = Key::Capability(token_hash);
+        let version = self.version().await?;
+        if let Some(Entry::Capability(state)) = self.get(version, &key) {
+            return Ok(Some(state));
+        }
+        let found = store.capability_by_hash(token_hash).await?;
+        if let Some(state) = &found {
+            self.put(version, key, Entry::Capability(state.clone()));
         }
         Ok(found)
     }

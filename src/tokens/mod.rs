@@ -9,6 +9,7 @@
 //! TOTP codes ([`totp`]) are the second factor that can go into a token's `amr`.
 
 pub mod cache;
+pub mod capability;
 pub mod jwt;
 pub mod keys;
 pub mod opaque;

@@ -1,0 +1,235 @@
+//! Capabilities: mint one for a payment (`POST /accounts/{id}/payments/{pid}/capabilities`),
+//! derive a weaker one from a token (`POST /capabilities/derive`, no identity needed),
+//! revoke one and everything derived from it (`DELETE /capabilities/{id}`), and list an
+//! account's live ones (`GET /accounts/{id}/capabilities`, never with tokens).
+//!
+//! A capability acts on one payment, so it can carry `r` (read it) and `d` (cancel it), and
+//! only what its minter holds. Tokens are random (`pgc_` + 32 bytes base64url) and stored
+//! as SHA-256, like sessions: revocation is a row update that every worker sees at its next
+//! request (the token cache is stamped with the database's data version).
+
+use http::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::ListBody;
+use crate::app::App;
+use crate::domain::{Invalid, Perm, Perms};
+use crate::filter::authenticate::Principal;
+use crate::http::{json, read_json, response_with, ApiError, Body, Challenge, RequestBody};
+use crate::store::{Capability, Membership, NewCapability};
+use crate::time::{format_rfc3339_millis, now_millis};
+use crate::tokens::capability;
+
+/// The longest a capability may live, in seconds (one day).
+pub const MAX_EXPIRES_IN_S: u64 = 86_400;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mint {
+    perms: String,
+    expires_in: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Derive {
+    token: String,
+    perms: String,
+    expires_in: Option<u64>,
+}
+
+/// A capability as its minter sees it once: with the token and a shareable URL.
+#[derive(Serialize)]
+struct Minted {
+    id: String,
+    token: String,
+    url: String,
+    perms: String,
+    expires_at: String,
+}
+
+/// A capability as the list shows it: never the token.
+#[derive(Serialize)]
+struct Listed {
+    id: String,
+    payment_id: String,
+    perms: String,
+    parent_id: Option<String>,
+    created_at: String,
+    expires_at: String,
+}
+
+impl From<Capability> for Listed {
+    fn from(c: Capability) -> Self {
+        Listed {
+            id: c.id.to_string(),
+            payment_id: c.payment_id.to_string(),
+            perms: c.perms.to_string(),
+            parent_id: c.parent_id.map(|p| p.to_string()),
+            created_at: format_rfc3339_millis(c.created_at),
+            expires_at: format_rfc3339_millis(c.expires_at),
+        }
+    }
+}
+
+/// Validates requested permissions: letters of `rwda`, only those that act on one payment.
+fn capability_perms(raw: &str) -> Result<Perms, ApiError> {
+    let perms = Perms::parse("perms", raw)?;
+    if !perms.is_subset_of(Perms::ON_ONE_PAYMENT) {
+        return Err(Invalid::new(
+            "perms",
+            "a capability acts on one payment: only 'r' (read) and 'd' (cancel) apply",
+        )
+        .into());
+    }
+    Ok(perms)
+}
+
+fn expires_in(seconds: u64) -> Result<i64, ApiError> {
+    if !(1..=MAX_EXPIRES_IN_S).contains(&seconds) {
+        return Err(Invalid::new(
+            "expires_in",
+            format!("must be from 1 to {MAX_EXPIRES_IN_S} seconds"),
+        )
+        .into());
+    }
+    Ok(now_millis() + i64::try_from(seconds).unwrap_or(0) * 1000)
+}
+
+async fn store_new(app: &App, new: NewCapability) -> Result<(Capability, String), ApiError> {
+    let (token, token_hash) = capability::generate(&ring::rand::SystemRandom::new())
+        .map_err(|_| ApiError::Internal("the system random generator failed".into()))?;
+    let stored = app
+        .store
+        .create_capability(NewCapability { token_hash, ..new })
+        .await?;
+    Ok((stored, token))
+}
+
+fn minted(capability: &Capability, token: String) -> Result<Response<Body>, ApiError> {
+    json(
+        StatusCode::CREATED,
+        &Minted {
+            id: capability.id.to_string(),
+            url: format!(
+                "/accounts/{}/payments/{}?access_token={token}",
+                capability.account_id, capability.payment_id
+            ),
+            token,
+            perms: capability.perms.to_string(),
+            expires_at: format_rfc3339_millis(capability.expires_at),
+        },
+    )
+}
+
+pub async fn mint(
+    app: &App,
+    principal: &Principal,
+    membership: &Membership,
+    payment: Uuid,
+    request: Request<impl RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    let body: Mint = read_json(request, app.config.max_body, app.config.client_timeout).await?;
+    let perms = capability_perms(&body.perms)?;
+    let expires_at = expires_in(body.expires_in)?;
+    if !perms.is_subset_of(membership.perms) {
+        return Err(ApiError::Forbidden(format!(
+            "you hold '{}' on this account and cannot delegate '{perms}'",
+            membership.perms
+        )));
+    }
+    let account = membership.account.id;
+    if !app.store.payment_exists(account, payment).await? {
+        return Err(ApiError::NotFound("no such payment".into()));
+    }
+    let (stored, token) = store_new(
+        app,
+        NewCapability {
+            token_hash: [0; 32],
+            account_id: account,
+            payment_id: payment,
+            perms,
+            minted_by: principal.user_id,
+            parent_id: None,
+            expires_at,
+        },
+    )
+    .await?;
+    minted(&stored, token)
+}
+
+pub async fn derive(
+    app: &App,
+    request: Request<impl RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    let body: Derive = read_json(request, app.config.max_body, app.config.client_timeout).await?;
+    let perms = capability_perms(&body.perms)?;
+    let invalid = || ApiError::Unauthenticated(Challenge::InvalidToken);
+    let hash = capability::parse(&body.token).ok_or_else(invalid)?;
+    let parent = app
+        .tokens
+        .cache
+        .capability(&app.store, hash)
+        .await?
+        .ok_or_else(invalid)?;
+    let now = now_millis();
+    let usable = parent.capability.revoked_at.is_none()
+        && parent.capability.expires_at > now
+        && !parent.minter_disabled;
+    if !usable {
+        return Err(invalid());
+    }
+    let parent = parent.capability;
+    if !perms.is_subset_of(parent.perms) {
+        return Err(ApiError::Forbidden(format!(
+            "this capability carries '{}' and cannot grant '{perms}'",
+            parent.perms
+        )));
+    }
+    // Never longer than the capability it comes from.
+    let expires_at = match body.expires_in {
+        None => parent.expires_at,
+        Some(seconds) => expires_in(seconds)?.min(parent.expires_at),
+    };
+    let (stored, token) = store_new(
+        app,
+        NewCapability {
+            token_hash: [0; 32],
+            account_id: parent.account_id,
+            payment_id: parent.payment_id,
+            perms,
+            minted_by: parent.minted_by,
+            parent_id: Some(parent.id),
+            expires_at,
+        },
+    )
+    .await?;
+    minted(&stored, token)
+}
+
+pub async fn revoke(
+    app: &App,
+    principal: &Principal,
+    id: Uuid,
+) -> Result<Response<Body>, ApiError> {
+    let not_found = || ApiError::NotFound("no such capability".into());
+    let capability = app.store.capability(id).await?.ok_or_else(not_found)?;
+    let allowed = capability.minted_by == principal.user_id
+        || app
+            .store
+            .membership(principal.user_id, capability.account_id)
+            .await?
+            .is_some_and(|m| m.perms.contains(Perm::Admin));
+    if !allowed {
+        return Err(not_found());
+    }
+    app.store.revoke_capability(id).await?;
+    Ok(response_with(StatusCode::NO_CONTENT, Vec::new()))
+}
+
+pub async fn list(app: &App, account: Uuid) -> Result<Response<Body>, ApiError> {
+    let live = app.store.live_capabilities(account).await?;
+    let items: Vec<Listed> = live.into_iter().map(Listed::from).collect();
+    json(StatusCode::OK, &ListBody::new(items, None))
+}

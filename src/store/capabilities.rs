@@ -1,0 +1,206 @@
+//! Capabilities: minted and derived rows, lookup by token hash for authentication, and
+//! revocation of a capability together with everything derived from it.
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use uuid::Uuid;
+
+use super::accounts::{parse_perms, parse_uuid};
+use super::{Store, StoreError};
+use crate::domain::Perms;
+
+/// A capability as stored (never its token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    pub id: Uuid,
+    pub account_id: Uuid,
+    pub payment_id: Uuid,
+    pub perms: Perms,
+    pub minted_by: i64,
+    pub parent_id: Option<Uuid>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A capability as authentication sees it: the row, and whether its minter (or the
+/// minter of any capability it was derived from) is disabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapabilityState {
+    pub capability: Capability,
+    pub minter_disabled: bool,
+}
+
+/// A capability to store.
+#[derive(Debug, Clone)]
+pub struct NewCapability {
+    pub token_hash: [u8; 32],
+    pub account_id: Uuid,
+    pub payment_id: Uuid,
+    pub perms: Perms,
+    pub minted_by: i64,
+    pub parent_id: Option<Uuid>,
+    pub expires_at: i64,
+}
+
+const COLUMNS: &str = "c.id, c.account_id, c.payment_id, c.perms, c.minted_by, c.parent_id, \
+                       c.created_at, c.expires_at, c.revoked_at";
+
+fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 3]> {
+    Ok([row.get(0)?, row.get(1)?, row.get(2)?])
+}
+
+fn capability(row: &rusqlite::Row<'_>) -> Result<Capability, StoreError> {
+    let [id, account, payment] = read(row)?;
+    let text =
+        |v: Option<String>| v.ok_or_else(|| StoreError::Corrupt("null capability id".into()));
+    Ok(Capability {
+        id: parse_uuid(&text(id)?)?,
+        account_id: parse_uuid(&text(account)?)?,
+        payment_id: parse_uuid(&text(payment)?)?,
+        perms: parse_perms(&row.get::<_, String>(3)?)?,
+        minted_by: row.get(4)?,
+        parent_id: row
+            .get::<_, Option<String>>(5)?
+            .map(|p| parse_uuid(&p))
+            .transpose()?,
+        created_at: row.get(6)?,
+        expires_at: row.get(7)?,
+        revoked_at: row.get(8)?,
+    })
+}
+
+impl Store {
+    /// Stores a new capability.
+    pub async fn create_capability(&self, new: NewCapability) -> Result<Capability, StoreError> {
+        self.run(move |conn| {
+            let id = Uuid::new_v4();
+            let now = crate::time::now_millis();
+            conn.prepare_cached(
+                "INSERT INTO capabilities (id, token_hash, account_id, payment_id, perms,
+                                           minted_by, parent_id, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                id.to_string(),
+                new.token_hash,
+                new.account_id.to_string(),
+                new.payment_id.to_string(),
+                new.perms.to_string(),
+                new.minted_by,
+                new.parent_id.map(|p| p.to_string()),
+                now,
+                new.expires_at
+            ])?;
+            Ok(Capability {
+                id,
+                account_id: new.account_id,
+                payment_id: new.payment_id,
+                perms: new.perms,
+                minted_by: new.minted_by,
+                parent_id: new.parent_id,
+                created_at: now,
+                expires_at: new.expires_at,
+                revoked_at: None,
+            })
+        })
+        .await
+    }
+
+    /// The capability a token hash names, with the state of its minters.
+    pub async fn capability_by_hash(
+        &self,
+        token_hash: [u8; 32],
+    ) -> Result<Option<CapabilityState>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT {COLUMNS},
+                        EXISTS (WITH RECURSIVE chain(id, parent_id, minted_by) AS (
+                                    SELECT id, parent_id, minted_by FROM capabilities
+                                     WHERE id = c.id
+                                    UNION ALL
+                                    SELECT p.id, p.parent_id, p.minted_by
+                                      FROM capabilities p JOIN chain ON p.id = chain.parent_id)
+                                SELECT 1 FROM chain JOIN users u ON u.id = chain.minted_by
+                                 WHERE u.disabled = 1)
+                   FROM capabilities c WHERE c.token_hash = ?1"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut rows = statement.query([token_hash])?;
+            let Some(row) = rows.next()? else {
+                return Ok(None);
+            };
+            Ok(Some(CapabilityState {
+                capability: capability(row)?,
+                minter_disabled: row.get(9)?,
+            }))
+        })
+        .await
+    }
+
+    /// A capability by id.
+    pub async fn capability(&self, id: Uuid) -> Result<Option<Capability>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!("SELECT {COLUMNS} FROM capabilities c WHERE c.id = ?1");
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut rows = statement.query([id.to_string()])?;
+            rows.next()?.map(capability).transpose()
+        })
+        .await
+    }
+
+    /// Revokes a capability and every capability derived from it, in one transaction;
+    /// returns how many were revoked now.
+    pub async fn revoke_capability(&self, id: Uuid) -> Result<usize, StoreError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let revoked = tx.execute(
+                "WITH RECURSIVE tree(id) AS (
+                     SELECT id FROM capabilities WHERE id = ?1
+                     UNION ALL
+                     SELECT c.id FROM capabilities c JOIN tree ON c.parent_id = tree.id)
+                 UPDATE capabilities SET revoked_at = ?2
+                  WHERE id IN (SELECT id FROM tree) AND revoked_at IS NULL",
+                params![id.to_string(), crate::time::now_millis()],
+            )?;
+            tx.commit()?;
+            Ok(revoked)
+        })
+        .await
+    }
+
+    /// The capabilities of an account that are neither expired nor revoked, newest first.
+    pub async fn live_capabilities(&self, account: Uuid) -> Result<Vec<Capability>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM capabilities c
+                  WHERE c.account_id = ?1 AND c.expires_at > ?2 AND c.revoked_at IS NULL
+                  ORDER BY c.created_at DESC LIMIT 1000"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut rows =
+                statement.query(params![account.to_string(), crate::time::now_millis()])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(capability(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Whether a payment belongs to an account.
+    pub async fn payment_exists(&self, account: Uuid, payment: Uuid) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM payments WHERE account_id = ?1 AND id = ?2")?
+                .query_row(
+                    params![account.to_string(), payment.to_string()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        })
+        .await
+    }
+}
