@@ -86,9 +86,11 @@ pub async fn list(
     query: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let page = Pagination::parse(query)?;
+    // Auditors read every account.
+    let every_account = principal.role == Some(crate::domain::Role::Auditor);
     let found = app
         .store
-        .memberships(principal.user_id, page.limit, page.before)
+        .memberships(principal.user_id, every_account, page.limit, page.before)
         .await?;
     let items = found.items.iter().map(AccountBody::from).collect();
     json(StatusCode::OK, &ListBody::new(items, found.next_seq))

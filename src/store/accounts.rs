@@ -84,24 +84,32 @@ impl Store {
         .await
     }
 
-    /// The accounts `user` is a member of, newest first, `limit` at a time, starting after
-    /// the account with sequence number `before`.
+    /// The accounts `user` is a member of (with `every_account`: all accounts, read-only
+    /// where they hold no grant — the auditor's view), newest first, `limit` at a time,
+    /// starting after the account with sequence number `before`.
     pub async fn memberships(
         &self,
         user: i64,
+        every_account: bool,
         limit: usize,
         before: Option<i64>,
     ) -> Result<Page<Membership>, StoreError> {
         self.run(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT a.seq, a.id, a.name, a.currency, a.created_at, m.perms
-                 FROM account_members m JOIN accounts a ON a.id = m.account_id
-                 WHERE m.user_id = ?1 AND a.seq < ?2
+                "SELECT a.seq, a.id, a.name, a.currency, a.created_at, coalesce(m.perms, 'r')
+                 FROM accounts a
+                 LEFT JOIN account_members m ON m.account_id = a.id AND m.user_id = ?1
+                 WHERE (?4 OR m.user_id IS NOT NULL) AND a.seq < ?2
                  ORDER BY a.seq DESC LIMIT ?3",
             )?;
             let rows = stmt
                 .query_map(
-                    params![user, before.unwrap_or(i64::MAX), limit as i64 + 1],
+                    params![
+                        user,
+                        before.unwrap_or(i64::MAX),
+                        limit as i64 + 1,
+                        every_account
+                    ],
                     |r| {
                         Ok((
                             r.get::<_, i64>(0)?,

@@ -1,0 +1,449 @@
+//! Capabilities against a real server: minting, use by header and by URL, scope limited to
+//! one payment and its permissions, no escalation when minting or deriving, tampering,
+//! expiry, revocation (derived ones included, across workers), a disabled minter, the
+//! auditor and admin roles, and tokens kept out of the audit log.
+
+mod common;
+
+use common::{Creds, TestResponse, TestServer};
+use serde_json::{json, Value};
+
+struct World {
+    server: TestServer,
+    alice: Creds,
+    bob: Creds,
+    account: String,
+    payment: String,
+    other_payment: String,
+}
+
+async fn world() -> World {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let account = server.account(&alice, "EUR").await;
+    let pay = |amount: i64| {
+        let (client, alice, account) = (server.client.clone(), alice.clone(), account.clone());
+        async move {
+            let response = client
+                .post(&format!("/accounts/{account}/payments"))
+                .basic(&alice)
+                .json(&json!({"payee": "ACME-Ltd", "amount_minor": amount, "currency": "EUR"}))
+                .send()
+                .await;
+            assert_eq!(response.status, 201, "{}", response.text());
+            response.json()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let payment = pay(100).await;
+    let other_payment = pay(200).await;
+    World {
+        server,
+        alice,
+        bob,
+        account,
+        payment,
+        other_payment,
+    }
+}
+
+impl World {
+    async fn mint(&self, creds: &Creds, perms: &str, expires_in: u64) -> TestResponse {
+        self.server
+            .client
+            .post(&format!(
+                "/accounts/{}/payments/{}/capabilities",
+                self.account, self.payment
+            ))
+            .basic(creds)
+            .json(&json!({"perms": perms, "expires_in": expires_in}))
+            .send()
+            .await
+    }
+
+    async fn minted(&self, perms: &str) -> Value {
+        let response = self.mint(&self.alice, perms, 600).await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()
+    }
+
+    fn payment_path(&self, payment: &str) -> String {
+        format!("/accounts/{}/payments/{payment}", self.account)
+    }
+
+    async fn read_with(&self, token: &str, payment: &str) -> TestResponse {
+        self.server
+            .client
+            .get(&self.payment_path(payment))
+            .bearer(token)
+            .send()
+            .await
+    }
+
+    async fn derive(&self, token: &str, perms: &str, expires_in: Option<u64>) -> TestResponse {
+        let mut body = json!({"token": token, "perms": perms});
+        if let Some(seconds) = expires_in {
+            body["expires_in"] = json!(seconds);
+        }
+        self.server
+            .client
+            .post("/capabilities/derive")
+            .json(&body)
+            .send()
+            .await
+    }
+}
+
+fn token_of(minted: &Value) -> String {
+    minted["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_capability_reads_its_payment_by_header_and_by_link() {
+    let w = world().await;
+    let minted = w.minted("r").await;
+    let token = token_of(&minted);
+    assert!(token.starts_with("pgc_"));
+    assert_eq!(minted["perms"], "r");
+    assert!(minted["expires_at"].as_str().unwrap().ends_with('Z'));
+    let url = minted["url"].as_str().unwrap();
+    assert_eq!(
+        url,
+        format!("{}?access_token={token}", w.payment_path(&w.payment))
+    );
+
+    // By header, by a shared link, and by bob, who has no grant on the account at all.
+    let response = w.read_with(&token, &w.payment).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["id"], w.payment.as_str());
+    let response = w.server.client.get(url).send().await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    // With an Authorization header, the header is the credential and the link's token is
+    // ignored: bob, who holds no grant, does not see the payment.
+    let as_bob = w.server.client.get(url).basic(&w.bob).send().await;
+    as_bob.assert_problem(404);
+}
+
+#[tokio::test]
+async fn a_capability_is_worth_its_one_payment_and_its_permissions() {
+    let w = world().await;
+    let token = token_of(&w.minted("r").await);
+    // Not another payment, not the list, not the account, not creating.
+    w.read_with(&token, &w.other_payment)
+        .await
+        .assert_problem(403);
+    let list = w
+        .server
+        .client
+        .get(&format!("/accounts/{}/payments", w.account))
+        .bearer(&token)
+        .send()
+        .await;
+    list.assert_problem(403);
+    let account = w
+        .server
+        .client
+        .get(&format!("/accounts/{}", w.account))
+        .bearer(&token)
+        .send()
+        .await;
+    account.assert_problem(403);
+    // Read-only: cancelling is refused, and the payment stays pending.
+    let cancel = w
+        .server
+        .client
+        .delete(&w.payment_path(&w.payment))
+        .bearer(&token)
+        .send()
+        .await;
+    cancel.assert_problem(403);
+    let read = w.read_with(&token, &w.payment).await;
+    assert_eq!(read.json()["status"], "pending");
+    // A read-and-cancel capability can cancel.
+    let rd = token_of(&w.minted("rd").await);
+    let cancel = w
+        .server
+        .client
+        .delete(&w.payment_path(&w.payment))
+        .bearer(&rd)
+        .send()
+        .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+}
+
+#[tokio::test]
+async fn nobody_delegates_more_than_they_hold() {
+    let w = world().await;
+    // bob reads only.
+    let grant = w
+        .server
+        .client
+        .post(&format!("/accounts/{}/members", w.account))
+        .basic(&w.alice)
+        .json(&json!({"username": "bob", "perms": "r"}))
+        .send()
+        .await;
+    assert_eq!(grant.status, 201);
+    w.mint(&w.bob, "rd", 60).await.assert_problem(403);
+    assert_eq!(w.mint(&w.bob, "r", 60).await.status, 201);
+    // Permissions that do not act on one payment, and lifetimes out of range.
+    let body = w.mint(&w.alice, "rw", 60).await.assert_problem(422);
+    assert_eq!(body["field"], "perms");
+    let body = w.mint(&w.alice, "r", 86_401).await.assert_problem(422);
+    assert_eq!(body["field"], "expires_in");
+    w.mint(&w.alice, "r", 0).await.assert_problem(422);
+    // A stranger to the account learns nothing.
+    let carol = w.server.register("carol").await;
+    w.mint(&carol, "r", 60).await.assert_problem(404);
+    // Deriving: fewer permissions and an earlier end only.
+    let parent = w.minted("r").await; // lives 600 s
+    let r = token_of(&parent);
+    w.derive(&r, "rd", None).await.assert_problem(403);
+    let derived = w.derive(&r, "r", Some(86_400)).await;
+    assert_eq!(derived.status, 201, "{}", derived.text());
+    assert_eq!(
+        derived.json()["expires_at"],
+        parent["expires_at"],
+        "a derived capability never outlives its parent"
+    );
+    let rd = token_of(&w.minted("rd").await);
+    let weaker = w.derive(&rd, "r", Some(60)).await;
+    let weaker = token_of(&weaker.json());
+    assert_eq!(w.read_with(&weaker, &w.payment).await.status, 200);
+    let cancel = w
+        .server
+        .client
+        .delete(&w.payment_path(&w.payment))
+        .bearer(&weaker)
+        .send()
+        .await;
+    cancel.assert_problem(403);
+}
+
+#[tokio::test]
+async fn tampered_unknown_and_expired_capabilities_are_refused() {
+    let w = world().await;
+    let token = token_of(&w.minted("r").await);
+    let last = token.chars().last().unwrap();
+    let flipped = format!(
+        "{}{}",
+        &token[..token.len() - 1],
+        if last == 'A' { 'E' } else { 'A' }
+    );
+    let unknown = format!("pgc_{}", "A".repeat(43));
+    for bad in [flipped.as_str(), unknown.as_str(), "pgc_", "pgc_!!!"] {
+        let response = w.read_with(bad, &w.payment).await;
+        response.assert_problem(401);
+        assert_eq!(
+            response.header("www-authenticate"),
+            Some(r#"Bearer error="invalid_token""#),
+            "{bad}"
+        );
+        let link = format!("{}?access_token={bad}", w.payment_path(&w.payment));
+        w.server.client.get(&link).send().await.assert_problem(401);
+    }
+    w.derive(&unknown, "r", None).await.assert_problem(401);
+    // Expiry: set in the past in the database (the clock is not ours to move).
+    let db = rusqlite::Connection::open(w.server.data_dir().join("paygate.db")).unwrap();
+    db.execute(
+        "UPDATE capabilities SET expires_at = ?1",
+        [paygate::time::now_millis() - 1],
+    )
+    .unwrap();
+    w.read_with(&token, &w.payment).await.assert_problem(401);
+    w.derive(&token, "r", None).await.assert_problem(401);
+}
+
+#[tokio::test]
+async fn revoking_ends_a_capability_and_its_descendants_in_every_worker() {
+    let w = world().await;
+    let sibling = w.server.sibling().await;
+    let minted = w.minted("rd").await;
+    let (root, id) = (token_of(&minted), minted["id"].as_str().unwrap().to_owned());
+    let child = token_of(&w.derive(&root, "r", None).await.json());
+    let grandchild = token_of(&w.derive(&child, "r", Some(30)).await.json());
+    let other = token_of(&w.minted("r").await);
+    for token in [&root, &child, &grandchild, &other] {
+        assert_eq!(w.read_with(token, &w.payment).await.status, 200);
+        let in_sibling = sibling
+            .client
+            .get(&w.payment_path(&w.payment))
+            .bearer(token)
+            .send()
+            .await;
+        assert_eq!(in_sibling.status, 200);
+    }
+    // The live list shows them, without tokens.
+    let list = w
+        .server
+        .client
+        .get(&format!("/accounts/{}/capabilities", w.account))
+        .basic(&w.alice)
+        .send()
+        .await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json()["items"].as_array().unwrap().len(), 4);
+    assert!(!list.text().contains(&root[4..]));
+    // Someone else cannot revoke it (and is not told it exists).
+    let bob_revokes = w
+        .server
+        .client
+        .delete(&format!("/capabilities/{id}"))
+        .basic(&w.bob)
+        .send()
+        .await;
+    bob_revokes.assert_problem(404);
+    let revoked = w
+        .server
+        .client
+        .delete(&format!("/capabilities/{id}"))
+        .basic(&w.alice)
+        .send()
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
+    for token in [&root, &child, &grandchild] {
+        w.read_with(token, &w.payment).await.assert_problem(401);
+        sibling
+            .client
+            .get(&w.payment_path(&w.payment))
+            .bearer(token)
+            .send()
+            .await
+            .assert_problem(401);
+    }
+    w.derive(&root, "r", None).await.assert_problem(401);
+    assert_eq!(w.read_with(&other, &w.payment).await.status, 200);
+    let list = w
+        .server
+        .client
+        .get(&format!("/accounts/{}/capabilities", w.account))
+        .basic(&w.alice)
+        .send()
+        .await;
+    assert_eq!(list.json()["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn admins_disable_users_and_auditors_only_read() {
+    let w = world().await;
+    let store = paygate::store::Store::open(&w.server.data_dir()).unwrap();
+    let add = |name: &str, role| {
+        let creds = Creds::new(name, &format!("{name} passphrase 1"));
+        store
+            .create_user_blocking(&paygate::store::NewUser {
+                username: paygate::domain::Username::parse("username", name).unwrap(),
+                password_hash: paygate::passwords::hash_blocking(&creds.password).unwrap(),
+                role: Some(role),
+            })
+            .unwrap();
+        creds
+    };
+    let root = add("root.admin", paygate::domain::Role::Admin);
+    let auditor = add("eve.audit", paygate::domain::Role::Auditor);
+
+    // The auditor lists and reads alice's account and payments, and changes nothing.
+    let listed = w
+        .server
+        .client
+        .get("/accounts")
+        .basic(&auditor)
+        .send()
+        .await;
+    assert_eq!(listed.json()["items"][0]["id"], w.account.as_str());
+    assert_eq!(listed.json()["items"][0]["perms"], "r");
+    let bob_lists = w.server.client.get("/accounts").basic(&w.bob).send().await;
+    assert_eq!(bob_lists.json()["items"], json!([]));
+    for path in [
+        format!("/accounts/{}", w.account),
+        format!("/accounts/{}/payments", w.account),
+        w.payment_path(&w.payment),
+    ] {
+        let response = w.server.client.get(&path).basic(&auditor).send().await;
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+    }
+    w.server
+        .client
+        .delete(&w.payment_path(&w.payment))
+        .basic(&auditor)
+        .send()
+        .await
+        .assert_problem(403);
+    w.server
+        .client
+        .post(&format!("/accounts/{}/payments", w.account))
+        .basic(&auditor)
+        .json(&json!({"payee": "X", "amount_minor": 1, "currency": "EUR"}))
+        .send()
+        .await
+        .assert_problem(403);
+    w.mint(&auditor, "r", 60).await.assert_problem(404);
+
+    // Disabling: only an admin may; then alice's token and capability die with her.
+    let token = w.server.login(&w.alice).await;
+    let capability = token_of(&w.minted("r").await);
+    let disable = |creds: &Creds| {
+        let client = w.server.client.clone();
+        let creds = creds.clone();
+        async move {
+            client
+                .post("/users/alice/disable")
+                .basic(&creds)
+                .send()
+                .await
+        }
+    };
+    disable(&w.bob).await.assert_problem(403);
+    disable(&auditor).await.assert_problem(403);
+    assert_eq!(disable(&root).await.status, 204);
+    w.read_with(&capability, &w.payment)
+        .await
+        .assert_problem(401);
+    w.server
+        .client
+        .get("/users/me")
+        .bearer(&token)
+        .send()
+        .await
+        .assert_problem(401);
+    w.server
+        .client
+        .post("/users/nobody/disable")
+        .basic(&root)
+        .send()
+        .await
+        .assert_problem(404);
+}
+
+#[tokio::test]
+async fn capability_use_is_audited_by_id_and_the_token_is_never_written() {
+    let w = world().await;
+    let minted = w.minted("r").await;
+    let (token, id) = (token_of(&minted), minted["id"].as_str().unwrap().to_owned());
+    let link = minted["url"].as_str().unwrap().to_owned();
+    let read = w.server.client.get(&link).send().await;
+    let request_id = read.header("x-request-id").unwrap().to_owned();
+    w.derive(&token, "r", Some(10)).await;
+    let audit = w.server.data_dir().join(paygate::audit::AUDIT_DIR);
+    let _kept = w.server.stop().await;
+    let mut log = String::new();
+    for (_, dir) in paygate::audit::instance_dirs(&audit).unwrap() {
+        for (_, file) in paygate::audit::writer::log_files(&dir).unwrap() {
+            log.push_str(&std::fs::read_to_string(file).unwrap());
+        }
+    }
+    assert!(
+        !log.contains(&token[4..]),
+        "a capability token reached the audit log"
+    );
+    let record: Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["request_id"] == request_id.as_str() && r["phase"] == "request")
+        .unwrap();
+    assert_eq!(record["auth"], "capability");
+    assert_eq!(record["capability"], id.as_str());
+    assert!(record["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("access_token=REDACTED"));
+}
