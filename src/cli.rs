@@ -253,6 +253,15 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "capability-max-ttl",
+        env: Some("PAYGATE_CAPABILITY_MAX_TTL"),
+        value: "SECS",
+        default: "86400",
+        help: "Longest `expires_in` a capability may be minted or derived with.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "instance",
         env: Some("PAYGATE_INSTANCE"),
         value: "NAME",

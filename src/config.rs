@@ -77,6 +77,8 @@ pub struct ServeConfig {
     pub audit: bool,
     /// Size at which an audit file is rotated.
     pub audit_rotate_bytes: u64,
+    /// Longest lifetime a capability may be minted or derived with, in seconds.
+    pub capability_max_ttl_s: u64,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -271,7 +273,15 @@ impl ServeConfig {
             crate::audit::DEFAULT_ROTATE_BYTES,
             "a size in bytes",
         )?;
+        let capability_max_ttl_s =
+            sources.positive("capability-max-ttl", 86_400, "a number of seconds")?;
+        if capability_max_ttl_s > 366 * 86_400 {
+            return Err(ConfigError(
+                "--capability-max-ttl: at most 31622400 s (366 days)".into(),
+            ));
+        }
         Ok(ServeConfig {
+            capability_max_ttl_s,
             instance,
             audit,
             audit_rotate_bytes,
@@ -448,6 +458,8 @@ mod tests {
         assert!(defaults.audit);
         assert_eq!(defaults.instance, None);
         assert_eq!(defaults.audit_rotate_bytes, 64 * 1024 * 1024);
+        assert_eq!(defaults.capability_max_ttl_s, 86_400);
+        assert!(resolve(&[("capability-max-ttl", "0")], &[]).is_err());
         let set = resolve(
             &[("instance", "w-2"), ("audit", "off")],
             &[("PAYGATE_AUDIT_ROTATE_BYTES", "1000")],

@@ -447,3 +447,71 @@ async fn capability_use_is_audited_by_id_and_the_token_is_never_written() {
         .unwrap()
         .ends_with("access_token=REDACTED"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
+    let dir = common::TempDir::new("oplog");
+    let (mut child, addr, log) = common::serve_logging(&dir, &["--rate-limit", "none"], "debug");
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    let alice = Creds::new("alice", "alice Pass-phrase 9");
+    let register = client
+        .post("/users")
+        .json(&json!({"username": alice.user, "password": alice.password}))
+        .send()
+        .await;
+    assert_eq!(register.status, 201);
+    let account = client
+        .post("/accounts")
+        .basic(&alice)
+        .json(&json!({"name": "Ops", "currency": "EUR"}))
+        .send()
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let payment = client
+        .post(&format!("/accounts/{account}/payments"))
+        .basic(&alice)
+        .json(&json!({"payee": "ACME", "amount_minor": 5, "currency": "EUR"}))
+        .send()
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let minted = client
+        .post(&format!(
+            "/accounts/{account}/payments/{payment}/capabilities"
+        ))
+        .basic(&alice)
+        .json(&json!({"perms": "r", "expires_in": 60}))
+        .send()
+        .await
+        .json();
+    let capability = token_of(&minted);
+    let link = minted["url"].as_str().unwrap().to_owned();
+    assert_eq!(client.get(&link).send().await.status, 200);
+    let jwt = client.post("/sessions").basic(&alice).send().await.json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    client.get("/users/me").bearer(&jwt).send().await;
+    client
+        .get("/users/me")
+        .bearer(&format!("{jwt}x"))
+        .send()
+        .await;
+    common::signal(&child, "TERM");
+    child.wait().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("paygate stopped"), "{log}");
+    for (kind, secret) in [
+        ("password", alice.password.as_str()),
+        ("Basic value", alice.header().trim_start_matches("Basic ")),
+        ("capability token", &capability[4..]),
+        ("JWT", jwt.as_str()),
+    ] {
+        assert!(!log.contains(secret), "{kind} found in the operational log");
+    }
+}

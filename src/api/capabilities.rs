@@ -21,9 +21,6 @@ use crate::store::{Capability, Membership, NewCapability};
 use crate::time::{format_rfc3339_millis, now_millis};
 use crate::tokens::capability;
 
-/// The longest a capability may live, in seconds (one day).
-pub const MAX_EXPIRES_IN_S: u64 = 86_400;
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Mint {
@@ -86,13 +83,11 @@ fn capability_perms(raw: &str) -> Result<Perms, ApiError> {
     Ok(perms)
 }
 
-fn expires_in(seconds: u64) -> Result<i64, ApiError> {
-    if !(1..=MAX_EXPIRES_IN_S).contains(&seconds) {
-        return Err(Invalid::new(
-            "expires_in",
-            format!("must be from 1 to {MAX_EXPIRES_IN_S} seconds"),
-        )
-        .into());
+/// The expiry `seconds` from now, within `--capability-max-ttl`.
+fn expires_in(app: &App, seconds: u64) -> Result<i64, ApiError> {
+    let max = app.config.capability_max_ttl_s;
+    if !(1..=max).contains(&seconds) {
+        return Err(Invalid::new("expires_in", format!("must be from 1 to {max} seconds")).into());
     }
     Ok(now_millis() + i64::try_from(seconds).unwrap_or(0) * 1000)
 }
@@ -132,7 +127,7 @@ pub async fn mint(
 ) -> Result<Response<Body>, ApiError> {
     let body: Mint = read_json(request, app.config.max_body, app.config.client_timeout).await?;
     let perms = capability_perms(&body.perms)?;
-    let expires_at = expires_in(body.expires_in)?;
+    let expires_at = expires_in(app, body.expires_in)?;
     if !perms.is_subset_of(membership.perms) {
         return Err(ApiError::Forbidden(format!(
             "you hold '{}' on this account and cannot delegate '{perms}'",
@@ -190,7 +185,7 @@ pub async fn derive(
     // Never longer than the capability it comes from.
     let expires_at = match body.expires_in {
         None => parent.expires_at,
-        Some(seconds) => expires_in(seconds)?.min(parent.expires_at),
+        Some(seconds) => expires_in(app, seconds)?.min(parent.expires_at),
     };
     let (stored, token) = store_new(
         app,

@@ -453,22 +453,48 @@ pub fn paygate_command(dir: &TempDir) -> std::process::Command {
 /// logged. The caller owns the child and waits for it after signalling it.
 #[allow(clippy::zombie_processes)]
 pub fn serve(dir: &TempDir, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    let (child, addr, _) = serve_logging(dir, extra, "info");
+    (child, addr)
+}
+
+/// Like [`serve`] at log level `level`, also returning everything the server writes to its
+/// operational log (stderr), as it arrives.
+#[allow(clippy::zombie_processes)]
+pub fn serve_logging(
+    dir: &TempDir,
+    extra: &[&str],
+    level: &str,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    Arc<std::sync::Mutex<String>>,
+) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = paygate_command(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
+        .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     while let Some(line) = lines.next() {
         let line = line.unwrap();
+        log.lock().unwrap().push_str(&line);
         if let Some(addr) = line.split("listening on https://").nth(1) {
             // Keep draining stderr so the server never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr.trim().parse().unwrap());
+            let keep = log.clone();
+            std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    let mut log = keep.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+            return (child, addr.trim().parse().unwrap(), log);
         }
     }
     panic!("server exited before listening");
