@@ -88,15 +88,25 @@ call 200 GET "/accounts/$account/payments/$payment" "${bob[@]}"
 call 403 DELETE "/accounts/$account/payments/$payment" "${bob[@]}"
 call 200 DELETE "/accounts/$account/payments/$payment" "${alice[@]}"
 call 409 DELETE "/accounts/$account/payments/$payment" "${alice[@]}"
+# Share the payment as a read-only link: anyone holding it reads that payment, nothing else.
+call 201 POST "/accounts/$account/payments/$payment/capabilities" "${alice[@]}" "${json[@]}" \
+  -d '{"perms":"r","expires_in":3600}'
+link=$(field url)
+capability_id=$(field id)
+call 200 GET "$link"
+call 403 GET "/accounts/$account/payments" -H "Authorization: Bearer $(sed -E 's/.*access_token=//' <<<"$link")"
+call 204 DELETE "/capabilities/$capability_id" "${alice[@]}"
+call 401 GET "$link"
 call 415 POST /accounts "${alice[@]}" -d '{"name":"x","currency":"EUR"}'
 call 405 DELETE /apiStatus
 
 # Log in once, then use the token instead of the password.
 call 201 POST /sessions "${alice[@]}"
-bearer=(-H "Authorization: Bearer $(field token)")
+token=$(field token)
+bearer=(-H "Authorization: Bearer $token")
 call 200 GET /accounts "${bearer[@]}"
 call 200 GET /users/me "${bearer[@]}"
-call 401 GET /accounts -H "Authorization: Bearer $(field token)x"
+call 401 GET /accounts -H "Authorization: Bearer ${token}x"
 # Turn on TOTP: enrol, confirm with a code (from a step that will not end mid-tour).
 call 200 POST /users/me/totp "${bearer[@]}"
 secret=$(field secret)
