@@ -327,15 +327,15 @@ async fn sweep_rate_limits(app: Arc<App>) {
     }
 }
 
-/// Deletes expired sessions and revocations every ten minutes (they are refused by their
-/// expiry anyway; this only keeps the tables small).
+/// Deletes expired sessions, revocations and capabilities every ten minutes (they are
+/// refused by their expiry anyway; this only keeps the tables small).
 async fn sweep_sessions(app: Arc<App>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(600));
     loop {
         ticks.tick().await;
         match app.store.sweep_sessions().await {
             Ok(0) => {}
-            Ok(n) => log::info!("deleted {n} expired session(s) and revocation(s)"),
+            Ok(n) => log::info!("deleted {n} expired session(s), revocation(s) and capabilities"),
             Err(e) => log::warn!("sweeping sessions failed: {e}"),
         }
     }

@@ -243,6 +243,7 @@ async fn tampered_unknown_and_expired_capabilities_are_refused() {
         w.server.client.get(&link).send().await.assert_problem(401);
     }
     w.derive(&unknown, "r", None).await.assert_problem(401);
+    assert_eq!(w.derive(&token, "r", Some(30)).await.status, 201);
     // Expiry: set in the past in the database (the clock is not ours to move).
     let db = rusqlite::Connection::open(w.server.data_dir().join("paygate.db")).unwrap();
     db.execute(
@@ -252,6 +253,13 @@ async fn tampered_unknown_and_expired_capabilities_are_refused() {
     .unwrap();
     w.read_with(&token, &w.payment).await.assert_problem(401);
     w.derive(&token, "r", None).await.assert_problem(401);
+    // The sweeper removes expired capabilities (derived ones with them).
+    assert!(w.server.app().store.sweep_sessions().await.unwrap() >= 2);
+    let left: i64 = db
+        .query_row("SELECT count(*) FROM capabilities", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+    w.read_with(&token, &w.payment).await.assert_problem(401);
 }
 
 #[tokio::test]

@@ -176,7 +176,9 @@ impl Store {
         .await
     }
 
-    /// Deletes expired sessions and revocations; returns how many rows went.
+    /// Deletes expired sessions, JWT revocations and capabilities; returns how many rows
+    /// went. (A capability's descendants never outlive it, so one statement removes whole
+    /// expired trees and the parent references stay intact.)
     pub async fn sweep_sessions(&self) -> Result<usize, StoreError> {
         self.run(|conn| {
             let now_ms = crate::time::now_millis();
@@ -186,8 +188,10 @@ impl Store {
                 "DELETE FROM revoked_tokens WHERE expires_at <= ?1",
                 [now_ms / 1000],
             )?;
+            let capabilities =
+                tx.execute("DELETE FROM capabilities WHERE expires_at <= ?1", [now_ms])?;
             tx.commit()?;
-            Ok(sessions + revoked)
+            Ok(sessions + revoked + capabilities)
         })
         .await
     }
