@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         key: PathBuf::from(key),
         are_defaults: false,
     };
-    let acceptor = TlsAcceptor::from(paygate::tls::server_config(&files)?);
+    let acceptor = TlsAcceptor::from(paygate::tls::server_config(&files)?.0);
     let body = Bytes::from(format!(
         "{{\"pad\":\"{}\"}}",
         "x".repeat(size.parse::<usize>()?.saturating_sub(10))

@@ -76,9 +76,24 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
         // Handlers first: a signal that arrives as soon as the server says it is listening
         // must already mean "drain", not the default "die".
         let stop = stop_signal()?;
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let running = paygate::server::start(config).await?;
-        stop.await;
+        paygate::systemd::notify(&format!(
+            "READY=1\nSTATUS=listening on https://{}",
+            running.local_addr()
+        ));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hangup.recv() => match running.reload().await {
+                    Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
+                    Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),
+                },
+            }
+        }
         log::info!("stop signal received; shutting down");
+        paygate::systemd::notify("STOPPING=1");
         running.shutdown().await;
         Ok::<(), Failure>(())
     })?;

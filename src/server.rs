@@ -51,12 +51,25 @@ pub struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     app: Arc<App>,
+    certificate: Arc<crate::tls::CertificateStore>,
 }
 
 impl Running {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// SIGHUP: re-reads the TLS certificate and key (new connections use them; on any
+    /// error the old pair stays and the error is returned) and the JWT signing keys.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (certificate, app) = (self.certificate.clone(), self.app.clone());
+        tokio::task::spawn_blocking(move || {
+            app.tokens.keyring.reload_if_changed();
+            certificate.reload().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("reloading failed: {e}"))?
     }
 
     /// The state the server's requests share (for tests that inspect or inject faults).
@@ -79,15 +92,15 @@ impl Running {
 /// Opens the data directory and the listener, loads TLS, and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     crate::tls::ensure_certificate(&config.tls).map_err(|e| StartError(e.to_string()))?;
-    let tls = crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
+    let (tls, certificate) =
+        crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let listen = config.listen;
     let app = tokio::task::spawn_blocking(move || App::open(config))
         .await
         .map_err(|e| StartError(format!("opening the data directory failed: {e}")))?
         .map_err(|e| StartError(e.to_string()))?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
+    let listener =
+        bind(listen).map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let local_addr = listener
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the listening address: {e}")))?;
@@ -102,7 +115,22 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         stop,
         task,
         app,
+        certificate,
     })
+}
+
+/// Binds the listening socket with `SO_REUSEPORT`, so several worker processes can listen
+/// on the same address and the kernel spreads new connections among them; a worker that
+/// restarts never closes the port for the others.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// The HTTP builders: one per ALPN outcome, so a client that negotiated a protocol is held

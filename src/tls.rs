@@ -11,10 +11,12 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::crypto::ring as ring_provider;
 use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -58,8 +60,12 @@ pub fn provider() -> CryptoProvider {
     }
 }
 
-/// Builds the server configuration from the PEM files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// Reads the certificate chain and key from the PEM files and checks that they belong
+/// together.
+fn load_certified_key(
+    files: &TlsFiles,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|iter| iter.collect())
         .map_err(|e| {
@@ -80,20 +86,61 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             files.key.display()
         ))
     })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+    CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+        TlsError(format!(
+            "certificate {} and key {} do not form a usable pair: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })
+}
+
+/// The server's certificate, replaceable while running: new handshakes use whatever
+/// [`CertificateStore::reload`] last installed; established connections keep theirs.
+#[derive(Debug)]
+pub struct CertificateStore {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertificateStore {
+    /// Re-reads the certificate and key files. On any error the certificate in use stays,
+    /// and the error says what is wrong with the new files.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = load_certified_key(&self.files, &provider())?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertificateStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// Builds the server configuration from the PEM files, and the store through which its
+/// certificate can be replaced later (SIGHUP).
+pub fn server_config(
+    files: &TlsFiles,
+) -> Result<(Arc<ServerConfig>, Arc<CertificateStore>), TlsError> {
+    let provider = provider();
+    let store = Arc::new(CertificateStore {
+        current: RwLock::new(Arc::new(load_certified_key(files, &provider)?)),
+        files: files.clone(),
+    });
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError(format!("TLS provider rejected the protocol versions: {e}")))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            TlsError(format!(
-                "certificate {} and key {} do not form a usable pair: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .with_cert_resolver(store.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), store))
 }
 
 /// A generated self-signed certificate and its key, both PEM.
@@ -222,11 +269,17 @@ mod tests {
             are_defaults: false,
         };
         write_dev_certificate(&files, false).unwrap();
-        let config = server_config(&files).unwrap();
+        let (config, store) = server_config(&files).unwrap();
         assert_eq!(
             config.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
+        // Reloading the same files works; a mismatched pair is refused and changes nothing.
+        store.reload().unwrap();
+        let other = generate_dev_certificate().unwrap();
+        fs::write(&files.key, other.key_pem).unwrap();
+        let err = store.reload().unwrap_err();
+        assert!(err.0.contains("do not form a usable pair"), "{err}");
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&files.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

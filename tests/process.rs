@@ -1,0 +1,124 @@
+//! The process model, with real processes: SIGHUP reloads the certificate (and keeps the
+//! old one when the new files are bad), systemd readiness notifications, and several
+//! processes serving one port through SO_REUSEPORT.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::{paygate_command, serve, signal, wait_exit, Client, TempDir};
+
+/// Whether a client trusting only `ca` completes a request.
+async fn trusts(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool {
+    let client = Client::new(addr, ca);
+    match tokio::time::timeout(Duration::from_secs(2), client.get("/apiStatus").try_send()).await {
+        Ok(Some(response)) => response.status == 200,
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_and_keeps_it_when_the_new_files_are_bad() {
+    let dir = TempDir::new("sighup");
+    let (mut child, addr) = serve(&dir, &[]);
+    let cert = dir.0.join("certs/server.crt");
+    let old_ca = dir.0.join("old-ca.pem");
+    std::fs::copy(&cert, &old_ca).unwrap();
+    assert!(trusts(addr, &old_ca).await);
+
+    // A new certificate in place of the old one, then SIGHUP.
+    let status = paygate_command(&dir)
+        .args(["dev-cert", "--force"])
+        .output()
+        .unwrap()
+        .status;
+    assert!(status.success());
+    let new_ca = dir.0.join("new-ca.pem");
+    std::fs::copy(&cert, &new_ca).unwrap();
+    signal(&child, "HUP");
+    let mut switched = false;
+    for _ in 0..30 {
+        if trusts(addr, &new_ca).await {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "new connections use the new certificate");
+    assert!(!trusts(addr, &old_ca).await, "the old certificate is gone");
+
+    // A broken file: reported, and the certificate in use stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    signal(&child, "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(trusts(addr, &new_ca).await);
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
+
+#[test]
+fn readiness_and_stopping_are_sent_to_notify_socket() {
+    let dir = TempDir::new("notify");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = paygate_command(&dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buffer = [0u8; 512];
+    let n = socket.recv(&mut buffer).unwrap();
+    let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(
+        ready.contains("STATUS=listening on https://127.0.0.1:"),
+        "{ready}"
+    );
+    signal(&child, "TERM");
+    let n = socket.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..n], b"STOPPING=1");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_serve_one_port_and_one_can_die() {
+    let dir = TempDir::new("reuseport");
+    let (mut first, addr) = serve(&dir, &[]);
+    let port = addr.port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut second, second_addr) = serve(&dir, &["--listen", &listen]);
+    assert_eq!(second_addr, addr, "both listen on the same port");
+    let ca = dir.0.join("certs/server.crt");
+    let client = Client::new(addr, &ca);
+    for _ in 0..20 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    // One process dies without warning; the port keeps being served by the other.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    signal(&second, "TERM");
+    assert_eq!(wait_exit(&mut second).code(), Some(0));
+    // Both wrote their own audit chain, and both verify.
+    let output = paygate_command(&dir)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The first process was killed; a restart (not done here) would recover its tail, and
+    // verify accepts the preallocated zeros it left.
+    assert!(stdout.contains("2 chain(s)"), "{stdout}");
+}
