@@ -149,7 +149,8 @@ pub const OPTIONS: &[OptionSpec] = &[
         env: Some("PAYGATE_WORKERS"),
         value: "N",
         default: "1",
-        help: "Number of worker processes. This build serves from one process; only 1 is accepted.",
+        help: "Worker processes. 1 serves in this process; more start a supervisor that runs \
+               them on one port (SO_REUSEPORT), restarts crashed ones and forwards signals.",
         commands: &[Serve],
         list_separator: None,
     },
@@ -287,6 +288,16 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "BYTES",
         default: "67108864",
         help: "Size at which an audit file is closed and the chain continues in the next.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "supervised",
+        env: None,
+        value: "",
+        default: "off",
+        help: "Internal: set by the supervisor on the workers it starts (commands arrive on \
+               stdin; its end means stop).",
         commands: &[Serve],
         list_separator: None,
     },

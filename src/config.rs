@@ -79,6 +79,10 @@ pub struct ServeConfig {
     pub audit_rotate_bytes: u64,
     /// Longest lifetime a capability may be minted or derived with, in seconds.
     pub capability_max_ttl_s: u64,
+    /// Worker processes: 1 serves in this process; more start a supervisor.
+    pub workers: u32,
+    /// This process is a worker of a supervisor, which sends its commands on stdin.
+    pub supervised: bool,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -199,10 +203,9 @@ impl ServeConfig {
             "an address with a port, such as 127.0.0.1:8443 or [::]:8443",
         )?;
         let workers = sources.positive("workers", 1, "a number of worker processes")?;
-        if workers != 1 {
+        if workers > 64 {
             return Err(ConfigError(format!(
-                "--workers {workers}: this build serves from a single process, so only \
-                 --workers 1 is accepted"
+                "--workers {workers}: at most 64 worker processes"
             )));
         }
         let max_body = sources.positive("max-body", 16 * 1024, "a size in bytes")?;
@@ -281,6 +284,8 @@ impl ServeConfig {
             ));
         }
         Ok(ServeConfig {
+            workers: u32::try_from(workers).unwrap_or(1),
+            supervised: sources.flag("supervised"),
             capability_max_ttl_s,
             instance,
             audit,
@@ -474,9 +479,10 @@ mod tests {
     }
 
     #[test]
-    fn only_one_worker_is_accepted_for_now() {
-        assert!(resolve(&[("workers", "1")], &[]).is_ok());
-        let err = resolve(&[("workers", "4")], &[]).unwrap_err();
-        assert!(err.0.contains("only --workers 1"), "{err}");
+    fn workers_are_counted() {
+        assert_eq!(resolve(&[], &[]).unwrap().workers, 1);
+        assert_eq!(resolve(&[("workers", "4")], &[]).unwrap().workers, 4);
+        assert!(resolve(&[("workers", "0")], &[]).is_err());
+        assert!(resolve(&[("workers", "65")], &[]).is_err());
     }
 }

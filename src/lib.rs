@@ -21,6 +21,7 @@
 //!   cache of token state.
 //! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
 //! - [`store`]: all SQL, behind the [`store::Store`] type.
+//! - [`supervisor`]: `serve --workers N`: runs, restarts and stops the worker processes.
 //! - [`systemd`]: `sd_notify` (READY, STOPPING) over `$NOTIFY_SOCKET`.
 //! - [`secret_file`]: private (0600) files in the data directory, written atomically.
 //! - [`app`]: the state requests share; [`time`]: timestamps.
@@ -43,6 +44,7 @@ pub mod routes;
 pub mod secret_file;
 pub mod server;
 pub mod store;
+pub mod supervisor;
 pub mod systemd;
 pub mod time;
 pub mod tls;

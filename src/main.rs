@@ -68,6 +68,12 @@ fn no_positional(positional: &[String]) -> Result<(), Failure> {
 fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
     let config = ServeConfig::resolve(sources)?;
+    if config.workers > 1 {
+        // Everything after `serve`; the supervisor adds what makes each one a worker.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return paygate::supervisor::run(args, &config);
+    }
+    let supervised = config.supervised;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("paygate-worker")
@@ -83,9 +89,19 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
             running.local_addr()
         ));
         tokio::pin!(stop);
+        let mut commands = supervisor_commands(supervised);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
+                command = commands.recv() => match command.as_deref() {
+                    Some("reload") => match running.reload().await {
+                        Ok(()) => log::info!("reloaded the TLS certificate and signing keys"),
+                        Err(e) => log::error!("reload: {e}; the certificate in use stays"),
+                    },
+                    Some(other) if other != "stop" => log::warn!("unknown command {other:?}"),
+                    // `stop`, or stdin closed: the supervisor is stopping or gone.
+                    _ => break,
+                },
                 _ = hangup.recv() => match running.reload().await {
                     Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
                     Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),
@@ -99,6 +115,27 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     })?;
     log::info!("paygate stopped");
     Ok(())
+}
+
+/// Commands from the supervisor, one per stdin line, for a supervised worker. Unsupervised,
+/// the channel never yields.
+fn supervisor_commands(supervised: bool) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (send, receive) = tokio::sync::mpsc::unbounded_channel();
+    if supervised {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if send.send(line.trim().to_owned()).is_err() {
+                    return;
+                }
+            }
+            // End of input: dropping `send` closes the channel, which means stop.
+        });
+    } else {
+        // Keep the sender alive for the life of the process: no command ever arrives.
+        std::mem::forget(send);
+    }
+    receive
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first of them.

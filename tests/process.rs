@@ -122,3 +122,75 @@ async fn two_processes_serve_one_port_and_one_can_die() {
     // verify accepts the preallocated zeros it left.
     assert!(stdout.contains("2 chain(s)"), "{stdout}");
 }
+
+/// The pids of the workers the supervisor reported starting, by instance, latest first.
+fn started_workers(log: &str) -> Vec<(String, u32)> {
+    let mut found: Vec<(String, u32)> = log
+        .split("started worker ")
+        .skip(1)
+        .filter_map(|rest| {
+            let (instance, rest) = rest.split_once(" (pid ")?;
+            let pid = rest.split(')').next()?.parse().ok()?;
+            Some((instance.to_owned(), pid))
+        })
+        .collect();
+    found.reverse();
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_runs_restarts_and_stops_its_workers() {
+    let dir = TempDir::new("supervisor");
+    let (mut supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    // Wait until both workers said they listen.
+    for _ in 0..100 {
+        if log.lock().unwrap().matches("listening on https://").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let workers = started_workers(&log.lock().unwrap());
+    assert_eq!(workers.len(), 2, "{}", log.lock().unwrap());
+    for _ in 0..10 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    // Kill worker 1: the port keeps being served, and a new worker 1 starts.
+    let (_, victim) = workers.iter().find(|(i, _)| i == "1").unwrap().clone();
+    std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    let mut replaced = None;
+    for _ in 0..100 {
+        let now = started_workers(&log.lock().unwrap());
+        if let Some((_, pid)) = now.iter().find(|(i, p)| i == "1" && *p != victim) {
+            replaced = Some(*pid);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replaced = replaced.expect("worker 1 restarted");
+    assert!(log.lock().unwrap().contains("exited unexpectedly"));
+    // SIGTERM: every worker drains, the supervisor exits 0, nobody is left.
+    signal(&supervisor, "TERM");
+    assert_eq!(wait_exit(&mut supervisor).code(), Some(0));
+    let all: Vec<u32> = started_workers(&log.lock().unwrap())
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    assert!(all.contains(&replaced));
+    for pid in all {
+        assert!(!alive(pid), "worker {pid} still running");
+    }
+}

@@ -114,6 +114,37 @@ fn configure(conn: &mut Connection, durability: Durability) -> rusqlite::Result<
     })
 }
 
+/// Creates the database if needed, switches it to WAL mode and applies its migrations.
+/// [`StoreError::Busy`] when another process holds a lock this needs.
+fn prepare_database(
+    path: &Path,
+    display: &str,
+    durability: Durability,
+    migrations: migrate::Migrations,
+) -> Result<(), StoreError> {
+    let failed = |e: rusqlite::Error| match StoreError::from(e) {
+        StoreError::Busy => StoreError::Busy,
+        other => StoreError::Startup(format!("cannot open database {display}: {other}")),
+    };
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(failed)?;
+    configure(&mut conn, durability).map_err(failed)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(failed)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Startup(format!(
+            "cannot open database {display}: journal_mode is {mode}, WAL is required"
+        )));
+    }
+    migrate::migrate(&mut conn, display, migrations)
+}
+
 /// Opens (creating if needed) one database file in WAL mode, applies its migrations, and
 /// returns a pool of configured connections.
 fn open_pool(
@@ -123,26 +154,24 @@ fn open_pool(
     max_size: u32,
 ) -> Result<r2d2::Pool<SqliteConnectionManager>, StoreError> {
     let display = path.display().to_string();
-    let open_failed =
-        |e: &dyn fmt::Display| StoreError::Startup(format!("cannot open database {display}: {e}"));
-    let mut conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| open_failed(&e))?;
-    configure(&mut conn, durability).map_err(|e| open_failed(&e))?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| open_failed(&e))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(open_failed(&format!(
-            "journal_mode is {mode}, WAL is required"
-        )));
+    // Several processes starting together on a new data directory race to create the file,
+    // switch it to WAL and migrate it; the losers see "database is locked" in places no
+    // busy handler covers. Retry for a few seconds before calling it a failure.
+    let mut attempt = 0;
+    loop {
+        match prepare_database(path, &display, durability, migrations) {
+            Err(StoreError::Busy) if attempt < 100 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(StoreError::Busy) => {
+                return Err(StoreError::Startup(format!(
+                    "cannot open database {display}: it stayed locked by another process"
+                )))
+            }
+            other => break other?,
+        }
     }
-    migrate::migrate(&mut conn, &display, migrations)?;
-    drop(conn);
 
     let manager = SqliteConnectionManager::file(path)
         .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -152,7 +181,7 @@ fn open_pool(
         .min_idle(Some(1))
         .connection_timeout(Duration::from_secs(5))
         .build(manager)
-        .map_err(|e| open_failed(&e))
+        .map_err(|e| StoreError::Startup(format!("cannot open database {display}: {e}")))
 }
 
 /// The handle every part of the server shares; cheap to clone.
