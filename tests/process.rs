@@ -168,6 +168,14 @@ async fn the_supervisor_runs_restarts_and_stops_its_workers() {
         .args(["-KILL", &victim.to_string()])
         .status()
         .unwrap();
+    // Connections the kernel queued for the dying worker are reset with it (the cost of a
+    // killed worker); once it is gone, every new connection goes to the living one.
+    for _ in 0..100 {
+        if !alive(victim) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for _ in 0..10 {
         assert_eq!(client.get("/apiStatus").send().await.status, 200);
     }
