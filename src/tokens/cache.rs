@@ -30,7 +30,8 @@ enum Key {
 
 #[derive(Debug, Clone)]
 enum Entry {
-    Jwt { subject: Subject, revoked: bool },
+    /// The user a JWT names, and whether its `jti` is revoked.
+    Jwt((Subject, bool)),
     Session(SessionRow),
     Capability(CapabilityState),
 }
@@ -103,6 +104,26 @@ impl TokenCache {
         entries.map.insert(key, entry);
     }
 
+    /// `key`'s entry when it is current; otherwise `fetch`'s answer, cached when found.
+    /// The version is read before `fetch` runs, so what is cached is at least that fresh.
+    async fn cached<T: Clone>(
+        &self,
+        key: Key,
+        from_entry: fn(Entry) -> Option<T>,
+        into_entry: fn(T) -> Entry,
+        fetch: impl std::future::Future<Output = Result<Option<T>, StoreError>>,
+    ) -> Result<Option<T>, StoreError> {
+        let version = self.version().await?;
+        if let Some(hit) = self.get(version, &key).and_then(from_entry) {
+            return Ok(Some(hit));
+        }
+        let found = fetch.await?;
+        if let Some(value) = &found {
+            self.put(version, key, into_entry(value.clone()));
+        }
+        Ok(found)
+    }
+
     /// The user a verified JWT names and whether its `jti` is revoked; `None` if no user
     /// has that name.
     pub async fn jwt_subject(
@@ -115,19 +136,12 @@ impl TokenCache {
             sub: sub.to_owned(),
             jti: jti.to_owned(),
         };
-        let version = self.version().await?;
-        if let Some(Entry::Jwt { subject, revoked }) = self.get(version, &key) {
-            return Ok(Some((subject, revoked)));
-        }
-        let found = store.jwt_subject(sub.to_owned(), jti.to_owned()).await?;
-        if let Some((subject, revoked)) = &found {
-            let entry = Entry::Jwt {
-                subject: subject.clone(),
-                revoked: *revoked,
-            };
-            self.put(version, key, entry);
-        }
-        Ok(found)
+        let from = |e| match e {
+            Entry::Jwt(found) => Some(found),
+            _ => None,
+        };
+        let fetch = store.jwt_subject(sub.to_owned(), jti.to_owned());
+        self.cached(key, from, Entry::Jwt, fetch).await
     }
 
     /// The session an opaque token's hash names, if it exists.
@@ -136,16 +150,13 @@ impl TokenCache {
         store: &Store,
         token_hash: [u8; 32],
     ) -> Result<Option<SessionRow>, StoreError> {
-        let key = Key::Session(token_hash);
-        let version = self.version().await?;
-        if let Some(Entry::Session(row)) = self.get(version, &key) {
-            return Ok(Some(row));
-        }
-        let found = store.session(token_hash).await?;
-        if let Some(row) = &found {
-            self.put(version, key, Entry::Session(row.clone()));
-        }
-        Ok(found)
+        let from = |e| match e {
+            Entry::Session(row) => Some(row),
+            _ => None,
+        };
+        let fetch = store.session(token_hash);
+        self.cached(Key::Session(token_hash), from, Entry::Session, fetch)
+            .await
     }
 
     /// The capability a token's hash names, if it exists (revoked or not).
@@ -154,16 +165,13 @@ impl TokenCache {
         store: &Store,
         token_hash: [u8; 32],
     ) -> Result<Option<CapabilityState>, StoreError> {
-        let key = Key::Capability(token_hash);
-        let version = self.version().await?;
-        if let Some(Entry::Capability(state)) = self.get(version, &key) {
-            return Ok(Some(state));
-        }
-        let found = store.capability_by_hash(token_hash).await?;
-        if let Some(state) = &found {
-            self.put(version, key, Entry::Capability(state.clone()));
-        }
-        Ok(found)
+        let from = |e| match e {
+            Entry::Capability(state) => Some(state),
+            _ => None,
+        };
+        let fetch = store.capability_by_hash(token_hash);
+        self.cached(Key::Capability(token_hash), from, Entry::Capability, fetch)
+            .await
     }
 
     /// The username of a session this worker has seen, without asking the database or
@@ -236,15 +244,15 @@ mod tests {
             sub: "ghost".into(),
             jti: "j".into(),
         };
-        let entry = Entry::Jwt {
-            subject: Subject {
+        let entry = Entry::Jwt((
+            Subject {
                 user_id: 1,
                 username: "ghost".into(),
                 role: None,
                 disabled: false,
             },
-            revoked: false,
-        };
+            false,
+        ));
         cache.put(version, key, entry);
         // Nothing was committed, so the entry answers without the database.
         assert!(cache
@@ -257,15 +265,15 @@ mod tests {
         cache.put(
             version,
             Key::Session([1; 32]),
-            Entry::Jwt {
-                subject: Subject {
+            Entry::Jwt((
+                Subject {
                     user_id: 1,
                     username: "x".into(),
                     role: None,
                     disabled: false,
                 },
-                revoked: false,
-            },
+                false,
+            )),
         );
         assert!(cache.lock().map.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
