@@ -148,7 +148,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "workers",
         env: Some("PAYGATE_WORKERS"),
         value: "N",
-        default: "1",
+        default: "number of CPUs",
         help: "Worker processes. 1 serves in this process; more start a supervisor that runs \
                them on one port (SO_REUSEPORT), restarts crashed ones and forwards signals.",
         commands: &[Serve],

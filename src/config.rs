@@ -194,6 +194,12 @@ impl<'a> Sources<'a> {
     }
 }
 
+/// One worker per CPU this process may run on (its affinity mask and cgroup quota count),
+/// at most 64.
+fn default_workers() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u64)
+}
+
 impl ServeConfig {
     /// Validates the options of `paygate serve`.
     pub fn resolve(sources: &Sources<'_>) -> Result<Self, ConfigError> {
@@ -202,7 +208,8 @@ impl ServeConfig {
             SocketAddr::from(([127, 0, 0, 1], 8443)),
             "an address with a port, such as 127.0.0.1:8443 or [::]:8443",
         )?;
-        let workers = sources.positive("workers", 1, "a number of worker processes")?;
+        let workers =
+            sources.positive("workers", default_workers(), "a number of worker processes")?;
         if workers > 64 {
             return Err(ConfigError(format!(
                 "--workers {workers}: at most 64 worker processes"
@@ -480,7 +487,10 @@ mod tests {
 
     #[test]
     fn workers_are_counted() {
-        assert_eq!(resolve(&[], &[]).unwrap().workers, 1);
+        assert_eq!(
+            u64::from(resolve(&[], &[]).unwrap().workers),
+            default_workers()
+        );
         assert_eq!(resolve(&[("workers", "4")], &[]).unwrap().workers, 4);
         assert!(resolve(&[("workers", "0")], &[]).is_err());
         assert!(resolve(&[("workers", "65")], &[]).is_err());

@@ -1,7 +1,7 @@
 //! The `paygate` binary: parse the command line, then hand over to the library.
 //! Exit codes: 0 success, 1 runtime or configuration failure, 2 usage error.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write as _};
 use std::process::ExitCode;
 
 use paygate::cli::{self, CommandName, Invocation};
@@ -88,6 +88,11 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
             "READY=1\nSTATUS=listening on https://{}",
             running.local_addr()
         ));
+        if supervised {
+            // The supervisor waits for this line before it drains an old worker (rollout).
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "ready").and_then(|()| out.flush())?;
+        }
         tokio::pin!(stop);
         let mut commands = supervisor_commands(supervised);
         loop {

@@ -59,31 +59,38 @@ async fn sighup_reloads_the_certificate_and_keeps_it_when_the_new_files_are_bad(
 
 #[test]
 fn readiness_and_stopping_are_sent_to_notify_socket() {
-    let dir = TempDir::new("notify");
-    let socket_path = dir.0.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut child = paygate_command(&dir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("NOTIFY_SOCKET", &socket_path)
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut buffer = [0u8; 512];
-    let n = socket.recv(&mut buffer).unwrap();
-    let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
-    assert!(ready.starts_with("READY=1\n"), "{ready}");
-    assert!(
-        ready.contains("STATUS=listening on https://127.0.0.1:"),
-        "{ready}"
-    );
-    signal(&child, "TERM");
-    let n = socket.recv(&mut buffer).unwrap();
-    assert_eq!(&buffer[..n], b"STOPPING=1");
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    // One worker in the foreground tells systemd itself; a supervisor tells it once all its
+    // workers listen, and its workers stay silent (they would claim readiness too early).
+    for (workers, status) in [
+        ("1", "STATUS=listening on https://127.0.0.1:"),
+        ("2", "STATUS=2 workers listening on https://127.0.0.1:"),
+    ] {
+        let dir = TempDir::new("notify");
+        let socket_path = dir.0.join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let child = paygate_command(&dir)
+            .args(["serve", "--listen", "127.0.0.1:0", "--workers", workers])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = StopOnDrop(child);
+        let mut buffer = [0u8; 512];
+        let n = socket.recv(&mut buffer).unwrap();
+        let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        assert!(ready.starts_with("READY=1\n"), "{ready}");
+        assert!(ready.contains(status), "{ready}");
+        signal(&child.0, "TERM");
+        let n = socket.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..n], b"STOPPING=1");
+        assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+        socket.set_nonblocking(true).unwrap();
+        assert!(socket.recv(&mut buffer).is_err(), "a further notification");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,4 +227,203 @@ async fn the_supervisor_runs_restarts_and_stops_its_workers() {
     for pid in all {
         assert!(!alive(pid), "worker {pid} still running");
     }
+}
+
+/// A supervisor that a failing test must not leave running (its workers would hold the
+/// test harness's pipes open): SIGTERM on drop.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            signal(&self.0, "TERM");
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Outcome of a client loop that keeps its HTTP/1.1 connection alive and, like browsers
+/// and HTTP libraries do, retries a request that failed before any response arrived
+/// (the server closed the connection, or a new connection was reset).
+#[derive(Debug, Default)]
+struct LoopTally {
+    ok: u64,
+    retried: u64,
+    failed: Vec<String>,
+}
+
+/// Sends `GET /apiStatus` over a kept-alive connection until `stop` is set.
+async fn keep_alive_loop(
+    client: Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> LoopTally {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::client::conn::http1::SendRequest;
+    let mut tally = LoopTally::default();
+    let mut sender: Option<SendRequest<Empty<bytes::Bytes>>> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                sender = match client
+                    .connect_with(&[b"http/1.1"], rustls::DEFAULT_VERSIONS)
+                    .await
+                {
+                    Ok(tls) => {
+                        match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
+                            tls,
+                        ))
+                        .await
+                        {
+                            Ok((s, conn)) => {
+                                tokio::spawn(conn);
+                                Some(s)
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                    Err(_) => None,
+                };
+            }
+            let outcome = match &mut sender {
+                None => Err("connect".to_owned()),
+                Some(s) => {
+                    let request = http::Request::get(format!(
+                        "https://localhost:{}/apiStatus",
+                        client.addr.port()
+                    ))
+                    .header("host", "localhost")
+                    .body(Empty::new())
+                    .unwrap();
+                    match s.send_request(request).await {
+                        Ok(response) => {
+                            let status = response.status();
+                            match response.into_body().collect().await {
+                                Ok(_) if status == 200 => Ok(()),
+                                Ok(_) => {
+                                    tally.failed.push(format!("status {status}"));
+                                    Ok(())
+                                }
+                                Err(e) => Err(format!("body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("request: {e}")),
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    tally.ok += 1;
+                    break;
+                }
+                Err(why) if attempts < 3 => {
+                    let _ = why;
+                    tally.retried += 1;
+                    sender = None;
+                }
+                Err(why) => {
+                    tally.failed.push(why);
+                    sender = None;
+                    break;
+                }
+            }
+        }
+    }
+    tally
+}
+
+/// Waits (up to `secs`) until the shared log holds `needle` at least `count` times.
+async fn wait_for_log(log: &std::sync::Mutex<String>, needle: &str, count: usize, secs: u64) {
+    for _ in 0..secs * 20 {
+        if log.lock().unwrap().matches(needle).count() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "no {needle:?} (x{count}) in the log:\n{}",
+        log.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_rolls_every_worker_over_without_failing_a_request() {
+    let dir = TempDir::new("rollout");
+    // The loops below send thousands of requests a second from one address.
+    let (supervisor, addr, log) = common::serve_logging(
+        &dir,
+        &[
+            "--workers",
+            "2",
+            "--rate-limit",
+            "* / 1000000/s burst=1000000 key=ip",
+        ],
+        "info",
+    );
+    let mut supervisor = StopOnDrop(supervisor);
+    wait_for_log(&log, "all 2 workers are listening", 1, 30).await;
+    let old: Vec<u32> = started_workers(&log.lock().unwrap())
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+            tokio::spawn(keep_alive_loop(client, stop.clone()))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&supervisor.0, "USR2");
+    wait_for_log(&log, "rollout complete", 1, 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = LoopTally::default();
+    for handle in loops {
+        let tally = handle.await.unwrap();
+        total.ok += tally.ok;
+        total.retried += tally.retried;
+        total.failed.extend(tally.failed);
+    }
+    total.failed.truncate(10);
+    assert!(total.failed.is_empty(), "failed requests: {total:?}");
+    assert!(total.ok > 100, "{total:?}");
+    // Both old workers were drained and are gone; two new ones serve.
+    let text = log.lock().unwrap().clone();
+    assert_eq!(text.matches("drained and stopped").count(), 2, "{text}");
+    for pid in &old {
+        assert!(!alive(*pid), "old worker {pid} still running");
+    }
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    signal(&supervisor.0, "TERM");
+    assert_eq!(wait_exit(&mut supervisor.0).code(), Some(0));
+    for (_, pid) in started_workers(&log.lock().unwrap()) {
+        assert!(!alive(pid), "worker {pid} still running");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_stops_at_a_worker_that_cannot_start_and_the_old_ones_keep_serving() {
+    let dir = TempDir::new("rollout-bad");
+    let (supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
+    let mut supervisor = StopOnDrop(supervisor);
+    wait_for_log(&log, "all 2 workers are listening", 1, 30).await;
+    // A broken configuration for the next workers: an unreadable certificate.
+    let cert = dir.0.join("certs/server.crt");
+    let good = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, "not a certificate").unwrap();
+    signal(&supervisor.0, "USR2");
+    wait_for_log(&log, "rollout stopped", 1, 30).await;
+    std::fs::write(dir.0.join("good.crt"), &good).unwrap();
+    let client = Client::new(addr, &dir.0.join("good.crt"));
+    for _ in 0..20 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    let text = log.lock().unwrap().clone();
+    assert!(!text.contains("draining worker"), "{text}");
+    assert!(!text.contains("giving up"), "{text}");
+    signal(&supervisor.0, "TERM");
+    assert_eq!(wait_exit(&mut supervisor.0).code(), Some(0));
 }

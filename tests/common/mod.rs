@@ -473,6 +473,12 @@ pub fn serve_logging(
     use std::process::Stdio;
     let mut child = paygate_command(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        // One process unless a test asks for more: signals and logs then concern it alone.
+        .args(if extra.contains(&"--workers") {
+            &[][..]
+        } else {
+            &["--workers", "1"][..]
+        })
         .args(extra)
         .env("RUST_LOG", level)
         .stdin(Stdio::null())
