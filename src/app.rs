@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::audit::AuditLog;
 use crate::config::ServeConfig;
+use crate::metrics::Metrics;
 use crate::passwords::Passwords;
 use crate::ratelimit::{Limiter, SystemClock};
 use crate::store::{RateStore, Store};
@@ -17,6 +18,8 @@ pub struct App {
     pub limiter: Limiter,
     pub tokens: Tokens,
     pub audit: AuditLog,
+    /// This worker's counters, for `GET /metrics`.
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -39,7 +42,9 @@ impl App {
             rates,
             Arc::new(SystemClock),
         );
+        let metrics = Metrics::new(&audit.instance);
         Ok(App {
+            metrics,
             config,
             store,
             passwords,

@@ -22,6 +22,7 @@
 //! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
 //! - [`store`]: all SQL, behind the [`store::Store`] type.
 //! - [`supervisor`]: `serve --workers N`: runs, restarts and stops the worker processes.
+//! - [`metrics`]: per-worker counters and `GET /metrics` (Prometheus text).
 //! - [`systemd`]: `sd_notify` (READY, STOPPING) over `$NOTIFY_SOCKET`.
 //! - [`secret_file`]: private (0600) files in the data directory, written atomically.
 //! - [`app`]: the state requests share; [`time`]: timestamps.
@@ -38,6 +39,7 @@ pub mod config;
 pub mod domain;
 pub mod filter;
 pub mod http;
+pub mod metrics;
 pub mod passwords;
 pub mod ratelimit;
 pub mod routes;

@@ -40,6 +40,8 @@ pub enum Route {
     RevokeCapability(Uuid),
     /// `POST /users/{name}/disable`.
     DisableUser(String),
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
     /// No such route; answered with this error after the chain has seen the request.
     Reject(ApiError),
 }
@@ -68,6 +70,8 @@ pub enum Requirement {
     Member(Uuid),
     /// The global admin role.
     Admin,
+    /// The admin role, or a client on a loopback address (a local scraper).
+    AdminOrLoopback,
 }
 
 impl Route {
@@ -76,6 +80,7 @@ impl Route {
         match self {
             ApiStatus | CreateUser | DeriveCapability | Reject(_) => Requirement::Public,
             DisableUser(_) => Requirement::Admin,
+            Metrics => Requirement::AdminOrLoopback,
             MintCapability(account, _) => Requirement::Member(*account),
             ListCapabilities(account) => Requirement::Account(*account, Perm::Admin),
             RevokeCapability(_) => Requirement::Authenticated,
@@ -95,6 +100,40 @@ impl Route {
             CancelPayment(account, payment) => {
                 Requirement::Payment(*account, *payment, Perm::Delete)
             }
+        }
+    }
+}
+
+impl Route {
+    /// The route's name in metrics: method and path template, never an id (bounded
+    /// cardinality).
+    pub fn label(&self) -> &'static str {
+        use Route::*;
+        match self {
+            ApiStatus => "GET /apiStatus",
+            CreateUser => "POST /users",
+            GetUser(_) => "GET /users/{name}",
+            GetMe => "GET /users/me",
+            Login => "POST /sessions",
+            Logout => "DELETE /sessions",
+            EnrolTotp => "POST /users/me/totp",
+            ConfirmTotp => "POST /users/me/totp/confirm",
+            ReadAudit => "GET /audit",
+            CreateAccount => "POST /accounts",
+            ListAccounts => "GET /accounts",
+            GetAccount(_) => "GET /accounts/{id}",
+            GrantMember(_) => "POST /accounts/{id}/members",
+            ListPayments(_) => "GET /accounts/{id}/payments",
+            CreatePayment(_) => "POST /accounts/{id}/payments",
+            GetPayment(..) => "GET /accounts/{id}/payments/{pid}",
+            CancelPayment(..) => "DELETE /accounts/{id}/payments/{pid}",
+            MintCapability(..) => "POST /accounts/{id}/payments/{pid}/capabilities",
+            ListCapabilities(_) => "GET /accounts/{id}/capabilities",
+            DeriveCapability => "POST /capabilities/derive",
+            RevokeCapability(_) => "DELETE /capabilities/{id}",
+            DisableUser(_) => "POST /users/{name}/disable",
+            Metrics => "GET /metrics",
+            Reject(_) => "unmatched",
         }
     }
 }
@@ -124,6 +163,7 @@ pub fn resolve(method: &Method, path: &str) -> Route {
             by_method(method, &[Method::POST], |_| Route::ConfirmTotp)
         }
         ["audit"] => by_method(method, &[Method::GET], |_| Route::ReadAudit),
+        ["metrics"] => by_method(method, &[Method::GET], |_| Route::Metrics),
         ["sessions"] => by_method(method, &[Method::POST, Method::DELETE], |m| {
             if m == Method::POST {
                 Route::Login

@@ -186,6 +186,7 @@ async fn serve(
     let rate_sweeper = tokio::spawn(sweep_rate_limits(app.clone()));
     let session_sweeper = tokio::spawn(sweep_sessions(app.clone()));
     let key_watcher = tokio::spawn(watch_signing_keys(app.clone()));
+    let metrics_publisher = tokio::spawn(publish_metrics(app.clone()));
 
     loop {
         // Wait for a free connection slot before accepting, so excess clients queue in the
@@ -224,6 +225,7 @@ async fn serve(
     rate_sweeper.abort();
     session_sweeper.abort();
     key_watcher.abort();
+    metrics_publisher.abort();
     let timeout = app.config.shutdown_timeout;
     log::info!(
         "stopped accepting; draining {} connection(s) for up to {}s",
@@ -239,9 +241,12 @@ async fn serve(
     }
     // Every record queued by the drained requests is written and synced before exit.
     let flushing = app.clone();
-    if tokio::task::spawn_blocking(move || flushing.audit.close())
-        .await
-        .is_ok()
+    if tokio::task::spawn_blocking(move || {
+        crate::metrics::remove_snapshot(&flushing.config.data_dir, flushing.metrics.instance());
+        flushing.audit.close()
+    })
+    .await
+    .is_ok()
     {
         log::info!("audit log flushed");
     }
@@ -257,6 +262,8 @@ async fn serve_connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) -> io::Result<()> {
     tcp.set_nodelay(true)?;
+    let counted = app.clone();
+    let _open = counted.metrics.connection();
     let deadline = app.config.client_timeout;
     let tls = tokio::time::timeout(deadline, acceptor.accept(tcp))
         .await
@@ -342,6 +349,24 @@ impl Drop for Busy {
         let mut state = self.0.lock();
         state.0 -= 1;
         state.1 = tokio::time::Instant::now();
+    }
+}
+
+/// Writes this worker's metrics where its siblings' `GET /metrics` finds them.
+async fn publish_metrics(app: Arc<App>) {
+    let mut ticks = tokio::time::interval(crate::metrics::SNAPSHOT_EVERY);
+    loop {
+        ticks.tick().await;
+        let samples = app.metrics.snapshot(app.audit.metrics());
+        let publishing = app.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let (dir, instance) = (&publishing.config.data_dir, publishing.metrics.instance());
+            crate::metrics::write_snapshot(dir, instance, &samples)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            log::warn!("cannot write the metrics snapshot: {e}");
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 mod accounts;
 mod audit;
 mod capabilities;
+mod metrics;
 mod payments;
 mod sessions;
 mod status;
@@ -32,6 +33,7 @@ pub async fn dispatch(
     match (route, grant) {
         (Route::Reject(error), _) => Err(error),
         (Route::ApiStatus, _) => status::get(),
+        (Route::Metrics, _) => metrics::get(app).await,
         (Route::CreateUser, _) => users::create(app, request).await,
         (Route::GetUser(name), Grant::User(_)) => users::get(app, name).await,
         (Route::ReadAudit, Grant::User(_)) => audit::recent(app, request.uri().query()).await,

@@ -28,12 +28,14 @@ pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::metrics::AuditMetrics;
 use crate::secret_file::{read_private, sync_dir, write_private};
 pub use writer::AuditUnavailable;
 use writer::AuditWriter;
@@ -128,6 +130,8 @@ pub struct AuditLog {
     writer: Option<AuditWriter>,
     /// Held for the life of the process: one writer per chain.
     _lock: Option<File>,
+    /// Records and fsync latency, counted by the writer thread.
+    metrics: Arc<AuditMetrics>,
 }
 
 impl AuditLog {
@@ -150,6 +154,7 @@ impl AuditLog {
                 pid,
                 writer: None,
                 _lock: None,
+                metrics: Arc::default(),
             });
         }
         create_dir_durably(data_dir)?;
@@ -170,14 +175,28 @@ impl AuditLog {
             None => first_free_instance(&audit_dir)?,
         };
         let dir = audit_dir.join(&instance);
-        let writer = AuditWriter::start(&audit_dir, &dir, &instance, key, rotate_bytes)?;
+        let metrics = Arc::new(AuditMetrics::default());
+        let writer = AuditWriter::start(
+            &audit_dir,
+            &dir,
+            &instance,
+            key,
+            rotate_bytes,
+            metrics.clone(),
+        )?;
         log::info!("audit log: {}", dir.display());
         Ok(AuditLog {
             instance,
             pid,
             writer: Some(writer),
             _lock: Some(lock),
+            metrics,
         })
+    }
+
+    /// The writer's figures; `None` when auditing is off.
+    pub fn metrics(&self) -> Option<&AuditMetrics> {
+        self.writer.as_ref().map(|_| &*self.metrics)
     }
 
     /// Queues a record and waits until it is on disk.

@@ -25,6 +25,7 @@ use ring::hmac;
 use tokio::sync::oneshot;
 
 use super::record::{seal, unseal, GENESIS};
+use crate::metrics::AuditMetrics;
 use crate::secret_file::sync_dir;
 use crate::store::{Checkpoint, Checkpoints};
 
@@ -289,6 +290,8 @@ struct Writer {
     /// Records and commits since start, logged at a clean stop (the average batch size
     /// says how much group commit is saving).
     committed: (u64, u64),
+    /// The same, and fsync latency, for `GET /metrics`.
+    metrics: Arc<AuditMetrics>,
 }
 
 impl AuditWriter {
@@ -300,6 +303,7 @@ impl AuditWriter {
         instance: &str,
         key: hmac::Key,
         rotate_bytes: u64,
+        metrics: Arc<AuditMetrics>,
     ) -> Result<AuditWriter, String> {
         let opened = open_instance(dir)?;
         let checkpoints = Checkpoints::open(audit_dir).map_err(|e| {
@@ -328,6 +332,7 @@ impl AuditWriter {
             shared: shared.clone(),
             buffer: Vec::with_capacity(64 * 1024),
             answer_on: tokio::runtime::Handle::try_current().ok(),
+            metrics,
             committed: (0, 0),
         };
         let thread = std::thread::Builder::new()
@@ -514,6 +519,7 @@ impl Writer {
                 self.head = head;
                 self.committed.0 += batch.len() as u64;
                 self.committed.1 += 1;
+                self.metrics.record_commit(batch.len() as u64);
                 Ok(())
             }
             Err(e) => {
@@ -540,7 +546,10 @@ impl Writer {
             self.allocated += step;
         }
         self.file.write_all_at(&self.buffer, self.size)?;
-        self.file.sync_data()
+        let syncing = std::time::Instant::now();
+        self.file.sync_data()?;
+        self.metrics.record_fsync(syncing.elapsed());
+        Ok(())
     }
 
     /// Drops the preallocated zeros at a clean stop or rotation: a closed file ends with

@@ -25,9 +25,9 @@ use uuid::Uuid;
 use crate::api;
 use crate::app::App;
 use crate::client_ip::client_ip;
-use crate::filter::authenticate::{Credentials, Identity};
+use crate::filter::authenticate::{AuthMethod, Credentials, Identity};
 use crate::http::{finish, ApiError, Body, RequestBody};
-use crate::routes;
+use crate::routes::{self, Requirement};
 
 /// Runs one request through the chain and returns the response to send.
 pub async fn handle(
@@ -53,11 +53,22 @@ pub async fn handle(
     let admitted = rate_limit::admit(app, client, method, path, user.as_deref(), password_user);
     let mut admission = match admitted.await {
         Ok(admission) => admission,
-        Err(refusal) => return finish(Err(refusal), request_id),
+        Err(refusal) => {
+            if let ApiError::RateLimited { quota, .. } = &refusal {
+                app.metrics.rate_limited(&quota.name);
+            }
+            app.metrics
+                .request(route.label(), refusal.status().as_u16());
+            return finish(Err(refusal), request_id);
+        }
     };
     drop(user);
     // Authenticate: label the request with who it proves to be; never rejects.
     let identity = authenticate::identify(app, credentials).await;
+    if let Identity::Failed { method, .. } = &identity {
+        app.metrics
+            .auth_failure(method.map_or("unknown-scheme", AuthMethod::as_str));
+    }
     // A password that proved right gives back the guess the rate limit reserved for it.
     admission.settle(app, &identity).await;
     // Audit: the attempt is durable on disk before anything can change (or 503).
@@ -69,6 +80,8 @@ pub async fn handle(
     let audited = match audited.await {
         Ok(audited) => audited,
         Err(refusal) => {
+            app.metrics
+                .request(route.label(), refusal.status().as_u16());
             let mut response = finish(Err(refusal), request_id);
             admission.decorate(&mut response);
             return response;
@@ -79,7 +92,13 @@ pub async fn handle(
         _ => None,
     };
     // Access control: refuses with 401/403/404, or issues the grant the handler runs with.
-    let result = match access::authorize(app, identity, route.requirement()).await {
+    // (Metrics are open to local scrapers: the loopback test needs the client address.)
+    let requirement = match route.requirement() {
+        Requirement::AdminOrLoopback if client.is_loopback() => Requirement::Public,
+        requirement => requirement,
+    };
+    let label = route.label();
+    let result = match access::authorize(app, identity, requirement).await {
         Ok(grant) => api::dispatch(app, route, grant, request).await,
         Err(refusal) => Err(refusal),
     };
@@ -96,6 +115,7 @@ pub async fn handle(
         Err(e) => e.status(),
     };
     audited.record_response(app, status.as_u16(), reason);
+    app.metrics.request(label, status.as_u16());
     let mut response = finish(result, request_id);
     admission.decorate(&mut response);
     response
