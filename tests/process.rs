@@ -257,77 +257,22 @@ async fn keep_alive_loop(
     client: Client,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> LoopTally {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper::client::conn::http1::SendRequest;
     let mut tally = LoopTally::default();
-    let mut sender: Option<SendRequest<Empty<bytes::Bytes>>> = None;
+    let mut connection = common::KeepAlive::default();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            if sender.as_ref().is_none_or(|s| s.is_closed()) {
-                sender = match client
-                    .connect_with(&[b"http/1.1"], rustls::DEFAULT_VERSIONS)
-                    .await
-                {
-                    Ok(tls) => {
-                        match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
-                            tls,
-                        ))
-                        .await
-                        {
-                            Ok((s, conn)) => {
-                                tokio::spawn(conn);
-                                Some(s)
-                            }
-                            Err(_) => None,
-                        }
-                    }
-                    Err(_) => None,
-                };
-            }
-            let outcome = match &mut sender {
-                None => Err("connect".to_owned()),
-                Some(s) => {
-                    let request = http::Request::get(format!(
-                        "https://localhost:{}/apiStatus",
-                        client.addr.port()
-                    ))
-                    .header("host", "localhost")
-                    .body(Empty::new())
-                    .unwrap();
-                    match s.send_request(request).await {
-                        Ok(response) => {
-                            let status = response.status();
-                            match response.into_body().collect().await {
-                                Ok(_) if status == 200 => Ok(()),
-                                Ok(_) => {
-                                    tally.failed.push(format!("status {status}"));
-                                    Ok(())
-                                }
-                                Err(e) => Err(format!("body: {e}")),
-                            }
-                        }
-                        Err(e) => Err(format!("request: {e}")),
-                    }
-                }
-            };
-            match outcome {
-                Ok(()) => {
-                    tally.ok += 1;
-                    break;
-                }
-                Err(why) if attempts < 3 => {
-                    let _ = why;
+            match client.get("/apiStatus").send_on(&mut connection).await {
+                Ok(response) if response.status == 200 => tally.ok += 1,
+                Ok(response) => tally.failed.push(format!("status {}", response.status)),
+                Err(_) if attempts < 3 => {
                     tally.retried += 1;
-                    sender = None;
+                    continue;
                 }
-                Err(why) => {
-                    tally.failed.push(why);
-                    sender = None;
-                    break;
-                }
+                Err(why) => tally.failed.push(why),
             }
+            break;
         }
     }
     tally

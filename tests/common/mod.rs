@@ -320,6 +320,53 @@ impl RequestBuilder {
         self
     }
 
+    /// Sends this HTTP/1.1 request on `connection` (opening it first if it is closed); one
+    /// attempt, `Err` when no response came back.
+    pub async fn send_on(self, connection: &mut KeepAlive) -> Result<TestResponse, String> {
+        if connection.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            connection.sender = None;
+            let tls = self
+                .client
+                .connect_with(&[b"http/1.1"], rustls::DEFAULT_VERSIONS)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            connection.sender = Some(sender);
+        }
+        let sender = connection.sender.as_mut().ok_or("no connection")?;
+        let mut request = Request::builder()
+            .method(self.method)
+            .uri(self.path)
+            .header("host", format!("localhost:{}", self.client.addr.port()));
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let request = request
+            .body(Full::new(self.body))
+            .map_err(|e| e.to_string())?;
+        let outcome = async {
+            let response = sender.send_request(request).await?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, hyper::Error>(TestResponse {
+                status: parts.status,
+                version: parts.version,
+                headers: parts.headers,
+                body,
+            })
+        };
+        match outcome.await {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                connection.sender = None;
+                Err(format!("request: {e}"))
+            }
+        }
+    }
+
     pub async fn send(self) -> TestResponse {
         self.exchange(true).await.expect("a response")
     }
@@ -391,6 +438,13 @@ impl RequestBuilder {
             body,
         })
     }
+}
+
+/// An HTTP/1.1 connection kept alive across requests ([`RequestBuilder::send_on`]),
+/// reopened when the server has closed it.
+#[derive(Default)]
+pub struct KeepAlive {
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
 #[derive(Debug)]
