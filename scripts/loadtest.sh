@@ -40,18 +40,28 @@ cd "$work"
 ca=$work/certs/server.crt
 
 # start NAME ARGS...: starts paygate with ARGS on a free port; sets $port and $pid.
+# One worker process unless ARGS say --workers N; then it waits until all N listen.
 start() {
   local name=$1; shift
+  local workers=1 previous=""
+  for arg in "$@"; do [ "$previous" = --workers ] && workers=$arg; previous=$arg; done
+  local one=(--workers 1); [ "$workers" = 1 ] || one=()
   RUST_LOG=info "$paygate" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
-    --tls-key certs/server.key "$@" 2>"$work/$name.log" &
+    --tls-key certs/server.key "${one[@]}" "$@" 2>"$work/$name.log" &
   pid=$!; pids+=("$pid")
   port=""
   for _ in $(seq 1 100); do
     port=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/$name.log" | head -n1)
-    [ -n "$port" ] && break; sleep 0.1
+    if [ -n "$port" ] && { [ "$workers" = 1 ] || grep -q "all $workers workers are listening" "$work/$name.log"; }; then
+      break
+    fi
+    sleep 0.1
   done
   [ -n "$port" ] || { cat "$work/$name.log"; echo "$name did not start" >&2; exit 1; }
 }
+
+# Stops the server `start` started last (each holds an audit instance of the data dir).
+stop_server() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; }
 
 # The data every scenario reads: a user, an account and a payment.
 start setup --rate-limit none
@@ -124,12 +134,14 @@ CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-4x-connections "https://127.0.
 measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
 rss_on=$(rss_kib "$pid")
+stop_server
 
 echo "== paygate, limiter on, audit log off (--audit off: only to measure the audit's cost)" >&2
 start audit-off --rate-limit '* / 1000000/s burst=1000000 key=user' --audit off
 measure jwt-read-audit-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-audit-off-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
+stop_server
 
 echo "== paygate, limiter off" >&2
 start off --rate-limit none --guess-limit none
@@ -137,11 +149,25 @@ measure apiStatus-limiter-off "https://127.0.0.1:$port/apiStatus"
 measure jwt-read-limiter-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure opaque-read-limiter-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-off "https://127.0.0.1:$port$read_path" "$basic"
+stop_server
 
 echo "== paygate, a flood the limiter rejects" >&2
 start flood --rate-limit 'GET /apiStatus 1/day burst=1 key=ip'
 measure flood-rejected "https://127.0.0.1:$port/apiStatus"
 rss_flood=$(rss_kib "$pid")
+stop_server
+
+echo "== scaling: the JWT read (limiter and audit on) with 1, 2 and 4 worker processes" >&2
+# One worker alone runs a multi-thread runtime with a thread per CPU; one of several runs a
+# current-thread runtime (the default), or one with 2 threads, measured for comparison.
+for n in 1 2 4; do
+  start "workers-$n" --workers "$n" --rate-limit '* / 1000000/s burst=1000000 key=user'
+  measure "jwt-read-workers-$n" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+  stop_server
+done
+start workers-2-multithread --workers 2 --worker-threads 2 --rate-limit '* / 1000000/s burst=1000000 key=user'
+measure jwt-read-workers-2-multithread "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+stop_server
 
 mkdir -p "$(dirname "$OUT")"
 {
@@ -172,5 +198,6 @@ mkdir -p "$(dirname "$OUT")"
   echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
   echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off) ($((CONNECTIONS * 4)) connections: $(ratio jwt-read-4x-connections jwt-read-audit-off-4x-connections)), apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
+  echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); 2 workers current-thread against 2 threads each: $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"
   echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"

@@ -292,6 +292,17 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "worker-threads",
+        env: Some("PAYGATE_WORKER_THREADS"),
+        value: "N",
+        default: "1 for one of several workers, else the number of CPUs",
+        help: "Threads of each worker's async runtime; 1 runs a current-thread runtime. \
+               With one worker process per CPU, one thread each is fastest (BENCHMARKS.md, \
+               'Workers').",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "supervised",
         env: None,
         value: "",

@@ -83,6 +83,8 @@ pub struct ServeConfig {
     pub workers: u32,
     /// This process is a worker of a supervisor, which sends its commands on stdin.
     pub supervised: bool,
+    /// Threads of this process's async runtime (1: a current-thread runtime).
+    pub worker_threads: usize,
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -210,6 +212,13 @@ impl ServeConfig {
         )?;
         let workers =
             sources.positive("workers", default_workers(), "a number of worker processes")?;
+        let supervised = sources.flag("supervised");
+        // One of several worker processes gets one thread: the processes already spread
+        // over the CPUs (measured in BENCHMARKS.md). Alone, a worker uses every CPU.
+        let threads_default = if supervised { 1 } else { default_workers() };
+        let worker_threads =
+            sources.positive("worker-threads", threads_default, "a number of threads")?;
+        let worker_threads = usize::try_from(worker_threads.min(256)).unwrap_or(1);
         if workers > 64 {
             return Err(ConfigError(format!(
                 "--workers {workers}: at most 64 worker processes"
@@ -292,7 +301,8 @@ impl ServeConfig {
         }
         Ok(ServeConfig {
             workers: u32::try_from(workers).unwrap_or(1),
-            supervised: sources.flag("supervised"),
+            supervised,
+            worker_threads,
             capability_max_ttl_s,
             instance,
             audit,

@@ -74,10 +74,17 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
         return paygate::supervisor::run(args, &config);
     }
     let supervised = config.supervised;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("paygate-worker")
-        .build()?;
+    let runtime = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        threads => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+    }
+    .enable_all()
+    .thread_name("paygate-worker")
+    .build()?;
     runtime.block_on(async {
         // Handlers first: a signal that arrives as soon as the server says it is listening
         // must already mean "drain", not the default "die".
