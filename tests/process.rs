@@ -1,6 +1,7 @@
 //! The process model, with real processes: SIGHUP reloads the certificate (and keeps the
-//! old one when the new files are bad), systemd readiness notifications, and several
-//! processes serving one port through SO_REUSEPORT.
+//! old one when the new files are bad), systemd readiness notifications, several
+//! processes serving one port through SO_REUSEPORT, the supervisor restarting and stopping
+//! its workers, and SIGUSR2 rolling them over.
 
 mod common;
 
@@ -20,41 +21,56 @@ async fn trusts(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificate_and_keeps_it_when_the_new_files_are_bad() {
-    let dir = TempDir::new("sighup");
-    let (mut child, addr) = serve(&dir, &[]);
-    let cert = dir.0.join("certs/server.crt");
-    let old_ca = dir.0.join("old-ca.pem");
-    std::fs::copy(&cert, &old_ca).unwrap();
-    assert!(trusts(addr, &old_ca).await);
+    // One process, and a supervisor that passes the signal on to each of its workers.
+    for workers in ["1", "2"] {
+        let dir = TempDir::new("sighup");
+        let (child, addr) = serve(&dir, &["--workers", workers]);
+        let mut child = StopOnDrop(child);
+        let cert = dir.0.join("certs/server.crt");
+        let old_ca = dir.0.join("old-ca.pem");
+        std::fs::copy(&cert, &old_ca).unwrap();
+        assert!(trusts(addr, &old_ca).await);
 
-    // A new certificate in place of the old one, then SIGHUP.
-    let status = paygate_command(&dir)
-        .args(["dev-cert", "--force"])
-        .output()
-        .unwrap()
-        .status;
-    assert!(status.success());
-    let new_ca = dir.0.join("new-ca.pem");
-    std::fs::copy(&cert, &new_ca).unwrap();
-    signal(&child, "HUP");
-    let mut switched = false;
-    for _ in 0..30 {
-        if trusts(addr, &new_ca).await {
-            switched = true;
-            break;
+        // A new certificate in place of the old one, then SIGHUP.
+        let status = paygate_command(&dir)
+            .args(["dev-cert", "--force"])
+            .output()
+            .unwrap()
+            .status;
+        assert!(status.success());
+        let new_ca = dir.0.join("new-ca.pem");
+        std::fs::copy(&cert, &new_ca).unwrap();
+        signal(&child.0, "HUP");
+        // Every worker switches: a run of new connections (spread over the workers by
+        // the kernel) all present the new certificate.
+        let mut in_a_row = 0;
+        for _ in 0..100 {
+            if trusts(addr, &new_ca).await {
+                in_a_row += 1;
+                if in_a_row == 12 {
+                    break;
+                }
+            } else {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(switched, "new connections use the new certificate");
-    assert!(!trusts(addr, &old_ca).await, "the old certificate is gone");
+        assert_eq!(
+            in_a_row, 12,
+            "new connections use the new certificate ({workers} workers)"
+        );
+        assert!(!trusts(addr, &old_ca).await, "the old certificate is gone");
 
-    // A broken file: reported, and the certificate in use stays.
-    std::fs::write(&cert, "not a certificate").unwrap();
-    signal(&child, "HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(trusts(addr, &new_ca).await);
-    signal(&child, "TERM");
-    assert_eq!(wait_exit(&mut child).code(), Some(0));
+        // A broken file: reported, and the certificate in use stays.
+        std::fs::write(&cert, "not a certificate").unwrap();
+        signal(&child.0, "HUP");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..6 {
+            assert!(trusts(addr, &new_ca).await);
+        }
+        signal(&child.0, "TERM");
+        assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+    }
 }
 
 #[test]
