@@ -16,10 +16,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use ring::rand::SystemRandom;
 
+use paygate::cache::StateCache;
 use paygate::domain::Username;
 use paygate::passwords::{hash_blocking, Passwords};
 use paygate::store::{NewUser, Store, UserInsert};
-use paygate::tokens::cache::TokenCache;
 use paygate::tokens::{jwt, opaque, TokenFormat, Tokens};
 
 fn bench_auth(c: &mut Criterion) {
@@ -57,7 +57,7 @@ fn bench_auth(c: &mut Criterion) {
     runtime
         .block_on(store.create_session(hash, user.id, "pwd".into(), i64::MAX))
         .expect("session");
-    let cache = TokenCache::open(&dir).expect("cache");
+    let cache = StateCache::open(&dir).expect("cache");
     let claims = jwt::verify(&issued.token, &keys, now, 3600).expect("valid");
     c.bench_function("token_cache/session_hit", |b| {
         b.iter(|| {

@@ -4,6 +4,8 @@
 #
 #   bash scripts/loadtest.sh                # 10 s per scenario
 #   DURATION=30s CONNECTIONS=64 bash scripts/loadtest.sh
+#   BASELINE=/tmp/paygate-before bash scripts/loadtest.sh
+#                     # only an A/B of the JWT read: that binary against this build, 3 rounds
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -46,7 +48,7 @@ start() {
   local workers=1 previous=""
   for arg in "$@"; do [ "$previous" = --workers ] && workers=$arg; previous=$arg; done
   local one=(--workers 1); [ "$workers" = 1 ] || one=()
-  RUST_LOG=info "$paygate" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
+  RUST_LOG=info "${binary:-$paygate}" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
     --tls-key certs/server.key "${one[@]}" "$@" 2>"$work/$name.log" &
   pid=$!; pids+=("$pid")
   port=""
@@ -109,6 +111,32 @@ measure() {
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+if [ -n "${BASELINE:-}" ]; then
+  # A/B: the same scenario with the baseline binary and this build, alternating, so that
+  # the machine's drift hits both alike.
+  for round in 1 2 3; do
+    for side in baseline current; do
+      binary=$paygate; [ "$side" = baseline ] && binary=$BASELINE
+      start "ab-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
+      measure "jwt-read-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      stop_server
+      binary=""
+    done
+  done
+  {
+    echo "# A/B: JWT read, $BASELINE (baseline) against this build, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "| round | baseline req/s (p50 / p99 ms) | current req/s (p50 / p99 ms) | current / baseline |"
+    echo "|---|---|---|---|"
+    for round in 1 2 3; do
+      read -r _ b_rps b_p50 b_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-baseline-$round ")"
+      read -r _ c_rps c_p50 c_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-current-$round ")"
+      echo "| $round | $b_rps ($b_p50 / $b_p99) | $c_rps ($c_p50 / $c_p99) | $(awk -v a="$c_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') |"
+    done
+  } | tee "${OUT%.md}-ab.md"
+  exit 0
+fi
 
 echo "== bare responder" >&2
 "$bare" 127.0.0.1:0 certs/server.crt certs/server.key "$status_bytes" 2>"$work/bare-small.log" &

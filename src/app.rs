@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::audit::AuditLog;
+use crate::cache::StateCache;
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
 use crate::passwords::Passwords;
@@ -18,6 +19,8 @@ pub struct App {
     pub limiter: Limiter,
     pub tokens: Tokens,
     pub audit: AuditLog,
+    /// What this worker knows of paygate.db (token state, grants, payments), kept exact.
+    pub cache: StateCache,
     /// This worker's counters, for `GET /metrics`.
     pub metrics: Metrics,
 }
@@ -43,7 +46,9 @@ impl App {
             Arc::new(SystemClock),
         );
         let metrics = Metrics::new(&audit.instance);
+        let cache = StateCache::open(&config.data_dir)?;
         Ok(App {
+            cache,
             metrics,
             config,
             store,

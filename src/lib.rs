@@ -20,7 +20,8 @@
 //! - [`tokens`]: JWTs and their keys, opaque session tokens, TOTP, and the exact per-worker
 //!   cache of token state.
 //! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
-//! - [`store`]: all SQL, behind the [`store::Store`] type.
+//! - [`store`]: all SQL, behind the [`store::Store`] type; [`cache`]: this worker's exact
+//!   cache of what it read there.
 //! - [`supervisor`]: `serve --workers N`: runs, restarts and stops the worker processes.
 //! - [`metrics`]: per-worker counters and `GET /metrics` (Prometheus text).
 //! - [`systemd`]: `sd_notify` (READY, STOPPING) over `$NOTIFY_SOCKET`.
@@ -33,6 +34,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod client_ip;
 pub mod config;

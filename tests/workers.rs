@@ -261,3 +261,91 @@ async fn concurrent_payments_across_four_workers_are_quick_and_every_chain_verif
     );
     assert!(stdout.contains("4 chain(s)"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_worker_is_read_by_every_worker() {
+    // Grants and payments are cached per worker on the read path; a commit anywhere must
+    // end every cached copy before the next request.
+    let workers = Workers::start(&[]).await;
+    let alice = workers.register("alice").await;
+    let bob = workers.register("bob").await;
+    let account = workers
+        .client
+        .post("/accounts")
+        .basic(&alice)
+        .json(&json!({"name": "Operating", "currency": "EUR"}))
+        .send()
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let payment = workers
+        .client
+        .post(&format!("/accounts/{account}/payments"))
+        .basic(&alice)
+        .json(&json!({"payee": "ACME-Ltd", "amount_minor": 100, "currency": "EUR"}))
+        .send()
+        .await;
+    assert_eq!(payment.status, 201, "{}", payment.text());
+    let path = format!(
+        "/accounts/{account}/payments/{}",
+        payment.json()["id"].as_str().unwrap()
+    );
+    let grant = |perms: &str| {
+        workers
+            .client
+            .post(&format!("/accounts/{account}/members"))
+            .basic(&alice)
+            .json(&json!({"username": "bob", "perms": perms}))
+    };
+    assert!(grant("r").send().await.status.is_success());
+    let alice_token = workers
+        .client
+        .post("/sessions")
+        .basic(&alice)
+        .send()
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bob_token = workers
+        .client
+        .post("/sessions")
+        .basic(&bob)
+        .send()
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Every worker caches the payment and bob's grant.
+    for _ in 0..12 {
+        let read = workers.client.get(&path).bearer(&bob_token).send().await;
+        assert_eq!(read.status, 200);
+        assert_eq!(read.json()["status"], "pending");
+    }
+    let cancel = workers
+        .client
+        .delete(&path)
+        .bearer(&alice_token)
+        .send()
+        .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    for _ in 0..12 {
+        let read = workers.client.get(&path).bearer(&bob_token).send().await;
+        assert_eq!(
+            read.json()["status"],
+            "cancelled",
+            "a worker served a stale payment"
+        );
+    }
+    // Bob's grant without `r`: every worker refuses him at once.
+    assert!(grant("w").send().await.status.is_success());
+    for _ in 0..12 {
+        let read = workers.client.get(&path).bearer(&bob_token).send().await;
+        assert_eq!(read.status, 403, "a worker used a stale grant");
+    }
+    workers.stop().await;
+}

@@ -163,7 +163,6 @@ pub async fn derive(
     let invalid = || ApiError::Unauthenticated(Challenge::InvalidToken);
     let hash = capability::parse(&body.token).ok_or_else(invalid)?;
     let parent = app
-        .tokens
         .cache
         .capability(&app.store, hash)
         .await?

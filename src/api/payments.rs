@@ -94,7 +94,7 @@ pub async fn list(
 }
 
 pub async fn get(app: &App, account: Uuid, payment: Uuid) -> Result<Response<Body>, ApiError> {
-    match app.store.payment(account, payment).await? {
+    match app.cache.payment(&app.store, account, payment).await? {
         Some(payment) => json(StatusCode::OK, &PaymentBody::from(&payment)),
         None => Err(ApiError::NotFound("no such payment".into())),
     }

@@ -99,7 +99,11 @@ async fn account_grant(
     account: uuid::Uuid,
     perm: Perm,
 ) -> Result<Grant, ApiError> {
-    let membership = match app.store.membership(principal.user_id, account).await? {
+    let membership = match app
+        .cache
+        .membership(&app.store, principal.user_id, account)
+        .await?
+    {
         Some(membership) => membership,
         None if principal.role == Some(Role::Auditor) => match app.store.account(account).await? {
             Some(account) => Membership {

@@ -22,6 +22,7 @@ use base64::Engine as _;
 use http::{header, HeaderMap, HeaderName};
 
 use crate::app::App;
+use crate::cache::StateCache;
 use crate::domain::{Role, Username};
 use crate::tokens::jwt::{self, Claims, JwtRejection};
 use crate::tokens::{capability, opaque, totp, Tokens};
@@ -336,11 +337,11 @@ impl Credentials {
 
     /// The username rate limiting keys on: the one Basic credentials claim (unverified),
     /// a verified JWT's subject, or the user of an opaque token this worker has seen.
-    pub fn rate_limit_user<'a>(&'a self, tokens: &Tokens) -> Option<Cow<'a, str>> {
+    pub fn rate_limit_user<'a>(&'a self, cache: &StateCache) -> Option<Cow<'a, str>> {
         match self {
             Credentials::Basic(_) => self.password_user().map(Cow::Borrowed),
             Credentials::Jwt(claims) => Some(Cow::Borrowed(&claims.sub)),
-            Credentials::Opaque(hash) => tokens.cache.session_user_hint(hash).map(Cow::Owned),
+            Credentials::Opaque(hash) => cache.session_user_hint(hash).map(Cow::Owned),
             _ => None,
         }
     }
@@ -394,7 +395,7 @@ async fn resolve_capability(app: &App, hash: [u8; 32]) -> Identity {
         claimed: None,
         reason,
     };
-    let state = match app.tokens.cache.capability(&app.store, hash).await {
+    let state = match app.cache.capability(&app.store, hash).await {
         Err(e) => {
             log::error!("looking up a capability failed: {e}");
             return failed(AuthFailure::Unavailable);
@@ -440,7 +441,6 @@ async fn resolve_jwt(app: &App, claims: Claims) -> Identity {
         reason,
     };
     let found = app
-        .tokens
         .cache
         .jwt_subject(&app.store, &claims.sub, &claims.jti)
         .await;
@@ -482,7 +482,7 @@ async fn resolve_session(app: &App, hash: [u8; 32]) -> Identity {
         claimed,
         reason,
     };
-    let row = match app.tokens.cache.session(&app.store, hash).await {
+    let row = match app.cache.session(&app.store, hash).await {
         Err(e) => {
             log::error!("looking up a session failed: {e}");
             return failed(None, AuthFailure::Unavailable);

@@ -48,7 +48,7 @@ pub async fn handle(
     let credentials = Credentials::read(request.headers(), query, &app.tokens, now_s());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
     let (method, path) = (request.method(), request.uri().path());
-    let user = credentials.rate_limit_user(&app.tokens);
+    let user = credentials.rate_limit_user(&app.cache);
     let password_user = credentials.password_user();
     let admitted = rate_limit::admit(app, client, method, path, user.as_deref(), password_user);
     let mut admission = match admitted.await {

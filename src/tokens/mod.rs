@@ -3,12 +3,11 @@
 //! Two kinds, both always accepted; `--token-format` picks the one login issues:
 //! - JWTs ([`jwt`]), signed with the keys in [`keys`]: verified without the database. Only
 //!   the user's state and the `jti`'s revocation are looked up, through the exact
-//!   per-worker [`cache`].
+//!   per-worker [`crate::cache`].
 //! - Opaque tokens ([`opaque`]): random, stored as SHA-256 in the `sessions` table.
 //!
 //! TOTP codes ([`totp`]) are the second factor that can go into a token's `amr`.
 
-pub mod cache;
 pub mod capability;
 pub mod jwt;
 pub mod keys;
@@ -22,7 +21,6 @@ use ring::rand::SystemRandom;
 use uuid::Uuid;
 
 use crate::store::{Store, StoreError};
-use cache::TokenCache;
 use jwt::{Audience, Claims, JwtRejection};
 use keys::Keyring;
 
@@ -66,7 +64,6 @@ pub enum IssueError {
 pub struct Tokens {
     /// Shared with the task that polls the key file.
     pub keyring: Arc<Keyring>,
-    pub cache: TokenCache,
     pub format: TokenFormat,
     /// Lifetime of issued tokens, and the longest lifetime a JWT may claim.
     pub ttl_s: i64,
@@ -74,7 +71,7 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Loads (or creates) the signing keys and opens the cache. Blocking.
+    /// Loads (or creates) the signing keys. Blocking.
     pub fn open(
         data_dir: &Path,
         format: TokenFormat,
@@ -82,7 +79,6 @@ impl Tokens {
     ) -> Result<Tokens, Box<dyn std::error::Error + Send + Sync>> {
         Ok(Tokens {
             keyring: Arc::new(Keyring::open(data_dir)?),
-            cache: TokenCache::open(data_dir)?,
             format,
             ttl_s,
             rng: SystemRandom::new(),

@@ -1,21 +1,28 @@
-//! What this worker knows about the server-side state of tokens — the user behind a JWT
-//! and whether its `jti` was revoked, the session behind an opaque token — kept exact.
+//! What this worker knows of the main database, kept exact: the server-side state of
+//! tokens (the user behind a JWT and whether its `jti` was revoked, the session behind an
+//! opaque token, a capability), and what the read path asks for on every request (a
+//! user's grant on an account, a payment).
 //!
 //! Every entry is stamped with the main database's `PRAGMA data_version` as read before the
 //! entry was fetched. Each use first reads the current version (an in-memory read of the
 //! WAL index, no disk I/O, about a microsecond); if anything was committed since — a logout,
 //! a disabled user, a new payment, by any worker — the cache is dropped and refilled from
-//! the database on demand. So a logout or a disabled user takes effect for the very next
-//! request in every worker, and a steady read load never touches the database.
+//! the database on demand. So a logout, a disabled user, a revoked grant or a cancelled
+//! payment takes effect for the very next request in every worker, and a steady read load
+//! never touches the database (nor hands work to another thread).
 //!
-//! Only positive results are cached for opaque tokens: a client sending random tokens gets
-//! a database lookup each (behind the rate limiter) but cannot push real sessions out.
+//! Only positive results are cached: a client sending random tokens or ids gets a database
+//! lookup each (behind the rate limiter) but cannot push real entries out.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::store::{CapabilityState, DataVersion, SessionRow, Store, StoreError, Subject};
+use uuid::Uuid;
+
+use crate::store::{
+    CapabilityState, DataVersion, Membership, Payment, SessionRow, Store, StoreError, Subject,
+};
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
 /// active token).
@@ -23,9 +30,21 @@ const MAX_ENTRIES: usize = 16_384;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Jwt { sub: String, jti: String },
+    Jwt {
+        sub: String,
+        jti: String,
+    },
     Session([u8; 32]),
     Capability([u8; 32]),
+    /// A user's grant on an account.
+    Membership {
+        user: i64,
+        account: Uuid,
+    },
+    Payment {
+        account: Uuid,
+        payment: Uuid,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +53,8 @@ enum Entry {
     Jwt((Subject, bool)),
     Session(SessionRow),
     Capability(CapabilityState),
+    Membership(Membership),
+    Payment(Payment),
 }
 
 struct Entries {
@@ -42,15 +63,15 @@ struct Entries {
     map: HashMap<Key, Entry>,
 }
 
-pub struct TokenCache {
+pub struct StateCache {
     watch: Arc<Mutex<DataVersion>>,
     entries: Mutex<Entries>,
 }
 
-impl TokenCache {
+impl StateCache {
     /// Opens the version watch on the main database of `data_dir`. Blocking.
-    pub fn open(data_dir: &Path) -> Result<TokenCache, StoreError> {
-        Ok(TokenCache {
+    pub fn open(data_dir: &Path) -> Result<StateCache, StoreError> {
+        Ok(StateCache {
             watch: Arc::new(Mutex::new(DataVersion::open(data_dir)?)),
             entries: Mutex::new(Entries {
                 version: i64::MIN,
@@ -174,6 +195,48 @@ impl TokenCache {
             .await
     }
 
+    /// `user`'s grant on `account`, if there is one.
+    pub async fn membership(
+        &self,
+        store: &Store,
+        user: i64,
+        account: Uuid,
+    ) -> Result<Option<Membership>, StoreError> {
+        let from = |e| match e {
+            Entry::Membership(found) => Some(found),
+            _ => None,
+        };
+        let fetch = store.membership(user, account);
+        self.cached(
+            Key::Membership { user, account },
+            from,
+            Entry::Membership,
+            fetch,
+        )
+        .await
+    }
+
+    /// The payment `payment` of `account`, if it exists.
+    pub async fn payment(
+        &self,
+        store: &Store,
+        account: Uuid,
+        payment: Uuid,
+    ) -> Result<Option<Payment>, StoreError> {
+        let from = |e| match e {
+            Entry::Payment(found) => Some(found),
+            _ => None,
+        };
+        let fetch = store.payment(account, payment);
+        self.cached(
+            Key::Payment { account, payment },
+            from,
+            Entry::Payment,
+            fetch,
+        )
+        .await
+    }
+
     /// The username of a session this worker has seen, without asking the database or
     /// checking freshness: good enough to pick a rate-limit bucket, never to authenticate.
     pub fn session_user_hint(&self, token_hash: &[u8; 32]) -> Option<String> {
@@ -202,7 +265,7 @@ mod tests {
         let UserInsert::Created(alice) = store.create_user_blocking(&new).unwrap() else {
             unreachable!()
         };
-        let cache = TokenCache::open(&dir).unwrap();
+        let cache = StateCache::open(&dir).unwrap();
         let far = crate::time::now_millis() + 60_000;
         store
             .create_session([7; 32], alice.id, "pwd".into(), far)
@@ -233,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn entries_are_served_from_memory_while_nothing_changes() {
         let (store, dir) = temp_store();
-        let cache = TokenCache::open(&dir).unwrap();
+        let cache = StateCache::open(&dir).unwrap();
         assert!(cache
             .jwt_subject(&store, "ghost", "j")
             .await
