@@ -3,9 +3,10 @@
 //! opaque token, a capability), and what the read path asks for on every request (a
 //! user's grant on an account, a payment).
 //!
-//! Every entry is stamped with the main database's `PRAGMA data_version` as read before the
-//! entry was fetched. Each use first reads the current version (an in-memory read of the
-//! WAL index, no disk I/O, about a microsecond); if anything was committed since — a logout,
+//! Every entry is stamped with the main database's data version ([`DataVersion`]: the WAL
+//! index header, the same change signal as `PRAGMA data_version`) as read before the entry
+//! was fetched. Each use first reads the current version (one `pread` of the WAL index, no
+//! disk I/O, no lock); if anything was committed since — a logout,
 //! a disabled user, a new payment, by any worker — the cache is dropped and refilled from
 //! the database on demand. So a logout, a disabled user, a revoked grant or a cancelled
 //! payment takes effect for the very next request in every worker, and a steady read load
