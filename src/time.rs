@@ -44,16 +44,36 @@ pub fn format_rfc3339_millis(millis: i64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let date = civil_from_days(days);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        date.year,
-        date.month,
-        date.day,
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60,
-        ms
-    )
+    if !(0..=9999).contains(&date.year) {
+        // Outside what four digits hold: the general (slower) path.
+        return format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            date.year,
+            date.month,
+            date.day,
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60,
+            ms
+        );
+    }
+    // Every audit record carries one of these: digits into a fixed buffer, no formatter.
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            // `value % 10` is a single decimal digit, so the cast cannot truncate.
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, date.year);
+    put(5, 2, i64::from(date.month));
+    put(8, 2, i64::from(date.day));
+    put(11, 2, sod / 3600);
+    put(14, 2, (sod / 60) % 60);
+    put(17, 2, sod % 60);
+    put(20, 3, ms);
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 /// Days since 1970-01-01 of a calendar date (Howard Hinnant's `days_from_civil`).
@@ -113,6 +133,32 @@ pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digit_writer_agrees_with_the_formatter() {
+        let reference = |millis: i64| {
+            let (secs, ms) = (millis.div_euclid(1000), millis.rem_euclid(1000));
+            let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            let d = civil_from_days(days);
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                d.year,
+                d.month,
+                d.day,
+                sod / 3600,
+                (sod / 60) % 60,
+                sod % 60,
+                ms
+            )
+        };
+        // Years 1970 to ~9990, in steps that hit every field's digits.
+        let mut millis = 0i64;
+        while millis < 253_100_000_000_000 {
+            assert_eq!(format_rfc3339_millis(millis), reference(millis));
+            millis += 77_777_777_777;
+        }
+        assert_eq!(format_rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn epoch_and_known_dates() {
