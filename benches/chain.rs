@@ -2,13 +2,17 @@
 //! costs a request. Run with `cargo bench --bench chain`.
 //!
 //! - `route/resolve`: parsing a payment path into a route.
+//! - `credentials/basic_parse`: reading Basic credentials from the headers (base64, UTF-8,
+//!   the username's syntax) — not checking the password.
+//! - `access/account_grant`: access control for a payment read by an authenticated user:
+//!   the grant from the per-worker cache (one WAL-index read) and the permission check.
 //! - `chain/public`: `GET /apiStatus` through the whole chain (no credentials), no
 //!   rate-limit rule; `chain/public_limited`: the same under a generous rule (the limiter's
 //!   cost on an admitted request); `chain/refused_429`: the same under an exhausted rule.
 //! - `chain/anonymous_401`: a protected route without credentials, refused by access control.
 //! - `chain/jwt_read` and `chain/opaque_read`: the same payment read with a Bearer JWT and
-//!   with an opaque session token (token state from the per-worker cache, the account grant
-//!   and the payment from SQLite).
+//!   with an opaque session token (token state, the account grant and the payment from the
+//!   per-worker cache).
 //! - `chain/basic_read`: an authenticated payment read with HTTP Basic — dominated by one
 //!   Argon2id verification, the figure that session tokens exist to avoid.
 
@@ -118,6 +122,42 @@ fn bench_chain(c: &mut Criterion) {
 
     c.bench_function("route/resolve", |b| {
         b.iter(|| paygate::routes::resolve(&Method::GET, black_box(&payment_path)))
+    });
+    let basic_headers = request(&payment_path, Some(&basic)).headers().clone();
+    c.bench_function("credentials/basic_parse", |b| {
+        b.iter(|| {
+            paygate::filter::authenticate::Credentials::read(
+                black_box(&basic_headers),
+                None,
+                &app.tokens,
+                paygate::time::now_millis() / 1000,
+            )
+        })
+    });
+    let principal = paygate::filter::authenticate::Principal {
+        user_id: user.id,
+        username: "bench".into(),
+        role: None,
+        method: paygate::filter::authenticate::AuthMethod::BearerJwt,
+        amr: &["pwd"],
+        token: None,
+    };
+    c.bench_function("access/account_grant", |b| {
+        b.iter(|| {
+            let identity =
+                paygate::filter::authenticate::Identity::Authenticated(principal.clone());
+            let requirement = paygate::routes::Requirement::Payment(
+                account,
+                payment,
+                paygate::domain::Perm::Read,
+            );
+            let grant = runtime.block_on(paygate::filter::access::authorize(
+                &app,
+                identity,
+                requirement,
+            ));
+            assert!(grant.is_ok());
+        })
     });
     c.bench_function("chain/public", |b| {
         b.iter(|| {

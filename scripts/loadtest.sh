@@ -93,13 +93,15 @@ refusal_bytes=$(curl -sS --cacert "$ca" "https://127.0.0.1:$port/apiStatus" | wc
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 basic="Authorization: Basic $(printf '%s' "$user:$pass" | base64 -w0)"
 
-# measure NAME URL [HEADER]: runs wrk and records "name rps p50_ms p99_ms".
+# measure NAME URL [HEADER]: runs wrk (with the Lua script $SCRIPT, if set) and records
+# "name rps p50_ms p99_ms non2xx".
 results=()
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.2f", v}'; }
 measure() {
   local name=$1 url=$2 header=${3:-}
   local args=(-t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency)
   [ -n "$header" ] && args+=(-H "$header")
+  [ -n "${SCRIPT:-}" ] && args+=(-s "$SCRIPT")
   local report; report=$(wrk "${args[@]}" "$url")
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$report")
@@ -162,6 +164,21 @@ CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-4x-connections "https://127.0.
 measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
 rss_on=$(rss_kib "$pid")
+# Payment creation: each request a new Idempotency-Key, each payment a synchronous=FULL
+# commit together with its idempotency record.
+cat >"$work/create.lua" <<LUA
+local n = 0
+local run = tostring(os.time()) .. "-" .. tostring(math.random(1000000))
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/accounts/$account/payments", {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer $jwt",
+    ["Idempotency-Key"] = "load-" .. run .. "-" .. n,
+  }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
+end
+LUA
+SCRIPT=$work/create.lua measure create-payment "https://127.0.0.1:$port/"
 stop_server
 
 echo "== paygate, limiter on, audit log off (--audit off: only to measure the audit's cost)" >&2
@@ -213,7 +230,7 @@ mkdir -p "$(dirname "$OUT")"
   for line in "${results[@]}"; do
     read -r name rps p50 p99 non2xx <<<"$line"
     case $name in
-      *read*) ref=$big ;;
+      *read*|create*) ref=$big ;;
       *refus*|flood*) ref=$refusal ;;
       *) ref=$small ;;
     esac
