@@ -24,13 +24,24 @@ pub const P_COST: u32 = 1;
 /// Bytes of hash output stored in the PHC string.
 const OUTPUT_LEN: usize = 32;
 
-/// Argon2's working memory (`M_COST` KiB). Reused from hash to hash: allocating ~19 MiB per
-/// hash on whichever blocking thread runs it lets the allocator keep a freed copy per thread
-/// arena, and resident memory climbs to hundreds of MiB under a login burst.
+/// Argon2's working memory (`M_COST` KiB). Reused from hash to hash while hashes queue up,
+/// and released when the last one in flight ends (see [`Passwords`]).
 type Memory = Vec<Block>;
+
+/// A working memory is reserved at least this large (only `M_COST` KiB of it is ever
+/// touched, so only that much becomes resident). glibc serves an allocation above 32 MiB —
+/// its largest dynamic mmap threshold — with a mapping of its own and unmaps it when freed,
+/// so a released memory really leaves the process. A ~19 MiB block instead raises the
+/// threshold when freed, later copies come from the heaps of whichever threads ran the
+/// hashes, and resident memory stayed at hundreds of MiB after a login burst.
+const RESERVE_BYTES: usize = 33 << 20;
 
 fn fit(memory: &mut Memory, blocks: usize) -> &mut [Block] {
     if memory.len() < blocks {
+        if memory.capacity() < blocks {
+            let reserve = blocks.max(RESERVE_BYTES / std::mem::size_of::<Block>());
+            *memory = Vec::with_capacity(reserve);
+        }
         memory.resize(blocks, Block::default());
     }
     &mut memory[..blocks]
@@ -112,7 +123,10 @@ pub struct Passwords {
     /// One permit per core: the most hashes that run at once.
     permits: Arc<Semaphore>,
     /// Working memories, one per permit at most (a hash holds a permit while it uses one).
+    /// Kept only while hashes queue: an idle worker holds none (~19 MiB each).
     memories: Arc<Mutex<Vec<Memory>>>,
+    /// The number of permits.
+    cores: usize,
     /// Verified against when the user does not exist, to take the same time.
     dummy_hash: Arc<str>,
 }
@@ -124,6 +138,7 @@ impl Passwords {
         Ok(Passwords {
             permits: Arc::new(Semaphore::new(cores)),
             memories: Arc::new(Mutex::new(Vec::with_capacity(cores))),
+            cores,
             dummy_hash: hash_blocking("paygate dummy password for unknown users")?.into(),
         })
     }
@@ -135,13 +150,19 @@ impl Passwords {
     ) -> Option<T> {
         // The semaphore is never closed, so acquiring only fails if it were; treat as failure.
         let _permit = self.permits.acquire().await.ok()?;
-        let memories = self.memories.clone();
+        let (memories, permits, cores) = (self.memories.clone(), self.permits.clone(), self.cores);
         tokio::task::spawn_blocking(move || {
             // A panic while this lock is held cannot leave the list inconsistent.
             let lock = || memories.lock().unwrap_or_else(|p| p.into_inner());
             let mut memory = lock().pop().unwrap_or_default();
             let result = work(&mut memory);
-            lock().push(memory);
+            // Every other permit free: no hash runs or waits, so keep nothing. (Waiting
+            // hashes would have taken the free permits.)
+            if permits.available_permits() + 1 < cores {
+                lock().push(memory);
+            } else {
+                lock().clear();
+            }
             result
         })
         .await
