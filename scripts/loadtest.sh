@@ -113,6 +113,7 @@ measure() {
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
 if [ -n "${BASELINE:-}" ]; then
   # A/B: the same scenario with the baseline binary and this build, alternating, so that
@@ -163,7 +164,8 @@ measure jwt-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: 
 CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $opaque"
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
-rss_on=$(rss_kib "$pid")
+# At rest after the run: queued Basic requests finish within a second of wrk's end.
+sleep 2; rss_on=$(rss_kib "$pid"); peak_on=$(peak_kib "$pid")
 # Payment creation: each request a new Idempotency-Key, each payment a synchronous=FULL
 # commit together with its idempotency record.
 cat >"$work/create.lua" <<LUA
@@ -199,7 +201,7 @@ stop_server
 echo "== paygate, a flood the limiter rejects" >&2
 start flood --rate-limit 'GET /apiStatus 1/day burst=1 key=ip'
 measure flood-rejected "https://127.0.0.1:$port/apiStatus"
-rss_flood=$(rss_kib "$pid")
+sleep 2; rss_flood=$(rss_kib "$pid")
 stop_server
 
 echo "== scaling: the JWT read (limiter and audit on) with 1, 2 and 4 worker processes" >&2
@@ -244,5 +246,5 @@ mkdir -p "$(dirname "$OUT")"
   echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off) ($((CONNECTIONS * 4)) connections: $(ratio jwt-read-4x-connections jwt-read-audit-off-4x-connections)), apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); 2 workers current-thread against 2 threads each: $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"
-  echo "Resident memory after the run: limiter-on server $((rss_on / 1024)) MiB, flood server $((rss_flood / 1024)) MiB"
+  echo "Resident memory 2 s after the run: limiter-on server $((rss_on / 1024)) MiB (peak during the run $((peak_on / 1024)) MiB), flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"
