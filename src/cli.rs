@@ -295,10 +295,9 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "worker-threads",
         env: Some("PAYGATE_WORKER_THREADS"),
         value: "N",
-        default: "1 for one of several workers, else the number of CPUs",
-        help: "Threads of each worker's async runtime; 1 runs a current-thread runtime. \
-               With one worker process per CPU, one thread each is fastest (BENCHMARKS.md, \
-               'Workers').",
+        default: "1",
+        help: "Threads of each worker's async runtime; 1 runs a current-thread runtime, the \
+               fastest measured (BENCHMARKS.md, 'Workers'): scale with --workers instead.",
         commands: &[Serve],
         list_separator: None,
     },

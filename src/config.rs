@@ -213,11 +213,9 @@ impl ServeConfig {
         let workers =
             sources.positive("workers", default_workers(), "a number of worker processes")?;
         let supervised = sources.flag("supervised");
-        // One of several worker processes gets one thread: the processes already spread
-        // over the CPUs (measured in BENCHMARKS.md). Alone, a worker uses every CPU.
-        let threads_default = if supervised { 1 } else { default_workers() };
-        let worker_threads =
-            sources.positive("worker-threads", threads_default, "a number of threads")?;
+        // One runtime thread per worker process: paygate scales with processes (one per
+        // CPU), and a second thread only adds cross-thread wake-ups (BENCHMARKS.md, "Workers").
+        let worker_threads = sources.positive("worker-threads", 1, "a number of threads")?;
         let worker_threads = usize::try_from(worker_threads.min(256)).unwrap_or(1);
         if workers > 64 {
             return Err(ConfigError(format!(
