@@ -90,6 +90,10 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
         // must already mean "drain", not the default "die".
         let stop = stop_signal()?;
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        // SIGUSR2 rolls workers over, which only a supervisor can do; its default action
+        // (terminate) would turn a mistaken rollout of a lone worker into an outage.
+        let mut roll =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
         let running = paygate::server::start(config).await?;
         paygate::systemd::notify(&format!(
             "READY=1\nSTATUS=listening on https://{}",
@@ -114,6 +118,11 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
                     // `stop`, or stdin closed: the supervisor is stopping or gone.
                     _ => break,
                 },
+                _ = roll.recv() => log::warn!(
+                    "SIGUSR2 ignored: a rolling restart is done by the supervisor \
+                     (`paygate serve --workers N`), or under systemd by restarting \
+                     paygate@N units one at a time"
+                ),
                 _ = hangup.recv() => match running.reload().await {
                     Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
                     Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),

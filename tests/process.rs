@@ -388,3 +388,16 @@ async fn a_rollout_stops_at_a_worker_that_cannot_start_and_the_old_ones_keep_ser
     signal(&supervisor.0, "TERM");
     assert_eq!(wait_exit(&mut supervisor.0).code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_worker_survives_sigusr2() {
+    let dir = TempDir::new("usr2");
+    let (child, addr, log) = common::serve_logging(&dir, &[], "info");
+    let mut child = StopOnDrop(child);
+    signal(&child.0, "USR2");
+    wait_for_log(&log, "SIGUSR2 ignored", 1, 10).await;
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    signal(&child.0, "TERM");
+    assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+}
