@@ -12,7 +12,12 @@ use serde_json::json;
 
 use common::{paygate_command, signal, wait_exit, Client, Creds, KeepAlive, TempDir};
 
+/// One four-worker server at a time: the latency bound below is about SQLite locks between
+/// processes, not about sixteen processes of parallel tests sharing two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Workers {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     dir: TempDir,
     supervisor: Option<std::process::Child>,
     client: Client,
@@ -21,6 +26,7 @@ struct Workers {
 
 impl Workers {
     async fn start(extra: &[&str]) -> Workers {
+        let turn = ONE_AT_A_TIME.lock().await;
         let dir = TempDir::new("workers");
         let mut args = vec!["--workers", "4"];
         args.extend_from_slice(extra);
@@ -34,6 +40,7 @@ impl Workers {
         assert!(log.lock().unwrap().contains("all 4 workers are listening"));
         let client = Client::new(addr, &dir.0.join("certs/server.crt"));
         Workers {
+            _turn: turn,
             dir,
             supervisor: Some(supervisor),
             client,
