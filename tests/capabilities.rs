@@ -461,23 +461,8 @@ async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
     let dir = common::TempDir::new("oplog");
     let (mut child, addr, log) = common::serve_logging(&dir, &["--rate-limit", "none"], "debug");
     let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
-    let alice = Creds::new("alice", "alice Pass-phrase 9");
-    let register = client
-        .post("/users")
-        .json(&json!({"username": alice.user, "password": alice.password}))
-        .send()
-        .await;
-    assert_eq!(register.status, 201);
-    let account = client
-        .post("/accounts")
-        .basic(&alice)
-        .json(&json!({"name": "Ops", "currency": "EUR"}))
-        .send()
-        .await
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice = client.register("alice").await;
+    let account = client.account(&alice, "EUR").await;
     let payment = client
         .post(&format!("/accounts/{account}/payments"))
         .basic(&alice)

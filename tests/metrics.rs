@@ -153,12 +153,7 @@ async fn a_remote_scrape_needs_the_admin_role() {
 async fn one_scrape_shows_every_worker() {
     let dir = TempDir::new("metrics-workers");
     let (mut supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
-    for _ in 0..200 {
-        if log.lock().unwrap().contains("all 2 workers are listening") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_log(&log, "all 2 workers are listening", 1, 10).await;
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));
     // Each new connection may land on either worker; within a few snapshot periods, one
     // scrape carries both instances' series.

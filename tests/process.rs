@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::{paygate_command, serve, signal, wait_exit, Client, TempDir};
+use common::{paygate_command, serve, signal, wait_exit, wait_for_log, Client, TempDir};
 
 /// Whether a client trusting only `ca` completes a request.
 async fn trusts(addr: std::net::SocketAddr, ca: &std::path::Path) -> bool {
@@ -131,16 +131,7 @@ async fn two_processes_serve_one_port_and_one_can_die() {
     signal(&second, "TERM");
     assert_eq!(wait_exit(&mut second).code(), Some(0));
     // Both wrote their own audit chain, and both verify.
-    let output = paygate_command(&dir)
-        .args(["audit", "verify"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::verify_audit(&dir);
     // The first process was killed; a restart (not done here) would recover its tail, and
     // verify accepts the preallocated zeros it left.
     assert!(stdout.contains("2 chain(s)"), "{stdout}");
@@ -292,20 +283,6 @@ async fn keep_alive_loop(
         }
     }
     tally
-}
-
-/// Waits (up to `secs`) until the shared log holds `needle` at least `count` times.
-async fn wait_for_log(log: &std::sync::Mutex<String>, needle: &str, count: usize, secs: u64) {
-    for _ in 0..secs * 20 {
-        if log.lock().unwrap().matches(needle).count() >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "no {needle:?} (x{count}) in the log:\n{}",
-        log.lock().unwrap()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

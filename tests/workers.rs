@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{paygate_command, signal, wait_exit, Client, Creds, KeepAlive, TempDir};
+use common::{signal, wait_exit, wait_for_log, Client, Creds, KeepAlive, TempDir};
 
 /// One four-worker server at a time: the latency bound below is about SQLite locks between
 /// processes, not about sixteen processes of parallel tests sharing two cores.
@@ -31,13 +31,7 @@ impl Workers {
         let mut args = vec!["--workers", "4"];
         args.extend_from_slice(extra);
         let (supervisor, addr, log) = common::serve_logging(&dir, &args, "info");
-        for _ in 0..400 {
-            if log.lock().unwrap().contains("all 4 workers are listening") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(log.lock().unwrap().contains("all 4 workers are listening"));
+        wait_for_log(&log, "all 4 workers are listening", 1, 20).await;
         let client = Client::new(addr, &dir.0.join("certs/server.crt"));
         Workers {
             _turn: turn,
@@ -46,18 +40,6 @@ impl Workers {
             client,
             log,
         }
-    }
-
-    async fn register(&self, name: &str) -> Creds {
-        let creds = Creds::new(name, &format!("{name}-Pass-phrase-9"));
-        let response = self
-            .client
-            .post("/users")
-            .json(&json!({"username": creds.user, "password": creds.password}))
-            .send()
-            .await;
-        assert_eq!(response.status, 201, "{}", response.text());
-        creds
     }
 
     async fn stop(mut self) -> TempDir {
@@ -135,10 +117,8 @@ async fn a_rate_limit_holds_across_four_workers() {
 async fn a_logout_ends_the_token_in_every_worker() {
     for format in ["jwt", "opaque"] {
         let workers = Workers::start(&["--token-format", format]).await;
-        let alice = workers.register("alice").await;
-        let login = workers.client.post("/sessions").basic(&alice).send().await;
-        assert_eq!(login.status, 201, "{}", login.text());
-        let token = login.json()["token"].as_str().unwrap().to_owned();
+        let alice = workers.client.register("alice").await;
+        let token = workers.client.login(&alice).await;
         // New connections: every worker gets to see (and cache) the token.
         for _ in 0..12 {
             let me = workers.client.get("/users/me").bearer(&token).send().await;
@@ -165,26 +145,9 @@ async fn a_logout_ends_the_token_in_every_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_payments_across_four_workers_are_quick_and_every_chain_verifies() {
     let workers = Workers::start(&["--rate-limit", "* / 100000/s burst=100000 key=user"]).await;
-    let alice = workers.register("alice").await;
-    let account = workers
-        .client
-        .post("/accounts")
-        .basic(&alice)
-        .json(&json!({"name": "Operating", "currency": "EUR"}))
-        .send()
-        .await;
-    assert_eq!(account.status, 201, "{}", account.text());
-    let account = account.json()["id"].as_str().unwrap().to_owned();
-    let token = workers
-        .client
-        .post("/sessions")
-        .basic(&alice)
-        .send()
-        .await
-        .json()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice = workers.client.register("alice").await;
+    let account = workers.client.account(&alice, "EUR").await;
+    let token = workers.client.login(&alice).await;
 
     // Eight clients, each on its own kept-alive connection (so spread over the workers),
     // each creating payments as fast as it can: every one is a durable SQLite commit
@@ -256,16 +219,7 @@ async fn concurrent_payments_across_four_workers_are_quick_and_every_chain_verif
             .await;
     }
     let dir = workers.stop().await;
-    let output = paygate_command(&dir)
-        .args(["audit", "verify"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::verify_audit(&dir);
     assert!(stdout.contains("4 chain(s)"), "{stdout}");
 }
 
@@ -274,19 +228,9 @@ async fn a_change_through_one_worker_is_read_by_every_worker() {
     // Grants and payments are cached per worker on the read path; a commit anywhere must
     // end every cached copy before the next request.
     let workers = Workers::start(&[]).await;
-    let alice = workers.register("alice").await;
-    let bob = workers.register("bob").await;
-    let account = workers
-        .client
-        .post("/accounts")
-        .basic(&alice)
-        .json(&json!({"name": "Operating", "currency": "EUR"}))
-        .send()
-        .await
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice = workers.client.register("alice").await;
+    let bob = workers.client.register("bob").await;
+    let account = workers.client.account(&alice, "EUR").await;
     let payment = workers
         .client
         .post(&format!("/accounts/{account}/payments"))
@@ -307,26 +251,8 @@ async fn a_change_through_one_worker_is_read_by_every_worker() {
             .json(&json!({"username": "bob", "perms": perms}))
     };
     assert!(grant("r").send().await.status.is_success());
-    let alice_token = workers
-        .client
-        .post("/sessions")
-        .basic(&alice)
-        .send()
-        .await
-        .json()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let bob_token = workers
-        .client
-        .post("/sessions")
-        .basic(&bob)
-        .send()
-        .await
-        .json()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let alice_token = workers.client.login(&alice).await;
+    let bob_token = workers.client.login(&bob).await;
     // Every worker caches the payment and bob's grant.
     for _ in 0..12 {
         let read = workers.client.get(&path).bearer(&bob_token).send().await;

@@ -139,9 +139,7 @@ impl TestServer {
 
     /// Logs in with Basic credentials and returns the Bearer token.
     pub async fn login(&self, creds: &Creds) -> String {
-        let response = self.client.post("/sessions").basic(creds).send().await;
-        assert_eq!(response.status, 201, "{}", response.text());
-        response.json()["token"].as_str().unwrap().to_owned()
+        self.client.login(creds).await
     }
 
     /// Shuts down and hands over the directory (data included), which lives as long as
@@ -161,28 +159,12 @@ impl TestServer {
 
     /// Registers a user over the API and returns its credentials.
     pub async fn register(&self, username: &str) -> Creds {
-        let creds = Creds::new(username, &format!("{username}-Pass-phrase-9"));
-        let response = self
-            .client
-            .post("/users")
-            .json(&serde_json::json!({"username": creds.user, "password": creds.password}))
-            .send()
-            .await;
-        assert_eq!(response.status, 201, "{}", response.text());
-        creds
+        self.client.register(username).await
     }
 
     /// Creates an account for `owner` and returns its id.
     pub async fn account(&self, owner: &Creds, currency: &str) -> String {
-        let response = self
-            .client
-            .post("/accounts")
-            .basic(owner)
-            .json(&serde_json::json!({"name": "Operating", "currency": currency}))
-            .send()
-            .await;
-        assert_eq!(response.status, 201, "{}", response.text());
-        response.json()["id"].as_str().unwrap().to_owned()
+        self.client.account(owner, currency).await
     }
 }
 
@@ -252,6 +234,37 @@ impl Client {
         self.connect_with(&[b"http/1.1"], rustls::DEFAULT_VERSIONS)
             .await
             .unwrap()
+    }
+
+    /// Registers a user over the API and returns its credentials.
+    pub async fn register(&self, username: &str) -> Creds {
+        let creds = Creds::new(username, &format!("{username}-Pass-phrase-9"));
+        let response = self
+            .post("/users")
+            .json(&serde_json::json!({"username": creds.user, "password": creds.password}))
+            .send()
+            .await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        creds
+    }
+
+    /// Logs in with Basic credentials and returns the Bearer token.
+    pub async fn login(&self, creds: &Creds) -> String {
+        let response = self.post("/sessions").basic(creds).send().await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an account for `owner` and returns its id.
+    pub async fn account(&self, owner: &Creds, currency: &str) -> String {
+        let response = self
+            .post("/accounts")
+            .basic(owner)
+            .json(&serde_json::json!({"name": "Operating", "currency": currency}))
+            .send()
+            .await;
+        assert_eq!(response.status, 201, "{}", response.text());
+        response.json()["id"].as_str().unwrap().to_owned()
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -561,6 +574,36 @@ pub fn serve_logging(
 }
 
 /// Sends a signal (`TERM`, `INT`, ...) to a child process.
+/// Waits (up to `secs`) until the shared log holds `needle` at least `count` times.
+pub async fn wait_for_log(log: &std::sync::Mutex<String>, needle: &str, count: usize, secs: u64) {
+    for _ in 0..secs * 20 {
+        if log.lock().unwrap().matches(needle).count() >= count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "no {needle:?} (x{count}) in the log:\n{}",
+        log.lock().unwrap()
+    );
+}
+
+/// Runs `paygate audit verify` on the data directory in `dir`, asserts it passes, and
+/// returns what it printed.
+pub fn verify_audit(dir: &TempDir) -> String {
+    let output = paygate_command(dir)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 pub fn signal(child: &std::process::Child, name: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
