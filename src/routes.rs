@@ -42,6 +42,8 @@ pub enum Route {
     DisableUser(String),
     /// `GET /metrics`: Prometheus text.
     Metrics,
+    /// `GET /openapi.yaml`: this API's description.
+    OpenApi,
     /// No such route; answered with this error after the chain has seen the request.
     Reject(ApiError),
 }
@@ -78,7 +80,7 @@ impl Route {
     pub fn requirement(&self) -> Requirement {
         use Route::*;
         match self {
-            ApiStatus | CreateUser | DeriveCapability | Reject(_) => Requirement::Public,
+            ApiStatus | OpenApi | CreateUser | DeriveCapability | Reject(_) => Requirement::Public,
             DisableUser(_) => Requirement::Admin,
             Metrics => Requirement::AdminOrLoopback,
             MintCapability(account, _) => Requirement::Member(*account),
@@ -133,6 +135,7 @@ impl Route {
             RevokeCapability(_) => "DELETE /capabilities/{id}",
             DisableUser(_) => "POST /users/{name}/disable",
             Metrics => "GET /metrics",
+            OpenApi => "GET /openapi.yaml",
             Reject(_) => "unmatched",
         }
     }
@@ -164,6 +167,7 @@ pub fn resolve(method: &Method, path: &str) -> Route {
         }
         ["audit"] => by_method(method, &[Method::GET], |_| Route::ReadAudit),
         ["metrics"] => by_method(method, &[Method::GET], |_| Route::Metrics),
+        ["openapi.yaml"] => by_method(method, &[Method::GET], |_| Route::OpenApi),
         ["sessions"] => by_method(method, &[Method::POST, Method::DELETE], |m| {
             if m == Method::POST {
                 Route::Login
@@ -371,6 +375,63 @@ mod tests {
             let route = resolve(&method, &path);
             assert!(!matches!(route, Route::Reject(_)), "{method} {path}");
             assert_eq!(route.requirement(), requirement, "{method} {path}");
+        }
+    }
+
+    /// The operations `openapi.yaml` describes: `METHOD /template` for each method under each
+    /// path (the file's layout: paths at two spaces, methods at four).
+    fn described_operations() -> Vec<String> {
+        let spec = include_str!("../openapi.yaml");
+        let paths = spec
+            .split("\ncomponents:")
+            .next()
+            .and_then(|head| head.split("\npaths:\n").nth(1))
+            .expect("openapi.yaml has paths before components");
+        let mut operations = Vec::new();
+        let mut current = "";
+        for line in paths.lines() {
+            if let Some(path) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                current = path;
+            } else if let Some(method) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
+            {
+                if ["get", "post", "delete", "put", "patch"].contains(&method) {
+                    operations.push(format!("{} /{current}", method.to_uppercase()));
+                }
+            }
+        }
+        operations
+    }
+
+    /// Every route label `label()` can return, read from this file's source, so a new route
+    /// cannot be left out of the check below.
+    fn route_labels() -> Vec<String> {
+        include_str!("routes.rs")
+            .lines()
+            .filter_map(|line| line.trim().split_once(" => \""))
+            .filter_map(|(_, rest)| rest.strip_suffix("\","))
+            .filter(|label| label.contains(" /"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn openapi_yaml_describes_exactly_the_routes_that_exist() {
+        let described = described_operations();
+        let mut labels = route_labels();
+        assert!(labels.len() >= 24, "{labels:?}");
+        labels.sort();
+        let mut sorted = described.clone();
+        sorted.sort();
+        assert_eq!(sorted, labels, "openapi.yaml and Route::label disagree");
+        // And each described template resolves to the route with that label.
+        for operation in described {
+            let (method, template) = operation.split_once(' ').unwrap();
+            let path = template
+                .replace("{id}", A)
+                .replace("{pid}", P)
+                .replace("{name}", "bob");
+            let route = resolve(&method.parse().unwrap(), &path);
+            assert_eq!(route.label(), operation, "{method} {path}");
         }
     }
 

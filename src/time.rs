@@ -88,9 +88,10 @@ pub fn days_from_civil(date: CivilDate) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only, at most millisecond precision) into Unix
-/// milliseconds. Anything else — offsets, other separators, impossible dates — is `None`.
-pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
+/// Parses an RFC 3339 date-time — `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, `T` and `Z`
+/// in either case — into Unix milliseconds (a longer fraction is cut to milliseconds).
+/// Anything else, impossible dates and leap seconds included, is `None`.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let b = text.as_bytes();
     let num = |range: std::ops::Range<usize>| -> Option<i64> {
         let digits = b.get(range)?;
@@ -102,7 +103,7 @@ pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
     if b.len() < 20
         || b[4] != b'-'
         || b[7] != b'-'
-        || b[10] != b'T'
+        || !matches!(b[10], b'T' | b't')
         || b[13] != b':'
         || b[16] != b':'
     {
@@ -110,10 +111,33 @@ pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
     }
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let millis = match &b[19..] {
-        b"Z" => 0,
-        [b'.', rest @ .., b'Z'] if (1..=3).contains(&rest.len()) => {
-            num(20..20 + rest.len())? * 10i64.pow(3 - rest.len() as u32)
+    let mut at = 19;
+    let mut millis = 0;
+    if b[at] == b'.' {
+        let digits = b[at + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        let kept = digits.min(3);
+        millis = num(at + 1..at + 1 + kept)? * 10i64.pow(3 - kept as u32);
+        at += 1 + digits;
+    }
+    let offset_minutes = match &b[at..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (hours, minutes) = (num(at + 1..at + 3)?, num(at + 4..at + 6)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = hours * 60 + minutes;
+            if *sign == b'-' {
+                -offset
+            } else {
+                offset
+            }
         }
         _ => return None,
     };
@@ -127,7 +151,8 @@ pub fn parse_rfc3339_utc(text: &str) -> Option<i64> {
     if civil_from_days(days) != date || hour > 23 || minute > 59 || second > 59 {
         return None;
     }
-    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
+    let local = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis;
+    Some(local - offset_minutes * 60_000)
 }
 
 #[cfg(test)]
@@ -177,31 +202,41 @@ mod tests {
     #[test]
     fn rfc3339_parsing_is_strict_and_round_trips() {
         for millis in [0, 951_782_400_123, 1_767_225_599_999, 1_795_950_000_000] {
-            assert_eq!(
-                parse_rfc3339_utc(&format_rfc3339_millis(millis)),
-                Some(millis)
-            );
+            assert_eq!(parse_rfc3339(&format_rfc3339_millis(millis)), Some(millis));
         }
         assert_eq!(
-            parse_rfc3339_utc("2026-11-29T12:00:00Z"),
+            parse_rfc3339("2026-11-29T12:00:00Z"),
             Some(1_795_953_600_000)
         );
         assert_eq!(
-            parse_rfc3339_utc("2026-11-29T12:00:00.5Z"),
+            parse_rfc3339("2026-11-29T12:00:00.5Z"),
             Some(1_795_953_600_500)
         );
+        // Offsets, lower-case separators and longer fractions name the same instants.
+        for same in [
+            "2026-11-29T13:30:00+01:30",
+            "2026-11-29T02:00:00-10:00",
+            "2026-11-29t12:00:00z",
+            "2026-11-29T12:00:00.000999Z",
+            "2026-11-29T12:00:00-00:00",
+        ] {
+            assert_eq!(parse_rfc3339(same), Some(1_795_953_600_000), "{same}");
+        }
         for bad in [
             "",
             "2026-11-29",
             "2026-11-29T12:00:00",
-            "2026-11-29T12:00:00+01:00",
+            "2026-11-29T12:00:00+0100",
+            "2026-11-29T12:00:00+24:00",
+            "2026-11-29T12:00:00+01:60",
             "2026-02-30T00:00:00Z",
             "2026-11-29T24:00:00Z",
             "2026-11-29 12:00:00Z",
-            "2026-11-29T12:00:00.1234Z",
+            "2026-11-29T12:00:00.Z",
+            "2026-11-29T12:00:60Z",
             "+026-11-29T12:00:00Z",
         ] {
-            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
 

@@ -113,7 +113,9 @@ pub async fn grant_member(
     let username = Username::parse("username", &body.username)?;
     let perms = Perms::parse("perms", &body.perms)?;
     if username.as_str() == principal.username {
-        return Err(Invalid::new("username", "you cannot change your own permissions").into());
+        return Err(ApiError::Forbidden(
+            "you cannot change your own permissions; another member with 'a' can".into(),
+        ));
     }
     let account = membership.account.id;
     let status = match app

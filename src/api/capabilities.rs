@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::ListBody;
 use crate::app::App;
-use crate::domain::{Invalid, Perm, Perms};
+use crate::domain::{whole_number, Invalid, Perm, Perms};
 use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Challenge, RequestBody};
 use crate::store::{Capability, Membership, NewCapability};
@@ -25,6 +25,7 @@ use crate::tokens::capability;
 #[serde(deny_unknown_fields)]
 struct Mint {
     perms: String,
+    #[serde(deserialize_with = "whole_number::deserialize")]
     expires_in: u64,
 }
 
@@ -33,6 +34,7 @@ struct Mint {
 struct Derive {
     token: String,
     perms: String,
+    #[serde(default, deserialize_with = "whole_number::deserialize_option")]
     expires_in: Option<u64>,
 }
 

@@ -8,6 +8,7 @@ mod accounts;
 mod audit;
 mod capabilities;
 mod metrics;
+mod openapi;
 mod payments;
 mod sessions;
 mod status;
@@ -34,6 +35,7 @@ pub async fn dispatch(
         (Route::Reject(error), _) => Err(error),
         (Route::ApiStatus, _) => status::get(),
         (Route::Metrics, _) => metrics::get(app).await,
+        (Route::OpenApi, _) => openapi::get(),
         (Route::CreateUser, _) => users::create(app, request).await,
         (Route::GetUser(name), Grant::User(_)) => users::get(app, name).await,
         (Route::ReadAudit, Grant::User(_)) => audit::recent(app, request.uri().query()).await,
@@ -124,19 +126,23 @@ fn parse_limit(value: &str, max: usize) -> Result<usize, ApiError> {
         })
 }
 
-/// Cursors are opaque to clients: base64url of the last item's sequence number.
+/// Cursors are opaque to clients: base64url (no padding) of the last item's sequence number
+/// as 8 big-endian bytes, so always 11 characters. Every such string below 2^63 is a cursor
+/// (`openapi.yaml` describes exactly these), and a made-up one only pages from elsewhere.
 fn encode_cursor(seq: i64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(seq.to_string())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(seq.to_be_bytes())
 }
 
 fn decode_cursor(raw: &str) -> Result<i64, ApiError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(raw)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|text| text.parse::<i64>().ok())
-        .filter(|seq| *seq > 0)
-        .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
+    let mut bytes = [0u8; 8];
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(raw, &mut bytes) {
+        Ok(8) => i64::try_from(u64::from_be_bytes(bytes)).map_err(|_| bad_cursor()),
+        _ => Err(bad_cursor()),
+    }
+}
+
+fn bad_cursor() -> ApiError {
+    ApiError::BadRequest("cursor is not one this server issued".into())
 }
 
 /// The list shape every collection answers with.
@@ -177,6 +183,9 @@ mod tests {
                 before: Some(42)
             }
         );
+        assert_eq!(cursor.len(), 11);
+        assert_eq!(decode_cursor(&encode_cursor(i64::MAX)).unwrap(), i64::MAX);
+        assert_eq!(decode_cursor("AAAAAAAAAAA").unwrap(), 0);
         for bad in [
             "limit=0",
             "limit=101",
@@ -184,6 +193,9 @@ mod tests {
             "limit=",
             "cursor=%%%",
             "cursor=LTE",
+            "cursor=AAAAAAAAAAAA",
+            "cursor=gAAAAAAAAAA",
+            "cursor=AAAAAAAAAAB",
         ] {
             let err = Pagination::parse(Some(bad)).unwrap_err();
             assert_eq!(err.status(), 400, "{bad}");

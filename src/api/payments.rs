@@ -15,7 +15,9 @@ use uuid::Uuid;
 use super::users::set_location;
 use super::{ListBody, Pagination};
 use crate::app::App;
-use crate::domain::{check_amount, check_idempotency_key, check_payee, check_text, Invalid};
+use crate::domain::{
+    check_amount, check_idempotency_key, check_payee, check_text, whole_number, Invalid,
+};
 use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
 use crate::store::{
@@ -31,6 +33,7 @@ const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-re
 #[serde(deny_unknown_fields)]
 struct NewPayment {
     payee: String,
+    #[serde(deserialize_with = "whole_number::deserialize")]
     amount_minor: i64,
     currency: String,
     #[serde(default)]

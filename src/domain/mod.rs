@@ -7,6 +7,7 @@
 
 mod currency;
 mod password_policy;
+pub mod whole_number;
 
 use std::fmt;
 

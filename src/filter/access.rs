@@ -155,6 +155,12 @@ fn unauthenticated(identity: &Identity) -> ApiError {
             reason: AuthFailure::Unavailable,
             ..
         } => ApiError::Unavailable,
+        Identity::Failed {
+            reason: AuthFailure::MalformedSecondFactor,
+            ..
+        } => ApiError::BadRequest(
+            "X-TOTP must be the 6-digit code the authenticator app shows".into(),
+        ),
         Identity::Failed { reason, .. } if reason.is_second_factor() => {
             ApiError::Unauthenticated(Challenge::SecondFactor)
         }

@@ -102,6 +102,8 @@ pub enum AuthFailure {
     SecondFactorRequired,
     /// The TOTP code matches none of the current steps.
     BadSecondFactor,
+    /// `X-TOTP` is not six digits (the password is not checked).
+    MalformedSecondFactor,
     /// The TOTP code was right but its step was already used.
     ReplayedSecondFactor,
     /// A JWT failed verification.
@@ -135,6 +137,7 @@ impl AuthFailure {
             AuthFailure::Disabled => "user disabled",
             AuthFailure::SecondFactorRequired => "totp code required",
             AuthFailure::BadSecondFactor => "wrong totp code",
+            AuthFailure::MalformedSecondFactor => "malformed totp code",
             AuthFailure::ReplayedSecondFactor => "totp code already used",
             AuthFailure::BadJwt(rejection) => rejection.as_str(),
             AuthFailure::RevokedToken => "token revoked",
@@ -265,6 +268,8 @@ pub enum Credentials {
     Unsupported,
     /// A Basic header that does not decode to `user:password` in UTF-8.
     MalformedBasic,
+    /// Basic credentials for this username with an `X-TOTP` header that is not a code.
+    MalformedTotp(String),
 }
 
 /// The value of the `access_token` query parameter, if present (RFC 6750 section 2.3).
@@ -302,13 +307,14 @@ impl Credentials {
         let value = value.as_bytes();
         if has_scheme(value, b"basic") {
             return match parse_basic(value) {
-                Some(mut basic) => {
-                    basic.totp = headers
-                        .get(X_TOTP)
-                        .and_then(|v| v.to_str().ok())
-                        .map(|v| v.trim().to_owned());
-                    Credentials::Basic(basic)
-                }
+                Some(mut basic) => match headers.get(X_TOTP).map(|v| v.as_bytes()) {
+                    None => Credentials::Basic(basic),
+                    Some(code) if totp::is_well_formed(code) => {
+                        basic.totp = String::from_utf8(code.to_vec()).ok();
+                        Credentials::Basic(basic)
+                    }
+                    Some(_) => Credentials::MalformedTotp(basic.username),
+                },
                 None => Credentials::MalformedBasic,
             };
         }
@@ -370,6 +376,11 @@ pub async fn identify(app: &App, credentials: Credentials) -> Identity {
         Credentials::None => Identity::Anonymous,
         Credentials::Unsupported => failed(None, AuthFailure::UnsupportedScheme),
         Credentials::MalformedBasic => failed(Some(AuthMethod::Basic), AuthFailure::MalformedBasic),
+        Credentials::MalformedTotp(username) => Identity::Failed {
+            method: Some(AuthMethod::Basic),
+            claimed: Some(username),
+            reason: AuthFailure::MalformedSecondFactor,
+        },
         Credentials::MalformedBearer => {
             failed(Some(AuthMethod::BearerOpaque), AuthFailure::MalformedToken)
         }

@@ -43,11 +43,16 @@ pub fn step_at(unix_s: i64) -> i64 {
     unix_s.div_euclid(STEP_S)
 }
 
+/// Whether `code` has the shape of a code: exactly the digits an authenticator app shows.
+pub fn is_well_formed(code: &[u8]) -> bool {
+    code.len() == DIGITS as usize && code.iter().all(u8::is_ascii_digit)
+}
+
 /// Checks a code typed by the user against the steps around `unix_s` (one before, the
 /// current one, one after). Returns the step it matches, so the caller can refuse a second
 /// use of it. A code that is not exactly six ASCII digits matches nothing.
 pub fn matching_step(secret: &[u8], code: &str, unix_s: i64) -> Option<i64> {
-    if code.len() != DIGITS as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
+    if !is_well_formed(code.as_bytes()) {
         return None;
     }
     let typed: u32 = code.parse().ok()?;
