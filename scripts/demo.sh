@@ -4,7 +4,9 @@
 #
 #   bash scripts/demo.sh                 # builds paygate, starts it in a temporary directory
 #   PAYGATE_URL=https://127.0.0.1:8443 PAYGATE_CA=certs/server.crt bash scripts/demo.sh
-#                                        # tours a server that is already running
+#                                        # tours a server that is already running (started
+#                                        # with --step-up-amount 100000, and no POST /users
+#                                        # from this address in the last hour)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +20,8 @@ trap cleanup EXIT
 
 if [ -z "${PAYGATE_URL:-}" ]; then
   (cd "$root" && cargo build --quiet)
-  (cd "$workdir" && exec "$root/target/debug/paygate" serve --listen 127.0.0.1:0 2>server.log) &
+  (cd "$workdir" && exec "$root/target/debug/paygate" serve --listen 127.0.0.1:0 \
+    --step-up-amount 100000 2>server.log) &
   server_pid=$!
   for _ in $(seq 1 100); do
     addr=$(sed -n 's/.*listening on https:\/\///p' "$workdir/server.log" | head -n1)
@@ -40,7 +43,10 @@ call() {
   step=$((step + 1))
   printf '\n\033[1m[%d] %s %s\033[0m %s\n' "$step" "$method" "$path" "$*"
   out=$(curl -sS --cacert "$PAYGATE_CA" -X "$method" -D - "$PAYGATE_URL$path" "$@")
-  printf '%s\n' "$out" | sed 's/^/    /'
+  printf '%s\n' "$out" | sed 's/^/    /' | head -n 40
+  local lines
+  lines=$(printf '%s\n' "$out" | wc -l)
+  if [ "$lines" -gt 40 ]; then printf '    … (%d more lines)\n' $((lines - 40)); fi
   status=$(printf '%s\n' "$out" | head -n1 | awk '{print $2}')
   body=$(printf '%s\n' "$out" | sed '1,/^\r$/d')
   if [ "$status" != "$expected" ]; then
@@ -63,6 +69,8 @@ totp() {
 }
 
 call 200 GET /apiStatus
+# The API describes itself (OpenAPI 3.1), for import into API tools.
+call 200 GET /openapi.yaml
 call 201 POST /users "${json[@]}" -d "{\"username\":\"alice-$run\",\"password\":\"correct horse battery\"}"
 call 409 POST /users "${json[@]}" -d "{\"username\":\"alice-$run\",\"password\":\"correct horse battery\"}"
 call 422 POST /users "${json[@]}" -d "{\"username\":\"bob-$run\",\"password\":\"password1\"}"
@@ -117,7 +125,24 @@ call 401 POST /sessions "${alice[@]}"
 code=$(totp "$secret")
 call 201 POST /sessions "${alice[@]}" -H "X-TOTP: $code"
 grep -q '"amr":\["pwd","otp"\]' <<<"$body" || { echo "FAILED: no otp in amr" >&2; exit 1; }
+strong=(-H "Authorization: Bearer $(field token)")
 call 401 POST /sessions "${alice[@]}" -H "X-TOTP: $code"
+# Step-up: a payment above 1000.00 (the server's --step-up-amount) needs a token whose login
+# used the second factor; the earlier token (password only) is refused.
+large='{"payee":"Landlord","amount_minor":250000,"currency":"EUR","reference":"Rent"}'
+call 403 POST "/accounts/$account/payments" "${bearer[@]}" "${json[@]}" -d "$large"
+call 201 POST "/accounts/$account/payments" "${strong[@]}" "${json[@]}" -d "$large"
+# Rate limiting: registrations are limited per address (5 at once, then 10 an hour). Use up
+# what is left quietly, then the next one is refused with the time to wait.
+for i in $(seq 1 6); do
+  quiet=$(curl -sS --cacert "$PAYGATE_CA" -o /dev/null -w '%{http_code}' -X POST "$PAYGATE_URL/users" \
+    "${json[@]}" -d "{\"username\":\"filler$i-$run\",\"password\":\"a filler passphrase\"}")
+  [ "$quiet" = 429 ] && break
+done
+call 429 POST /users "${json[@]}" -d "{\"username\":\"carol-$run\",\"password\":\"carol's passphrase\"}"
+for header in retry-after ratelimit-policy ratelimit; do
+  grep -qi "^$header: " <<<"$out" || { echo "FAILED: the 429 has no $header header" >&2; exit 1; }
+done
 # Log out: the token stops working at once.
 call 204 DELETE /sessions "${bearer[@]}"
 call 401 GET /accounts "${bearer[@]}"
