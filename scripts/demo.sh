@@ -43,7 +43,8 @@ call() {
   step=$((step + 1))
   printf '\n\033[1m[%d] %s %s\033[0m %s\n' "$step" "$method" "$path" "$*"
   out=$(curl -sS --cacert "$PAYGATE_CA" -X "$method" -D - "$PAYGATE_URL$path" "$@")
-  printf '%s\n' "$out" | sed 's/^/    /' | head -n 40
+  # sed reads everything (a `head` would close the pipe early and fail under pipefail).
+  printf '%s\n' "$out" | sed -n '1,40s/^/    /p'
   local lines
   lines=$(printf '%s\n' "$out" | wc -l)
   if [ "$lines" -gt 40 ]; then printf '    … (%d more lines)\n' $((lines - 40)); fi
