@@ -1,10 +1,10 @@
 //! Payments of an account: list, create (with `Idempotency-Key`), read, cancel.
 //!
-//! Creating under an Idempotency-Key: the key is claimed first (a lease in the store); the
-//! payment and the answer to replay are then committed in one transaction. A retry with the
-//! same key and the same request gets the stored answer (`Idempotency-Replayed: true`); the
-//! same key with a different request is 422; the same key while the first request is still
-//! running is 409. Requests that fail validation claim nothing.
+//! Creating under an Idempotency-Key: the key, the payment and the answer to replay are
+//! committed in one transaction (shared with other payments by group commit). A retry with
+//! the same key and the same request gets the stored answer (`Idempotency-Replayed: true`),
+//! even while racing the first; the same key with a different request is 422. Requests that
+//! fail validation take nothing.
 
 use crate::http::RequestBody;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -21,7 +21,7 @@ use crate::domain::{
 use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
 use crate::store::{
-    CancelOutcome, Completion, IdempotencyClaim, Membership, Payment, PaymentInsert, PaymentStatus,
+    CancelOutcome, EarlierUse, KeyedAnswer, Membership, Payment, PaymentCreation, PaymentStatus,
     StoredResponse,
 };
 use crate::time::{format_rfc3339_millis, now_millis};
@@ -189,50 +189,30 @@ pub async fn create(
             .map_err(|e| ApiError::Internal(format!("serialising a payment: {e}")))?,
         location: Some(location(&payment)),
     };
-    let Some(key) = key else {
-        app.store
-            .create_payment(payment, principal.user_id, None)
-            .await?;
-        return stored_response(&answer, false);
+    let keyed = match key {
+        None => None,
+        Some(key) => {
+            let canonical = serde_json::to_vec(&wanted)
+                .map_err(|e| ApiError::Internal(format!("serialising a payment request: {e}")))?;
+            let mut request_hash = [0u8; 32];
+            request_hash.copy_from_slice(digest::digest(&digest::SHA256, &canonical).as_ref());
+            Some(KeyedAnswer {
+                user: principal.user_id,
+                key,
+                request_hash,
+                response: answer.clone(),
+            })
+        }
     };
-
-    let canonical = serde_json::to_vec(&wanted)
-        .map_err(|e| ApiError::Internal(format!("serialising a payment request: {e}")))?;
-    let mut request_hash = [0u8; 32];
-    request_hash.copy_from_slice(digest::digest(&digest::SHA256, &canonical).as_ref());
-    let lease = Uuid::new_v4().to_string();
-    let user = principal.user_id;
     match app
         .store
-        .claim_idempotency_key(user, key.clone(), request_hash, lease.clone())
+        .create_payment(payment, principal.user_id, keyed)
         .await?
     {
-        IdempotencyClaim::Replay(stored) => return stored_response(&stored, true),
-        IdempotencyClaim::InFlight => return Err(in_flight()),
-        IdempotencyClaim::Mismatch => return Err(ApiError::IdempotencyMismatch),
-        IdempotencyClaim::Claimed => {}
-    }
-    let completion = Completion {
-        user,
-        key: key.clone(),
-        lease: lease.clone(),
-        response: answer.clone(),
-    };
-    match app
-        .store
-        .create_payment(payment, user, Some(completion))
-        .await
-    {
-        Ok(PaymentInsert::Created) => stored_response(&answer, false),
-        Ok(PaymentInsert::LeaseLost) => Err(in_flight()),
-        Err(e) => {
-            // Nothing was committed; free the key so the client's retry need not wait for
-            // the lease to lapse. If this fails too, the lease lapses on its own.
-            if let Err(release) = app.store.release_idempotency_key(user, key, lease).await {
-                log::warn!("could not release an idempotency key: {release}");
-            }
-            Err(e.into())
-        }
+        PaymentCreation::Created => stored_response(&answer, false),
+        PaymentCreation::Earlier(EarlierUse::Replay(stored)) => stored_response(&stored, true),
+        PaymentCreation::Earlier(EarlierUse::InFlight) => Err(in_flight()),
+        PaymentCreation::Earlier(EarlierUse::Mismatch) => Err(ApiError::IdempotencyMismatch),
     }
 }
 

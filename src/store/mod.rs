@@ -12,6 +12,7 @@
 mod accounts;
 mod audit;
 mod capabilities;
+mod commits;
 mod idempotency;
 mod migrate;
 mod payments;
@@ -30,8 +31,8 @@ use rusqlite::{Connection, OpenFlags};
 pub use accounts::{Account, MemberUpsert, Membership};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
 pub use capabilities::{Capability, CapabilityState, NewCapability};
-pub use idempotency::{Completion, IdempotencyClaim, StoredResponse};
-pub use payments::{CancelOutcome, Payment, PaymentInsert, PaymentStatus};
+pub use idempotency::{EarlierUse, KeyedAnswer, StoredResponse};
+pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
 pub use ratelimit::RateStore;
 pub use sessions::{DataVersion, SessionRow, Subject, TotpState};
 pub use users::{NewUser, User, UserInsert};
@@ -50,6 +51,8 @@ pub enum StoreError {
     Sqlite(rusqlite::Error),
     /// The blocking task running the query panicked or was cancelled.
     TaskFailed,
+    /// A group commit failed (the batch's writes did not happen); the cause is for the log.
+    CommitFailed(String),
     /// The data directory or database cannot be used; the message says how to fix it.
     Startup(String),
     /// A row holds a value paygate never writes (hand-edited or corrupt database).
@@ -62,6 +65,7 @@ impl fmt::Display for StoreError {
             StoreError::Busy => f.write_str("database busy"),
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
             StoreError::TaskFailed => f.write_str("database task failed"),
+            StoreError::CommitFailed(cause) => write!(f, "commit failed: {cause}"),
             StoreError::Startup(msg) => f.write_str(msg),
             StoreError::Corrupt(msg) => write!(f, "corrupt row: {msg}"),
         }
@@ -188,6 +192,8 @@ fn open_pool(
 #[derive(Clone)]
 pub struct Store {
     pool: r2d2::Pool<SqliteConnectionManager>,
+    /// The group-commit thread for payment creation (see `commits`).
+    commits: std::sync::Arc<commits::CommitQueue>,
 }
 
 impl Store {
@@ -196,8 +202,19 @@ impl Store {
     /// was written by a newer paygate.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         ensure_data_dir(data_dir)?;
-        let pool = open_pool(&data_dir.join(MAIN_DB), Durability::Full, migrate::MAIN, 8)?;
-        Ok(Store { pool })
+        let path = data_dir.join(MAIN_DB);
+        let pool = open_pool(&path, Durability::Full, migrate::MAIN, 8)?;
+        let writer = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|mut conn| configure(&mut conn, Durability::Full).map(|()| conn))
+        .map_err(|e| {
+            StoreError::Startup(format!("cannot open database {}: {e}", path.display()))
+        })?;
+        writer.set_prepared_statement_cache_capacity(16);
+        let commits = std::sync::Arc::new(commits::CommitQueue::start(writer)?);
+        Ok(Store { pool, commits })
     }
 
     /// Runs `work` with a pooled connection on the blocking pool.

@@ -6,7 +6,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
-use super::idempotency::{self, Completion};
+use super::idempotency::{self, EarlierUse, KeyedAnswer};
 use super::{into_page, Page, Store, StoreError};
 
 /// Where a payment is in its life.
@@ -99,31 +99,40 @@ fn one(conn: &Connection, account: Uuid, id: Uuid) -> Result<Option<Payment>, St
         .transpose()
 }
 
-/// Result of inserting a payment.
+/// Result of creating a payment.
 #[derive(Debug)]
-pub enum PaymentInsert {
+pub enum PaymentCreation {
+    /// The payment (and the answer under its key, if any) is durable.
     Created,
-    /// The Idempotency-Key lease lapsed and another request took the key; nothing was
-    /// written.
-    LeaseLost,
+    /// The Idempotency-Key was used before; nothing was written.
+    Earlier(EarlierUse),
 }
 
 impl Store {
-    /// Inserts `payment` and, when it was made under an Idempotency-Key, its stored answer —
-    /// in one transaction, so either both are durable or neither is.
+    /// Inserts `payment` and, when it was made under an Idempotency-Key, the answer stored
+    /// under the key — in one transaction, so either both are durable or neither is, and
+    /// only if the key was free. Goes through the group-commit thread: concurrent payments
+    /// share one commit (one fsync); the answer comes once that commit has returned.
     pub async fn create_payment(
         &self,
         payment: Payment,
         created_by: i64,
-        completion: Option<Completion>,
-    ) -> Result<PaymentInsert, StoreError> {
-        self.run(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO payments (id, account_id, payee, amount_minor, currency, reference,
-                                       status, created_by, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
+        keyed: Option<KeyedAnswer>,
+    ) -> Result<PaymentCreation, StoreError> {
+        self.commits
+            .write(move |conn| {
+                if let Some(keyed) = &keyed {
+                    let now = crate::time::now_millis();
+                    if let Some(earlier) = idempotency::take_key(conn, keyed, now)? {
+                        return Ok(PaymentCreation::Earlier(earlier));
+                    }
+                }
+                conn.prepare_cached(
+                    "INSERT INTO payments (id, account_id, payee, amount_minor, currency,
+                                           reference, status, created_by, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
                     payment.id.to_string(),
                     payment.account_id.to_string(),
                     payment.payee,
@@ -133,17 +142,15 @@ impl Store {
                     payment.status.as_str(),
                     created_by,
                     payment.created_at
-                ],
-            )?;
-            if let Some(done) = &completion {
-                if !idempotency::complete(&tx, done)? {
-                    return Ok(PaymentInsert::LeaseLost); // dropping tx rolls back
-                }
-            }
-            tx.commit()?;
-            Ok(PaymentInsert::Created)
-        })
-        .await
+                ])?;
+                Ok(PaymentCreation::Created)
+            })
+            .await
+    }
+
+    /// How many payments the group-commit thread committed, in how many transactions.
+    pub fn commit_batching(&self) -> (u64, u64) {
+        self.commits.batching()
     }
 
     /// Payments of `account`, newest first, `limit` at a time, after sequence `before`.
