@@ -359,3 +359,86 @@ async fn payments_and_idempotency_records_survive_a_restart() {
     assert_eq!(replay.json(), created);
     server.shutdown().await;
 }
+
+/// Group commit acknowledges a payment only once its batch is durable: after `kill -9` in
+/// the middle of a stream of concurrent payments, every payment that was answered 201 is
+/// there after a restart, with its Idempotency-Key answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_loses_no_acknowledged_payment() {
+    let dir = common::TempDir::new("payments-kill");
+    let (mut child, addr) = common::serve(&dir, &["--rate-limit", "none"]);
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    let alice = client.register("alice").await;
+    let account = client.account(&alice, "EUR").await;
+    let token = client.login(&alice).await;
+    let mut tasks = Vec::new();
+    for writer in 0..8 {
+        let (client, token) = (client.clone(), token.clone());
+        let path = format!("/accounts/{account}/payments");
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for n in 0..2000 {
+                let key = format!("w{writer}-{n}");
+                let request = client
+                    .post(&path)
+                    .bearer(&token)
+                    .header("idempotency-key", &key)
+                    .json(&payment(n + 1));
+                let sent =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), request.try_send());
+                match sent.await {
+                    Ok(Some(r)) if r.status == 201 => {
+                        acknowledged.push((key, r.json()["id"].as_str().unwrap().to_owned()))
+                    }
+                    Ok(Some(r)) => panic!("{}: {}", r.status, r.text()),
+                    _ => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    child.kill().unwrap(); // SIGKILL, mid-batch as likely as not
+    child.wait().unwrap();
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() > 50,
+        "only {} answered",
+        acknowledged.len()
+    );
+    eprintln!(
+        "{} payments acknowledged before the kill",
+        acknowledged.len()
+    );
+
+    let (mut child, addr) = common::serve(&dir, &["--rate-limit", "none"]);
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    let path = format!("/accounts/{account}/payments");
+    for (_, id) in &acknowledged {
+        let read = client
+            .get(&format!("{path}/{id}"))
+            .bearer(&token)
+            .send()
+            .await;
+        assert_eq!(read.status, 200, "payment {id} was acknowledged, then lost");
+    }
+    // And each key replays its payment rather than paying again (a sample: every 25th).
+    for (n, (key, id)) in acknowledged.iter().enumerate().step_by(25) {
+        let amount = key.rsplit('-').next().unwrap().parse::<i64>().unwrap() + 1;
+        let replay = client
+            .post(&path)
+            .bearer(&token)
+            .header("idempotency-key", key)
+            .json(&payment(amount))
+            .send()
+            .await;
+        assert_eq!(replay.status, 201, "{n}: {}", replay.text());
+        assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+        assert_eq!(replay.json()["id"], id.as_str());
+    }
+    common::signal(&child, "TERM");
+    child.wait().unwrap();
+}
