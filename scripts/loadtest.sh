@@ -6,6 +6,8 @@
 #   DURATION=30s CONNECTIONS=64 bash scripts/loadtest.sh
 #   BASELINE=/tmp/paygate-before bash scripts/loadtest.sh
 #                     # only an A/B of the JWT read: that binary against this build, 3 rounds
+#   AB=create BASELINE=/tmp/paygate-before bash scripts/loadtest.sh
+#                     # the same for payment creation
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -115,6 +117,21 @@ measure() {
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
+# Payment creation: each request a new Idempotency-Key, each payment a synchronous=FULL
+# commit together with its idempotency record.
+cat >"$work/create.lua" <<LUA
+local n = 0
+local run = tostring(os.time()) .. "-" .. tostring(math.random(1000000))
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/accounts/$account/payments", {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer $jwt",
+    ["Idempotency-Key"] = "load-" .. run .. "-" .. n,
+  }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
+end
+LUA
+
 if [ -n "${BASELINE:-}" ]; then
   # A/B: the same scenario with the baseline binary and this build, alternating, so that
   # the machine's drift hits both alike.
@@ -122,19 +139,23 @@ if [ -n "${BASELINE:-}" ]; then
     for side in baseline current; do
       binary=$paygate; [ "$side" = baseline ] && binary=$BASELINE
       start "ab-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
-      measure "jwt-read-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      if [ "${AB:-jwt-read}" = create ]; then
+        SCRIPT=$work/create.lua measure "$AB-$side-$round" "https://127.0.0.1:$port/"
+      else
+        measure "jwt-read-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      fi
       stop_server
       binary=""
     done
   done
   {
-    echo "# A/B: JWT read, $BASELINE (baseline) against this build, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "# A/B: ${AB:-jwt-read}, $BASELINE (baseline) against this build, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
     echo "| round | baseline req/s (p50 / p99 ms) | current req/s (p50 / p99 ms) | current / baseline |"
     echo "|---|---|---|---|"
     for round in 1 2 3; do
-      read -r _ b_rps b_p50 b_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-baseline-$round ")"
-      read -r _ c_rps c_p50 c_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-current-$round ")"
+      read -r _ b_rps b_p50 b_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^${AB:-jwt-read}-baseline-$round ")"
+      read -r _ c_rps c_p50 c_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^${AB:-jwt-read}-current-$round ")"
       echo "| $round | $b_rps ($b_p50 / $b_p99) | $c_rps ($c_p50 / $c_p99) | $(awk -v a="$c_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') |"
     done
   } | tee "${OUT%.md}-ab.md"
@@ -166,20 +187,6 @@ measure opaque-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorizatio
 measure basic-read-limiter-on "https://127.0.0.1:$port$read_path" "$basic"
 # At rest after the run: queued Basic requests finish within a second of wrk's end.
 sleep 2; rss_on=$(rss_kib "$pid"); peak_on=$(peak_kib "$pid")
-# Payment creation: each request a new Idempotency-Key, each payment a synchronous=FULL
-# commit together with its idempotency record.
-cat >"$work/create.lua" <<LUA
-local n = 0
-local run = tostring(os.time()) .. "-" .. tostring(math.random(1000000))
-request = function()
-  n = n + 1
-  return wrk.format("POST", "/accounts/$account/payments", {
-    ["Content-Type"] = "application/json",
-    ["Authorization"] = "Bearer $jwt",
-    ["Idempotency-Key"] = "load-" .. run .. "-" .. n,
-  }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
-end
-LUA
 SCRIPT=$work/create.lua measure create-payment "https://127.0.0.1:$port/"
 stop_server
 
