@@ -23,35 +23,18 @@ if [ ! -x "$venv/bin/st" ] || ! "$venv/bin/st" --version 2>/dev/null | grep -q "
   "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version"
 fi
 
-workdir=$(mktemp -d)
-server_pid=""
-cleanup() {
-  if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$workdir"
-}
-trap cleanup EXIT
-
+# shellcheck source=scripts/temp-server.sh
+. "$root/scripts/temp-server.sh"
 (cd "$root" && cargo build --quiet)
 paygate="$root/target/debug/paygate"
-cert=(--tls-cert "$workdir/server.crt" --tls-key "$workdir/server.key")
-"$paygate" dev-cert --data-dir "$workdir/data" "${cert[@]}" 2>/dev/null
-"$paygate" serve --workers 1 --listen 127.0.0.1:0 --data-dir "$workdir/data" "${cert[@]}" \
-  --rate-limit '* / 1000/s burst=1000 key=ip' --guess-limit '1000/min burst=1000' \
-  2>"$workdir/server.log" &
-server_pid=$!
-addr=""
-for _ in $(seq 1 100); do
-  addr=$(sed -n 's/.*listening on https:\/\///p' "$workdir/server.log" | head -n1)
-  [ -n "$addr" ] && break
-  sleep 0.1
-done
-[ -n "$addr" ] || { cat "$workdir/server.log"; echo "server did not start" >&2; exit 1; }
+start_server "$paygate" --workers 1 \
+  --rate-limit '* / 1000/s burst=1000 key=ip' --guess-limit '1000/min burst=1000'
 url="https://$addr"
 
 # Seed: the user the run signs in as, a second user to grant to, an account, a payment and a
 # capability for it.
 api() {
-  curl -sS --fail-with-body --cacert "$workdir/server.crt" -H 'Content-Type: application/json' "$@"
+  curl -sS --fail-with-body --cacert "$workdir/certs/server.crt" -H 'Content-Type: application/json' "$@"
 }
 field() { sed -E "s/.*\"$1\":\"([^\"]+)\".*/\1/"; }
 user=contract-alice
@@ -88,5 +71,5 @@ for operation in disableUser logout; do
 done
 
 echo "== paygate audit verify (the server's log of the run)"
-kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
+stop_server
 "$paygate" audit verify --data-dir "$workdir/data"

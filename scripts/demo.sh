@@ -10,25 +10,12 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-workdir=$(mktemp -d)
-server_pid=""
-cleanup() {
-  if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$workdir"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/temp-server.sh
+. "$root/scripts/temp-server.sh"
 
 if [ -z "${PAYGATE_URL:-}" ]; then
   (cd "$root" && cargo build --quiet)
-  (cd "$workdir" && exec "$root/target/debug/paygate" serve --listen 127.0.0.1:0 \
-    --step-up-amount 100000 2>server.log) &
-  server_pid=$!
-  for _ in $(seq 1 100); do
-    addr=$(sed -n 's/.*listening on https:\/\///p' "$workdir/server.log" | head -n1)
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "${addr:-}" ] || { cat "$workdir/server.log"; echo "server did not start" >&2; exit 1; }
+  start_server "$root/target/debug/paygate" --step-up-amount 100000
   PAYGATE_URL="https://$addr"
   PAYGATE_CA="$workdir/certs/server.crt"
 fi
@@ -151,7 +138,7 @@ call 401 GET /accounts "${bearer[@]}"
 # The audit log holds every step above; stop the server (it flushes the log) and verify
 # every chain. (Only when this script started the server: it needs the data directory.)
 if [ -n "$server_pid" ]; then
-  kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
+  stop_server
   step=$((step + 1))
   printf '\n\033[1m[%d] paygate audit verify\033[0m\n' "$step"
   verified=$(cd "$workdir" && "$root/target/debug/paygate" audit verify 2>&1) || {

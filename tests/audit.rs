@@ -465,15 +465,11 @@ async fn auditors_and_admins_read_recent_records() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
     // An auditor, created as an operator would (paygate user add --role auditor).
-    let store = paygate::store::Store::open(&server.data_dir()).unwrap();
-    let auditor = Creds::new("carol.audit", "auditor passphrase 1");
-    store
-        .create_user_blocking(&paygate::store::NewUser {
-            username: paygate::domain::Username::parse("username", &auditor.user).unwrap(),
-            password_hash: paygate::passwords::hash_blocking(&auditor.password).unwrap(),
-            role: Some(paygate::domain::Role::Auditor),
-        })
-        .unwrap();
+    let auditor = server.staff(
+        "carol.audit",
+        "auditor passphrase 1",
+        paygate::domain::Role::Auditor,
+    );
     let marker = server.client.get("/apiStatus").send().await;
     let marker_id = marker.header("x-request-id").unwrap().to_owned();
     let token = server.login(&auditor).await;

@@ -334,18 +334,7 @@ async fn revoking_ends_a_capability_and_its_descendants_in_every_worker() {
 #[tokio::test]
 async fn admins_disable_users_and_auditors_only_read() {
     let w = world().await;
-    let store = paygate::store::Store::open(&w.server.data_dir()).unwrap();
-    let add = |name: &str, role| {
-        let creds = Creds::new(name, &format!("{name} passphrase 1"));
-        store
-            .create_user_blocking(&paygate::store::NewUser {
-                username: paygate::domain::Username::parse("username", name).unwrap(),
-                password_hash: paygate::passwords::hash_blocking(&creds.password).unwrap(),
-                role: Some(role),
-            })
-            .unwrap();
-        creds
-    };
+    let add = |name: &str, role| w.server.staff(name, &format!("{name} passphrase 1"), role);
     let root = add("root.admin", paygate::domain::Role::Admin);
     let auditor = add("eve.audit", paygate::domain::Role::Auditor);
 

@@ -126,15 +126,11 @@ async fn a_remote_scrape_needs_the_admin_role() {
     // Through a trusted proxy the client is the remote address it names, not loopback.
     let server = TestServer::start_with(&[("trusted-proxy", "127.0.0.1/32")]).await;
     let alice = server.register("alice").await;
-    let admin = Creds::new("root.admin", "admin passphrase 1");
-    let store = paygate::store::Store::open(&server.data_dir()).unwrap();
-    store
-        .create_user_blocking(&paygate::store::NewUser {
-            username: paygate::domain::Username::parse("username", &admin.user).unwrap(),
-            password_hash: paygate::passwords::hash_blocking(&admin.password).unwrap(),
-            role: Some(paygate::domain::Role::Admin),
-        })
-        .unwrap();
+    let admin = server.staff(
+        "root.admin",
+        "admin passphrase 1",
+        paygate::domain::Role::Admin,
+    );
     let scrape = || {
         server
             .client

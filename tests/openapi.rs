@@ -198,15 +198,11 @@ async fn a_malformed_totp_header_is_refused_before_the_password_is_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_since_takes_any_rfc3339_offset() {
     let server = TestServer::start().await;
-    let store = paygate::store::Store::open(&server.data_dir()).unwrap();
-    let auditor = Creds::new("carol.audit", "auditor passphrase 1");
-    store
-        .create_user_blocking(&paygate::store::NewUser {
-            username: paygate::domain::Username::parse("username", &auditor.user).unwrap(),
-            password_hash: paygate::passwords::hash_blocking(&auditor.password).unwrap(),
-            role: Some(paygate::domain::Role::Auditor),
-        })
-        .unwrap();
+    let auditor = server.staff(
+        "carol.audit",
+        "auditor passphrase 1",
+        paygate::domain::Role::Auditor,
+    );
     let token = server.login(&auditor).await;
     let read = |since: &str| {
         let request = server

@@ -166,6 +166,20 @@ impl TestServer {
     pub async fn account(&self, owner: &Creds, currency: &str) -> String {
         self.client.account(owner, currency).await
     }
+
+    /// Creates a user with a global role, as an operator would (`paygate user add --role`).
+    pub fn staff(&self, username: &str, password: &str, role: paygate::domain::Role) -> Creds {
+        let creds = Creds::new(username, password);
+        paygate::store::Store::open(&self.data_dir())
+            .unwrap()
+            .create_user_blocking(&paygate::store::NewUser {
+                username: paygate::domain::Username::parse("username", &creds.user).unwrap(),
+                password_hash: paygate::passwords::hash_blocking(&creds.password).unwrap(),
+                role: Some(role),
+            })
+            .unwrap();
+        creds
+    }
 }
 
 #[derive(Clone, Debug)]
