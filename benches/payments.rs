@@ -105,9 +105,8 @@ fn bench_payments(c: &mut Criterion) {
             let (p, k) = (payment(account), keyed(user.id, n));
             store
                 .run_blocking(|conn| {
-                    let tx = conn.transaction_with_behavior(
-                        rusqlite::TransactionBehavior::Immediate,
-                    )?;
+                    let tx =
+                        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     tx.execute(
                         "INSERT INTO idempotency_keys
                            (user_id, key, request_hash, status, response_body, location, created_at)
