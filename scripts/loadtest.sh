@@ -114,6 +114,24 @@ measure() {
   printf '%-28s %10s req/s  p50 %7s ms  p99 %7s ms  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >&2
 }
 
+# thread_ticks PID: "thread-name ticks" for each thread name of PID (utime + stime).
+thread_ticks() {
+  for task in /proc/"$1"/task/*; do
+    echo "$(cat "$task/comm") $(awk '{print $14 + $15}' "$task/stat")"
+  done | awk '{t[$1] += $2} END {for (n in t) print n, t[n]}' | sort
+}
+# measure_threads NAME URL HEADER: measure, and record how much of one core each of the
+# server's threads used meanwhile (main runtime, audit writer, ...) in $thread_shares.
+thread_shares=()
+measure_threads() {
+  local before after start end
+  before=$(thread_ticks "$pid"); start=$(date +%s%N)
+  measure "$@"
+  end=$(date +%s%N); after=$(thread_ticks "$pid")
+  thread_shares+=("$1: $(join <(echo "$before") <(echo "$after") | awk -v hz="$(getconf CLK_TCK)" \
+    -v wall="$((end - start))" '{d = $3 - $2; if (d > 0) printf "%s %.0f %%, ", $1, d / hz * 1e11 / wall}' | sed 's/, $//')")
+}
+
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
@@ -179,7 +197,7 @@ measure bare-refusal "https://127.0.0.1:$bport/"
 echo "== paygate, limiter on, nothing rejected" >&2
 start on --rate-limit '* / 1000000/s burst=1000000 key=user'
 measure apiStatus "https://127.0.0.1:$port/apiStatus"
-measure jwt-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+measure_threads jwt-read-limiter-on "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 # Durable-before-proceeding is latency-bound at low concurrency (Little's law): the same
 # read with four times the connections shows what group commit does with more to batch.
 CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
@@ -192,7 +210,7 @@ stop_server
 
 echo "== paygate, limiter on, audit log off (--audit off: only to measure the audit's cost)" >&2
 start audit-off --rate-limit '* / 1000000/s burst=1000000 key=user' --audit off
-measure jwt-read-audit-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+measure_threads jwt-read-audit-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-audit-off-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
 measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
 stop_server
@@ -253,6 +271,7 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
   echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off) ($((CONNECTIONS * 4)) connections: $(ratio jwt-read-4x-connections jwt-read-audit-off-4x-connections)), apiStatus $(ratio apiStatus apiStatus-audit-off)"
+  echo "CPU of one core per server thread during the JWT read: $(printf "%s; " "${thread_shares[@]}" | sed "s/; $//")"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); one runtime thread per worker against two: 1 worker $(ratio jwt-read-workers-1 jwt-read-workers-1-multithread), 2 workers $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"
   echo "Resident memory 2 s after the run: limiter-on server $((rss_on / 1024)) MiB (peak during the run $((peak_on / 1024)) MiB), flood server $((rss_flood / 1024)) MiB"
