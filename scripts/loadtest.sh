@@ -8,6 +8,8 @@
 #                     # only an A/B of the JWT read: that binary against this build, 3 rounds
 #   AB=create BASELINE=/tmp/paygate-before bash scripts/loadtest.sh
 #                     # the same for payment creation
+#   AB=audit bash scripts/loadtest.sh
+#                     # only the JWT read with the audit stage on and off, 3 rounds
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -149,6 +151,37 @@ request = function()
   }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
 end
 LUA
+
+if [ "${AB:-}" = audit ]; then
+  # The audit stage's cost: the same JWT read with the stage on and off (--audit off),
+  # alternating, 3 rounds, so that the machine's drift hits both alike.
+  for round in 1 2 3; do
+    for side in on off; do
+      extra=(); [ "$side" = off ] && extra=(--audit off)
+      start "audit-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
+      measure_threads "audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      stop_server
+    done
+  done
+  {
+    echo "# A/B: the JWT read with the audit stage on and off, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS."
+    echo
+    echo "| round | audit on req/s (p50 / p99 ms) | audit off req/s (p50 / p99 ms) | on / off |"
+    echo "|---|---|---|---|"
+    for round in 1 2 3; do
+      read -r _ a_rps a_p50 a_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^audit-on-$round ")"
+      read -r _ b_rps b_p50 b_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^audit-off-$round ")"
+      echo "| $round | $a_rps ($a_p50 / $a_p99) | $b_rps ($b_p50 / $b_p99) | $(awk -v a="$a_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') |"
+    done
+    echo
+    echo "Share of one core per server thread:"
+    echo
+    for line in "${thread_shares[@]}"; do echo "- $line"; done
+  } | tee "${OUT%.md}-audit.md"
+  exit 0
+fi
 
 if [ -n "${BASELINE:-}" ]; then
   # A/B: the same scenario with the baseline binary and this build, alternating, so that
