@@ -22,7 +22,7 @@ fn sample(time: &str) -> RequestRecord<'_> {
         request_id: "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f",
         worker: "1",
         pid: 4242,
-        client_ip: "127.0.0.1".into(),
+        client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
         principal: Some("alice"),
         claimed: None,
         auth: "bearer-jwt",
@@ -54,7 +54,6 @@ fn bench_audit(c: &mut Criterion) {
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("paygate-bench-audit-{}", uuid::Uuid::new_v4()));
     let log = Arc::new(AuditLog::open(&dir, Some("bench"), 1 << 40, true).expect("audit log"));
-    let body = body_of(&sample(&time));
     let mut group = c.benchmark_group("audit_durable");
     group.sample_size(20);
     for writers in [1u64, 16, 64] {
@@ -64,8 +63,10 @@ fn bench_audit(c: &mut Criterion) {
                 runtime.block_on(async {
                     let mut tasks = Vec::with_capacity(writers as usize);
                     for _ in 0..writers {
-                        let (log, body) = (log.clone(), body.clone());
-                        tasks.push(tokio::spawn(async move { log.append_durably(body).await }));
+                        let (log, time) = (log.clone(), time.clone());
+                        tasks.push(tokio::spawn(async move {
+                            log.append_durably(&sample(&time)).await
+                        }));
                     }
                     for task in tasks {
                         task.await.expect("task").expect("durable");
@@ -81,7 +82,7 @@ fn bench_audit(c: &mut Criterion) {
         .open(&baseline)
         .expect("file");
     let mut line = Vec::new();
-    seal(&key, &GENESIS, 1, &body, &mut line);
+    seal(&key, &GENESIS, 1, &body_of(&sample(&time)), &mut line);
     group.throughput(Throughput::Elements(1));
     group.bench_function("fsync_per_record", |b| {
         b.iter(|| {

@@ -18,9 +18,11 @@
 //!
 //! - [`record`]: the line format and the chain.
 //! - [`writer`]: group commit, rotation, torn-tail recovery, failure handling.
+//! - `file`: one file's durable appends (direct I/O where the file system allows it).
 //! - [`verify`]: checking a whole audit directory.
 //! - [`read`]: recent records for `GET /audit`.
 
+mod file;
 pub mod read;
 pub mod record;
 pub mod verify;
@@ -37,6 +39,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::metrics::AuditMetrics;
 use crate::secret_file::{read_private, sync_dir, write_private};
+use record::Record;
 pub use writer::AuditUnavailable;
 use writer::AuditWriter;
 
@@ -200,17 +203,17 @@ impl AuditLog {
     }
 
     /// Queues a record and waits until it is on disk.
-    pub async fn append_durably(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
+    pub async fn append_durably(&self, record: &impl Record) -> Result<(), AuditUnavailable> {
         match &self.writer {
-            Some(writer) => writer.append_durably(body).await,
+            Some(writer) => writer.append_durably(record).await,
             None => Ok(()),
         }
     }
 
     /// Queues a record; it is written with the next group commit.
-    pub fn append(&self, body: Vec<u8>) {
+    pub fn append(&self, record: &impl Record) {
         if let Some(writer) = &self.writer {
-            writer.append(body);
+            writer.append(record);
         }
     }
 

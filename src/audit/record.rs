@@ -10,6 +10,9 @@
 //! Fields are serialised by serde_json, which escapes every control character: no value a
 //! client sends can end a line or add a member.
 
+use std::io::Write as _;
+use std::net::IpAddr;
+
 use ring::hmac;
 use serde::Serialize;
 
@@ -29,7 +32,7 @@ pub struct RequestRecord<'a> {
     /// The worker instance and its process id.
     pub worker: &'a str,
     pub pid: u32,
-    pub client_ip: String,
+    pub client_ip: IpAddr,
     /// The proven username, or null.
     pub principal: Option<&'a str>,
     /// The username a failed attempt claimed, if it named one.
@@ -64,10 +67,129 @@ pub struct ResponseRecord<'a> {
     pub duration_us: u64,
 }
 
-/// A record's JSON without `seq` and `chain`: `{"time":…}`. Serialising borrowed strings
-/// and integers cannot fail.
-pub fn body_of(record: &impl Serialize) -> Vec<u8> {
-    serde_json::to_vec(record).unwrap_or_default()
+/// What the audit writer accepts: a record of one of the two phases (never arbitrary
+/// bytes, so nothing but these fields can reach the log).
+pub trait Record {
+    /// Appends the record's JSON without `seq` and `chain` (`{"time":…}`): exactly the
+    /// bytes serde_json makes of it (a test holds the two together), written without
+    /// serde's per-key escaping because every record costs it twice per request.
+    fn write_body(&self, out: &mut Vec<u8>);
+}
+
+impl Record for RequestRecord<'_> {
+    fn write_body(&self, out: &mut Vec<u8>) {
+        let mut members = Members::start(out);
+        members.str("time", self.time);
+        members.str("phase", self.phase);
+        members.str("request_id", self.request_id);
+        members.str("worker", self.worker);
+        members.display("pid", self.pid);
+        members.display_str("client_ip", self.client_ip);
+        members.opt_str("principal", self.principal);
+        members.opt_str("claimed", self.claimed);
+        members.str("auth", self.auth);
+        members.opt_str("auth_result", self.auth_result);
+        members.opt_str("auth_reason", self.auth_reason);
+        members.opt_str("capability", self.capability);
+        members.str("method", self.method);
+        members.str("path", self.path);
+        members.str("op", self.op);
+        members.end();
+    }
+}
+
+impl Record for ResponseRecord<'_> {
+    fn write_body(&self, out: &mut Vec<u8>) {
+        let mut members = Members::start(out);
+        members.str("time", self.time);
+        members.str("phase", self.phase);
+        members.str("request_id", self.request_id);
+        members.str("worker", self.worker);
+        members.display("pid", self.pid);
+        members.display("status", self.status);
+        members.opt_str("reason", self.reason);
+        members.display("duration_us", self.duration_us);
+        members.end();
+    }
+}
+
+/// Writes one JSON object member by member. Keys are this file's constants; numbers and
+/// IP addresses are written by their `Display` (digits, dots, colons and hex only); every
+/// string value goes through [`push_json_str`].
+struct Members<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Members<'a> {
+    fn start(out: &'a mut Vec<u8>) -> Members<'a> {
+        out.push(b'{');
+        Members { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        push_json_str(value, self.out);
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.str(key, value),
+            None => {
+                self.key(key);
+                self.out.extend_from_slice(b"null");
+            }
+        }
+    }
+
+    fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.out, "{value}");
+    }
+
+    fn display_str(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        let _ = write!(self.out, "\"{value}\"");
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Appends `value` as a JSON string. Printable ASCII other than `"` and `\` (ids, times,
+/// most paths) is copied as it is, as serde_json would; anything else goes through
+/// serde_json's escaper, so no value can end the string, the member or the line.
+fn push_json_str(value: &str, out: &mut Vec<u8>) {
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else {
+        // Serialising a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    }
+}
+
+/// A record's body on its own (see [`Record::write_body`]).
+pub fn body_of(record: &impl Record) -> Vec<u8> {
+    let mut body = Vec::with_capacity(512);
+    record.write_body(&mut body);
+    body
 }
 
 /// The full line (with `seq` and `chain`, ending in a newline) for `body` as record `seq`
@@ -81,7 +203,8 @@ pub fn seal(
 ) -> [u8; 32] {
     let start = line.len();
     line.extend_from_slice(b"{\"seq\":");
-    line.extend_from_slice(seq.to_string().as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(line, "{seq}");
     // `body` is a JSON object: `{` + members + `}`; splice its members in after `seq`.
     if body.len() > 2 {
         line.push(b',');
@@ -92,7 +215,7 @@ pub fn seal(
     // Replace the closing brace with the chain member.
     line.pop();
     line.extend_from_slice(CHAIN_MEMBER);
-    line.extend_from_slice(hex(&chain).as_bytes());
+    push_hex(&chain, line);
     line.extend_from_slice(b"\"}\n");
     chain
 }
@@ -139,14 +262,13 @@ pub fn verifies(key: &hmac::Key, prev: &[u8; 32], unsealed: &Unsealed) -> bool {
     hmac::verify(key, &context, &unsealed.chain).is_ok()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+/// Appends `bytes` as lowercase hex.
+pub fn push_hex(bytes: &[u8], out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
     }
-    out
 }
 
 pub fn unhex(text: &[u8]) -> Option<[u8; 32]> {
@@ -206,7 +328,7 @@ mod tests {
             request_id: "r",
             worker: "1",
             pid: 1,
-            client_ip: "127.0.0.1".into(),
+            client_ip: IpAddr::from([127, 0, 0, 1]),
             principal: None,
             claimed: Some("x\"}\n{\"seq\":99,\"forged\":\"\u{0}"),
             auth: "basic",
@@ -227,6 +349,63 @@ mod tests {
     }
 
     #[test]
+    fn bodies_are_exactly_what_serde_json_makes_of_the_records() {
+        let nasty = [
+            "",
+            "plain",
+            "quote\" and \\ backslash",
+            "new\nline\r\t\u{0}\u{1f}\u{7f}",
+            "ünïcödé ✓ 😀",
+            "\u{2028}\u{2029}",
+            "</script>",
+        ];
+        for text in nasty {
+            for (ip, reason) in [
+                (IpAddr::from([10, 0, 0, 1]), None),
+                ("::1".parse().unwrap(), Some(text)),
+            ] {
+                let request = RequestRecord {
+                    time: text,
+                    phase: "request",
+                    request_id: text,
+                    worker: "1",
+                    pid: u32::MAX,
+                    client_ip: ip,
+                    principal: Some(text),
+                    claimed: reason,
+                    auth: "basic",
+                    auth_result: None,
+                    auth_reason: Some("bad-password"),
+                    capability: reason,
+                    method: "GET",
+                    path: text,
+                    op: "R",
+                };
+                assert_eq!(
+                    body_of(&request),
+                    serde_json::to_vec(&request).unwrap(),
+                    "{text:?}"
+                );
+                let response = ResponseRecord {
+                    time: "t",
+                    phase: "response",
+                    request_id: text,
+                    worker: text,
+                    pid: 0,
+                    status: 503,
+                    reason,
+                    duration_us: u64::MAX,
+                };
+                assert_eq!(
+                    body_of(&response),
+                    serde_json::to_vec(&response).unwrap(),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn malformed_chain_members_are_refused() {
         assert!(unseal(b"{}").is_none());
         assert!(unseal(br#"{"seq":1,"chain":"zz"}"#).is_none());
@@ -234,6 +413,8 @@ mod tests {
         assert!(unseal(upper.as_bytes()).is_none());
         let good = format!(r#"{{"seq":1,"chain":"{}"}}"#, "a".repeat(64));
         assert!(unseal(good.as_bytes()).is_some());
-        assert_eq!(unhex(hex(&[0xab; 32]).as_bytes()), Some([0xab; 32]));
+        let mut hex = Vec::new();
+        push_hex(&[0xab; 32], &mut hex);
+        assert_eq!(unhex(&hex), Some([0xab; 32]));
     }
 }

@@ -15,7 +15,7 @@ use http::Method;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::audit::record::{body_of, RequestRecord, ResponseRecord};
+use crate::audit::record::{RequestRecord, ResponseRecord};
 use crate::filter::authenticate::Identity;
 use crate::http::ApiError;
 use crate::routes::Route;
@@ -28,7 +28,7 @@ const MAX_PATH: usize = 2048;
 
 /// A request whose `request` record is durable; closes it with a `response` record.
 pub struct Audited {
-    request_id: String,
+    request_id: Uuid,
     started: Instant,
 }
 
@@ -92,6 +92,7 @@ pub async fn record_request(
     route: &Route,
     identity: &Identity,
 ) -> Result<Audited, ApiError> {
+    let id_of_request = request_id;
     let mut id = Uuid::encode_buffer();
     let request_id = request_id.hyphenated().encode_lower(&mut id);
     let time = format_rfc3339_millis(now_millis());
@@ -129,7 +130,7 @@ pub async fn record_request(
         request_id,
         worker: &app.audit.instance,
         pid: app.audit.pid,
-        client_ip: client.to_string(),
+        client_ip: client,
         principal,
         claimed,
         auth,
@@ -140,9 +141,9 @@ pub async fn record_request(
         path: &path,
         op: operation(method, route),
     };
-    match app.audit.append_durably(body_of(&record)).await {
+    match app.audit.append_durably(&record).await {
         Ok(()) => Ok(Audited {
-            request_id: request_id.to_owned(),
+            request_id: id_of_request,
             started,
         }),
         Err(_) => Err(ApiError::AuditUnavailable),
@@ -154,17 +155,18 @@ impl Audited {
     /// does not wait for it).
     pub fn record_response(self, app: &App, status: u16, reason: Option<Cow<'_, str>>) {
         let time = format_rfc3339_millis(now_millis());
+        let mut id = Uuid::encode_buffer();
         let record = ResponseRecord {
             time: &time,
             phase: "response",
-            request_id: &self.request_id,
+            request_id: self.request_id.hyphenated().encode_lower(&mut id),
             worker: &app.audit.instance,
             pid: app.audit.pid,
             status,
             reason: reason.as_deref(),
             duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
         };
-        app.audit.append(body_of(&record));
+        app.audit.append(&record);
     }
 }
 
