@@ -39,6 +39,12 @@ pub fn civil_from_days(days: i64) -> CivilDate {
 
 /// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn format_rfc3339_millis(millis: i64) -> String {
+    with_rfc3339_millis(millis, str::to_owned)
+}
+
+/// Calls `f` with `millis` formatted as by [`format_rfc3339_millis`], without allocating
+/// for years 0–9999 (the audit log formats two of these per request).
+pub fn with_rfc3339_millis<R>(millis: i64, f: impl FnOnce(&str) -> R) -> R {
     let secs = millis.div_euclid(1000);
     let ms = millis.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
@@ -46,7 +52,7 @@ pub fn format_rfc3339_millis(millis: i64) -> String {
     let date = civil_from_days(days);
     if !(0..=9999).contains(&date.year) {
         // Outside what four digits hold: the general (slower) path.
-        return format!(
+        return f(&format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
             date.year,
             date.month,
@@ -55,7 +61,7 @@ pub fn format_rfc3339_millis(millis: i64) -> String {
             (sod / 60) % 60,
             sod % 60,
             ms
-        );
+        ));
     }
     // Every audit record carries one of these: digits into a fixed buffer, no formatter.
     let mut out = *b"0000-00-00T00:00:00.000Z";
@@ -73,7 +79,8 @@ pub fn format_rfc3339_millis(millis: i64) -> String {
     put(14, 2, (sod / 60) % 60);
     put(17, 2, sod % 60);
     put(20, 3, ms);
-    out.iter().map(|&b| char::from(b)).collect()
+    // Only ASCII digits and separators were written, so this is always valid UTF-8.
+    f(std::str::from_utf8(&out).unwrap_or_default())
 }
 
 /// Days since 1970-01-01 of a calendar date (Howard Hinnant's `days_from_civil`).

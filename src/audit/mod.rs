@@ -40,8 +40,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::metrics::AuditMetrics;
 use crate::secret_file::{read_private, sync_dir, write_private};
 use record::Record;
-pub use writer::AuditUnavailable;
 use writer::AuditWriter;
+pub use writer::{AuditUnavailable, Durable};
 
 /// The audit directory inside the data directory.
 pub const AUDIT_DIR: &str = "audit";
@@ -202,11 +202,12 @@ impl AuditLog {
         self.writer.as_ref().map(|_| &*self.metrics)
     }
 
-    /// Queues a record and waits until it is on disk.
-    pub async fn append_durably(&self, record: &impl Record) -> Result<(), AuditUnavailable> {
+    /// Queues a record now; the future resolves once it is on disk (at once when auditing
+    /// is off). The future does not borrow the record.
+    pub fn append_durably(&self, record: &impl Record) -> Durable {
         match &self.writer {
-            Some(writer) => writer.append_durably(record).await,
-            None => Ok(()),
+            Some(writer) => writer.append_durably(record),
+            None => Durable::ready(Ok(())),
         }
     }
 

@@ -16,10 +16,13 @@
 //! serves nothing it could not audit.
 
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use ring::hmac;
 use tokio::sync::oneshot;
@@ -100,6 +103,37 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Resolves when a record queued by [`AuditWriter::append_durably`] is durable, or with
+/// [`AuditUnavailable`] when it cannot be.
+pub struct Durable(Answer);
+
+enum Answer {
+    /// Known at once: refused (the log is closing), or nothing to wait for (auditing off).
+    Ready(Result<(), AuditUnavailable>),
+    Waiting(oneshot::Receiver<Result<(), AuditUnavailable>>),
+}
+
+impl Durable {
+    /// An answer known without waiting.
+    pub fn ready(answer: Result<(), AuditUnavailable>) -> Durable {
+        Durable(Answer::Ready(answer))
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<(), AuditUnavailable>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Answer::Ready(answer) => Poll::Ready(*answer),
+            // A dropped sender is a writer that died: nothing can be made durable.
+            Answer::Waiting(durable) => Pin::new(durable)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or(Err(AuditUnavailable))),
+        }
     }
 }
 
@@ -394,13 +428,14 @@ impl AuditWriter {
         true
     }
 
-    /// Queues a record and waits until it is durable.
-    pub async fn append_durably(&self, record: &impl Record) -> Result<(), AuditUnavailable> {
+    /// Queues a record now; the future resolves once it is durable. The record is not
+    /// borrowed by the future.
+    pub fn append_durably(&self, record: &impl Record) -> Durable {
         let (done, durable) = oneshot::channel();
         if !self.enqueue(record, Some(done)) {
-            return Err(AuditUnavailable);
+            return Durable::ready(Err(AuditUnavailable));
         }
-        durable.await.unwrap_or(Err(AuditUnavailable))
+        Durable(Answer::Waiting(durable))
     }
 
     /// Queues a record without waiting (it goes out with the next group commit).

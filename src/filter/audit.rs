@@ -19,7 +19,7 @@ use crate::audit::record::{RequestRecord, ResponseRecord};
 use crate::filter::authenticate::Identity;
 use crate::http::ApiError;
 use crate::routes::Route;
-use crate::time::{format_rfc3339_millis, now_millis};
+use crate::time::{now_millis, with_rfc3339_millis};
 
 /// Query parameters whose values are never written anywhere.
 const SECRET_PARAMETERS: &[&str] = &["access_token", "token", "password", "code", "secret"];
@@ -95,7 +95,6 @@ pub async fn record_request(
     let id_of_request = request_id;
     let mut id = Uuid::encode_buffer();
     let request_id = request_id.hyphenated().encode_lower(&mut id);
-    let time = format_rfc3339_millis(now_millis());
     let path = redacted_path(path, query);
     let mut capability_id = Uuid::encode_buffer();
     let capability = match identity {
@@ -124,24 +123,26 @@ pub async fn record_request(
             Some(reason.as_str()),
         ),
     };
-    let record = RequestRecord {
-        time: &time,
-        phase: "request",
-        request_id,
-        worker: &app.audit.instance,
-        pid: app.audit.pid,
-        client_ip: client,
-        principal,
-        claimed,
-        auth,
-        auth_result,
-        auth_reason,
-        capability,
-        method: method.as_str(),
-        path: &path,
-        op: operation(method, route),
-    };
-    match app.audit.append_durably(&record).await {
+    let durable = with_rfc3339_millis(now_millis(), |time| {
+        app.audit.append_durably(&RequestRecord {
+            time,
+            phase: "request",
+            request_id,
+            worker: &app.audit.instance,
+            pid: app.audit.pid,
+            client_ip: client,
+            principal,
+            claimed,
+            auth,
+            auth_result,
+            auth_reason,
+            capability,
+            method: method.as_str(),
+            path: &path,
+            op: operation(method, route),
+        })
+    });
+    match durable.await {
         Ok(()) => Ok(Audited {
             request_id: id_of_request,
             started,
@@ -154,19 +155,21 @@ impl Audited {
     /// Queues the `response` record (it goes out with the next group commit; the response
     /// does not wait for it).
     pub fn record_response(self, app: &App, status: u16, reason: Option<Cow<'_, str>>) {
-        let time = format_rfc3339_millis(now_millis());
         let mut id = Uuid::encode_buffer();
-        let record = ResponseRecord {
-            time: &time,
-            phase: "response",
-            request_id: self.request_id.hyphenated().encode_lower(&mut id),
-            worker: &app.audit.instance,
-            pid: app.audit.pid,
-            status,
-            reason: reason.as_deref(),
-            duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        };
-        app.audit.append(&record);
+        let request_id = self.request_id.hyphenated().encode_lower(&mut id);
+        let duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        with_rfc3339_millis(now_millis(), |time| {
+            app.audit.append(&ResponseRecord {
+                time,
+                phase: "response",
+                request_id,
+                worker: &app.audit.instance,
+                pid: app.audit.pid,
+                status,
+                reason: reason.as_deref(),
+                duration_us,
+            })
+        });
     }
 }
 
