@@ -241,12 +241,19 @@ sleep 2; rss_on=$(rss_kib "$pid"); peak_on=$(peak_kib "$pid")
 SCRIPT=$work/create.lua measure create-payment "https://127.0.0.1:$port/"
 stop_server
 
-echo "== paygate, limiter on, audit log off (--audit off: only to measure the audit's cost)" >&2
-start audit-off --rate-limit '* / 1000000/s burst=1000000 key=user' --audit off
-measure_threads jwt-read-audit-off "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-CONNECTIONS=$((CONNECTIONS * 4)) measure jwt-read-audit-off-4x-connections "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
-stop_server
+echo "== paygate, limiter on, audit log on and off in turn (--audit off: only to measure the audit's cost)" >&2
+# Three alternating rounds, so that this machine's drift (the same build swings by a
+# quarter between minutes) hits both sides alike; the summary gives the median ratio.
+for round in 1 2 3; do
+  for side in on off; do
+    extra=(); [ "$side" = off ] && extra=(--audit off)
+    start "audit-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
+    measure_threads "jwt-read-audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+    CONNECTIONS=$((CONNECTIONS * 4)) measure "jwt-read-audit-$side-4x-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+    [ "$round" = 1 ] && [ "$side" = off ] && measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
+    stop_server
+  done
+done
 
 echo "== paygate, limiter off" >&2
 start off --rate-limit none --guess-limit none
@@ -303,7 +310,19 @@ mkdir -p "$(dirname "$OUT")"
   ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f", a/b}'; }
   echo
   echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
-  echo "Audit on / off (limiter on): JWT read $(ratio jwt-read-limiter-on jwt-read-audit-off) ($((CONNECTIONS * 4)) connections: $(ratio jwt-read-4x-connections jwt-read-audit-off-4x-connections)), apiStatus $(ratio apiStatus apiStatus-audit-off)"
+  field_of() { awk -v n="$1" -v f="$2" '$1==n {print $f}' <<<"$(printf '%s\n' "${results[@]}")"; }
+  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+  # audit_summary SUFFIX: "r1, r2, r3 (median M); p50 +x ms, p99 +y ms (medians)"
+  audit_summary() {
+    local ratios=() p50s=() p99s=()
+    for round in 1 2 3; do
+      ratios+=("$(ratio "jwt-read-audit-on$1-$round" "jwt-read-audit-off$1-$round")")
+      p50s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 3)" -v b="$(field_of "jwt-read-audit-off$1-$round" 3)" 'BEGIN {printf "%.2f", a-b}')")
+      p99s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 4)" -v b="$(field_of "jwt-read-audit-off$1-$round" 4)" 'BEGIN {printf "%.2f", a-b}')")
+    done
+    echo "$(printf '%s, ' "${ratios[@]}" | sed 's/, $//') (median **$(median "${ratios[@]}")**); latency added: p50 +$(median "${p50s[@]}") ms, p99 +$(median "${p99s[@]}") ms (medians)"
+  }
+  echo "Audit on / off (limiter on), JWT read in 3 alternating rounds: $CONNECTIONS connections $(audit_summary ""); $((CONNECTIONS * 4)) connections $(audit_summary -4x). apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "CPU of one core per server thread during the JWT read: $(printf "%s; " "${thread_shares[@]}" | sed "s/; $//")"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); one runtime thread per worker against two: 1 worker $(ratio jwt-read-workers-1 jwt-read-workers-1-multithread), 2 workers $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"

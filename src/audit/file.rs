@@ -18,7 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The unit of a direct write: offsets, lengths and buffer addresses are multiples of it.
@@ -81,6 +81,7 @@ struct Direct {
 
 /// An audit file open for appending.
 pub struct AuditFile {
+    path: PathBuf,
     file: File,
     /// Bytes of records in the file, all durable.
     size: u64,
@@ -128,6 +129,7 @@ impl AuditFile {
             None => (open(0, create)?, None),
         };
         Ok(AuditFile {
+            path: path.to_owned(),
             file,
             size,
             allocated,
@@ -165,7 +167,22 @@ impl AuditFile {
                 out[..tail].copy_from_slice(&direct.tail);
                 out[tail..used].copy_from_slice(lines);
                 out[used..].fill(0);
-                self.file.write_all_at(out, start)?;
+                match self.file.write_all_at(out, start) {
+                    Ok(()) => {}
+                    // The device wants larger blocks than ours: write through the page
+                    // cache from now on rather than refuse every request.
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                        log::warn!(
+                            "{} refused a direct write ({e}); writing the audit log through \
+                             the page cache",
+                            self.path.display()
+                        );
+                        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+                        self.direct = None;
+                        self.file.write_all_at(lines, self.size)?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None => self.file.write_all_at(lines, start)?,
         }
