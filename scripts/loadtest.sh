@@ -317,10 +317,10 @@ mkdir -p "$(dirname "$OUT")"
     local ratios=() p50s=() p99s=()
     for round in 1 2 3; do
       ratios+=("$(ratio "jwt-read-audit-on$1-$round" "jwt-read-audit-off$1-$round")")
-      p50s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 3)" -v b="$(field_of "jwt-read-audit-off$1-$round" 3)" 'BEGIN {printf "%.2f", a-b}')")
-      p99s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 4)" -v b="$(field_of "jwt-read-audit-off$1-$round" 4)" 'BEGIN {printf "%.2f", a-b}')")
+      p50s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 3)" -v b="$(field_of "jwt-read-audit-off$1-$round" 3)" 'BEGIN {printf "%+.2f", a-b}')")
+      p99s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 4)" -v b="$(field_of "jwt-read-audit-off$1-$round" 4)" 'BEGIN {printf "%+.2f", a-b}')")
     done
-    echo "$(printf '%s, ' "${ratios[@]}" | sed 's/, $//') (median **$(median "${ratios[@]}")**); latency added: p50 +$(median "${p50s[@]}") ms, p99 +$(median "${p99s[@]}") ms (medians)"
+    echo "$(printf '%s, ' "${ratios[@]}" | sed 's/, $//') (median **$(median "${ratios[@]}")**); latency added: p50 $(median "${p50s[@]}") ms, p99 $(median "${p99s[@]}") ms (medians)"
   }
   echo "Audit on / off (limiter on), JWT read in 3 alternating rounds: $CONNECTIONS connections $(audit_summary ""); $((CONNECTIONS * 4)) connections $(audit_summary -4x). apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "CPU of one core per server thread during the JWT read: $(printf "%s; " "${thread_shares[@]}" | sed "s/; $//")"
