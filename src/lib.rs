@@ -26,7 +26,8 @@
 //! - [`metrics`]: per-worker counters and `GET /metrics` (Prometheus text).
 //! - [`systemd`]: `sd_notify` (READY, STOPPING) over `$NOTIFY_SOCKET`.
 //! - [`secret_file`]: private (0600) files in the data directory, written atomically.
-//! - [`app`]: the state requests share; [`time`]: timestamps.
+//! - [`app`]: the state requests share; [`time`]: timestamps; [`decimal`]: integers as
+//!   digits for hand-built header values and audit lines.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -38,6 +39,7 @@ pub mod cache;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
+pub mod decimal;
 pub mod domain;
 pub mod filter;
 pub mod http;

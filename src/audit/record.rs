@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use ring::hmac;
 use serde::Serialize;
 
+use crate::decimal::push_decimal;
+
 /// The chain value before the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 
@@ -79,11 +81,13 @@ pub trait Record {
 impl Record for RequestRecord<'_> {
     fn write_body(&self, out: &mut Vec<u8>) {
         let mut members = Members::start(out);
-        members.str("time", self.time);
-        members.str("phase", self.phase);
-        members.str("request_id", self.request_id);
-        members.str("worker", self.worker);
-        members.number("pid", self.pid);
+        members.heading(
+            self.time,
+            self.phase,
+            self.request_id,
+            self.worker,
+            self.pid,
+        );
         members.display_str("client_ip", self.client_ip);
         members.opt_str("principal", self.principal);
         members.opt_str("claimed", self.claimed);
@@ -101,11 +105,13 @@ impl Record for RequestRecord<'_> {
 impl Record for ResponseRecord<'_> {
     fn write_body(&self, out: &mut Vec<u8>) {
         let mut members = Members::start(out);
-        members.str("time", self.time);
-        members.str("phase", self.phase);
-        members.str("request_id", self.request_id);
-        members.str("worker", self.worker);
-        members.number("pid", self.pid);
+        members.heading(
+            self.time,
+            self.phase,
+            self.request_id,
+            self.worker,
+            self.pid,
+        );
         members.number("status", self.status);
         members.opt_str("reason", self.reason);
         members.number("duration_us", self.duration_us);
@@ -125,6 +131,15 @@ impl<'a> Members<'a> {
     fn start(out: &'a mut Vec<u8>) -> Members<'a> {
         out.push(b'{');
         Members { out, first: true }
+    }
+
+    /// The members every record starts with, in the order both record types declare them.
+    fn heading(&mut self, time: &str, phase: &str, request_id: &str, worker: &str, pid: u32) {
+        self.str("time", time);
+        self.str("phase", phase);
+        self.str("request_id", request_id);
+        self.str("worker", worker);
+        self.number("pid", pid);
     }
 
     fn key(&mut self, key: &str) {
@@ -154,19 +169,7 @@ impl<'a> Members<'a> {
 
     fn number(&mut self, key: &str, value: impl Into<u64>) {
         self.key(key);
-        let mut value = value.into();
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            // `value % 10` is a single decimal digit, so the cast cannot truncate.
-            digits[at] = b'0' + (value % 10) as u8;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
-        self.out.extend_from_slice(&digits[at..]);
+        push_decimal(self.out, value.into());
     }
 
     fn display_str(&mut self, key: &str, value: impl std::fmt::Display) {

@@ -52,6 +52,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use tokio::sync::Semaphore;
 
+use crate::decimal::push_decimal;
 use crate::store::{RateStore, StoreError};
 use bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 use rules::{KeyKind, Rule};
@@ -116,20 +117,6 @@ impl Quota {
         HeaderValue::from_maybe_shared(bytes::Bytes::from(out))
             .unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
     }
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// The limiter's verdict on one request.
