@@ -9,7 +9,8 @@
 #   AB=create BASELINE=/tmp/paygate-before bash scripts/loadtest.sh
 #                     # the same for payment creation
 #   AB=audit bash scripts/loadtest.sh
-#                     # only the JWT read with the audit stage on and off, 3 rounds
+#                     # only the JWT read with the audit stage on and off, $ROUNDS rounds
+#   ROUNDS=7 ...      # alternating rounds of the audit on/off comparison (default 5)
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -21,6 +22,7 @@ set -euo pipefail
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
+ROUNDS=${ROUNDS:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$root/target/loadtest/results.md}
 
@@ -97,8 +99,13 @@ refusal_bytes=$(curl -sS --cacert "$ca" "https://127.0.0.1:$port/apiStatus" | wc
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 basic="Authorization: Basic $(printf '%s' "$user:$pass" | base64 -w0)"
 
+# busy_ticks: CPU ticks all CPUs spent on anything but idling (user, nice, system, irq,
+# softirq; not iowait, not steal): what the whole machine, load generator included, used.
+busy_ticks() { awk '$1=="cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
 # measure NAME URL [HEADER]: runs wrk (with the Lua script $SCRIPT, if set) and records
-# "name rps p50_ms p99_ms non2xx".
+# "name rps p50_ms p99_ms non2xx cpu_us", cpu_us being the machine's busy CPU time per
+# request (every process and interrupt, wrk's own share included).
 results=()
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.2f", v}'; }
 measure() {
@@ -106,14 +113,18 @@ measure() {
   local args=(-t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency)
   [ -n "$header" ] && args+=(-H "$header")
   [ -n "${SCRIPT:-}" ] && args+=(-s "$SCRIPT")
+  local busy_before; busy_before=$(busy_ticks)
   local report; report=$(wrk "${args[@]}" "$url")
-  local rps p50 p99 non2xx
+  local busy; busy=$(($(busy_ticks) - busy_before))
+  local rps p50 p99 non2xx cpu_us
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$report")
   p50=$(awk '$1=="50%" {print $2}' <<<"$report" | to_ms)
   p99=$(awk '$1=="99%" {print $2}' <<<"$report" | to_ms)
   non2xx=$(awk '/Non-2xx or 3xx responses/ {print $5}' <<<"$report")
-  results+=("$name $rps $p50 $p99 ${non2xx:-0}")
-  printf '%-28s %10s req/s  p50 %7s ms  p99 %7s ms  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >&2
+  cpu_us=$(awk -v b="$busy" -v hz="$(getconf CLK_TCK)" -v n="$(awk '/requests in/ {print $1}' <<<"$report")" \
+    'BEGIN {printf "%.1f", b / hz * 1e6 / n}')
+  results+=("$name $rps $p50 $p99 ${non2xx:-0} $cpu_us")
+  printf '%-28s %10s req/s  p50 %7s ms  p99 %7s ms  non-2xx %s  machine CPU %s us/req\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_us" >&2
 }
 
 # thread_ticks PID: "thread-name ticks" for each thread name of PID (utime + stime).
@@ -152,29 +163,62 @@ request = function()
 end
 LUA
 
-if [ "${AB:-}" = audit ]; then
-  # The audit stage's cost: the same JWT read with the stage on and off (--audit off),
-  # alternating, 3 rounds, so that the machine's drift hits both alike.
-  for round in 1 2 3; do
+# Helpers over $results.
+rps_of() { awk -v n="$1" '$1==n {print $2}' <<<"$(printf '%s\n' "${results[@]}")"; }
+field_of() { awk -v n="$1" -v f="$2" '$1==n {print $f}' <<<"$(printf '%s\n' "${results[@]}")"; }
+ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f", a/b}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+
+# audit_rounds [4x]: the JWT read with the audit stage on and off (--audit off, which exists
+# only for this), in $ROUNDS alternating rounds with a fresh server each, so that this
+# machine's drift (the same build swings by a quarter between minutes) hits both sides
+# alike. With `4x`, each server is also measured at four times the connections.
+audit_rounds() {
+  for round in $(seq 1 "$ROUNDS"); do
     for side in on off; do
       extra=(); [ "$side" = off ] && extra=(--audit off)
       start "audit-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
-      measure_threads "audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      measure_threads "jwt-read-audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      if [ "${1:-}" = 4x ]; then
+        CONNECTIONS=$((CONNECTIONS * 4)) measure "jwt-read-audit-$side-4x-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      fi
+      [ "$round" = 1 ] && [ "$side" = off ] && [ "${1:-}" = 4x ] && measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
       stop_server
     done
   done
+}
+
+# audit_summary SUFFIX: the per-round ratios and their median, the latency added, and what
+# the stage costs in machine CPU per request (medians over the rounds).
+audit_summary() {
+  local ratios=() p50s=() p99s=() cpu_on=() cpu_off=()
+  for round in $(seq 1 "$ROUNDS"); do
+    local on="jwt-read-audit-on$1-$round" off="jwt-read-audit-off$1-$round"
+    ratios+=("$(ratio "$on" "$off")")
+    p50s+=("$(awk -v a="$(field_of "$on" 3)" -v b="$(field_of "$off" 3)" 'BEGIN {printf "%+.2f", a-b}')")
+    p99s+=("$(awk -v a="$(field_of "$on" 4)" -v b="$(field_of "$off" 4)" 'BEGIN {printf "%+.2f", a-b}')")
+    cpu_on+=("$(field_of "$on" 6)"); cpu_off+=("$(field_of "$off" 6)")
+  done
+  local on off; on=$(median "${cpu_on[@]}"); off=$(median "${cpu_off[@]}")
+  echo "$(printf '%s, ' "${ratios[@]}" | sed 's/, $//') (median **$(median "${ratios[@]}")**); latency added: p50 $(median "${p50s[@]}") ms, p99 $(median "${p99s[@]}") ms; machine CPU per request $on µs on, $off µs off (the stage: $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%+.1f", a-b}') µs; two saturated cores allow at most $(awk -v a="$on" -v b="$off" 'BEGIN {printf "%.2f", b/a}'))"
+}
+
+if [ "${AB:-}" = audit ]; then
+  audit_rounds
   {
     echo "# A/B: the JWT read with the audit stage on and off, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS."
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; $ROUNDS alternating rounds."
     echo
-    echo "| round | audit on req/s (p50 / p99 ms) | audit off req/s (p50 / p99 ms) | on / off |"
-    echo "|---|---|---|---|"
-    for round in 1 2 3; do
-      read -r _ a_rps a_p50 a_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^audit-on-$round ")"
-      read -r _ b_rps b_p50 b_p99 _ <<<"$(printf '%s\n' "${results[@]}" | grep "^audit-off-$round ")"
-      echo "| $round | $a_rps ($a_p50 / $a_p99) | $b_rps ($b_p50 / $b_p99) | $(awk -v a="$a_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') |"
+    echo "| round | audit on req/s (p50 / p99 ms) | audit off req/s (p50 / p99 ms) | on / off | machine CPU µs/request on / off |"
+    echo "|---|---|---|---|---|"
+    for round in $(seq 1 "$ROUNDS"); do
+      read -r _ a_rps a_p50 a_p99 _ a_cpu <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-audit-on-$round ")"
+      read -r _ b_rps b_p50 b_p99 _ b_cpu <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-audit-off-$round ")"
+      echo "| $round | $a_rps ($a_p50 / $a_p99) | $b_rps ($b_p50 / $b_p99) | $(awk -v a="$a_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') | $a_cpu / $b_cpu |"
     done
+    echo
+    echo "Audit on / off: $(audit_summary "")"
     echo
     echo "Share of one core per server thread:"
     echo
@@ -242,18 +286,7 @@ SCRIPT=$work/create.lua measure create-payment "https://127.0.0.1:$port/"
 stop_server
 
 echo "== paygate, limiter on, audit log on and off in turn (--audit off: only to measure the audit's cost)" >&2
-# Three alternating rounds, so that this machine's drift (the same build swings by a
-# quarter between minutes) hits both sides alike; the summary gives the median ratio.
-for round in 1 2 3; do
-  for side in on off; do
-    extra=(); [ "$side" = off ] && extra=(--audit off)
-    start "audit-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
-    measure_threads "jwt-read-audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-    CONNECTIONS=$((CONNECTIONS * 4)) measure "jwt-read-audit-$side-4x-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-    [ "$round" = 1 ] && [ "$side" = off ] && measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
-    stop_server
-  done
-done
+audit_rounds 4x
 
 echo "== paygate, limiter off" >&2
 start off --rate-limit none --guess-limit none
@@ -291,38 +324,24 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "Bodies: apiStatus $status_bytes B, payment read $read_bytes B, 429 problem $refusal_bytes B; each scenario is compared with the bare responder serving a body of the same size."
   echo
-  echo "| scenario | requests/s | p50 ms | p99 ms | non-2xx | vs bare (same body size) |"
-  echo "|---|---|---|---|---|---|"
+  echo "| scenario | requests/s | p50 ms | p99 ms | non-2xx | vs bare (same body size) | machine CPU µs/request |"
+  echo "|---|---|---|---|---|---|---|"
   small=$(awk '$1=="bare-small" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   big=$(awk '$1=="bare-read" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   refusal=$(awk '$1=="bare-refusal" {print $2}' <<<"$(printf '%s\n' "${results[@]}")")
   for line in "${results[@]}"; do
-    read -r name rps p50 p99 non2xx <<<"$line"
+    read -r name rps p50 p99 non2xx cpu_us <<<"$line"
     case $name in
       *read*|create*) ref=$big ;;
       *refus*|flood*) ref=$refusal ;;
       *) ref=$small ;;
     esac
     ratio=$(awk -v a="$rps" -v b="$ref" 'BEGIN {printf "%.2f", a/b}')
-    echo "| $name | $rps | $p50 | $p99 | $non2xx | $ratio |"
+    echo "| $name | $rps | $p50 | $p99 | $non2xx | $ratio | $cpu_us |"
   done
-  rps_of() { awk -v n="$1" '$1==n {print $2}' <<<"$(printf '%s\n' "${results[@]}")"; }
-  ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f", a/b}'; }
   echo
   echo "Limiter on / off: JWT read $(ratio jwt-read-limiter-on jwt-read-limiter-off), opaque read $(ratio opaque-read-limiter-on opaque-read-limiter-off), Basic read $(ratio basic-read-limiter-on basic-read-limiter-off), apiStatus $(ratio apiStatus apiStatus-limiter-off)"
-  field_of() { awk -v n="$1" -v f="$2" '$1==n {print $f}' <<<"$(printf '%s\n' "${results[@]}")"; }
-  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-  # audit_summary SUFFIX: "r1, r2, r3 (median M); p50 +x ms, p99 +y ms (medians)"
-  audit_summary() {
-    local ratios=() p50s=() p99s=()
-    for round in 1 2 3; do
-      ratios+=("$(ratio "jwt-read-audit-on$1-$round" "jwt-read-audit-off$1-$round")")
-      p50s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 3)" -v b="$(field_of "jwt-read-audit-off$1-$round" 3)" 'BEGIN {printf "%+.2f", a-b}')")
-      p99s+=("$(awk -v a="$(field_of "jwt-read-audit-on$1-$round" 4)" -v b="$(field_of "jwt-read-audit-off$1-$round" 4)" 'BEGIN {printf "%+.2f", a-b}')")
-    done
-    echo "$(printf '%s, ' "${ratios[@]}" | sed 's/, $//') (median **$(median "${ratios[@]}")**); latency added: p50 $(median "${p50s[@]}") ms, p99 $(median "${p99s[@]}") ms (medians)"
-  }
-  echo "Audit on / off (limiter on), JWT read in 3 alternating rounds: $CONNECTIONS connections $(audit_summary ""); $((CONNECTIONS * 4)) connections $(audit_summary -4x). apiStatus $(ratio apiStatus apiStatus-audit-off)"
+  echo "Audit on / off (limiter on), JWT read in $ROUNDS alternating rounds: $CONNECTIONS connections $(audit_summary ""); $((CONNECTIONS * 4)) connections $(audit_summary -4x). apiStatus $(ratio apiStatus apiStatus-audit-off)"
   echo "CPU of one core per server thread during the JWT read: $(printf "%s; " "${thread_shares[@]}" | sed "s/; $//")"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); one runtime thread per worker against two: 1 worker $(ratio jwt-read-workers-1 jwt-read-workers-1-multithread), 2 workers $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"
