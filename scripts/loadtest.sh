@@ -213,9 +213,8 @@ if [ "${AB:-}" = audit ]; then
     echo "| round | audit on req/s (p50 / p99 ms) | audit off req/s (p50 / p99 ms) | on / off | machine CPU µs/request on / off |"
     echo "|---|---|---|---|---|"
     for round in $(seq 1 "$ROUNDS"); do
-      read -r _ a_rps a_p50 a_p99 _ a_cpu <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-audit-on-$round ")"
-      read -r _ b_rps b_p50 b_p99 _ b_cpu <<<"$(printf '%s\n' "${results[@]}" | grep "^jwt-read-audit-off-$round ")"
-      echo "| $round | $a_rps ($a_p50 / $a_p99) | $b_rps ($b_p50 / $b_p99) | $(awk -v a="$a_rps" -v b="$b_rps" 'BEGIN {printf "%.2f", a/b}') | $a_cpu / $b_cpu |"
+      on="jwt-read-audit-on-$round" off="jwt-read-audit-off-$round"
+      echo "| $round | $(rps_of "$on") ($(field_of "$on" 3) / $(field_of "$on" 4)) | $(rps_of "$off") ($(field_of "$off" 3) / $(field_of "$off" 4)) | $(ratio "$on" "$off") | $(field_of "$on" 6) / $(field_of "$off" 6) |"
     done
     echo
     echo "Audit on / off: $(audit_summary "")"
