@@ -8,7 +8,8 @@
 //! the next one, which starts as soon as this one ends: no timer, and a request never waits
 //! for a sync that began before its record was queued. Records nobody waits for
 //! (`response` records) never start a commit by themselves while requests keep coming:
-//! they go out with the next waited-for commit, or after 50 ms at most.
+//! they go out with the next waited-for commit, or after 50 ms at most. While requests
+//! wait, [`keep_awake`] keeps their runtime polling instead of sleeping.
 //!
 //! If a write or sync fails, every waiter of that batch gets an error (the request answers
 //! 503 and does nothing), the file is cut back to its last durable length, and each later
@@ -20,12 +21,12 @@ use std::future::Future;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use ring::hmac;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use super::file::AuditFile;
 use super::record::{seal, unseal, Record, GENESIS};
@@ -93,14 +94,32 @@ const UNWAITED_FLUSH: std::time::Duration = std::time::Duration::from_millis(50)
 /// a busy writer saves it at most this often, and an idle one at once.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How long the runtime keeps polling instead of sleeping after the last answered commit
+/// while requests still wait for one (see [`keep_awake`]). Far longer than a sync on a disk
+/// that makes spinning worth it; on a slower one, spinning stops until the next answer.
+const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(1);
+
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     /// Fault injection for tests: while set, writes and repairs fail as a full disk would.
     fault: AtomicBool,
+    /// Requests of this runtime waiting for their record to be durable.
+    waiting: AtomicUsize,
+    /// Commits answered so far: [`keep_awake`] stops spinning when none comes for a while.
+    answered: AtomicUsize,
+    /// Wakes [`keep_awake`]: a first request starts waiting, or a commit was answered.
+    spin: Notify,
+    /// The writer is closing: [`keep_awake`] ends.
+    stopped: AtomicBool,
 }
 
 impl Shared {
+    fn stop_spinning(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.spin.notify_one();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -113,7 +132,29 @@ pub struct Durable(Answer);
 enum Answer {
     /// Known at once: refused (the log is closing), or nothing to wait for (auditing off).
     Ready(Result<(), AuditUnavailable>),
-    Waiting(oneshot::Receiver<Result<(), AuditUnavailable>>),
+    Waiting {
+        answer: oneshot::Receiver<Result<(), AuditUnavailable>>,
+        /// Counts this request among those waiting until the answer is taken or dropped.
+        _waiting: Waiting,
+    },
+}
+
+/// One request counted in [`Shared::waiting`] for as long as it lives.
+struct Waiting(Arc<Shared>);
+
+impl Waiting {
+    fn start(shared: &Arc<Shared>) -> Waiting {
+        if shared.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
+            shared.spin.notify_one();
+        }
+        Waiting(shared.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Durable {
@@ -130,7 +171,7 @@ impl Future for Durable {
         match &mut self.0 {
             Answer::Ready(answer) => Poll::Ready(*answer),
             // A dropped sender is a writer that died: nothing can be made durable.
-            Answer::Waiting(durable) => Pin::new(durable)
+            Answer::Waiting { answer, .. } => Pin::new(answer)
                 .poll(cx)
                 .map(|answer| answer.unwrap_or(Err(AuditUnavailable))),
         }
@@ -373,6 +414,10 @@ impl AuditWriter {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             fault: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
+            spin: Notify::new(),
+            stopped: AtomicBool::new(false),
         });
         let mut writer = Writer {
             dir: dir.to_owned(),
@@ -393,6 +438,9 @@ impl AuditWriter {
             metrics,
             committed: (0, 0),
         };
+        if let Some(runtime) = &writer.answer_on {
+            drop(runtime.spawn(keep_awake(shared.clone())));
+        }
         let thread = std::thread::Builder::new()
             .name("paygate-audit".into())
             .spawn(move || writer.run())
@@ -435,7 +483,10 @@ impl AuditWriter {
         if !self.enqueue(record, Some(done)) {
             return Durable::ready(Err(AuditUnavailable));
         }
-        Durable(Answer::Waiting(durable))
+        Durable(Answer::Waiting {
+            answer: durable,
+            _waiting: Waiting::start(&self.shared),
+        })
     }
 
     /// Queues a record without waiting (it goes out with the next group commit).
@@ -455,6 +506,7 @@ impl AuditWriter {
     pub fn close(&self) {
         self.shared.lock().closing = true;
         self.shared.wake.notify_all();
+        self.shared.stop_spinning();
         let thread = self
             .thread
             .lock()
@@ -471,6 +523,45 @@ impl Drop for AuditWriter {
         // Let the thread drain and end on its own; never block a drop.
         self.shared.lock().closing = true;
         self.shared.wake.notify_all();
+        self.shared.stop_spinning();
+    }
+}
+
+/// Keeps the runtime polling while its requests wait for a commit, instead of letting it
+/// sleep in `epoll_wait`.
+///
+/// Group commit makes the runtime's work bursty: a commit's answers arrive together, the
+/// runtime serves them, and with every other request waiting for the next sync it falls
+/// idle. Put to sleep, a CPU takes long to wake, on virtual machines especially (a halted
+/// vCPU is woken by an inter-processor interrupt through the hypervisor), and every
+/// request of the next commit pays that wake-up in latency. So while a request waits, this
+/// task yields round after round: it runs only when the runtime has nothing else ready,
+/// and then lets the runtime poll its sockets without blocking and pick up the answer as
+/// soon as it is queued. Each round also yields the CPU to any other thread that wants it
+/// (the audit writer, another worker), so the polling takes only time nobody else uses.
+/// If no commit is answered for [`SPIN_LIMIT`] (a slow disk), it stops until the next one.
+async fn keep_awake(shared: Arc<Shared>) {
+    loop {
+        shared.spin.notified().await;
+        let mut answered = shared.answered.load(Ordering::Relaxed);
+        let mut since = std::time::Instant::now();
+        while shared.waiting.load(Ordering::Relaxed) > 0 && !shared.stopped.load(Ordering::Relaxed)
+        {
+            let now = shared.answered.load(Ordering::Relaxed);
+            if now != answered {
+                answered = now;
+                since = std::time::Instant::now();
+            } else if since.elapsed() > SPIN_LIMIT {
+                break;
+            }
+            if std::env::var_os("NOYIELD").is_none() {
+                std::thread::yield_now();
+            }
+            tokio::task::yield_now().await;
+        }
+        if shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
     }
 }
 
@@ -537,11 +628,14 @@ impl Writer {
             let waiters: Vec<Done> = batch.entries.drain(..).filter_map(|e| e.done).collect();
             batch.bytes.clear();
             self.spare = batch;
+            let answered = shared.clone();
             let answer = move || {
                 for done in waiters {
                     // A waiter that went away (client disconnected) needs no answer.
                     let _ = done.send(result);
                 }
+                answered.answered.fetch_add(1, Ordering::Relaxed);
+                answered.spin.notify_one();
             };
             match &self.answer_on {
                 Some(runtime) => drop(runtime.spawn(async move { answer() })),
@@ -659,6 +753,65 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::record::RequestRecord;
+
+    /// CPU time this thread has used (user and system), in clock ticks.
+    fn thread_cpu_ticks() -> u64 {
+        let stat = fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // utime and stime are the 14th and 15th fields; the state (3rd) comes first here.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn the_runtime_sleeps_once_no_request_waits_even_after_one_gave_up() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let audit_dir =
+            std::env::temp_dir().join(format!("paygate-keep-awake-{}", uuid::Uuid::new_v4()));
+        let dir = audit_dir.join("1");
+        fs::create_dir_all(&dir).unwrap();
+        let record = RequestRecord {
+            time: "2026-11-29T23:00:00.000Z",
+            phase: "request",
+            request_id: "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f",
+            worker: "1",
+            pid: 1,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            principal: None,
+            claimed: None,
+            auth: "none",
+            auth_result: None,
+            auth_reason: None,
+            capability: None,
+            method: "GET",
+            path: "/apiStatus",
+            op: "R",
+        };
+        runtime.block_on(async {
+            let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
+            let writer =
+                AuditWriter::start(&audit_dir, &dir, "1", key, 1 << 30, Arc::default()).unwrap();
+            // A request whose client went away before its record was durable...
+            drop(writer.append_durably(&record));
+            // ...and one that waited for it.
+            assert_eq!(writer.append_durably(&record).await, Ok(()));
+            assert_eq!(writer.shared.waiting.load(Ordering::Relaxed), 0);
+            // Nothing waits: the runtime must sleep, not poll. Polling for these 300 ms
+            // would use about 30 ticks of this thread's CPU.
+            let before = thread_cpu_ticks();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let used = thread_cpu_ticks() - before;
+            assert!(
+                used <= 5,
+                "an idle runtime used {used} ticks of CPU in 300 ms"
+            );
+            writer.close();
+        });
+        let _ = fs::remove_dir_all(audit_dir);
+    }
 
     #[test]
     fn the_last_record_is_found_and_torn_tails_are_not_records() {
