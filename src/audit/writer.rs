@@ -108,18 +108,12 @@ struct Shared {
     waiting: AtomicUsize,
     /// Commits answered so far: [`keep_awake`] stops spinning when none comes for a while.
     answered: AtomicUsize,
-    /// Wakes [`keep_awake`]: a first request starts waiting, or a commit was answered.
+    /// Wakes [`keep_awake`]: a first request starts waiting, a commit was answered, or the
+    /// log is closing (then it ends).
     spin: Notify,
-    /// The writer is closing: [`keep_awake`] ends.
-    stopped: AtomicBool,
 }
 
 impl Shared {
-    fn stop_spinning(&self) {
-        self.stopped.store(true, Ordering::Relaxed);
-        self.spin.notify_one();
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -417,7 +411,6 @@ impl AuditWriter {
             waiting: AtomicUsize::new(0),
             answered: AtomicUsize::new(0),
             spin: Notify::new(),
-            stopped: AtomicBool::new(false),
         });
         let mut writer = Writer {
             dir: dir.to_owned(),
@@ -506,7 +499,7 @@ impl AuditWriter {
     pub fn close(&self) {
         self.shared.lock().closing = true;
         self.shared.wake.notify_all();
-        self.shared.stop_spinning();
+        self.shared.spin.notify_one();
         let thread = self
             .thread
             .lock()
@@ -523,7 +516,7 @@ impl Drop for AuditWriter {
         // Let the thread drain and end on its own; never block a drop.
         self.shared.lock().closing = true;
         self.shared.wake.notify_all();
-        self.shared.stop_spinning();
+        self.shared.spin.notify_one();
     }
 }
 
@@ -543,10 +536,12 @@ impl Drop for AuditWriter {
 async fn keep_awake(shared: Arc<Shared>) {
     loop {
         shared.spin.notified().await;
+        if shared.lock().closing {
+            return;
+        }
         let mut answered = shared.answered.load(Ordering::Relaxed);
         let mut since = std::time::Instant::now();
-        while shared.waiting.load(Ordering::Relaxed) > 0 && !shared.stopped.load(Ordering::Relaxed)
-        {
+        while shared.waiting.load(Ordering::Relaxed) > 0 {
             let now = shared.answered.load(Ordering::Relaxed);
             if now != answered {
                 answered = now;
@@ -558,9 +553,6 @@ async fn keep_awake(shared: Arc<Shared>) {
                 std::thread::yield_now();
             }
             tokio::task::yield_now().await;
-        }
-        if shared.stopped.load(Ordering::Relaxed) {
-            return;
         }
     }
 }
