@@ -549,9 +549,7 @@ async fn keep_awake(shared: Arc<Shared>) {
             } else if since.elapsed() > SPIN_LIMIT {
                 break;
             }
-            if std::env::var_os("NOYIELD").is_none() {
-                std::thread::yield_now();
-            }
+            std::thread::yield_now();
             tokio::task::yield_now().await;
         }
     }
