@@ -170,20 +170,29 @@ ratio() { awk -v a="$(rps_of "$1")" -v b="$(rps_of "$2")" 'BEGIN {printf "%.2f",
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 
 # audit_rounds [4x]: the JWT read with the audit stage on and off (--audit off, which exists
-# only for this), in $ROUNDS alternating rounds with a fresh server each, so that this
-# machine's drift (the same build swings by a quarter between minutes) hits both sides
-# alike. With `4x`, each server is also measured at four times the connections.
+# only for this), in $ROUNDS rounds with a fresh server each, so that this machine's drift
+# (the same build swings by a quarter between minutes) hits both sides alike: the two
+# measurements a ratio compares run back to back, and the order alternates (on first in
+# odd rounds, off first in even ones), so a drift within a round does not always favour
+# the same side. With `4x`, each round then compares the two at four times the
+# connections, in the same way.
 audit_rounds() {
+  local order connections suffix
   for round in $(seq 1 "$ROUNDS"); do
-    for side in on off; do
-      extra=(); [ "$side" = off ] && extra=(--audit off)
-      start "audit-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
-      measure_threads "jwt-read-audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-      if [ "${1:-}" = 4x ]; then
-        CONNECTIONS=$((CONNECTIONS * 4)) measure "jwt-read-audit-$side-4x-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
-      fi
-      [ "$round" = 1 ] && [ "$side" = off ] && [ "${1:-}" = 4x ] && measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
-      stop_server
+    order="on off"; [ $((round % 2)) = 0 ] && order="off on"
+    for connections in "$CONNECTIONS" ${1:+$((CONNECTIONS * 4))}; do
+      suffix=""; [ "$connections" = "$CONNECTIONS" ] || suffix=-4x
+      for side in $order; do
+        extra=(); [ "$side" = off ] && extra=(--audit off)
+        start "audit-$side$suffix-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${extra[@]}"
+        if [ -z "$suffix" ]; then
+          measure_threads "jwt-read-audit-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+          [ "$round" = 1 ] && [ "$side" = off ] && [ "${1:-}" = 4x ] && measure apiStatus-audit-off "https://127.0.0.1:$port/apiStatus"
+        else
+          CONNECTIONS=$connections measure "jwt-read-audit-$side-4x-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+        fi
+        stop_server
+      done
     done
   done
 }
