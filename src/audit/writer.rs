@@ -622,14 +622,14 @@ impl Writer {
             let waiters: Vec<Done> = batch.entries.drain(..).filter_map(|e| e.done).collect();
             batch.bytes.clear();
             self.spare = batch;
-            let answered = shared.clone();
+            let counted = shared.clone();
             let answer = move || {
                 for done in waiters {
                     // A waiter that went away (client disconnected) needs no answer.
                     let _ = done.send(result);
                 }
-                answered.answered.fetch_add(1, Ordering::Relaxed);
-                answered.spin.notify_one();
+                counted.answered.fetch_add(1, Ordering::Relaxed);
+                counted.spin.notify_one();
             };
             match &self.answer_on {
                 Some(runtime) => drop(runtime.spawn(async move { answer() })),
