@@ -4,9 +4,13 @@
 //!
 //! Only proxies the operator lists (`--trusted-proxy CIDR`) are believed: anybody else can
 //! write any `X-Forwarded-For` they like, so it is ignored.
+//!
+//! A hop that is not a bare IP address (`203.0.113.9:4444`, `[::1]`, `unknown`, garbage)
+//! makes the client [`UNKNOWN_CLIENT`]: never the proxy's own address (a proxy on loopback
+//! would otherwise lend its clients the loopback's rights), and never a real client's.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use http::HeaderMap;
 
@@ -64,6 +68,21 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// The client of a request whose `X-Forwarded-For` could not be read: `100::`, from the
+/// discard-only prefix `100::/64` (RFC 6666), which no real client sends from. It is not
+/// loopback, so it gets no local rights, and rate limits key on it like on any address, so
+/// all such requests share one bucket that no real client's address can name: a hop inside
+/// `100::/64` is itself taken as unknown.
+pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0));
+
+/// Whether `ip` is in `100::/64`, the prefix [`UNKNOWN_CLIENT`] stands for.
+fn is_discard_only(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6.segments()[..4] == [0x100, 0, 0, 0],
+        IpAddr::V4(_) => false,
+    }
+}
+
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) are the IPv4 address they carry.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -88,15 +107,17 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
         .collect();
     let mut client = peer;
     for hop in hops.iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
+        match hop.trim().parse::<IpAddr>().map(canonical) {
+            Ok(ip) if is_discard_only(ip) => return UNKNOWN_CLIENT,
             Ok(ip) => {
-                client = canonical(ip);
+                client = ip;
                 if !is_trusted(client) {
                     return client;
                 }
             }
-            // A garbled hop: nothing left of it can be believed; stop at the last good one.
-            Err(_) => return client,
+            // A garbled hop: the client is somewhere beyond it, and nothing there can be
+            // believed. Not the last trusted hop: that is a proxy, not the client.
+            Err(_) => return UNKNOWN_CLIENT,
         }
     }
     client
@@ -154,13 +175,37 @@ mod tests {
         // Only trusted hops: the leftmost is the best we know.
         let h = headers(&["10.0.0.9"]);
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.9"));
-        // Garbage stops the walk at the last trusted hop.
+        // Garbage makes the client unknown, never the proxy before it.
         let h = headers(&["1.1.1.1, garbage, 10.0.0.7"]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.7"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), UNKNOWN_CLIENT);
         // No header: the proxy itself.
         assert_eq!(
             client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
             ip("10.0.0.1")
         );
+    }
+
+    #[test]
+    fn unparsable_hops_are_unknown_clients_never_the_proxy() {
+        // A proxy on loopback: taking a bad hop as the proxy itself would make the client
+        // local (and let it read /metrics).
+        let trusted = [Cidr::parse("127.0.0.0/8").unwrap()];
+        for hop in [
+            "203.0.113.9:4444",
+            "[::1]",
+            "[::1]:80",
+            "unknown",
+            "",
+            "127.0.0.1 extra",
+            "100::1",
+            "100::",
+        ] {
+            let client = client_ip(ip("127.0.0.1"), &headers(&[hop]), &trusted);
+            assert_eq!(client, UNKNOWN_CLIENT, "{hop:?}");
+            assert!(!client.is_loopback());
+        }
+        // Nothing a client can name shares the unknown key: 100::/64 is unknown itself.
+        assert!(is_discard_only(UNKNOWN_CLIENT));
+        assert!(!is_discard_only(ip("100:0:0:1::1")));
     }
 }

@@ -30,6 +30,8 @@ pub enum Route {
     ListAccounts,
     GetAccount(Uuid),
     GrantMember(Uuid),
+    /// `DELETE /accounts/{id}/members/{username}`.
+    RemoveMember(Uuid, String),
     ListPayments(Uuid),
     CreatePayment(Uuid),
     GetPayment(Uuid, Uuid),
@@ -93,7 +95,9 @@ impl Route {
             GetMe | EnrolTotp | ConfirmTotp | CreateAccount | ListAccounts => {
                 Requirement::Authenticated
             }
-            GrantMember(account) => Requirement::Account(*account, Perm::Admin),
+            GrantMember(account) | RemoveMember(account, _) => {
+                Requirement::Account(*account, Perm::Admin)
+            }
             GetAccount(account) | ListPayments(account) => {
                 Requirement::Account(*account, Perm::Read)
             }
@@ -125,6 +129,7 @@ impl Route {
             ListAccounts => "GET /accounts",
             GetAccount(_) => "GET /accounts/{id}",
             GrantMember(_) => "POST /accounts/{id}/members",
+            RemoveMember(..) => "DELETE /accounts/{id}/members/{username}",
             ListPayments(_) => "GET /accounts/{id}/payments",
             CreatePayment(_) => "POST /accounts/{id}/payments",
             GetPayment(..) => "GET /accounts/{id}/payments/{pid}",
@@ -214,6 +219,14 @@ pub fn resolve(method: &Method, path: &str) -> Route {
         ["accounts", account, "members"] => with_id(account, "account", |account| {
             by_method(method, &[Method::POST], |_| Route::GrantMember(account))
         }),
+        ["accounts", account, "members", name] if !name.is_empty() => {
+            with_id(account, "account", |account| {
+                let name = (*name).to_owned();
+                by_method(method, &[Method::DELETE], |_| {
+                    Route::RemoveMember(account, name)
+                })
+            })
+        }
         ["accounts", account, "payments"] => with_id(account, "account", |account| {
             by_method(method, &[Method::GET, Method::POST], |m| {
                 if m == Method::GET {
@@ -323,6 +336,11 @@ mod tests {
             (
                 Method::POST,
                 format!("/accounts/{A}/members"),
+                Requirement::Account(a, Perm::Admin),
+            ),
+            (
+                Method::DELETE,
+                format!("/accounts/{A}/members/bob"),
                 Requirement::Account(a, Perm::Admin),
             ),
             (

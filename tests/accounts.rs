@@ -57,6 +57,15 @@ async fn account_fields_are_validated() {
         (json!({"name": "", "currency": "EUR"}), "name"),
         (json!({"name": "x".repeat(65), "currency": "EUR"}), "name"),
         (json!({"name": "a\nb", "currency": "EUR"}), "name"),
+        (
+            json!({"name": "Savings \u{202e}", "currency": "EUR"}),
+            "name",
+        ),
+        (
+            json!({"name": "Sav\u{200d}ings", "currency": "EUR"}),
+            "name",
+        ),
+        (json!({"name": "a\u{2029}b", "currency": "EUR"}), "name"),
         (json!({"name": "ok", "currency": "eur"}), "currency"),
         (json!({"name": "ok", "currency": "XXX"}), "currency"),
         (json!({"name": "ok", "currency": "EURO"}), "currency"),
@@ -287,4 +296,204 @@ async fn account_lists_paginate_newest_first() {
         .await;
     bad.assert_problem(400);
     server.shutdown().await;
+}
+
+/// `POST /accounts/{id}/members` as `who`.
+async fn grant(
+    server: &TestServer,
+    account: &str,
+    who: &common::Creds,
+    username: &str,
+    perms: &str,
+) -> common::TestResponse {
+    server
+        .client
+        .post(&format!("/accounts/{account}/members"))
+        .basic(who)
+        .json(&json!({ "username": username, "perms": perms }))
+        .send()
+        .await
+}
+
+/// `DELETE /accounts/{id}/members/{username}` as `who`.
+async fn remove(
+    server: &TestServer,
+    account: &str,
+    who: &common::Creds,
+    username: &str,
+) -> common::TestResponse {
+    server
+        .client
+        .delete(&format!("/accounts/{account}/members/{username}"))
+        .basic(who)
+        .send()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_grants_only_what_they_hold_and_never_over_someone_stronger() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let erin = server.register("erin").await;
+    let frank = server.register("frank").await;
+    let account = server.account(&alice, "EUR").await;
+    assert_eq!(
+        grant(&server, &account, &alice, "erin", "a").await.status,
+        201
+    );
+
+    // Erin holds only 'a': she cannot hand out 'rwda' to an accomplice...
+    let problem = grant(&server, &account, &erin, "frank", "rwda")
+        .await
+        .assert_problem(403);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot grant 'rwda'"),
+        "{problem}"
+    );
+    // ...nor demote the account's creator, who holds more than she does (even to what
+    // she holds herself)...
+    let problem = grant(&server, &account, &erin, "alice", "a")
+        .await
+        .assert_problem(403);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("holds 'rwda'"),
+        "{problem}"
+    );
+    // ...nor remove her.
+    remove(&server, &account, &erin, "alice")
+        .await
+        .assert_problem(403);
+    // What she holds, she may pass on; and she may change a grant within her own.
+    assert_eq!(
+        grant(&server, &account, &erin, "frank", "a").await.status,
+        201
+    );
+    // So nothing came back round to her: frank holds only 'a' too.
+    grant(&server, &account, &frank, "erin", "rwda")
+        .await
+        .assert_problem(403);
+    let pay = server
+        .client
+        .post(&format!("/accounts/{account}/payments"))
+        .basic(&erin)
+        .json(&json!({"payee": "erin", "amount_minor": 1, "currency": "EUR"}))
+        .send()
+        .await;
+    pay.assert_problem(403);
+    // Alice's grant is untouched.
+    let listed = server
+        .client
+        .get("/accounts")
+        .basic(&alice)
+        .send()
+        .await
+        .json();
+    assert_eq!(listed["items"][0]["perms"], "rwda");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_loses_access_at_once_in_every_worker() {
+    let server = TestServer::start().await;
+    let other_worker = server.sibling().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let account = server.account(&alice, "EUR").await;
+    let payments = format!("/accounts/{account}/payments");
+    assert_eq!(
+        grant(&server, &account, &alice, "bob", "r").await.status,
+        201
+    );
+    let token = other_worker.login(&bob).await;
+    // Bob reads through the other worker (which now caches his grant).
+    for _ in 0..2 {
+        let read = other_worker
+            .client
+            .get(&payments)
+            .bearer(&token)
+            .send()
+            .await;
+        assert_eq!(read.status, 200);
+    }
+
+    // The ways that did not work before stay errors, with reasons.
+    grant(&server, &account, &alice, "bob", "")
+        .await
+        .assert_problem(422);
+    let whole = server
+        .client
+        .delete(&format!("/accounts/{account}/members"))
+        .basic(&alice)
+        .send()
+        .await;
+    whole.assert_problem(405);
+    remove(&server, &account, &alice, "nobody")
+        .await
+        .assert_problem(404);
+    remove(&server, &account, &alice, "B%20O%20B")
+        .await
+        .assert_problem(404);
+    // Bob, without 'a', cannot remove anyone.
+    remove(&server, &account, &bob, "alice")
+        .await
+        .assert_problem(403);
+
+    let removed = remove(&server, &account, &alice, "bob").await;
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    // Gone, on the other worker too, on the very next request: the account does not
+    // exist for him any more.
+    other_worker
+        .client
+        .get(&payments)
+        .bearer(&token)
+        .send()
+        .await
+        .assert_problem(404);
+    let listed = other_worker
+        .client
+        .get("/accounts")
+        .bearer(&token)
+        .send()
+        .await
+        .json();
+    assert_eq!(listed["items"], json!([]));
+    // A second removal finds no member.
+    remove(&server, &account, &alice, "bob")
+        .await
+        .assert_problem(404);
+
+    // The last holder of 'a' stays: alice cannot leave while nobody else manages it.
+    let last = remove(&server, &account, &alice, "alice").await;
+    let problem = last.assert_problem(409);
+    assert_eq!(problem["type"], "tag:paygate.dev,2026:problem:last-manager");
+    // With a second manager she may leave, and the account goes on.
+    assert_eq!(
+        grant(&server, &account, &alice, "bob", "rwda").await.status,
+        201
+    );
+    assert_eq!(remove(&server, &account, &alice, "alice").await.status, 204);
+    let read = server.client.get(&payments).basic(&bob).send().await;
+    assert_eq!(read.status, 200);
+    server
+        .client
+        .get(&payments)
+        .basic(&alice)
+        .send()
+        .await
+        .assert_problem(404);
+    // Now bob is the last manager.
+    remove(&server, &account, &bob, "bob")
+        .await
+        .assert_problem(409);
+
+    // The removal is in the audit log, as a delete of that member.
+    let data = server.data_dir();
+    other_worker.shutdown().await;
+    let _kept = server.stop().await;
+    let text = common::audit_text(&data);
+    let member = format!("\"path\":\"/accounts/{account}/members/bob\",\"op\":\"D\"");
+    assert!(text.contains(&member), "no removal record");
 }

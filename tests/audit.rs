@@ -534,3 +534,51 @@ async fn auditors_and_admins_read_recent_records() {
         .iter()
         .any(|r| r["path"] == "/audit?limit=50" && r["principal"] == "carol.audit"));
 }
+
+#[tokio::test]
+async fn a_claimed_name_is_recorded_only_when_it_is_a_username() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    // A password typed into the username field, and a 20,000-character "username".
+    let typo = Creds::new("Tr0ub4dor&3-my-real-password", "");
+    let huge = Creds::new(&"u".repeat(20_000), "whatever");
+    for creds in [&typo, &huge] {
+        let response = server.client.get("/accounts").basic(creds).send().await;
+        response.assert_problem(401);
+    }
+    // A 20,000-byte query string and a long made-up method are cut too.
+    let query = format!("/accounts?{}", "q".repeat(20_000));
+    server.client.get(&query).send().await.assert_problem(401);
+    let method = http::Method::from_bytes(&[b'M'; 2_000]).unwrap();
+    server.client.request(method, "/accounts").send().await;
+    // A wrong password for a real name is still recorded with the name.
+    let wrong = Creds::new("alice", "not her password");
+    server.client.get("/accounts").basic(&wrong).send().await;
+    server.client.get("/accounts").basic(&alice).send().await;
+    let data = server.data_dir();
+    let _kept = server.stop().await;
+
+    let text = common::audit_text(&data);
+    assert!(
+        !text.contains("Tr0ub4dor"),
+        "the typed password was recorded"
+    );
+    assert!(!text.contains(&"u".repeat(100)));
+    for line in text.lines() {
+        assert!(line.len() < 3_000, "an audit line of {} bytes", line.len());
+    }
+    let requests: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["phase"] == "request" && r["auth"] == "basic")
+        .collect();
+    let malformed: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r["auth_reason"] == "malformed username")
+        .collect();
+    assert_eq!(malformed.len(), 2, "{requests:?}");
+    assert!(malformed.iter().all(|r| r["claimed"].is_null()));
+    assert!(requests
+        .iter()
+        .any(|r| r["claimed"] == "alice" && r["auth_reason"] == "unknown user or wrong password"));
+}

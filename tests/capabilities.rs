@@ -331,6 +331,87 @@ async fn revoking_ends_a_capability_and_its_descendants_in_every_worker() {
     assert_eq!(list.json()["items"].as_array().unwrap().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_is_never_worth_more_than_its_minter_holds_now() {
+    let w = world().await;
+    let sibling = w.server.sibling().await;
+    let members = format!("/accounts/{}/members", w.account);
+    let set_bob = |perms: &'static str| {
+        let (client, alice, members) = (w.server.client.clone(), w.alice.clone(), members.clone());
+        async move {
+            let response = client
+                .post(&members)
+                .basic(&alice)
+                .json(&json!({"username": "bob", "perms": perms}))
+                .send()
+                .await;
+            assert!(
+                response.status == 201 || response.status == 200,
+                "{}",
+                response.text()
+            );
+        }
+    };
+    set_bob("rd").await;
+    // Bob mints an 'rd' capability for the payment, and derives one from it.
+    let minted = w.mint(&w.bob, "rd", 600).await;
+    assert_eq!(minted.status, 201, "{}", minted.text());
+    let token = token_of(&minted.json());
+    let child = token_of(&w.derive(&token, "rd", None).await.json());
+    // Then bob is downgraded to 'r'.
+    set_bob("r").await;
+    let cancel = |token: String| {
+        let (client, path) = (sibling.client.clone(), w.payment_path(&w.payment));
+        async move { client.delete(&path).bearer(&token).send().await }
+    };
+    // Bob himself may not cancel; neither may his capabilities, in any worker.
+    w.server
+        .client
+        .delete(&w.payment_path(&w.payment))
+        .basic(&w.bob)
+        .send()
+        .await
+        .assert_problem(403);
+    for t in [&token, &child] {
+        cancel(t.clone()).await.assert_problem(403);
+        // Reading, which he still holds, works.
+        assert_eq!(w.read_with(t, &w.payment).await.status, 200);
+    }
+    // Nor can an 'rd' capability be derived from them any more ('r' still can).
+    w.derive(&token, "rd", None).await.assert_problem(403);
+    assert_eq!(w.derive(&child, "r", None).await.status, 201);
+
+    // Bob removed from the account: every capability of his stops.
+    let removed = w
+        .server
+        .client
+        .delete(&format!("{members}/bob"))
+        .basic(&w.alice)
+        .send()
+        .await;
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    for t in [&token, &child] {
+        let refused = sibling
+            .client
+            .get(&w.payment_path(&w.payment))
+            .bearer(t)
+            .send()
+            .await;
+        refused.assert_problem(401);
+    }
+    w.derive(&child, "r", None).await.assert_problem(401);
+    // The payment was never cancelled.
+    let payment = w
+        .server
+        .client
+        .get(&w.payment_path(&w.payment))
+        .basic(&w.alice)
+        .send()
+        .await;
+    assert_eq!(payment.json()["status"], "pending");
+    sibling.shutdown().await;
+}
+
 #[tokio::test]
 async fn admins_disable_users_and_auditors_only_read() {
     let w = world().await;

@@ -145,6 +145,35 @@ async fn a_remote_scrape_needs_the_admin_role() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_unparsable_forwarded_hop_never_makes_the_client_local() {
+    // A proxy on loopback forwards a hop it should not have: with a port, in brackets, or
+    // garbage. The client is then unknown, not the proxy's loopback address.
+    let server = TestServer::start_with(&[("trusted-proxy", "127.0.0.1/32")]).await;
+    for hop in ["203.0.113.9:4444", "[::1]", "garbage", "100::7"] {
+        let response = server
+            .client
+            .get("/metrics")
+            .header("x-forwarded-for", hop)
+            .send()
+            .await;
+        response.assert_problem(401);
+    }
+    // A well-formed loopback hop is still a local scraper.
+    let local = server
+        .client
+        .get("/metrics")
+        .header("x-forwarded-for", "127.0.0.1")
+        .send()
+        .await;
+    assert_eq!(local.status, 200);
+    // The audit log names the unknown client by its documented address.
+    let data = server.data_dir();
+    let _kept = server.stop().await;
+    let log = common::audit_text(&data);
+    assert!(log.contains("\"client_ip\":\"100::\""), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_scrape_shows_every_worker() {
     let dir = TempDir::new("metrics-workers");

@@ -192,6 +192,20 @@ async fn every_invalid_field_is_a_clear_problem() {
             json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "a\u{0007}b"}),
             "reference",
         ),
+        // Invisible and reordering characters: what a reader sees would not be what was
+        // stored (right-to-left override, line separator, zero-width space).
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "invoice \u{202e}gpj.exe"}),
+            "reference",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "one\u{2028}two"}),
+            "reference",
+        ),
+        (
+            json!({"payee": "ACME", "amount_minor": 1, "currency": "EUR", "reference": "pay\u{200b}ment"}),
+            "reference",
+        ),
     ];
     for (body, field) in invalid {
         let problem = f.pay(&body, None).await.assert_problem(422);

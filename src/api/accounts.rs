@@ -1,5 +1,11 @@
 //! Accounts (`POST/GET /accounts`, `GET /accounts/{id}`) and their members
-//! (`POST /accounts/{id}/members`).
+//! (`POST /accounts/{id}/members`, `DELETE /accounts/{id}/members/{username}`).
+//!
+//! Who may change a grant: a member holding `a`, granting only permissions they hold
+//! themselves, over a grant whose permissions are all within their own (nobody demotes or
+//! removes someone more privileged), never their own grant by `POST`, and never so that
+//! the account is left without a holder of `a`. The store decides these inside the
+//! transaction that makes the change.
 
 use crate::http::RequestBody;
 use http::{Request, Response, StatusCode};
@@ -10,8 +16,8 @@ use super::{ListBody, Pagination};
 use crate::app::App;
 use crate::domain::{check_text, Currency, Invalid, Perms, Username};
 use crate::filter::authenticate::Principal;
-use crate::http::{json, read_json, ApiError, Body};
-use crate::store::{MemberUpsert, Membership};
+use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
+use crate::store::{MemberRemoval, MemberUpsert, Membership, Refusal};
 use crate::time::format_rfc3339_millis;
 
 #[derive(Deserialize)]
@@ -102,7 +108,7 @@ pub fn get(membership: &Membership) -> Result<Response<Body>, ApiError> {
 
 /// Sets a user's permissions on the account (replacing any earlier grant). Members cannot
 /// change their own grant, so nobody can raise their own rights or lock the account out of
-/// its last manager by accident.
+/// its last manager by accident; see the module doc for the rest of the rules.
 pub async fn grant_member(
     app: &App,
     principal: &Principal,
@@ -131,6 +137,7 @@ pub async fn grant_member(
         MemberUpsert::UnknownUser => {
             return Err(Invalid::new("username", "no user has this name").into())
         }
+        MemberUpsert::Refused(refusal) => return Err(refused(refusal, "change")),
         MemberUpsert::Created => StatusCode::CREATED,
         MemberUpsert::Updated => StatusCode::OK,
     };
@@ -142,4 +149,61 @@ pub async fn grant_member(
             perms: perms.to_string(),
         },
     )
+}
+
+/// Removes a member's grant: 204, or 404 when the user holds none on this account.
+pub async fn remove_member(
+    app: &App,
+    principal: &Principal,
+    membership: &Membership,
+    username: &str,
+) -> Result<Response<Body>, ApiError> {
+    let not_member = || ApiError::NotFound("no such member of this account".into());
+    let username = Username::parse("username", username).map_err(|_| not_member())?;
+    match app
+        .store
+        .remove_member(
+            membership.account.id,
+            username.as_str().to_owned(),
+            principal.user_id,
+        )
+        .await?
+    {
+        MemberRemoval::Removed => Ok(response_with(StatusCode::NO_CONTENT, Vec::new())),
+        MemberRemoval::NotMember => Err(not_member()),
+        MemberRemoval::Refused(refusal) => Err(refused(refusal, "remove")),
+        MemberRemoval::LastManager => Err(ApiError::Conflict(
+            Conflict::LastManager,
+            format!(
+                "{username} is the last member holding 'a' on this account; grant 'a' to \
+                 another member first"
+            ),
+        )),
+    }
+}
+
+/// Permissions as a reader should see them ("nothing" for none).
+fn shown(perms: Perms) -> String {
+    if perms.is_empty() {
+        "nothing".to_owned()
+    } else {
+        format!("'{perms}'")
+    }
+}
+
+fn refused(refusal: Refusal, verb: &str) -> ApiError {
+    ApiError::Forbidden(match refusal {
+        Refusal::NotManager(own) => format!(
+            "this needs the 'a' permission on the account; you hold {}",
+            shown(own)
+        ),
+        Refusal::BeyondOwn { own, asked } => format!(
+            "you hold {} on this account and cannot grant '{asked}'",
+            shown(own)
+        ),
+        Refusal::MorePrivileged { own, theirs } => format!(
+            "this member holds '{theirs}', beyond your {}: you cannot {verb} their grant",
+            shown(own)
+        ),
+    })
 }

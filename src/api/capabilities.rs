@@ -4,7 +4,9 @@
 //! account's live ones (`GET /accounts/{id}/capabilities`, never with tokens).
 //!
 //! A capability acts on one payment, so it can carry `r` (read it) and `d` (cancel it), and
-//! only what its minter holds. Tokens are random (`pgc_` + 32 bytes base64url) and stored
+//! only what its minter holds — at minting, and again at every use: a minter who loses a
+//! permission (or the account) takes it from every capability they minted and every one
+//! derived from those. Tokens are random (`pgc_` + 32 bytes base64url) and stored
 //! as SHA-256, like sessions: revocation is a row update that every worker sees at its next
 //! request (the token cache is stamped with the database's data version).
 
@@ -15,7 +17,7 @@ use uuid::Uuid;
 use super::ListBody;
 use crate::app::App;
 use crate::domain::{whole_number, Invalid, Perm, Perms};
-use crate::filter::authenticate::Principal;
+use crate::filter::authenticate::{capability_use, Principal};
 use crate::http::{json, read_json, response_with, ApiError, Body, Challenge, RequestBody};
 use crate::store::{Capability, Membership, NewCapability};
 use crate::time::{format_rfc3339_millis, now_millis};
@@ -169,18 +171,14 @@ pub async fn derive(
         .capability(&app.store, hash)
         .await?
         .ok_or_else(invalid)?;
-    let now = now_millis();
-    let usable = parent.capability.revoked_at.is_none()
-        && parent.capability.expires_at > now
-        && !parent.minter_disabled;
-    if !usable {
-        return Err(invalid());
-    }
+    // The parent as it would authenticate now: not revoked (nor any of its ancestors),
+    // not expired, its minter enabled, and worth no more than the minter still holds.
+    let usable = capability_use(&parent, now_millis()).map_err(|_| invalid())?;
     let parent = parent.capability;
-    if !perms.is_subset_of(parent.perms) {
+    if !perms.is_subset_of(usable.perms) {
         return Err(ApiError::Forbidden(format!(
             "this capability carries '{}' and cannot grant '{perms}'",
-            parent.perms
+            usable.perms
         )));
     }
     // Never longer than the capability it comes from.

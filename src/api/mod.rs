@@ -56,6 +56,9 @@ pub async fn dispatch(
         (Route::GrantMember(_), Grant::Account(principal, membership)) => {
             accounts::grant_member(app, &principal, &membership, request).await
         }
+        (Route::RemoveMember(_, username), Grant::Account(principal, membership)) => {
+            accounts::remove_member(app, &principal, &membership, &username).await
+        }
         (Route::ListPayments(account), Grant::Account(..)) => {
             payments::list(app, account, request.uri().query()).await
         }

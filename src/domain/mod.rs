@@ -134,6 +134,8 @@ pub struct Perms(u8);
 
 impl Perms {
     pub const ALL: Perms = Perms(15);
+    /// No permission: what someone without a grant holds.
+    pub const NONE: Perms = Perms(0);
     /// Read only: what the auditor role holds on every account.
     pub const READ_ONLY: Perms = Perms(1);
     /// The permissions that act on a single payment, and so can be delegated by a
@@ -171,6 +173,15 @@ impl Perms {
     /// Whether every permission of `self` is also in `other`.
     pub fn is_subset_of(self, other: Perms) -> bool {
         self.0 & !other.0 == 0
+    }
+
+    /// The permissions in both.
+    pub fn intersection(self, other: Perms) -> Perms {
+        Perms(self.0 & other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }
 
@@ -237,8 +248,11 @@ pub fn check_payee(field: &'static str, raw: &str) -> Result<String, Invalid> {
     }
 }
 
-/// Free text such as a payment reference: at most `max` characters, none of them control
-/// characters (so no line breaks or escape sequences reach logs and terminals).
+/// Free text such as a payment reference: at most `max` characters, none of them a control
+/// character (Cc: no line breaks or escape sequences reach logs and terminals), a format
+/// character (Cf: bidi overrides such as U+202E that reorder what a reader sees, zero-width
+/// characters that hide a difference between two strings) or a line or paragraph separator
+/// (U+2028, U+2029).
 pub fn check_text(
     field: &'static str,
     raw: &str,
@@ -246,14 +260,59 @@ pub fn check_text(
     max: usize,
 ) -> Result<String, Invalid> {
     let count = raw.chars().count();
-    if (min..=max).contains(&count) && !raw.chars().any(char::is_control) {
-        Ok(raw.to_owned())
-    } else {
-        Err(Invalid::new(
+    if !(min..=max).contains(&count) {
+        return Err(Invalid::new(
             field,
-            format!("must be {min} to {max} printable characters"),
-        ))
+            format!("must be {min} to {max} characters"),
+        ));
     }
+    match raw.chars().find(|&c| !is_visible_text(c)) {
+        None => Ok(raw.to_owned()),
+        Some(c) => Err(Invalid::new(
+            field,
+            format!(
+                "must not contain control, format (bidi, zero-width) or line-separator \
+                 characters; found U+{:04X}",
+                u32::from(c)
+            ),
+        )),
+    }
+}
+
+/// The format characters (general category Cf) of Unicode 15. std knows no categories,
+/// and this short table is all paygate needs of one.
+const FORMAT_CHARACTERS: &[(u32, u32)] = &[
+    (0xAD, 0xAD),
+    (0x600, 0x605),
+    (0x61C, 0x61C),
+    (0x6DD, 0x6DD),
+    (0x70F, 0x70F),
+    (0x890, 0x891),
+    (0x8E2, 0x8E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+];
+
+/// Whether `c` may appear in free text: not Cc, Cf, Zl or Zp.
+fn is_visible_text(c: char) -> bool {
+    let code = u32::from(c);
+    !c.is_control()
+        && !matches!(c, '\u{2028}' | '\u{2029}')
+        && !FORMAT_CHARACTERS
+            .iter()
+            .any(|&(first, last)| (first..=last).contains(&code))
 }
 
 /// An `Idempotency-Key`: 1–255 visible ASCII characters.
@@ -323,6 +382,26 @@ mod tests {
         assert!(check_text("reference", &"é".repeat(141), 0, 140).is_err());
         assert!(check_text("reference", "line\nbreak", 0, 140).is_err());
         assert!(check_text("reference", "esc\u{1b}[31m", 0, 140).is_err());
+        for hidden in [
+            "\u{202e}",  // right-to-left override
+            "\u{2066}",  // left-to-right isolate
+            "\u{200b}",  // zero-width space
+            "\u{200d}",  // zero-width joiner
+            "\u{feff}",  // byte-order mark
+            "\u{ad}",    // soft hyphen
+            "\u{2028}",  // line separator (Zl)
+            "\u{2029}",  // paragraph separator (Zp)
+            "\u{e0041}", // tag letter A
+            "\u{85}",    // next line (Cc)
+        ] {
+            let text = format!("pay{hidden}ment");
+            let err = check_text("reference", &text, 0, 140).unwrap_err();
+            assert!(err.to_string().contains("format"), "{hidden:?}: {err}");
+        }
+        // Ordinary scripts, combining marks and emoji stay allowed.
+        for fine in ["مرجع ٤٢", "日本語の参照", "e\u{301}", "💶 rent", "Ωmega"] {
+            assert!(check_text("reference", fine, 0, 140).is_ok(), "{fine}");
+        }
     }
 
     #[test]

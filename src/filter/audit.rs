@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::audit::record::{RequestRecord, ResponseRecord};
+use crate::domain::Username;
 use crate::filter::authenticate::Identity;
 use crate::http::ApiError;
 use crate::routes::Route;
@@ -25,6 +26,23 @@ use crate::time::{now_millis, with_rfc3339_millis};
 const SECRET_PARAMETERS: &[&str] = &["access_token", "token", "password", "code", "secret"];
 /// Longest path (with query) recorded; longer ones are cut and marked.
 const MAX_PATH: usize = 2048;
+/// Longest method recorded (the standard ones have at most 7 letters; a client may send
+/// any token); longer ones are cut and marked.
+const MAX_METHOD: usize = 16;
+
+// What a client controls in a `request` record, and its bound: `claimed` (a valid
+// username, 3–32 bytes, or null), `path` (MAX_PATH bytes and a marker), `method`
+// (MAX_METHOD bytes and a marker), `client_ip` (an address). Everything else is paygate's
+// own: ids, times, names from the database, fixed words.
+
+/// The method as recorded: at most [`MAX_METHOD`] bytes (methods are ASCII tokens).
+fn recorded_method(method: &Method) -> Cow<'_, str> {
+    let name = method.as_str();
+    match name.get(..MAX_METHOD) {
+        Some(cut) if name.len() > MAX_METHOD => Cow::Owned(format!("{cut}…[truncated]")),
+        _ => Cow::Borrowed(name),
+    }
+}
 
 /// A request whose `request` record is durable; closes it with a `response` record.
 pub struct Audited {
@@ -96,6 +114,7 @@ pub async fn record_request(
     let mut id = Uuid::encode_buffer();
     let request_id = request_id.hyphenated().encode_lower(&mut id);
     let path = redacted_path(path, query);
+    let recorded_method = recorded_method(method);
     let mut capability_id = Uuid::encode_buffer();
     let capability = match identity {
         Identity::Capability(c) => Some(&*c.id.hyphenated().encode_lower(&mut capability_id)),
@@ -111,13 +130,17 @@ pub async fn record_request(
             Some("ok"),
             None,
         ),
+        // Only a well-formed username is recorded as claimed: anything else could be a
+        // secret typed into the wrong field, and is unbounded.
         Identity::Failed {
             method,
             claimed,
             reason,
         } => (
             None,
-            claimed.as_deref(),
+            claimed
+                .as_deref()
+                .filter(|name| Username::parse("username", name).is_ok()),
             method.map_or("none", |m| m.as_str()),
             Some("failed"),
             Some(reason.as_str()),
@@ -137,7 +160,7 @@ pub async fn record_request(
             auth_result,
             auth_reason,
             capability,
-            method: method.as_str(),
+            method: &recorded_method,
             path: &path,
             op: operation(method, route),
         })
@@ -188,6 +211,12 @@ mod tests {
             redacted_path("/a", Some("access_token")),
             "/a?access_token=REDACTED"
         );
+        let long_method = Method::from_bytes(&[b'X'; 300]).unwrap();
+        assert_eq!(
+            recorded_method(&long_method),
+            format!("{}…[truncated]", "X".repeat(16))
+        );
+        assert_eq!(recorded_method(&Method::OPTIONS), "OPTIONS");
         let long = "x".repeat(5000);
         let cut = redacted_path(&format!("/{long}"), None);
         assert!(cut.len() < MAX_PATH + 20 && cut.ends_with("[truncated]"));

@@ -24,6 +24,7 @@ use http::{header, HeaderMap, HeaderName};
 use crate::app::App;
 use crate::cache::StateCache;
 use crate::domain::{Role, Username};
+use crate::store::CapabilityState;
 use crate::tokens::jwt::{self, Claims, JwtRejection};
 use crate::tokens::{capability, opaque, totp, Tokens};
 
@@ -98,6 +99,9 @@ pub enum AuthFailure {
     BadCredentials,
     /// The user exists but is disabled.
     Disabled,
+    /// Basic credentials whose username is not a valid username (so it names nobody, and
+    /// may be a password typed into the wrong field: it is not recorded).
+    MalformedUsername,
     /// The password was right, but the user has TOTP enrolled and sent no code.
     SecondFactorRequired,
     /// The TOTP code matches none of the current steps.
@@ -124,6 +128,8 @@ pub enum AuthFailure {
     RevokedCapability,
     /// A capability past its expiry.
     ExpiredCapability,
+    /// A capability whose minter no longer holds any grant on its account.
+    MinterLeft,
     /// The database could not be asked; the request is not authenticated (fail closed).
     Unavailable,
 }
@@ -134,6 +140,7 @@ impl AuthFailure {
             AuthFailure::MalformedBasic => "malformed basic credentials",
             AuthFailure::UnsupportedScheme => "unsupported authorization scheme",
             AuthFailure::BadCredentials => "unknown user or wrong password",
+            AuthFailure::MalformedUsername => "malformed username",
             AuthFailure::Disabled => "user disabled",
             AuthFailure::SecondFactorRequired => "totp code required",
             AuthFailure::BadSecondFactor => "wrong totp code",
@@ -148,6 +155,7 @@ impl AuthFailure {
             AuthFailure::UnknownCapability => "unknown capability",
             AuthFailure::RevokedCapability => "capability revoked",
             AuthFailure::ExpiredCapability => "capability expired",
+            AuthFailure::MinterLeft => "capability minter lost access",
             AuthFailure::Unavailable => "user store unavailable",
         }
     }
@@ -378,7 +386,9 @@ pub async fn identify(app: &App, credentials: Credentials) -> Identity {
         Credentials::MalformedBasic => failed(Some(AuthMethod::Basic), AuthFailure::MalformedBasic),
         Credentials::MalformedTotp(username) => Identity::Failed {
             method: Some(AuthMethod::Basic),
-            claimed: Some(username),
+            claimed: Username::parse("username", &username)
+                .is_ok()
+                .then_some(username),
             reason: AuthFailure::MalformedSecondFactor,
         },
         Credentials::MalformedBearer => {
@@ -414,21 +424,34 @@ async fn resolve_capability(app: &App, hash: [u8; 32]) -> Identity {
         Ok(None) => return failed(AuthFailure::UnknownCapability),
         Ok(Some(state)) => state,
     };
-    let capability = state.capability;
-    if capability.revoked_at.is_some() {
-        return failed(AuthFailure::RevokedCapability);
+    match capability_use(&state, crate::time::now_millis()) {
+        Ok(capability) => Identity::Capability(capability),
+        Err(reason) => failed(reason),
     }
-    if capability.expires_at <= crate::time::now_millis() {
-        return failed(AuthFailure::ExpiredCapability);
+}
+
+/// What a capability is worth now: refused when it, or any capability it was derived from,
+/// is revoked, when it expired, or when its minter is disabled or holds no grant on the
+/// account any more; otherwise its own permissions within what the minter holds today.
+pub fn capability_use(state: &CapabilityState, now_ms: i64) -> Result<CapabilityUse, AuthFailure> {
+    let capability = &state.capability;
+    if capability.revoked_at.is_some() || state.ancestor_revoked {
+        return Err(AuthFailure::RevokedCapability);
+    }
+    if capability.expires_at <= now_ms {
+        return Err(AuthFailure::ExpiredCapability);
     }
     if state.minter_disabled {
-        return failed(AuthFailure::Disabled);
+        return Err(AuthFailure::Disabled);
     }
-    Identity::Capability(CapabilityUse {
+    let Some(minter_perms) = state.minter_perms else {
+        return Err(AuthFailure::MinterLeft);
+    };
+    Ok(CapabilityUse {
         id: capability.id,
         account: capability.account_id,
         payment: capability.payment_id,
-        perms: capability.perms,
+        perms: capability.perms.intersection(minter_perms),
         expires_at: capability.expires_at,
     })
 }
@@ -532,17 +555,23 @@ async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {
         password,
         totp: code,
     } = credentials;
+    // A name no user can have is refused before any hashing, and never recorded: it may
+    // be a password typed into the username field.
+    let Ok(name) = Username::parse("username", &username) else {
+        return Identity::Failed {
+            method: Some(AuthMethod::Basic),
+            claimed: None,
+            reason: AuthFailure::MalformedUsername,
+        };
+    };
     let mut lookup_failed = false;
-    let user = match Username::parse("username", &username) {
-        Err(_) => None,
-        Ok(name) => match app.store.user_by_name(name.as_str().to_owned()).await {
-            Ok(user) => user,
-            Err(e) => {
-                log::error!("looking up a user for authentication failed: {e}");
-                lookup_failed = true;
-                None
-            }
-        },
+    let user = match app.store.user_by_name(name.as_str().to_owned()).await {
+        Ok(user) => user,
+        Err(e) => {
+            log::error!("looking up a user for authentication failed: {e}");
+            lookup_failed = true;
+            None
+        }
     };
     let phc = user.as_ref().map(|u| u.password_hash.clone());
     let matched = app.passwords.verify(phc, password).await;

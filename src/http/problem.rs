@@ -39,6 +39,8 @@ pub enum Conflict {
     NoTotpEnrolment,
     /// Only pending payments can be cancelled.
     PaymentNotPending,
+    /// The account's last holder of `a` cannot be removed.
+    LastManager,
 }
 
 /// A failed request.
@@ -190,6 +192,7 @@ impl ApiError {
                     self::Conflict::IdempotencyInFlight => "idempotency-key-in-flight",
                     self::Conflict::NoTotpEnrolment => "no-totp-enrolment",
                     self::Conflict::PaymentNotPending => "payment-not-pending",
+                    self::Conflict::LastManager => "last-manager",
                 };
                 (StatusCode::CONFLICT, slug, detail.clone(), none)
             }

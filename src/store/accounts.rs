@@ -4,7 +4,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
 use super::{into_page, Page, Store, StoreError};
-use crate::domain::{Currency, Perms};
+use crate::domain::{Currency, Perm, Perms};
 
 /// An account as clients see it.
 #[derive(Debug, Clone)]
@@ -31,6 +31,57 @@ pub enum MemberUpsert {
     Updated,
     /// No user has that name.
     UnknownUser,
+    /// The granter may not: see [`Refusal`].
+    Refused(Refusal),
+}
+
+/// Result of removing a member.
+#[derive(Debug)]
+pub enum MemberRemoval {
+    Removed,
+    /// No user of that name holds a grant on the account.
+    NotMember,
+    /// The remover may not: see [`Refusal`].
+    Refused(Refusal),
+    /// The member is the account's last holder of `a`: removing them would leave nobody
+    /// able to manage it.
+    LastManager,
+}
+
+/// Why a member may not grant or remove, decided inside the transaction that would have
+/// made the change (so two managers racing cannot together do what neither may alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The acting member no longer holds `a` on the account (their grant changed since
+    /// access control looked), holding these permissions (empty: no grant).
+    NotManager(Perms),
+    /// The new grant includes permissions the granter does not hold.
+    BeyondOwn { own: Perms, asked: Perms },
+    /// The member's current grant includes permissions the actor does not hold: nobody
+    /// demotes or removes someone more privileged.
+    MorePrivileged { own: Perms, theirs: Perms },
+}
+
+/// The actor's own permissions, read in the transaction, required to include `a`.
+fn manager_perms(
+    conn: &Connection,
+    actor: i64,
+    account: &str,
+) -> Result<Result<Perms, Refusal>, StoreError> {
+    let perms = member_perms(conn, actor, account)?.unwrap_or(Perms::NONE);
+    Ok(if perms.contains(Perm::Admin) {
+        Ok(perms)
+    } else {
+        Err(Refusal::NotManager(perms))
+    })
+}
+
+fn member_perms(conn: &Connection, user: i64, account: &str) -> Result<Option<Perms>, StoreError> {
+    conn.prepare_cached("SELECT perms FROM account_members WHERE user_id = ?1 AND account_id = ?2")?
+        .query_row(params![user, account], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|p| parse_perms(&p))
+        .transpose()
 }
 
 pub(super) fn parse_uuid(raw: &str) -> Result<Uuid, StoreError> {
@@ -171,7 +222,9 @@ impl Store {
         .await
     }
 
-    /// Grants `perms` on `account` to the user called `username`, replacing any earlier grant.
+    /// Grants `perms` on `account` to the user called `username`, replacing any earlier
+    /// grant, as the member `granted_by`: only permissions the granter holds, and only over
+    /// a grant within the granter's own.
     pub async fn upsert_member(
         &self,
         account: Uuid,
@@ -180,20 +233,28 @@ impl Store {
         granted_by: i64,
     ) -> Result<MemberUpsert, StoreError> {
         self.run(move |conn| {
+            let account = account.to_string();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(user): Option<i64> = tx
-                .query_row("SELECT id FROM users WHERE username = ?1", [&username], |r| {
-                    r.get(0)
-                })
-                .optional()?
-            else {
+            let own = match manager_perms(&tx, granted_by, &account)? {
+                Ok(own) => own,
+                Err(refusal) => return Ok(MemberUpsert::Refused(refusal)),
+            };
+            if !perms.is_subset_of(own) {
+                return Ok(MemberUpsert::Refused(Refusal::BeyondOwn {
+                    own,
+                    asked: perms,
+                }));
+            }
+            let Some(user) = user_id(&tx, &username)? else {
                 return Ok(MemberUpsert::UnknownUser);
             };
-            let existed: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM account_members WHERE user_id = ?1 AND account_id = ?2)",
-                params![user, account.to_string()],
-                |r| r.get(0),
-            )?;
+            let existing = member_perms(&tx, user, &account)?;
+            if let Some(theirs) = existing.filter(|theirs| !theirs.is_subset_of(own)) {
+                return Ok(MemberUpsert::Refused(Refusal::MorePrivileged {
+                    own,
+                    theirs,
+                }));
+            }
             tx.execute(
                 "INSERT INTO account_members (user_id, account_id, perms, granted_by, granted_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -203,14 +264,14 @@ impl Store {
                      granted_at = excluded.granted_at",
                 params![
                     user,
-                    account.to_string(),
+                    account,
                     perms.to_string(),
                     granted_by,
                     crate::time::now_millis()
                 ],
             )?;
             tx.commit()?;
-            Ok(if existed {
+            Ok(if existing.is_some() {
                 MemberUpsert::Updated
             } else {
                 MemberUpsert::Created
@@ -218,6 +279,62 @@ impl Store {
         })
         .await
     }
+
+    /// Removes the grant of the user called `username` on `account`, as the member
+    /// `removed_by`: only a grant within the remover's own permissions, and never the
+    /// account's last holder of `a`. A member may remove themselves (leave) on those terms.
+    pub async fn remove_member(
+        &self,
+        account: Uuid,
+        username: String,
+        removed_by: i64,
+    ) -> Result<MemberRemoval, StoreError> {
+        self.run(move |conn| {
+            let account = account.to_string();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let own = match manager_perms(&tx, removed_by, &account)? {
+                Ok(own) => own,
+                Err(refusal) => return Ok(MemberRemoval::Refused(refusal)),
+            };
+            let Some(user) = user_id(&tx, &username)? else {
+                return Ok(MemberRemoval::NotMember);
+            };
+            let Some(theirs) = member_perms(&tx, user, &account)? else {
+                return Ok(MemberRemoval::NotMember);
+            };
+            if !theirs.is_subset_of(own) {
+                return Ok(MemberRemoval::Refused(Refusal::MorePrivileged {
+                    own,
+                    theirs,
+                }));
+            }
+            if theirs.contains(Perm::Admin) {
+                let other_managers: i64 = tx
+                    .prepare_cached(
+                        "SELECT count(*) FROM account_members
+                          WHERE account_id = ?1 AND user_id != ?2 AND instr(perms, 'a') > 0",
+                    )?
+                    .query_row(params![account, user], |r| r.get(0))?;
+                if other_managers == 0 {
+                    return Ok(MemberRemoval::LastManager);
+                }
+            }
+            tx.execute(
+                "DELETE FROM account_members WHERE user_id = ?1 AND account_id = ?2",
+                params![user, account],
+            )?;
+            tx.commit()?;
+            Ok(MemberRemoval::Removed)
+        })
+        .await
+    }
+}
+
+fn user_id(conn: &Connection, username: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM users WHERE username = ?1")?
+        .query_row([username], |r| r.get(0))
+        .optional()?)
 }
 
 fn membership(

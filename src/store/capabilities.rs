@@ -23,12 +23,19 @@ pub struct Capability {
     pub revoked_at: Option<i64>,
 }
 
-/// A capability as authentication sees it: the row, and whether its minter (or the
-/// minter of any capability it was derived from) is disabled.
+/// A capability as authentication sees it: the row, and what it depends on now — its
+/// ancestors (revoking one revokes it) and its minter (a capability is never worth more
+/// than the minter still holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapabilityState {
     pub capability: Capability,
+    /// Its minter (or the minter of any capability it was derived from) is disabled.
     pub minter_disabled: bool,
+    /// A capability it was derived from, at any depth, is revoked.
+    pub ancestor_revoked: bool,
+    /// The minter's current grant on the capability's account; `None` when they have
+    /// none any more. (A derived capability keeps its root's minter.)
+    pub minter_perms: Option<Perms>,
 }
 
 /// A capability to store.
@@ -122,7 +129,16 @@ impl Store {
                                     SELECT p.id, p.parent_id, p.minted_by
                                       FROM capabilities p JOIN chain ON p.id = chain.parent_id)
                                 SELECT 1 FROM chain JOIN users u ON u.id = chain.minted_by
-                                 WHERE u.disabled = 1)
+                                 WHERE u.disabled = 1),
+                        EXISTS (WITH RECURSIVE ancestors(id, parent_id, revoked_at) AS (
+                                    SELECT p.id, p.parent_id, p.revoked_at FROM capabilities p
+                                     WHERE p.id = c.parent_id
+                                    UNION ALL
+                                    SELECT p.id, p.parent_id, p.revoked_at
+                                      FROM capabilities p JOIN ancestors a ON p.id = a.parent_id)
+                                SELECT 1 FROM ancestors WHERE revoked_at IS NOT NULL),
+                        (SELECT m.perms FROM account_members m
+                          WHERE m.user_id = c.minted_by AND m.account_id = c.account_id)
                    FROM capabilities c WHERE c.token_hash = ?1"
             );
             let mut statement = conn.prepare_cached(&sql)?;
@@ -133,6 +149,11 @@ impl Store {
             Ok(Some(CapabilityState {
                 capability: capability(row)?,
                 minter_disabled: row.get(9)?,
+                ancestor_revoked: row.get(10)?,
+                minter_perms: row
+                    .get::<_, Option<String>>(11)?
+                    .map(|p| parse_perms(&p))
+                    .transpose()?,
             }))
         })
         .await

@@ -28,7 +28,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
-pub use accounts::{Account, MemberUpsert, Membership};
+pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
 pub use capabilities::{Capability, CapabilityState, NewCapability};
 pub use idempotency::{EarlierUse, KeyedAnswer, StoredResponse};

@@ -637,3 +637,16 @@ pub fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Every audit file under the data directory `data`, concatenated (order of instances and
+/// files).
+pub fn audit_text(data: &std::path::Path) -> String {
+    let audit = data.join(paygate::audit::AUDIT_DIR);
+    let mut text = String::new();
+    for (_, dir) in paygate::audit::instance_dirs(&audit).unwrap() {
+        for (_, file) in paygate::audit::writer::log_files(&dir).unwrap() {
+            text.push_str(&std::fs::read_to_string(file).unwrap());
+        }
+    }
+    text
+}
