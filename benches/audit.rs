@@ -6,6 +6,10 @@
 //!   (queued, written and fdatasync'd together); throughput is records per second.
 //! - `audit_durable/fsync_per_record`: the baseline without group commit — one `write` and
 //!   one `fdatasync` per record, same record size, same file system.
+//! - `audit_start/…`: opening a worker's audit log, which verifies its chain against the
+//!   checkpoint before appending: a 64 MiB newest file (the default rotation size, so the
+//!   most one start walks), and 256 MiB of rotated history with an 8 MiB newest file
+//!   (history costs nothing).
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -95,5 +99,58 @@ fn bench_audit(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-criterion_group!(benches, bench_audit);
+/// A data directory whose chain `1` holds `files` files of about `bytes_each`, with its
+/// checkpoint at the last record, as a clean stop leaves it.
+fn chain_on_disk(files: u32, bytes_each: usize) -> std::path::PathBuf {
+    use paygate::audit::record::checkpoint_mac;
+    use paygate::store::{Checkpoint, Checkpoints};
+    let data = std::env::temp_dir().join(format!("paygate-bench-start-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&data).expect("data dir");
+    let key = paygate::audit::load_or_create_key(&data).expect("key");
+    let audit = data.join(paygate::audit::AUDIT_DIR);
+    let dir = audit.join("1");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let time = paygate::time::format_rfc3339_millis(paygate::time::now_millis());
+    let body = body_of(&sample(&time));
+    let (mut seq, mut chain) = (0u64, GENESIS);
+    let mut bytes = Vec::with_capacity(bytes_each + 1024);
+    for number in 1..=files {
+        bytes.clear();
+        while bytes.len() < bytes_each {
+            seq += 1;
+            chain = seal(&key, &chain, seq, &body, &mut bytes);
+        }
+        let path = dir.join(paygate::audit::writer::file_name(number));
+        std::fs::write(path, &bytes).expect("write");
+    }
+    let checkpoints = Checkpoints::open(&audit).expect("checkpoints");
+    let checkpoint = Checkpoint {
+        records: seq,
+        head: chain,
+        mac: Some(checkpoint_mac(&key, "1", seq, &chain)),
+    };
+    checkpoints.save("1", &checkpoint).expect("checkpoint");
+    data
+}
+
+fn bench_start(c: &mut Criterion) {
+    let mut group = c.benchmark_group("audit_start");
+    group.sample_size(10);
+    for (name, files, each) in [
+        ("newest_64MiB", 1, 64 << 20),
+        ("history_256MiB_newest_8MiB", 33, 8 << 20),
+    ] {
+        let data = chain_on_disk(files, each);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let log = AuditLog::open(&data, Some("1"), 1 << 40, true).expect("open");
+                log.close();
+            })
+        });
+        let _ = std::fs::remove_dir_all(data);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_audit, bench_start);
 criterion_main!(benches);

@@ -38,6 +38,7 @@ pub enum CommandName {
     KeysPrune,
     KeysExport,
     AuditVerify,
+    AuditSeal,
 }
 
 impl CommandName {
@@ -51,6 +52,7 @@ impl CommandName {
             CommandName::KeysPrune => "paygate keys prune [OPTIONS]",
             CommandName::KeysExport => "paygate keys export [OPTIONS]",
             CommandName::AuditVerify => "paygate audit verify [DIR] [OPTIONS]",
+            CommandName::AuditSeal => "paygate audit seal --reason TEXT [OPTIONS]",
         }
     }
 
@@ -80,8 +82,17 @@ impl CommandName {
             CommandName::AuditVerify => {
                 "Check every audit chain in DIR (default: the audit directory of --data-dir) \
                  with the audit key of its data directory (DIR/../audit.key). Exits 0 and \
-                 prints the number of records checked, or exits 1 naming the first bad file \
-                 and line and why."
+                 prints the number of records checked; exits 3 when the log verifies except \
+                 for breaks an operator acknowledged with `audit seal`, listing each; exits 1 \
+                 naming the first bad file and line and why."
+            }
+            CommandName::AuditSeal => {
+                "Acknowledge a damaged audit log so that workers can start again: for every \
+                 chain that does not verify up to its checkpoint (or only the one named by \
+                 --instance), start a new file whose first record chains from the last record \
+                 that verifies and states what was found, the reason given and when. The \
+                 damaged files stay as they are, as evidence. Stop every worker on the data \
+                 directory first. From then on `audit verify` reports the break (exit 3)."
             }
             CommandName::KeysExport => {
                 "Print every JWT signing key as a JSON Web Key Set, current key first, so other \
@@ -93,7 +104,7 @@ impl CommandName {
 }
 
 use CommandName::{
-    AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable,
+    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable,
 };
 
 /// Every option paygate accepts. Order is the order of `--help`.
@@ -122,6 +133,7 @@ pub const OPTIONS: &[OptionSpec] = &[
             KeysPrune,
             KeysExport,
             AuditVerify,
+            AuditSeal,
         ],
         list_separator: None,
     },
@@ -268,8 +280,9 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "NAME",
         default: "the first free number",
         help: "This worker's name in the audit log: its chain is audit/NAME/. Every process \
-               on a data directory needs its own (systemd: %i).",
-        commands: &[Serve],
+               on a data directory needs its own (systemd: %i). With `audit seal`: seal only \
+               this chain.",
+        commands: &[Serve, AuditSeal],
         list_separator: None,
     },
     OptionSpec {
@@ -309,6 +322,16 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "Internal: set by the supervisor on the workers it starts (commands arrive on \
                stdin; its end means stop).",
         commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "reason",
+        env: None,
+        value: "TEXT",
+        default: "none (required)",
+        help: "Why the damaged log is continued (1–500 characters), written into the break \
+               record, e.g. 'disk replaced after I/O errors; ticket 4711'.",
+        commands: &[AuditSeal],
         list_separator: None,
     },
     OptionSpec {
@@ -394,17 +417,18 @@ where
         },
         Some("audit") => match args.pop().as_deref() {
             Some("verify") => AuditVerify,
+            Some("seal") => AuditSeal,
             Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
             Some(other) => {
                 return Err(UsageError(format!(
-                    "unknown command `audit {other}`; the audit command has: verify"
+                    "unknown command `audit {other}`; the audit command has: verify, seal"
                 )))
             }
         },
         Some(other) => {
             return Err(UsageError(format!(
                 "unknown command `{other}`; commands are: serve, dev-cert, user add, \
-                 user disable, keys rotate, keys prune, keys export, audit verify"
+                 user disable, keys rotate, keys prune, keys export, audit verify, audit seal"
             )))
         }
     };
@@ -471,6 +495,7 @@ fn main_help() -> String {
          paygate keys prune               delete retired keys whose tokens expired\n  \
          paygate keys export              print the keys as a JWK Set (secret!)\n  \
          paygate audit verify [DIR]       check every audit chain\n  \
+         paygate audit seal --reason TEXT continue a damaged audit log, recording the break\n  \
          paygate <command> --help         options of one command\n  \
          paygate --version\n\n\
          Every option can also be set through its environment variable; flags win over the \

@@ -1,5 +1,6 @@
 //! The `paygate` binary: parse the command line, then hand over to the library.
-//! Exit codes: 0 success, 1 runtime or configuration failure, 2 usage error.
+//! Exit codes: 0 success, 1 runtime or configuration failure, 2 usage error; `audit verify`
+//! exits 3 for a log that verifies except for acknowledged (sealed) breaks.
 
 use std::io::{BufRead, Write as _};
 use std::process::ExitCode;
@@ -21,14 +22,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match invocation {
+    let result: Result<ExitCode, Failure> = match invocation {
         Invocation::Help(text) => {
             print!("{text}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Invocation::Version => {
             println!("paygate {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Invocation::Run {
             command,
@@ -37,20 +38,22 @@ fn main() -> ExitCode {
         } => {
             let env = |name: &str| std::env::var(name).ok();
             let sources = Sources::new(&options, &env);
+            let done = |result: Result<(), Failure>| result.map(|()| ExitCode::SUCCESS);
             match command {
-                CommandName::Serve => serve(&sources, &positional),
-                CommandName::DevCert => dev_cert(&sources, &positional),
-                CommandName::UserAdd => user_add(&sources, &positional),
-                CommandName::UserDisable => user_disable(&sources, &positional),
-                CommandName::KeysRotate => keys_rotate(&sources, &positional),
-                CommandName::KeysPrune => keys_prune(&sources, &positional),
-                CommandName::KeysExport => keys_export(&sources, &positional),
+                CommandName::Serve => done(serve(&sources, &positional)),
+                CommandName::DevCert => done(dev_cert(&sources, &positional)),
+                CommandName::UserAdd => done(user_add(&sources, &positional)),
+                CommandName::UserDisable => done(user_disable(&sources, &positional)),
+                CommandName::KeysRotate => done(keys_rotate(&sources, &positional)),
+                CommandName::KeysPrune => done(keys_prune(&sources, &positional)),
+                CommandName::KeysExport => done(keys_export(&sources, &positional)),
                 CommandName::AuditVerify => audit_verify(&sources, &positional),
+                CommandName::AuditSeal => done(audit_seal(&sources, &positional)),
             }
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("paygate: error: {e}");
             ExitCode::FAILURE
@@ -290,7 +293,7 @@ fn keys_export(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failu
     Ok(())
 }
 
-fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<ExitCode, Failure> {
     let dir = match positional {
         [] => sources.data_dir().join(paygate::audit::AUDIT_DIR),
         [dir] => std::path::PathBuf::from(dir),
@@ -306,13 +309,60 @@ fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<(), Fail
         .unwrap_or_default();
     let key = paygate::audit::load_key(&data_dir.join(paygate::audit::KEY_FILE))?;
     match paygate::audit::verify::verify_dir(&dir, &key) {
-        Ok(report) => {
+        Ok(report) if report.breaks.is_empty() => {
             println!(
                 "audit log OK: {} records in {} file(s), {} chain(s) verified",
                 report.records, report.files, report.chains
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(report) => {
+            println!(
+                "audit log verified WITH {} ACKNOWLEDGED BREAK(S): {} records in {} file(s), \
+                 {} chain(s); records between each break's damage and its seal are not \
+                 vouched for:",
+                report.breaks.len(),
+                report.records,
+                report.files,
+                report.chains
+            );
+            for sealed in &report.breaks {
+                println!("  break: {sealed}");
+            }
+            Ok(ExitCode::from(3))
         }
         Err(broken) => Err(format!("audit log BROKEN: {broken}").into()),
     }
+}
+
+fn audit_seal(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let Some(reason) = sources.string("reason") else {
+        return Err(
+            "`paygate audit seal` needs --reason TEXT: say why the damaged log is \
+                    continued; it is written into the break record"
+                .into(),
+        );
+    };
+    let instance = sources.string("instance");
+    let outcomes =
+        paygate::audit::seal::seal_damaged(&sources.data_dir(), instance.as_deref(), &reason)?;
+    for outcome in outcomes {
+        match outcome {
+            paygate::audit::seal::Sealed::Intact { instance } => {
+                println!("chain {instance}: verifies up to its checkpoint; nothing to seal")
+            }
+            paygate::audit::seal::Sealed::Sealed {
+                instance,
+                file,
+                found,
+                after_seq,
+            } => println!(
+                "chain {instance}: SEALED after record {after_seq}; {} begins with a break \
+                 record stating: {found}",
+                file.display()
+            ),
+        }
+    }
+    Ok(())
 }

@@ -582,3 +582,197 @@ async fn a_claimed_name_is_recorded_only_when_it_is_a_username() {
         .iter()
         .any(|r| r["claimed"] == "alice" && r["auth_reason"] == "unknown user or wrong password"));
 }
+
+/// A real `paygate serve` (one worker) on `dir`, asked for `requests` statuses and stopped
+/// cleanly: two records per request.
+async fn run_and_stop(dir: &TempDir, requests: usize) {
+    let (mut child, addr) = serve(dir, &["--rate-limit", "none"]);
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    for _ in 0..requests {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    }
+    common::signal(&child, "TERM");
+    assert!(common::wait_exit(&mut child).success());
+}
+
+/// Starts `paygate serve` on a damaged log and returns what it said when it refused.
+fn serve_refused(dir: &TempDir) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = paygate_command(dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("listening on") {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("a worker started on a damaged audit log:\n{said}{line}");
+        }
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let status = common::wait_exit(&mut child);
+    assert_eq!(status.code(), Some(1), "{said}");
+    said
+}
+
+/// `paygate audit verify` on `dir`: exit code and everything it printed.
+fn verify_cli(dir: &TempDir) -> (Option<i32>, String) {
+    let output = paygate_command(dir)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
+fn chain_file(dir: &TempDir) -> PathBuf {
+    dir.0.join("data/audit/1/000001.jsonl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_tail_is_never_laundered_by_the_next_start() {
+    let dir = TempDir::new("audit-cut");
+    run_and_stop(&dir, 11).await;
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("22 records"), "{said}");
+    // The last four lines removed: no key is needed for that.
+    rewrite_lines(&chain_file(&dir), |lines| lines.truncate(18));
+    let before = std::fs::read(chain_file(&dir)).unwrap();
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(1));
+    assert!(said.contains("tail cut off"), "{said}");
+    // The worker refuses to start, naming the file, the line, what is wrong and what to do.
+    let refused = serve_refused(&dir);
+    assert!(
+        refused.contains("000001.jsonl:19: tail cut off")
+            && refused.contains("checkpoint says 22")
+            && refused.contains("paygate audit seal --reason"),
+        "{refused}"
+    );
+    // Nothing was appended and the checkpoint did not move: verify still says so.
+    assert_eq!(std::fs::read(chain_file(&dir)).unwrap(), before);
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{said}");
+
+    // The same cut disguised as a torn last line.
+    let mut disguised = before.clone();
+    disguised.extend_from_slice(br#"{"seq":19,"time":"2026-12-01T00:00:00.000Z","pha"#);
+    std::fs::write(chain_file(&dir), &disguised).unwrap();
+    let refused = serve_refused(&dir);
+    assert!(refused.contains("tail cut off"), "{refused}");
+    assert_eq!(std::fs::read(chain_file(&dir)).unwrap(), disguised);
+
+    // The operator looked, and continues on purpose: a new segment states the break.
+    let output = paygate_command(&dir)
+        .args([
+            "audit",
+            "seal",
+            "--reason",
+            "4 lines lost in an incident; ticket 4711",
+        ])
+        .output()
+        .unwrap();
+    let sealed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{sealed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(sealed.contains("SEALED after record 18"), "{sealed}");
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("1 ACKNOWLEDGED BREAK")
+            && said.contains("000002.jsonl")
+            && said.contains("ticket 4711")
+            && said.contains("tail cut off"),
+        "{said}"
+    );
+    assert!(!said.contains("audit log OK"));
+    // Workers start again, continue after the break, and verify keeps naming it.
+    run_and_stop(&dir, 3).await;
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("25 records"), "18 + the break + 6: {said}");
+    let records: Vec<Value> = std::fs::read_to_string(dir.0.join("data/audit/1/000002.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["phase"], "break");
+    assert_eq!(records[0]["seq"], 19);
+    assert_eq!(records[0]["after_seq"], 18);
+    assert_eq!(
+        records[0]["reason"],
+        "4 lines lost in an incident; ticket 4711"
+    );
+    assert_eq!(records[1]["seq"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_record_or_a_moved_checkpoint_stops_the_worker() {
+    let dir = TempDir::new("audit-edit");
+    run_and_stop(&dir, 8).await;
+    let original = std::fs::read(chain_file(&dir)).unwrap();
+    // A record in the middle edited.
+    rewrite_lines(&chain_file(&dir), |lines| {
+        lines[6] = lines[6].replace("/apiStatus", "/elsewhere");
+    });
+    let refused = serve_refused(&dir);
+    assert!(
+        refused.contains("000001.jsonl:7: chain broken"),
+        "{refused}"
+    );
+    std::fs::write(chain_file(&dir), &original).unwrap();
+
+    // A cut tail with the checkpoint moved to match it (as sqlite3 would): the checkpoint's
+    // MAC needs the audit key.
+    rewrite_lines(&chain_file(&dir), |lines| lines.truncate(10));
+    let line_10: Value = serde_json::from_str(
+        std::fs::read_to_string(chain_file(&dir))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let head = line_10["chain"].as_str().unwrap();
+    let db = dir.0.join("data/audit/checkpoints.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE checkpoints SET records = 10, head = unhex(?1)",
+        [head],
+    )
+    .unwrap();
+    drop(conn);
+    let refused = serve_refused(&dir);
+    assert!(
+        refused.contains("not authenticated by the audit key"),
+        "{refused}"
+    );
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{said}");
+
+    // The checkpoint store deleted as well: files without checkpoints are an error too.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("checkpoint store is missing"), "{said}");
+    let refused = serve_refused(&dir);
+    assert!(
+        refused.contains("no checkpoint for this chain"),
+        "{refused}"
+    );
+}

@@ -69,7 +69,40 @@ pub struct ResponseRecord<'a> {
     pub duration_us: u64,
 }
 
-/// What the audit writer accepts: a record of one of the two phases (never arbitrary
+/// The `break` record: the first record of a chain segment that `paygate audit seal`
+/// started after the log was found damaged. It chains from the last record that still
+/// verified, and says what was found, why the operator continued, and when.
+#[derive(Debug, Serialize)]
+pub struct BreakRecord<'a> {
+    pub time: &'a str,
+    pub phase: &'static str,
+    /// The instance whose chain this is.
+    pub worker: &'a str,
+    /// What verification found (file, line and why).
+    pub found: &'a str,
+    /// The operator's reason, as given to `audit seal --reason`.
+    pub reason: &'a str,
+    /// The last record that verified, and its chain value (hex): this record chains from
+    /// there, and everything after it in the damaged segment is set aside.
+    pub after_seq: u64,
+    pub after_chain: &'a str,
+}
+
+impl Record for BreakRecord<'_> {
+    fn write_body(&self, out: &mut Vec<u8>) {
+        let mut members = Members::start(out);
+        members.str("time", self.time);
+        members.str("phase", self.phase);
+        members.str("worker", self.worker);
+        members.str("found", self.found);
+        members.str("reason", self.reason);
+        members.number("after_seq", self.after_seq);
+        members.str("after_chain", self.after_chain);
+        members.end();
+    }
+}
+
+/// What the audit writer accepts: a record of one of the three phases (never arbitrary
 /// bytes, so nothing but these fields can reach the log).
 pub trait Record {
     /// Appends the record's JSON without `seq` and `chain` (`{"time":…}`): exactly the
@@ -243,6 +276,75 @@ fn chain_value(key: &hmac::Key, prev: &[u8; 32], content: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(context.sign().as_ref());
     out
+}
+
+/// The chain value of `line` (without its newline) when it is a sealed record that follows
+/// `prev` under `key`, compared in constant time; `None` otherwise. Unlike [`unseal`] and
+/// [`verifies`] it copies nothing: start-up checks run it over whole files.
+pub fn verify_line(key: &hmac::Key, prev: &[u8; 32], line: &[u8]) -> Option<[u8; 32]> {
+    let tail = CHAIN_MEMBER.len() + 64 + 2;
+    if line.len() < tail + 2 || !line.ends_with(b"\"}") {
+        return None;
+    }
+    let at = line.len() - tail;
+    if &line[at..at + CHAIN_MEMBER.len()] != CHAIN_MEMBER {
+        return None;
+    }
+    let stated = unhex(&line[at + CHAIN_MEMBER.len()..line.len() - 2])?;
+    let mut context = hmac::Context::with_key(key);
+    context.update(prev);
+    context.update(&line[..at]);
+    context.update(b"}");
+    let computed = context.sign();
+    let differs = computed
+        .as_ref()
+        .iter()
+        .zip(stated)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (differs == 0).then_some(stated)
+}
+
+/// The sequence number a line states (`{"seq":N,…`), without parsing the rest; `None`
+/// when it does not start that way. Trust it only once [`verify_line`] accepted the line.
+pub fn line_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 19 || !matches!(rest.get(digits), Some(b',' | b'}')) {
+        return None;
+    }
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// The MAC of a checkpoint: HMAC-SHA256 under the audit key over a label, the instance,
+/// the record count and the chain value. Without the key nobody can move a checkpoint to
+/// match a log they cut.
+pub fn checkpoint_mac(key: &hmac::Key, instance: &str, records: u64, head: &[u8; 32]) -> [u8; 32] {
+    let mut context = hmac::Context::with_key(key);
+    context.update(b"paygate audit checkpoint v1\0");
+    context.update(instance.as_bytes());
+    context.update(b"\0");
+    context.update(&records.to_be_bytes());
+    context.update(head);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.sign().as_ref());
+    out
+}
+
+/// Whether `mac` authenticates the checkpoint (constant-time).
+pub fn checkpoint_authentic(
+    key: &hmac::Key,
+    instance: &str,
+    records: u64,
+    head: &[u8; 32],
+    mac: &[u8; 32],
+) -> bool {
+    let mut data = Vec::with_capacity(64 + instance.len());
+    data.extend_from_slice(b"paygate audit checkpoint v1\0");
+    data.extend_from_slice(instance.as_bytes());
+    data.push(0);
+    data.extend_from_slice(&records.to_be_bytes());
+    data.extend_from_slice(head);
+    hmac::verify(key, &data, mac).is_ok()
 }
 
 /// A line taken apart: what was signed, and the chain value it carries.
@@ -419,6 +521,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn lines_verify_in_place_and_state_their_number() {
+        let key = key();
+        let mut bytes = Vec::new();
+        let first = seal(&key, &GENESIS, 41, br#"{"a":1}"#, &mut bytes);
+        let line = &bytes[..bytes.len() - 1];
+        assert_eq!(verify_line(&key, &GENESIS, line), Some(first));
+        assert_eq!(verify_line(&key, &[7; 32], line), None);
+        let mut edited = line.to_vec();
+        edited[10] ^= 1;
+        assert_eq!(verify_line(&key, &GENESIS, &edited), None);
+        assert_eq!(line_seq(line), Some(41));
+        assert_eq!(line_seq(b"{\"seq\":7}"), Some(7));
+        for bad in [
+            &b"{\"seq\":}"[..],
+            b"{\"seq\":1x",
+            b"{\"seq\":-1,",
+            b"{\"sek\":1,",
+            b"",
+        ] {
+            assert_eq!(line_seq(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        let mac = checkpoint_mac(&key, "1", 22, &first);
+        assert!(checkpoint_authentic(&key, "1", 22, &first, &mac));
+        assert!(!checkpoint_authentic(&key, "1", 18, &first, &mac));
+        assert!(!checkpoint_authentic(&key, "2", 22, &first, &mac));
     }
 
     #[test]

@@ -1,19 +1,30 @@
-//! `paygate audit verify`: checks every chain of an audit directory, record by record, and
-//! against the checkpoints kept outside the files.
+//! Checking audit chains, record by record and against the checkpoints kept outside the
+//! files: `paygate audit verify` over a whole audit directory ([`verify_dir`]), and the
+//! check a worker runs before it appends to its own chain ([`check_before_append`]).
 //!
 //! Detected: an edited line (its chain value no longer matches), a deleted, inserted or
 //! reordered line (the chain and the sequence numbers break), a missing file, a torn last
-//! line, and a tail cut off (the files hold fewer records than the checkpoint, or another
-//! record where the checkpoint's chain value was).
+//! line, a tail cut off (the files hold fewer records than the checkpoint, or another
+//! record where the checkpoint's chain value was), a checkpoint moved without the audit key
+//! (its MAC), and a checkpoint store that is missing while files exist.
+//!
+//! A chain may hold acknowledged breaks: `paygate audit seal` starts a new file whose first
+//! record (`"phase":"break"`) chains from the last record that still verified and states
+//! what was found and why the operator continued. Verification accepts damage *after* that
+//! record and before the break, reports every break by name, and never calls such a log
+//! plainly OK. Damage anywhere else is still an error.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ring::hmac;
+use serde_json::Value;
 
-use super::record::{unseal, verifies, GENESIS};
-use super::writer::{file_name, log_files};
-use crate::store::Checkpoints;
+use super::record::{checkpoint_authentic, line_seq, unhex, verify_line, GENESIS};
+use super::writer::{file_name, log_files, Head};
+use crate::store::{Checkpoint, Checkpoints};
 
 /// A verified audit directory.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,6 +32,37 @@ pub struct Report {
     pub records: u64,
     pub files: usize,
     pub chains: usize,
+    /// Breaks an operator acknowledged with `paygate audit seal`, in chain order.
+    pub breaks: Vec<AcknowledgedBreak>,
+}
+
+/// A break in a chain that `paygate audit seal` recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcknowledgedBreak {
+    /// The file whose first record is the break record.
+    pub file: PathBuf,
+    /// When it was sealed (RFC 3339).
+    pub time: String,
+    /// What verification had found.
+    pub found: String,
+    /// The operator's reason.
+    pub reason: String,
+    /// The last record that verified before it.
+    pub after_seq: u64,
+}
+
+impl fmt::Display for AcknowledgedBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: sealed at {} after record {}; found: {}; reason given: {:?}",
+            self.file.display(),
+            self.time,
+            self.after_seq,
+            self.found,
+            self.reason
+        )
+    }
 }
 
 /// The first problem found.
@@ -50,7 +92,7 @@ fn broken(file: &Path, line: u64, why: impl Into<String>) -> Broken {
     }
 }
 
-/// Verifies every chain in `audit_dir` with `key`.
+/// Verifies every chain in `audit_dir` with `key`, from its first record.
 pub fn verify_dir(audit_dir: &Path, key: &hmac::Key) -> Result<Report, Broken> {
     let instances = super::instance_dirs(audit_dir)
         .map_err(|e| broken(audit_dir, 0, format!("cannot list: {e}")))?;
@@ -60,22 +102,50 @@ pub fn verify_dir(audit_dir: &Path, key: &hmac::Key) -> Result<Report, Broken> {
         records: 0,
         files: 0,
         chains: 0,
+        breaks: Vec::new(),
     };
     let mut seen = Vec::new();
     for (instance, dir) in &instances {
+        let files = log_files(dir).map_err(|e| broken(dir, 0, format!("cannot list: {e}")))?;
+        seen.push(instance.clone());
+        if files.is_empty() {
+            continue;
+        }
         let checkpoint = match &checkpoints {
-            None => None,
+            None => {
+                return Err(broken(
+                    &audit_dir.join(crate::store::CHECKPOINTS_DB),
+                    0,
+                    "the checkpoint store is missing while audit files exist: a cut tail \
+                     could not be told from an intact one",
+                ))
+            }
             Some(c) => c
                 .load(instance)
                 .map_err(|e| broken(audit_dir, 0, format!("cannot read the checkpoints: {e}")))?,
         };
-        let (records, files) = verify_chain(dir, key, checkpoint)?;
-        if files > 0 {
-            report.chains += 1;
+        let checkpoint = authentic_checkpoint(dir, instance, key, checkpoint)?;
+        let start = Start {
+            index: 0,
+            head: Head {
+                seq: 0,
+                chain: GENESIS,
+            },
+        };
+        let walked = walk(&files, start, key, Some(checkpoint.records))?.intact()?;
+        check_end(&files, &walked, &checkpoint)?;
+        if let Some(torn) = &walked.last.torn {
+            return Err(broken(
+                &walked.last.path,
+                torn.line,
+                "torn last line (left by a crash): start paygate once to set it aside, then \
+                 verify again",
+            ));
         }
-        report.records += records;
-        report.files += files;
-        seen.push(instance.clone());
+        report.chains += 1;
+        report.records += walked.records;
+        report.files += files.len();
+        report.breaks.extend(walked.breaks);
     }
     if let Some(checkpoints) = &checkpoints {
         let known = checkpoints
@@ -92,113 +162,601 @@ pub fn verify_dir(audit_dir: &Path, key: &hmac::Key) -> Result<Report, Broken> {
     Ok(report)
 }
 
-/// Verifies one instance's chain; returns its record and file counts.
-fn verify_chain(
+/// The checkpoint of an instance that has files, refused when it is missing or not
+/// authenticated by the audit key.
+fn authentic_checkpoint(
     dir: &Path,
+    instance: &str,
     key: &hmac::Key,
-    checkpoint: Option<crate::store::Checkpoint>,
-) -> Result<(u64, usize), Broken> {
-    let files = log_files(dir).map_err(|e| broken(dir, 0, format!("cannot list: {e}")))?;
-    let mut prev = GENESIS;
-    let mut seq = 0u64;
-    let mut at_checkpoint: Option<[u8; 32]> = None;
-    for (index, (number, path)) in files.iter().enumerate() {
-        let expected_number = u32::try_from(index + 1).unwrap_or(u32::MAX);
-        if *number != expected_number {
-            return Err(broken(
+    checkpoint: Option<Checkpoint>,
+) -> Result<Checkpoint, Broken> {
+    let Some(checkpoint) = checkpoint else {
+        return Err(broken(
+            dir,
+            0,
+            "audit files exist but the checkpoint store has no checkpoint for this chain: a \
+             cut tail could not be told from an intact one",
+        ));
+    };
+    let authentic = checkpoint.mac.is_some_and(|mac| {
+        checkpoint_authentic(key, instance, checkpoint.records, &checkpoint.head, &mac)
+    });
+    if !authentic {
+        return Err(broken(
+            dir,
+            0,
+            format!(
+                "the checkpoint of this chain ({} records) is not authenticated by the audit \
+                 key: it was changed by someone without the key, or written by a paygate \
+                 older than checkpoint MACs",
+                checkpoint.records
+            ),
+        ));
+    }
+    Ok(checkpoint)
+}
+
+/// What the files hold against what the checkpoint says: never fewer records, and the
+/// checkpoint's chain value at its position.
+fn check_end(
+    files: &[(u32, PathBuf)],
+    walked: &Walked,
+    checkpoint: &Checkpoint,
+) -> Result<(), Broken> {
+    let last = files
+        .last()
+        .map_or_else(PathBuf::new, |(_, path)| path.clone());
+    if checkpoint.records > walked.head.seq {
+        return Err(broken(
+            &last,
+            walked.last.lines + 1,
+            format!(
+                "tail cut off: the checkpoint says {} records were made durable, the files \
+                 hold {} (records {} to {} are missing from here on)",
+                checkpoint.records,
+                walked.head.seq,
+                walked.head.seq + 1,
+                checkpoint.records
+            ),
+        ));
+    }
+    if walked.at_checkpoint != Some(checkpoint.head) {
+        return Err(broken(
+            &last,
+            0,
+            format!(
+                "record {} does not carry the chain value the checkpoint recorded: the chain \
+                 was rewritten",
+                checkpoint.records
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a worker may append to: where the chain ends, and the newest file's state.
+pub struct AppendPoint {
+    pub head: Head,
+    /// The newest file; `None` when the instance has none yet.
+    pub last: Option<LastFile>,
+}
+
+/// Checks the chain of `instance` (in `dir`, its `files`) before a worker appends to it:
+/// from the file that holds the checkpoint's record to the end, every record must verify,
+/// the checkpoint must be authentic and the files must reach it. Only a torn last line
+/// after the checkpointed records is allowed (the caller sets it aside).
+///
+/// The work is bounded by the files after the checkpoint (normally the newest file alone,
+/// at most `--audit-rotate-bytes`), not by the log's history: older files were checked
+/// when they were written and are checked whole by `paygate audit verify`; their link to
+/// the newest file is checked here (its first record chains from their last).
+pub fn check_before_append(
+    dir: &Path,
+    instance: &str,
+    files: &[(u32, PathBuf)],
+    key: &hmac::Key,
+    checkpoint: Option<Checkpoint>,
+) -> Result<AppendPoint, Broken> {
+    let genesis = Head {
+        seq: 0,
+        chain: GENESIS,
+    };
+    if files.is_empty() {
+        return match checkpoint {
+            Some(c) if c.records > 0 => Err(broken(
+                dir,
+                0,
+                format!(
+                    "the checkpoint says {} records were made durable, but there is no audit \
+                     file: the files were removed",
+                    c.records
+                ),
+            )),
+            _ => Ok(AppendPoint {
+                head: genesis,
+                last: None,
+            }),
+        };
+    }
+    let checkpoint = authentic_checkpoint(dir, instance, key, checkpoint)?;
+    let start = start_near(files, checkpoint.records);
+    let walked = walk(files, start, key, Some(checkpoint.records))?.intact()?;
+    check_end(files, &walked, &checkpoint)?;
+    Ok(AppendPoint {
+        head: walked.head,
+        last: Some(walked.last),
+    })
+}
+
+/// The last record of a chain that verifies from its first record, stopping at the first
+/// damage no acknowledged break follows (for `paygate audit seal`, which continues the
+/// chain from there); `Err` when even that cannot be found (a forged break record).
+pub fn last_good_record(files: &[(u32, PathBuf)], key: &hmac::Key) -> Result<Head, Broken> {
+    let genesis = Head {
+        seq: 0,
+        chain: GENESIS,
+    };
+    if files.is_empty() {
+        return Ok(genesis);
+    }
+    let start = Start {
+        index: 0,
+        head: genesis,
+    };
+    Ok(walk(files, start, key, None)?.head)
+}
+
+/// Where a walk starts: before the file at `index`, after the record `head`.
+struct Start {
+    index: usize,
+    head: Head,
+}
+
+/// The newest file as a walk left it.
+pub struct LastFile {
+    pub number: u32,
+    pub path: PathBuf,
+    /// Its bytes as read.
+    pub bytes: Vec<u8>,
+    /// Bytes up to and including the last record that verified.
+    pub good: usize,
+    /// Lines that verified in it.
+    pub lines: u64,
+    /// A torn write after the last record: where it starts.
+    pub torn: Option<Torn>,
+}
+
+/// What a crash mid-write left after the last whole record.
+pub struct Torn {
+    /// Its 1-based line number.
+    pub line: u64,
+}
+
+/// What a walk found.
+struct Walked {
+    /// The last record that verified.
+    head: Head,
+    /// Records verified.
+    records: u64,
+    /// The chain value at the checkpoint's position, when the walk passed it.
+    at_checkpoint: Option<[u8; 32]>,
+    last: LastFile,
+    breaks: Vec<AcknowledgedBreak>,
+    /// Damage that no acknowledged break follows; `head` is then the last record before
+    /// it that verified.
+    damage: Option<Broken>,
+}
+
+impl Walked {
+    /// The walk, or the damage it found.
+    fn intact(mut self) -> Result<Walked, Broken> {
+        match self.damage.take() {
+            Some(damage) => Err(damage),
+            None => Ok(self),
+        }
+    }
+}
+
+/// A break record's statements (trusted only once the record verifies).
+struct BreakStatement {
+    seq: u64,
+    after: Head,
+    time: String,
+    found: String,
+    reason: String,
+}
+
+/// The break record that `line` is, if it is one.
+fn parse_break(line: &[u8]) -> Option<BreakStatement> {
+    let value: Value = serde_json::from_slice(line).ok()?;
+    if value.get("phase")?.as_str()? != "break" {
+        return None;
+    }
+    let text = |name: &str| value.get(name)?.as_str().map(str::to_owned);
+    Some(BreakStatement {
+        seq: value.get("seq")?.as_u64()?,
+        after: Head {
+            seq: value.get("after_seq")?.as_u64()?,
+            chain: unhex(text("after_chain")?.as_bytes())?,
+        },
+        time: text("time")?,
+        found: text("found")?,
+        reason: text("reason")?,
+    })
+}
+
+/// The first line of a file (without its newline), if it has a whole one within 64 KiB.
+fn first_line(path: &Path) -> Option<Vec<u8>> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(_) => return None,
+        }
+    }
+    let end = buffer[..filled].iter().position(|&b| b == b'\n')?;
+    buffer.truncate(end);
+    Some(buffer)
+}
+
+/// The last record a closed file states (seq and chain value, not verified), if it ends
+/// with a whole one.
+fn last_record(path: &Path) -> Option<Head> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let from = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let body = bytes.strip_suffix(b"\n")?;
+    let line = &body[body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    let unsealed = super::record::unseal(line)?;
+    Some(Head {
+        seq: line_seq(line)?,
+        chain: unsealed.chain,
+    })
+}
+
+/// The latest file whose records all come after the checkpoint's position (so a walk from
+/// there passes it), with the chain state it starts from; the first file when no later one
+/// can be used.
+fn start_near(files: &[(u32, PathBuf)], checkpoint_records: u64) -> Start {
+    for index in (1..files.len()).rev() {
+        let Some(first) = first_line(&files[index].1) else {
+            continue;
+        };
+        let Some(seq) = line_seq(&first).filter(|&s| s > 0) else {
+            continue;
+        };
+        if seq - 1 > checkpoint_records {
+            continue;
+        }
+        if let Some(statement) = parse_break(&first) {
+            return Start {
+                index,
+                head: statement.after,
+            };
+        }
+        if let Some(head) = last_record(&files[index - 1].1).filter(|h| h.seq == seq - 1) {
+            return Start { index, head };
+        }
+    }
+    Start {
+        index: 0,
+        head: Head {
+            seq: 0,
+            chain: GENESIS,
+        },
+    }
+}
+
+/// Walks a chain from `start` to the end of its newest file, verifying every record,
+/// accepting damage only where an acknowledged break follows it, and leaving a torn last
+/// line in the newest file to the caller. `checkpoint` is the position whose chain value
+/// the caller wants.
+fn walk(
+    files: &[(u32, PathBuf)],
+    start: Start,
+    key: &hmac::Key,
+    checkpoint: Option<u64>,
+) -> Result<Walked, Broken> {
+    let mut head = start.head;
+    let mut records = 0u64;
+    // Chain values at the positions someone asks about: the checkpoint's, and the record
+    // each break says it follows. Positions repeat across segments, so each segment keeps
+    // its own.
+    let mut wanted: Vec<u64> = checkpoint.into_iter().collect();
+    let mut statements: HashMap<usize, BreakStatement> = HashMap::new();
+    for (index, (_, path)) in files.iter().enumerate().skip(start.index) {
+        if let Some(statement) = first_line(path).as_deref().and_then(parse_break) {
+            wanted.push(statement.after.seq);
+            statements.insert(index, statement);
+        }
+    }
+    let mut seen: HashMap<u64, [u8; 32]> = HashMap::new();
+    if wanted.contains(&head.seq) {
+        seen.insert(head.seq, head.chain);
+    }
+    let mut at_checkpoint = None;
+    let mut damage: Option<Broken> = None;
+    let mut breaks = Vec::new();
+    let mut last = None;
+    for (index, (number, path)) in files.iter().enumerate().skip(start.index) {
+        let newest = index + 1 == files.len();
+        let expected_number = if index == 0 {
+            1
+        } else {
+            files[index - 1].0.saturating_add(1)
+        };
+        if index == start.index && index > 0 {
+            // The walk starts here: the file before it is not this walk's business.
+        } else if *number != expected_number && damage.is_none() {
+            damage = Some(broken(
                 path,
                 0,
                 format!(
-                    "file {} is missing: the chain jumps from file {} to {}",
+                    "file {} is missing: the chain jumps from file {} to {number}",
                     file_name(expected_number),
-                    expected_number - 1,
-                    number
+                    expected_number.saturating_sub(1),
                 ),
             ));
         }
         let bytes =
             std::fs::read(path).map_err(|e| broken(path, 0, format!("cannot read: {e}")))?;
-        let mut lines = bytes.split(|&b| b == b'\n').peekable();
-        let mut line_no = 0u64;
-        while let Some(line) = lines.next() {
-            if lines.peek().is_none() {
-                // What follows the last newline must be nothing — or, in the file being
-                // written, zeros preallocated for the next records.
-                let preallocated = index + 1 == files.len() && line.iter().all(|&b| b == 0);
-                if !line.is_empty() && !preallocated {
-                    return Err(broken(
+        let mut lines = 0u64;
+        let mut good = 0usize;
+        let mut torn = None;
+        let mut offset = 0usize;
+        if let Some(statement) = statements.remove(&index) {
+            // A new segment: the break record must verify, chained from where it says the
+            // last segment was intact, and that segment must really reach that record.
+            let end = bytes
+                .iter()
+                .position(|&b| b == b'\n')
+                .unwrap_or(bytes.len());
+            let chain = verify_line(key, &statement.after.chain, &bytes[..end])
+                .filter(|_| statement.seq == statement.after.seq + 1)
+                .ok_or_else(|| {
+                    broken(
                         path,
-                        line_no + 1,
-                        "torn last line (left by a crash): start paygate once to set it \
-                         aside, then verify again",
-                    ));
-                }
-                break;
+                        1,
+                        "a break record that does not verify: it was forged or edited",
+                    )
+                })?;
+            let reached = index == start.index
+                || seen.get(&statement.after.seq) == Some(&statement.after.chain);
+            if !reached {
+                return Err(damage.take().unwrap_or_else(|| {
+                    broken(
+                        path,
+                        1,
+                        format!(
+                            "the break record says the chain was intact up to record {}, but \
+                             the files before it do not hold that record",
+                            statement.after.seq
+                        ),
+                    )
+                }));
             }
-            line_no += 1;
-            let Some(unsealed) = unseal(line) else {
-                return Err(broken(
-                    path,
-                    line_no,
-                    "not an audit record (no chain value)",
-                ));
+            breaks.push(AcknowledgedBreak {
+                file: path.clone(),
+                time: statement.time,
+                found: statement.found,
+                reason: statement.reason,
+                after_seq: statement.after.seq,
+            });
+            damage = None;
+            seen.clear();
+            head = Head {
+                seq: statement.seq,
+                chain,
             };
-            let found_seq = serde_json::from_slice::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64));
-            let expected = seq + 1;
-            if !verifies(key, &prev, &unsealed) {
-                let why = match found_seq {
-                    Some(s) if s != expected => format!(
-                        "chain broken: record {expected} was expected here but this is record \
-                         {s} (a line was deleted, inserted or moved)"
-                    ),
-                    _ => "chain broken: this line was edited, or the line before it was \
-                          deleted, inserted or moved"
-                        .to_owned(),
+            records += 1;
+            lines = 1;
+            offset = (end + 1).min(bytes.len());
+            good = offset;
+            if wanted.contains(&head.seq) {
+                seen.insert(head.seq, head.chain);
+            }
+        }
+        if damage.is_none() {
+            while offset < bytes.len() {
+                let Some(len) = bytes[offset..].iter().position(|&b| b == b'\n') else {
+                    // What follows the last newline: nothing, preallocated zeros in the
+                    // newest file, or a torn write.
+                    let rest = &bytes[offset..];
+                    if rest.iter().all(|&b| b == 0) && newest {
+                        break;
+                    }
+                    if newest {
+                        torn = Some(Torn { line: lines + 1 });
+                    } else {
+                        damage = Some(broken(
+                            path,
+                            lines + 1,
+                            "torn last line in a file that is not the newest",
+                        ));
+                    }
+                    break;
                 };
-                return Err(broken(path, line_no, why));
+                let line = &bytes[offset..offset + len];
+                let expected = head.seq + 1;
+                match verify_line(key, &head.chain, line) {
+                    Some(chain) if line_seq(line) == Some(expected) => {
+                        head = Head {
+                            seq: expected,
+                            chain,
+                        };
+                        records += 1;
+                        lines += 1;
+                        offset += len + 1;
+                        good = offset;
+                        if wanted.contains(&expected) {
+                            seen.insert(expected, chain);
+                        }
+                    }
+                    verified => {
+                        // In the newest file, a line with zeros in it (sectors a power cut
+                        // never wrote) is a torn write, like a fragment without a newline.
+                        let rest = &bytes[offset..];
+                        let end = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                        if newest && verified.is_none() && rest[..end].contains(&0) {
+                            torn = Some(Torn { line: lines + 1 });
+                        } else {
+                            damage = Some(line_damage(path, lines + 1, line, expected, verified));
+                        }
+                        break;
+                    }
+                }
             }
-            if found_seq != Some(expected) {
-                return Err(broken(
-                    path,
-                    line_no,
-                    format!("record number {found_seq:?} where {expected} was expected"),
-                ));
-            }
-            seq = expected;
-            prev = unsealed.chain;
-            if checkpoint.as_ref().is_some_and(|c| c.records == seq) {
-                at_checkpoint = Some(prev);
-            }
+        }
+        if newest {
+            last = Some(LastFile {
+                number: *number,
+                path: path.clone(),
+                bytes,
+                good,
+                lines,
+                torn,
+            });
         }
     }
-    if let Some(checkpoint) = checkpoint {
-        let last = files
-            .last()
-            .map_or_else(|| dir.to_owned(), |(_, p)| p.clone());
-        if checkpoint.records > seq {
-            return Err(broken(
-                &last,
-                0,
-                format!(
-                    "tail cut off: the checkpoint says {} records were made durable, the files \
-                     hold {seq}",
-                    checkpoint.records
-                ),
-            ));
+    if let Some(position) = checkpoint {
+        at_checkpoint = seen.get(&position).copied();
+    }
+    let last = last.ok_or_else(|| broken(Path::new("."), 0, "no audit file to walk"))?;
+    Ok(Walked {
+        head,
+        records,
+        at_checkpoint,
+        last,
+        breaks,
+        damage,
+    })
+}
+
+/// Why `line` (number `line_no`) does not continue the chain.
+fn line_damage(
+    path: &Path,
+    line_no: u64,
+    line: &[u8],
+    expected: u64,
+    verified: Option<[u8; 32]>,
+) -> Broken {
+    let found = line_seq(line);
+    let why = match (verified, found) {
+        (Some(_), _) => format!("record number {found:?} where {expected} was expected"),
+        (None, _) if super::record::unseal(line).is_none() => {
+            "not an audit record (no chain value)".to_owned()
         }
-        if at_checkpoint != Some(checkpoint.head) {
-            return Err(broken(
-                &last,
-                0,
-                format!(
-                    "record {} does not carry the chain value the checkpoint recorded: the \
-                     chain was rewritten",
-                    checkpoint.records
-                ),
-            ));
+        (None, Some(s)) if s != expected => format!(
+            "chain broken: record {expected} was expected here but this is record {s} (a line \
+             was deleted, inserted or moved)"
+        ),
+        (None, _) => "chain broken: this line was edited, or the line before it was deleted, \
+                      inserted or moved"
+            .to_owned(),
+    };
+    broken(path, line_no, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::seal;
+
+    fn key() -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, b"k")
+    }
+
+    /// A file of `n` records after `head`; returns its bytes and the new head.
+    fn records(key: &hmac::Key, head: Head, n: u64) -> (Vec<u8>, Head) {
+        let mut bytes = Vec::new();
+        let mut head = head;
+        for _ in 0..n {
+            head.seq += 1;
+            head.chain = seal(key, &head.chain, head.seq, br#"{"a":1}"#, &mut bytes);
+        }
+        (bytes, head)
+    }
+
+    fn dir_with(files: &[&[u8]]) -> (PathBuf, Vec<(u32, PathBuf)>) {
+        let dir = std::env::temp_dir().join(format!("paygate-walk-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut list = Vec::new();
+        for (i, bytes) in files.iter().enumerate() {
+            let number = u32::try_from(i + 1).unwrap();
+            let path = dir.join(file_name(number));
+            std::fs::write(&path, bytes).unwrap();
+            list.push((number, path));
+        }
+        (dir, list)
+    }
+
+    fn genesis() -> Start {
+        Start {
+            index: 0,
+            head: Head {
+                seq: 0,
+                chain: GENESIS,
+            },
         }
     }
-    Ok((seq, files.len()))
+
+    #[test]
+    fn torn_writes_are_told_from_damage() {
+        let key = key();
+        let (mut bytes, head) = records(&key, genesis().head, 3);
+        let whole = bytes.len();
+        // A fragment without a newline, then preallocated zeros: torn.
+        bytes.extend_from_slice(br#"{"seq":4,"a":"#);
+        bytes.extend_from_slice(&[0; 100]);
+        let (dir, files) = dir_with(&[&bytes]);
+        let walked = walk(&files, genesis(), &key, Some(3)).unwrap();
+        assert_eq!(walked.head, head);
+        assert_eq!(walked.last.good, whole);
+        assert_eq!(walked.last.torn.as_ref().map(|t| t.line), Some(4));
+        // A "line" with zeros in it (sectors never written): torn.
+        bytes.truncate(whole);
+        bytes.extend_from_slice(b"\0\0\0 tail of a record\n");
+        std::fs::write(&files[0].1, &bytes).unwrap();
+        assert!(walk(&files, genesis(), &key, None)
+            .unwrap()
+            .last
+            .torn
+            .is_some());
+        // A whole line that does not verify, without zeros: damage, not a torn write.
+        bytes.truncate(whole);
+        bytes.extend_from_slice(b"{\"seq\":4,\"edited\":true}\n");
+        std::fs::write(&files[0].1, &bytes).unwrap();
+        let err = walk(&files, genesis(), &key, None).unwrap().damage.unwrap();
+        assert_eq!(err.line, 4, "{err}");
+        // Zeros alone after the last record are preallocated space.
+        bytes.truncate(whole);
+        bytes.extend_from_slice(&[0; 4096]);
+        std::fs::write(&files[0].1, &bytes).unwrap();
+        let walked = walk(&files, genesis(), &key, None).unwrap();
+        assert!(walked.last.torn.is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_walk_can_start_at_the_newest_file() {
+        let key = key();
+        let (first, head) = records(&key, genesis().head, 5);
+        let (second, end) = records(&key, head, 4);
+        let (dir, files) = dir_with(&[&first, &second]);
+        // The checkpoint at record 7: the walk needs only the second file.
+        let start = start_near(&files, 7);
+        assert_eq!((start.index, start.head), (1, head));
+        let walked = walk(&files, start, &key, Some(7)).unwrap();
+        assert_eq!((walked.head, walked.records), (end, 4));
+        assert!(walked.at_checkpoint.is_some());
+        // A checkpoint inside the first file makes it walk both.
+        assert_eq!(start_near(&files, 3).index, 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

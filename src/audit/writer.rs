@@ -18,7 +18,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,7 +28,8 @@ use ring::hmac;
 use tokio::sync::{oneshot, Notify};
 
 use super::file::AuditFile;
-use super::record::{seal, unseal, Record, GENESIS};
+use super::record::{checkpoint_mac, seal, Record};
+use super::verify::check_before_append;
 use crate::metrics::AuditMetrics;
 use crate::secret_file::sync_dir;
 use crate::store::{Checkpoint, Checkpoints};
@@ -210,50 +210,6 @@ pub fn log_files(dir: &Path) -> std::io::Result<Vec<(u32, PathBuf)>> {
     Ok(files)
 }
 
-/// What the end of an audit file holds.
-#[derive(Debug, PartialEq, Eq)]
-enum Tail {
-    /// The last whole record, and the length of the file up to and including it; bytes
-    /// after it are a torn write.
-    Record(Head, usize),
-    /// No record at all (bytes, if any, are a torn write).
-    Empty,
-    /// Neither of the last two lines is a record: not a torn write but damage.
-    Damaged,
-}
-
-fn parse_record(line: &[u8]) -> Option<Head> {
-    let seq = serde_json::from_slice::<serde_json::Value>(line)
-        .ok()?
-        .get("seq")?
-        .as_u64()?;
-    Some(Head {
-        seq,
-        chain: unseal(line)?.chain,
-    })
-}
-
-/// Finds the last whole record of `bytes`. A final fragment without its newline never
-/// completed; a final line that is not a record (zeros after a power cut) is the remains of
-/// a torn write too. Anything worse is damage.
-fn last_record(bytes: &[u8]) -> Tail {
-    let mut end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    for _ in 0..2 {
-        if end == 0 {
-            return Tail::Empty;
-        }
-        let start = bytes[..end - 1]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        if let Some(head) = parse_record(&bytes[start..end - 1]) {
-            return Tail::Record(head, end);
-        }
-        end = start;
-    }
-    Tail::Damaged
-}
-
 /// What [`open_instance`] found and prepared.
 struct Opened {
     file: AuditFile,
@@ -261,14 +217,41 @@ struct Opened {
     head: Head,
 }
 
-/// Opens the newest file of an instance directory for writing, creating the first one if
-/// there is none. Zeros after the last record are preallocated space and stay. A torn tail
-/// (an incomplete or unreadable last line left by a crash) is moved to `<file>.<ms>.torn`
-/// and cut off, so the chain continues from the last whole record.
-fn open_instance(dir: &Path) -> Result<Opened, String> {
+/// Opens the newest file of an instance directory for appending, creating the first one
+/// (and the chain's first checkpoint) if there is none — but only after the chain checks
+/// out against its checkpoint ([`check_before_append`]): a worker never appends to a
+/// chain that does not verify. A torn last line after the checkpointed records (left by a
+/// crash mid-write) is moved to `<file>.<ms>.torn` and cut off, so the chain continues
+/// from the last whole record; zeros after it are preallocated space and stay.
+fn open_instance(
+    dir: &Path,
+    instance: &str,
+    key: &hmac::Key,
+    checkpoints: &Checkpoints,
+) -> Result<Opened, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} in {}: {e}", dir.display());
     let files = log_files(dir).map_err(|e| fail("cannot list the audit files", &e))?;
-    let Some((number, path)) = files.last().cloned() else {
+    let checkpoint = checkpoints
+        .load(instance)
+        .map_err(|e| fail("cannot read the audit checkpoint", &e))?;
+    let fresh = checkpoint.is_none();
+    let point = check_before_append(dir, instance, &files, key, checkpoint).map_err(|b| {
+        format!(
+            "the audit chain of instance {instance} does not verify up to its checkpoint, \
+             so this worker will not append to it: {b}. Nothing was changed. Run `paygate \
+             audit verify` to see the whole log; then restore the audit directory from a \
+             backup, or, once the damage is understood, stop every worker on this data \
+             directory and run `paygate audit seal --reason TEXT`, which continues in a new \
+             chain segment whose first record states the break"
+        )
+    })?;
+    let Some(last) = point.last else {
+        // A new chain: its first checkpoint is durable before its first file exists, so
+        // files without a checkpoint always mean a checkpoint store that was lost.
+        if fresh {
+            save_checkpoint(checkpoints, instance, key, point.head, true)
+                .map_err(|e| fail("cannot record the audit chain's first checkpoint", &e))?;
+        }
         let path = dir.join(file_name(1));
         let file = AuditFile::open(&path, true, 0, 0, &[])
             .map_err(|e| fail("cannot create the first audit file", &e))?;
@@ -276,76 +259,68 @@ fn open_instance(dir: &Path) -> Result<Opened, String> {
         return Ok(Opened {
             file,
             number: 1,
-            head: Head {
-                seq: 0,
-                chain: GENESIS,
-            },
+            head: point.head,
         });
     };
-    let mut bytes = Vec::new();
-    File::open(&path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| fail("cannot read the audit file", &e))?;
-    let (head, good) = match last_record(&bytes) {
-        Tail::Record(head, good) => (Some(head), good),
-        Tail::Empty => (None, 0),
-        Tail::Damaged => {
-            return Err(format!(
-                "audit file {} is damaged before its last line (not a torn write); run \
-                 `paygate audit verify` to see where, and move the file aside to start a \
-                 new chain",
-                path.display()
-            ))
-        }
-    };
-    let mut allocated = bytes.len() as u64;
-    let tail = &bytes[good..];
-    if tail.iter().any(|&b| b != 0) {
+    let mut allocated = last.bytes.len() as u64;
+    if last.torn.is_some() {
         // Keep what was written, without the preallocated zeros after it.
+        let tail = &last.bytes[last.good..];
         let written = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        let torn = path.with_extension(format!("jsonl.{}.torn", crate::time::now_millis()));
+        let torn = last
+            .path
+            .with_extension(format!("jsonl.{}.torn", crate::time::now_millis()));
         fs::write(&torn, &tail[..written])
             .and_then(|()| File::open(&torn)?.sync_all())
-            .and_then(|()| OpenOptions::new().write(true).open(&path))
+            .and_then(|()| OpenOptions::new().write(true).open(&last.path))
             .and_then(|file| {
-                file.set_len(good as u64)?;
+                file.set_len(last.good as u64)?;
                 file.sync_all()
             })
             .and_then(|()| sync_dir(dir))
             .map_err(|e| fail("cannot set a torn audit tail aside", &e))?;
-        allocated = good as u64;
+        allocated = last.good as u64;
         log::warn!(
-            "audit file {} ended in a torn record ({written} bytes, left by a crash); moved \
-             it to {} and continued the chain from the last whole record",
-            path.display(),
+            "audit file {} ended in a torn record ({written} bytes, left by a crash after the \
+             last checkpointed record); moved it to {} and continued the chain from the last \
+             whole record",
+            last.path.display(),
             torn.display()
         );
     }
-    let head = match head {
-        Some(head) => head,
-        // An empty newest file (a crash right after rotating): continue from the one before.
-        None => match files.len().checked_sub(2).map(|i| &files[i].1) {
-            None => Head {
-                seq: 0,
-                chain: GENESIS,
-            },
-            Some(previous) => {
-                let bytes = fs::read(previous).map_err(|e| fail("cannot read", &e))?;
-                match last_record(&bytes) {
-                    Tail::Record(head, good) if bytes[good..].iter().all(|&b| b == 0) => head,
-                    _ => {
-                        return Err(format!(
-                            "{} does not end with a whole record; run `paygate audit verify`",
-                            previous.display()
-                        ))
-                    }
-                }
-            }
-        },
+    let file = AuditFile::open(
+        &last.path,
+        false,
+        last.good as u64,
+        allocated,
+        &last.bytes[..last.good],
+    )
+    .map_err(|e| fail("cannot open the audit file", &e))?;
+    Ok(Opened {
+        file,
+        number: last.number,
+        head: point.head,
+    })
+}
+
+/// Saves `head` as the checkpoint of `instance`, with its MAC.
+pub(super) fn save_checkpoint(
+    checkpoints: &Checkpoints,
+    instance: &str,
+    key: &hmac::Key,
+    head: Head,
+    durably: bool,
+) -> Result<(), crate::store::StoreError> {
+    let checkpoint = Checkpoint {
+        records: head.seq,
+        head: head.chain,
+        mac: Some(checkpoint_mac(key, instance, head.seq, &head.chain)),
     };
-    let file = AuditFile::open(&path, false, good as u64, allocated, &bytes[..good])
-        .map_err(|e| fail("cannot open the audit file", &e))?;
-    Ok(Opened { file, number, head })
+    if durably {
+        checkpoints.save_durably(instance, &checkpoint)
+    } else {
+        checkpoints.save(instance, &checkpoint)
+    }
 }
 
 /// The thread's state.
@@ -391,19 +366,19 @@ impl AuditWriter {
         rotate_bytes: u64,
         metrics: Arc<AuditMetrics>,
     ) -> Result<AuditWriter, String> {
-        let opened = open_instance(dir)?;
-        if !opened.file.is_direct() {
-            log::info!(
-                "audit log {} is written through the page cache (no direct I/O here)",
-                dir.display()
-            );
-        }
         let checkpoints = Checkpoints::open(audit_dir).map_err(|e| {
             format!(
                 "cannot open the audit checkpoints in {}: {e}",
                 audit_dir.display()
             )
         })?;
+        let opened = open_instance(dir, instance, &key, &checkpoints)?;
+        if !opened.file.is_direct() {
+            log::info!(
+                "audit log {} is written through the page cache (no direct I/O here)",
+                dir.display()
+            );
+        }
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -647,11 +622,14 @@ impl Writer {
     }
 
     fn checkpoint(&mut self) {
-        let checkpoint = Checkpoint {
-            records: self.head.seq,
-            head: self.head.chain,
-        };
-        if let Err(e) = self.checkpoints.save(&self.instance, &checkpoint) {
+        let saved = save_checkpoint(
+            &self.checkpoints,
+            &self.instance,
+            &self.key,
+            self.head,
+            false,
+        );
+        if let Err(e) = saved {
             log::warn!("could not checkpoint the audit log (records stay durable): {e}");
         }
         self.checkpoint_pending = false;
@@ -805,31 +783,5 @@ mod tests {
             writer.close();
         });
         let _ = fs::remove_dir_all(audit_dir);
-    }
-
-    #[test]
-    fn the_last_record_is_found_and_torn_tails_are_not_records() {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
-        let mut bytes = Vec::new();
-        let first = seal(&key, &GENESIS, 1, br#"{"a":1}"#, &mut bytes);
-        let second = seal(&key, &first, 2, br#"{"a":2}"#, &mut bytes);
-        let whole = bytes.len();
-        let head = Head {
-            seq: 2,
-            chain: second,
-        };
-        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
-        // A fragment without a newline.
-        bytes.extend_from_slice(br#"{"seq":3,"a":"#);
-        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
-        // A "line" of zeros (a power cut can leave those).
-        bytes.truncate(whole);
-        bytes.extend_from_slice(&[0, 0, 0, b'\n']);
-        assert_eq!(last_record(&bytes), Tail::Record(head, whole));
-        // Two bad lines are damage, not a torn write.
-        bytes.extend_from_slice(b"junk\n");
-        assert_eq!(last_record(&bytes), Tail::Damaged);
-        assert_eq!(last_record(b""), Tail::Empty);
-        assert_eq!(last_record(b"partial"), Tail::Empty);
     }
 }

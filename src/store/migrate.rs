@@ -36,11 +36,18 @@ pub const RATELIMIT: Migrations = &[(
 )];
 
 /// The audit checkpoints (`audit/checkpoints.db`).
-pub const AUDIT: Migrations = &[(
-    1,
-    "audit_001_checkpoints.sql",
-    include_str!("../../sql/audit_001_checkpoints.sql"),
-)];
+pub const AUDIT: Migrations = &[
+    (
+        1,
+        "audit_001_checkpoints.sql",
+        include_str!("../../sql/audit_001_checkpoints.sql"),
+    ),
+    (
+        2,
+        "audit_002_checkpoint_mac.sql",
+        include_str!("../../sql/audit_002_checkpoint_mac.sql"),
+    ),
+];
 
 /// The schema version this binary writes.
 pub fn latest_version(migrations: Migrations) -> i64 {
