@@ -93,6 +93,11 @@ call 200 GET "$link"
 call 403 GET "/accounts/$account/payments" -H "Authorization: Bearer $(sed -E 's/.*access_token=//' <<<"$link")"
 call 204 DELETE "/capabilities/$capability_id" "${alice[@]}"
 call 401 GET "$link"
+# Bob leaves the account: removed, he no longer sees it (404). Alice, its last manager,
+# cannot remove herself (409).
+call 204 DELETE "/accounts/$account/members/bob-$run" "${alice[@]}"
+call 404 GET "/accounts/$account/payments/$payment" "${bob[@]}"
+call 409 DELETE "/accounts/$account/members/alice-$run" "${alice[@]}"
 call 415 POST /accounts "${alice[@]}" -d '{"name":"x","currency":"EUR"}'
 call 405 DELETE /apiStatus
 
