@@ -90,11 +90,21 @@ fn bench_chain(c: &mut Criterion) {
             created_at: paygate::time::now_millis(),
             cancelled_at: None,
         };
-        let id = payment.id;
-        app.store
-            .create_payment(payment, user.id, None)
+        let created = app
+            .store
+            .create_payment(payment, user.id, None, |p| {
+                Ok(paygate::store::StoredResponse {
+                    status: 201,
+                    body: p.id.to_string(),
+                    location: None,
+                })
+            })
             .await
             .expect("payment");
+        let paygate::store::PaymentCreation::Created(answer) = created else {
+            panic!("no key, so no earlier use")
+        };
+        let id = uuid::Uuid::parse_str(&answer.body).expect("the payment's id");
         (account.id, id)
     });
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));

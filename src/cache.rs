@@ -37,6 +37,8 @@ enum Key {
     },
     Session([u8; 32]),
     Capability([u8; 32]),
+    /// A user by id.
+    User(i64),
     /// A user's grant on an account.
     Membership {
         user: i64,
@@ -54,6 +56,7 @@ enum Entry {
     Jwt((Subject, bool)),
     Session(SessionRow),
     Capability(CapabilityState),
+    User(Subject),
     Membership(Membership),
     Payment(Payment),
 }
@@ -164,6 +167,17 @@ impl StateCache {
         };
         let fetch = store.jwt_subject(sub.to_owned(), jti.to_owned());
         self.cached(key, from, Entry::Jwt, fetch).await
+    }
+
+    /// The user with id `user_id`, if they exist.
+    pub async fn user(&self, store: &Store, user_id: i64) -> Result<Option<Subject>, StoreError> {
+        let from = |e| match e {
+            Entry::User(found) => Some(found),
+            _ => None,
+        };
+        let fetch = store.subject(user_id);
+        self.cached(Key::User(user_id), from, Entry::User, fetch)
+            .await
     }
 
     /// The session an opaque token's hash names, if it exists.

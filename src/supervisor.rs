@@ -17,7 +17,9 @@
 //! stops the rollout; the workers not yet replaced keep serving.
 //!
 //! Worker instances (the names of their audit chains) are numbers from 1 to N + 1: a
-//! rollout's extra worker takes the free one, so audit directories never multiply.
+//! rollout's extra worker takes the free one, so audit directories never multiply. With
+//! `--instance NAME` the supervisor's workers are `NAME-1` … `NAME-<N+1>`, so two
+//! supervisors can share one data directory on purpose, each with its own chains.
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, Write as _};
@@ -99,11 +101,21 @@ struct Launcher {
     exe: PathBuf,
     args: Vec<String>,
     listen: SocketAddr,
+    /// The supervisor's own `--instance`, which prefixes its workers' names.
+    prefix: Option<String>,
     /// Lines the workers print on stdout, with the instance that printed them.
     lines: mpsc::UnboundedSender<(u32, String)>,
 }
 
 impl Launcher {
+    /// The audit instance of worker number `instance`.
+    fn name(&self, instance: u32) -> String {
+        match &self.prefix {
+            Some(prefix) => format!("{prefix}-{instance}"),
+            None => instance.to_string(),
+        }
+    }
+
     fn spawn(&self, instance: u32) -> std::io::Result<Process> {
         let mut child = Command::new(&self.exe)
             .arg("serve")
@@ -112,7 +124,7 @@ impl Launcher {
             .arg("--listen")
             .arg(self.listen.to_string())
             .arg("--instance")
-            .arg(instance.to_string())
+            .arg(self.name(instance))
             // Readiness is the supervisor's to report: a worker telling systemd on its own
             // would claim the whole service is up.
             .env_remove("NOTIFY_SOCKET")
@@ -131,7 +143,11 @@ impl Launcher {
                 }
             }
         });
-        log::info!("started worker {instance} (pid {})", child.id());
+        log::info!(
+            "started worker {instance} as audit instance {} (pid {})",
+            self.name(instance),
+            child.id()
+        );
         Ok(Process {
             child,
             stdin,
@@ -163,9 +179,33 @@ fn shared_address(listen: SocketAddr) -> Result<SocketAddr, Failure> {
     Ok(probe.local_addr()?)
 }
 
+/// `args` without `--instance NAME` (or `--instance=NAME`): each worker gets its own.
+fn without_instance(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--instance" {
+            args.next();
+        } else if !arg.starts_with("--instance=") {
+            out.push(arg);
+        }
+    }
+    out
+}
+
 /// Runs `workers` workers with the `serve` arguments `args` until SIGTERM/SIGINT.
 pub fn run(args: Vec<String>, config: &crate::config::ServeConfig) -> Result<(), Failure> {
     let (workers, shutdown_timeout) = (config.workers, config.shutdown_timeout);
+    if let Some(prefix) = &config.instance {
+        // Workers are named `<prefix>-<n>`, and a name has at most 64 characters.
+        if prefix.len() > 56 {
+            return Err(format!(
+                "--instance `{prefix}` is too long for a supervisor: its workers are named \
+                 `{prefix}-1` and so on, at most 64 characters; use at most 56"
+            )
+            .into());
+        }
+    }
     // Once, here: workers starting together must not all generate a certificate, create
     // the databases and keys at the same moment.
     crate::tls::ensure_certificate(&config.tls)?;
@@ -183,8 +223,9 @@ pub fn run(args: Vec<String>, config: &crate::config::ServeConfig) -> Result<(),
         let (lines, mut said) = mpsc::unbounded_channel();
         let launcher = Launcher {
             exe,
-            args,
+            args: without_instance(args),
             listen,
+            prefix: config.instance.clone(),
             lines,
         };
         let mut pool: Vec<Worker> = Vec::new();

@@ -776,3 +776,98 @@ async fn an_edited_record_or_a_moved_checkpoint_stops_the_worker() {
         "{refused}"
     );
 }
+
+/// Peak resident memory of a process so far, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_reads_hold_a_page_in_memory_not_the_log() {
+    use paygate::audit::record::{body_of, checkpoint_mac, seal, RequestRecord, GENESIS};
+    let dir = TempDir::new("audit-read-memory");
+    // A 32 MiB chain, written as a worker would have (same key, checkpoint and all).
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let key = paygate::audit::load_or_create_key(&data).unwrap();
+    let chain_dir = data.join("audit/1");
+    std::fs::create_dir_all(&chain_dir).unwrap();
+    let time = paygate::time::format_rfc3339_millis(paygate::time::now_millis() - 60_000);
+    let record = RequestRecord {
+        time: &time,
+        phase: "request",
+        request_id: "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f",
+        worker: "1",
+        pid: 1,
+        client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        principal: None,
+        claimed: None,
+        auth: "none",
+        auth_result: None,
+        auth_reason: None,
+        capability: None,
+        method: "GET",
+        path: "/apiStatus",
+        op: "R",
+    };
+    let body = body_of(&record);
+    let (mut seq, mut chain, mut bytes) = (0u64, GENESIS, Vec::new());
+    while bytes.len() < 32 << 20 {
+        seq += 1;
+        chain = seal(&key, &chain, seq, &body, &mut bytes);
+    }
+    std::fs::write(chain_dir.join("000001.jsonl"), &bytes).unwrap();
+    drop(bytes);
+    let checkpoints = paygate::store::Checkpoints::open(&data.join("audit")).unwrap();
+    let checkpoint = paygate::store::Checkpoint {
+        records: seq,
+        head: chain,
+        mac: Some(checkpoint_mac(&key, "1", seq, &chain)),
+    };
+    checkpoints.save("1", &checkpoint).unwrap();
+    drop(checkpoints);
+
+    let (mut child, addr) = serve(&dir, &["--rate-limit", "none", "--instance", "1"]);
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    let auditor = Creds::new("carol.audit", "auditor passphrase 1");
+    let mut add = paygate_command(&dir)
+        .args(["user", "add", "carol.audit", "--role", "auditor"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = add.stdin.take().unwrap();
+        writeln!(stdin, "{}", auditor.password).unwrap();
+    }
+    assert!(add.wait().unwrap().success());
+    let token = client.login(&auditor).await;
+    let read = client.get("/audit?limit=1").bearer(&token).send().await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    let before = peak_kib(child.id());
+    let mut reads = Vec::new();
+    for _ in 0..16 {
+        let (client, token) = (client.clone(), token.clone());
+        reads.push(tokio::spawn(async move {
+            client.get("/audit?limit=1").bearer(&token).send().await
+        }));
+    }
+    for read in reads {
+        let read = read.await.unwrap();
+        assert_eq!(read.status, 200);
+        assert_eq!(read.json()["items"].as_array().unwrap().len(), 1);
+    }
+    let grown = peak_kib(child.id()).saturating_sub(before);
+    common::signal(&child, "TERM");
+    assert!(common::wait_exit(&mut child).success());
+    // Reading whole files, 16 reads would have taken 16 × 32 MiB.
+    assert!(
+        grown < 16 * 1024,
+        "16 reads of one record took {grown} KiB more at peak"
+    );
+}

@@ -578,3 +578,182 @@ async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
         assert!(!log.contains(secret), "{kind} found in the operational log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_capability_derived_while_its_root_is_revoked_survives_the_revocation() {
+    // Two real worker processes on one data directory: derivations and the revocation land
+    // on either.
+    let dir = common::TempDir::new("cap-race");
+    let (mut supervisor, addr, log) =
+        common::serve_logging(&dir, &["--workers", "2", "--rate-limit", "none"], "info");
+    common::wait_for_log(&log, "all 2 workers are listening", 1, 20).await;
+    let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+    let alice = client.register("alice").await;
+    let account = client.account(&alice, "EUR").await;
+    let created = client
+        .post(&format!("/accounts/{account}/payments"))
+        .basic(&alice)
+        .json(&json!({"payee": "ACME-Ltd", "amount_minor": 100, "currency": "EUR"}))
+        .send()
+        .await;
+    let payment = created.json()["id"].as_str().unwrap().to_owned();
+    let token = alice_token(&client, &alice).await;
+    let minted = client
+        .post(&format!(
+            "/accounts/{account}/payments/{payment}/capabilities"
+        ))
+        .bearer(&token)
+        .json(&json!({"perms": "rd", "expires_in": 600}))
+        .send()
+        .await;
+    assert_eq!(minted.status, 201, "{}", minted.text());
+    let root = token_of(&minted.json());
+    let root_id = minted.json()["id"].as_str().unwrap().to_owned();
+
+    // Eight derivers, deriving from the root and from what they derived, until told to
+    // stop; the root is revoked after the first dozen children exist.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let derived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut derivers = Vec::new();
+    for _ in 0..8 {
+        let (client, root, stop, derived) =
+            (client.clone(), root.clone(), stop.clone(), derived.clone());
+        derivers.push(tokio::spawn(async move {
+            let mut children = Vec::new();
+            let mut parent = root;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let response = client
+                    .post("/capabilities/derive")
+                    .json(&json!({"token": parent, "perms": "rd"}))
+                    .send()
+                    .await;
+                if response.status == 201 {
+                    let child = token_of(&response.json());
+                    children.push(child.clone());
+                    derived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Deeper next time, while the tree allows it.
+                    if children.len() % 3 == 0 {
+                        parent = child;
+                    }
+                }
+            }
+            children
+        }));
+    }
+    while derived.load(std::sync::atomic::Ordering::SeqCst) < 12 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let revoked = client
+        .delete(&format!("/capabilities/{root_id}"))
+        .bearer(&token)
+        .send()
+        .await;
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
+    // Derivations already under way land after the revocation answered.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut children = Vec::new();
+    for deriver in derivers {
+        children.extend(deriver.await.unwrap());
+    }
+    assert!(children.len() >= 12);
+    // Every child, whenever derived, is dead on every worker: reads, cancels, derivations.
+    for child in &children {
+        let path = format!("/accounts/{account}/payments/{payment}");
+        client
+            .get(&path)
+            .bearer(child)
+            .send()
+            .await
+            .assert_problem(401);
+        client
+            .delete(&path)
+            .bearer(child)
+            .send()
+            .await
+            .assert_problem(401);
+        let again = client
+            .post("/capabilities/derive")
+            .json(&json!({"token": child, "perms": "r"}))
+            .send()
+            .await;
+        again.assert_problem(401);
+    }
+    // None is listed as live, and the payment was never cancelled.
+    let list = client
+        .get(&format!("/accounts/{account}/capabilities?limit=100"))
+        .bearer(&token)
+        .send()
+        .await;
+    assert_eq!(list.json()["items"], json!([]), "{}", list.text());
+    let read = client
+        .get(&format!("/accounts/{account}/payments/{payment}"))
+        .bearer(&token)
+        .send()
+        .await;
+    assert_eq!(read.json()["status"], "pending");
+    common::signal(&supervisor, "TERM");
+    assert!(common::wait_exit(&mut supervisor).success());
+}
+
+async fn alice_token(client: &common::Client, alice: &Creds) -> String {
+    client.login(alice).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derivation_is_bounded_and_the_list_pages_through_every_live_capability() {
+    let w = world().await;
+    let root = token_of(&w.minted("r").await);
+    // Depth: a chain of eight derivations below the minted one, and no ninth.
+    let mut parent = root.clone();
+    for _ in 0..8 {
+        let child = w.derive(&parent, "r", None).await;
+        assert_eq!(child.status, 201, "{}", child.text());
+        parent = token_of(&child.json());
+    }
+    let problem = w.derive(&parent, "r", None).await.assert_problem(403);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("8 levels"),
+        "{problem}"
+    );
+    // Count: 100 unexpired capabilities per minted one (9 so far), then no more.
+    for _ in 9..100 {
+        assert_eq!(w.derive(&root, "r", None).await.status, 201);
+    }
+    let problem = w.derive(&root, "r", None).await.assert_problem(403);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("100"),
+        "{problem}"
+    );
+    // Another minted capability has a budget of its own.
+    let other = w.minted("r").await;
+    assert_eq!(w.derive(&token_of(&other), "r", None).await.status, 201);
+
+    // 102 live capabilities: the list pages through all of them, newest first, without
+    // repeating or skipping one.
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => format!("/accounts/{}/capabilities?limit=30", w.account),
+            Some(c) => format!("/accounts/{}/capabilities?limit=30&cursor={c}", w.account),
+        };
+        let page = w.server.client.get(&path).basic(&w.alice).send().await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let body = page.json();
+        for item in body["items"].as_array().unwrap() {
+            assert!(
+                seen.insert(item["id"].as_str().unwrap().to_owned()),
+                "repeated"
+            );
+        }
+        pages += 1;
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 102);
+    assert_eq!(pages, 4);
+}

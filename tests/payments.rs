@@ -456,3 +456,75 @@ async fn kill_9_loses_no_acknowledged_payment() {
     common::signal(&child, "TERM");
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn newest_first_is_commit_order_and_times_and_ids_follow_it() {
+    let f = Fixture::new().await;
+    // Two workers' commit threads on one database, twelve writers between them.
+    let sibling = f.server.sibling().await;
+    let token = f.server.login(&f.alice).await;
+    let mut writers = Vec::new();
+    for w in 0..12 {
+        let client = if w % 2 == 0 {
+            f.server.client.clone()
+        } else {
+            sibling.client.clone()
+        };
+        let (path, token) = (f.payments(), token.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let created = client
+                    .post(&path)
+                    .bearer(&token)
+                    .json(&payment(w * 100 + i + 1))
+                    .send()
+                    .await;
+                assert_eq!(created.status, 201, "{}", created.text());
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // Walk the list: each payment is no newer, and has a smaller id, than the one before.
+    let mut listed: Vec<(String, String)> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => format!("{}?limit=100", f.payments()),
+            Some(c) => format!("{}?limit=100&cursor={c}", f.payments()),
+        };
+        let page = f
+            .server
+            .client
+            .get(&path)
+            .bearer(&token)
+            .send()
+            .await
+            .json();
+        for item in page["items"].as_array().unwrap() {
+            listed.push((
+                item["created_at"].as_str().unwrap().to_owned(),
+                item["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(listed.len(), 300);
+    for pair in listed.windows(2) {
+        let (newer, older) = (&pair[0], &pair[1]);
+        assert!(
+            newer.0 >= older.0,
+            "created_at out of order: {newer:?} before {older:?}"
+        );
+        assert!(
+            newer.1 > older.1,
+            "ids out of order: {newer:?} before {older:?}"
+        );
+    }
+    sibling.shutdown().await;
+    f.server.shutdown().await;
+}

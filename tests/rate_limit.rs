@@ -64,46 +64,63 @@ async fn routes_and_users_have_separate_buckets() {
     .await;
     let alice = server.register("alice").await;
     let bob = server.register("bob").await;
+    let (alice, bob) = (server.login(&alice).await, server.login(&bob).await);
     for _ in 0..2 {
-        assert_eq!(
-            server
-                .client
-                .get("/accounts")
-                .basic(&alice)
-                .send()
-                .await
-                .status,
-            200
-        );
+        let listed = server.client.get("/accounts").bearer(&alice).send().await;
+        assert_eq!(listed.status, 200);
     }
     server
         .client
         .get("/accounts")
-        .basic(&alice)
+        .bearer(&alice)
         .send()
         .await
         .assert_problem(429);
     // Bob's bucket is his own, and alice's other routes fall under the other rule.
-    assert_eq!(
-        server
+    let listed = server.client.get("/accounts").bearer(&bob).send().await;
+    assert_eq!(listed.status, 200);
+    let me = server
+        .client
+        .get("/users/alice")
+        .bearer(&alice)
+        .send()
+        .await;
+    assert_eq!(me.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claiming_a_username_never_spends_that_users_bucket() {
+    let server = TestServer::start_with(&[
+        ("rate-limit", "* / 1/min burst=20 key=user"),
+        ("guess-limit", "1000/min burst=1000"),
+        ("client-timeout", "2"),
+    ])
+    .await;
+    let alice = server.register("alice").await;
+    let token = server.login(&alice).await;
+    // Someone who knows alice's name floods with it, never with her password.
+    let impostor = Creds::new("alice", "not-her-password");
+    let mut refused = 0;
+    for _ in 0..40 {
+        let status = server
             .client
-            .get("/accounts")
-            .basic(&bob)
+            .get("/apiStatus")
+            .basic(&impostor)
             .send()
             .await
-            .status,
-        200
+            .status;
+        refused += usize::from(status == 429);
+    }
+    assert!(
+        refused >= 19,
+        "the flood was not limited by its address: {refused}"
     );
-    assert_eq!(
-        server
-            .client
-            .get("/users/alice")
-            .basic(&alice)
-            .send()
-            .await
-            .status,
-        200
-    );
+    // Alice's own token requests draw from her bucket, which the flood never touched.
+    for _ in 0..19 {
+        let mine = server.client.get("/users/me").bearer(&token).send().await;
+        assert_eq!(mine.status, 200, "{}", mine.text());
+    }
     server.shutdown().await;
 }
 

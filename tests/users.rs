@@ -199,3 +199,69 @@ async fn users_cannot_read_each_other() {
     response.assert_problem(404);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disable_stops_requests_whose_password_check_is_still_queued() {
+    let server = TestServer::start().await;
+    let bob = server.register("bob").await;
+    let account = server.account(&bob, "EUR").await;
+    let admin = server.staff(
+        "root.admin",
+        "admin passphrase 1",
+        paygate::domain::Role::Admin,
+    );
+    // The admin acts with a token: their requests never wait for a hashing slot.
+    let admin = server.login(&admin).await;
+    // Fill the Argon2 queue with wrong passwords for names nobody has.
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let client = server.client.clone();
+        flood.push(tokio::spawn(async move {
+            let stranger = Creds::new(&format!("stranger{i}"), "wrong password");
+            client.get("/users/me").basic(&stranger).send().await.status
+        }));
+    }
+    // Bob's payment and bob's login queue behind them...
+    let pay = {
+        let (client, bob) = (server.client.clone(), bob.clone());
+        let path = format!("/accounts/{account}/payments");
+        tokio::spawn(async move {
+            client
+                .post(&path)
+                .basic(&bob)
+                .json(&json!({"payee": "ACME", "amount_minor": 5, "currency": "EUR"}))
+                .send()
+                .await
+        })
+    };
+    let login = {
+        let (client, bob) = (server.client.clone(), bob.clone());
+        tokio::spawn(async move { client.post("/sessions").basic(&bob).send().await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // ...when an admin disables him.
+    let disabled = server
+        .client
+        .post("/users/bob/disable")
+        .bearer(&admin)
+        .send()
+        .await;
+    assert_eq!(disabled.status, 204, "{}", disabled.text());
+    assert!(
+        !pay.is_finished() && !login.is_finished(),
+        "bob's requests were answered before the disable: the flood was too short"
+    );
+    let pay = pay.await.unwrap();
+    pay.assert_problem(401);
+    login.await.unwrap().assert_problem(401);
+    for request in flood {
+        assert_eq!(request.await.unwrap(), 401);
+    }
+    // No payment was made.
+    let db = rusqlite::Connection::open(server.data_dir().join("paygate.db")).unwrap();
+    let payments: i64 = db
+        .query_row("SELECT count(*) FROM payments", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(payments, 0);
+    server.shutdown().await;
+}

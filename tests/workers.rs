@@ -282,3 +282,36 @@ async fn a_change_through_one_worker_is_read_by_every_worker() {
     }
     workers.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_supervisors_share_a_data_directory_under_their_own_instance_names() {
+    let dir = TempDir::new("two-supervisors");
+    let (mut first, first_addr, first_log) =
+        common::serve_logging(&dir, &["--workers", "2"], "info");
+    common::wait_for_log(&first_log, "all 2 workers are listening", 1, 20).await;
+    let (mut second, second_addr, second_log) =
+        common::serve_logging(&dir, &["--workers", "2", "--instance", "second"], "info");
+    common::wait_for_log(&second_log, "all 2 workers are listening", 1, 20).await;
+    for addr in [first_addr, second_addr] {
+        let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
+        for _ in 0..4 {
+            assert_eq!(client.get("/apiStatus").send().await.status, 200);
+        }
+    }
+    for supervisor in [&mut first, &mut second] {
+        common::signal(supervisor, "TERM");
+        assert!(common::wait_exit(supervisor).success());
+    }
+    let log = second_log.lock().unwrap().clone();
+    assert!(!log.contains("in use"), "{log}");
+    let chains: Vec<String> = paygate::audit::instance_dirs(&dir.0.join("data/audit"))
+        .unwrap()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    for name in ["1", "2", "second-1", "second-2"] {
+        assert!(chains.iter().any(|c| c == name), "{chains:?}");
+    }
+    let verified = common::verify_audit(&dir);
+    assert!(verified.contains("audit log OK"), "{verified}");
+}

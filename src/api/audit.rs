@@ -12,6 +12,11 @@ use crate::time::{format_rfc3339_millis, parse_rfc3339};
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
+/// Audit reads running at once in this worker; more wait their turn. Each holds about a
+/// 64 KiB block and the records it returns (at most [`MAX_LIMIT`]), so two bound the
+/// memory reads can take whatever the log's size.
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 pub async fn recent(app: &App, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let mut limit = DEFAULT_LIMIT;
     let mut since = None;
@@ -34,6 +39,11 @@ pub async fn recent(app: &App, query: Option<&str>) -> Result<Response<Body>, Ap
         }
     }
     let dir = app.config.data_dir.join(AUDIT_DIR);
+    // The semaphore is never closed, so acquiring cannot fail.
+    let _turn = READS
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal("the audit read limit was closed".into()))?;
     let records = tokio::task::spawn_blocking(move || {
         crate::audit::read::recent(&dir, since.as_deref(), limit)
     })

@@ -1,7 +1,12 @@
 //! Capabilities: mint one for a payment (`POST /accounts/{id}/payments/{pid}/capabilities`),
 //! derive a weaker one from a token (`POST /capabilities/derive`, no identity needed),
 //! revoke one and everything derived from it (`DELETE /capabilities/{id}`), and list an
-//! account's live ones (`GET /accounts/{id}/capabilities`, never with tokens).
+//! account's live ones (`GET /accounts/{id}/capabilities`, paged, never with tokens).
+//!
+//! Derivation is bounded: at most [`MAX_DERIVATION_DEPTH`] levels below the minted
+//! capability and [`MAX_PER_ROOT`] unexpired capabilities per minted one, and it has a rate
+//! limit of its own in the defaults. A child is inserted only in the same transaction that
+//! finds its parent and every ancestor unrevoked, so it can never outlive a revocation.
 //!
 //! A capability acts on one payment, so it can carry `r` (read it) and `d` (cancel it), and
 //! only what its minter holds — at minting, and again at every use: a minter who loses a
@@ -14,12 +19,14 @@ use http::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::ListBody;
+use super::{ListBody, Pagination};
 use crate::app::App;
 use crate::domain::{whole_number, Invalid, Perm, Perms};
 use crate::filter::authenticate::{capability_use, Principal};
 use crate::http::{json, read_json, response_with, ApiError, Body, Challenge, RequestBody};
-use crate::store::{Capability, Membership, NewCapability};
+use crate::store::{
+    Capability, CapabilityInsert, Membership, NewCapability, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
+};
 use crate::time::{format_rfc3339_millis, now_millis};
 use crate::tokens::capability;
 
@@ -99,11 +106,23 @@ fn expires_in(app: &App, seconds: u64) -> Result<i64, ApiError> {
 async fn store_new(app: &App, new: NewCapability) -> Result<(Capability, String), ApiError> {
     let (token, token_hash) = capability::generate(&ring::rand::SystemRandom::new())
         .map_err(|_| ApiError::Internal("the system random generator failed".into()))?;
-    let stored = app
+    match app
         .store
         .create_capability(NewCapability { token_hash, ..new })
-        .await?;
-    Ok((stored, token))
+        .await?
+    {
+        CapabilityInsert::Created(stored) => Ok((stored, token)),
+        // Revoked (or expired) between the check above and this insert.
+        CapabilityInsert::ParentUnusable => Err(ApiError::Unauthenticated(Challenge::InvalidToken)),
+        CapabilityInsert::TooDeep => Err(ApiError::Forbidden(format!(
+            "capabilities derive at most {MAX_DERIVATION_DEPTH} levels deep from the one \
+             minted; derive from one nearer to it"
+        ))),
+        CapabilityInsert::TooMany => Err(ApiError::Forbidden(format!(
+            "a minted capability and those derived from it count at most {MAX_PER_ROOT} \
+             unexpired capabilities together"
+        ))),
+    }
 }
 
 fn minted(capability: &Capability, token: String) -> Result<Response<Body>, ApiError> {
@@ -222,8 +241,16 @@ pub async fn revoke(
     Ok(response_with(StatusCode::NO_CONTENT, Vec::new()))
 }
 
-pub async fn list(app: &App, account: Uuid) -> Result<Response<Body>, ApiError> {
-    let live = app.store.live_capabilities(account).await?;
-    let items: Vec<Listed> = live.into_iter().map(Listed::from).collect();
-    json(StatusCode::OK, &ListBody::new(items, None))
+pub async fn list(
+    app: &App,
+    account: Uuid,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let page = Pagination::parse(query)?;
+    let live = app
+        .store
+        .live_capabilities(account, page.limit, page.before)
+        .await?;
+    let items: Vec<Listed> = live.items.into_iter().map(Listed::from).collect();
+    json(StatusCode::OK, &ListBody::new(items, live.next_seq))
 }

@@ -79,7 +79,7 @@ pub async fn dispatch(
             capabilities::revoke(app, &principal, id).await
         }
         (Route::ListCapabilities(account), Grant::Account(..)) => {
-            capabilities::list(app, account).await
+            capabilities::list(app, account, request.uri().query()).await
         }
         (Route::DisableUser(name), Grant::User(_)) => users::disable(app, name).await,
         (route, grant) => Err(ApiError::Internal(format!(

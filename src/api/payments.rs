@@ -21,10 +21,10 @@ use crate::domain::{
 use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
 use crate::store::{
-    CancelOutcome, EarlierUse, KeyedAnswer, Membership, Payment, PaymentCreation, PaymentStatus,
-    StoredResponse,
+    CancelOutcome, EarlierUse, KeyedRequest, Membership, Payment, PaymentCreation, PaymentStatus,
+    StoreError, StoredResponse,
 };
-use crate::time::{format_rfc3339_millis, now_millis};
+use crate::time::format_rfc3339_millis;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
@@ -167,12 +167,14 @@ pub async fn create(
     if let Some(limit) = app.config.step_up_amount {
         if wanted.amount_minor > limit && !principal.has_second_factor() {
             return Err(ApiError::SecondFactorRequired(format!(
-                "payments above {limit} (minor units) need a second factor: log in with a TOTP                  code (X-TOTP) and use that token"
+                "payments above {limit} (minor units) need a second factor: log in with a TOTP \
+                 code (X-TOTP) and use that token"
             )));
         }
     }
+    // The id and time are the store's to assign, in commit order.
     let payment = Payment {
-        id: Uuid::now_v7(),
+        id: Uuid::nil(),
         account_id: membership.account.id,
         payee: wanted.payee.clone(),
         amount_minor: wanted.amount_minor,
@@ -180,14 +182,8 @@ pub async fn create(
         reference: wanted.reference.clone(),
         status: PaymentStatus::Pending,
         created_by: principal.username.clone(),
-        created_at: now_millis(),
+        created_at: 0,
         cancelled_at: None,
-    };
-    let answer = StoredResponse {
-        status: StatusCode::CREATED.as_u16(),
-        body: serde_json::to_string(&PaymentBody::from(&payment))
-            .map_err(|e| ApiError::Internal(format!("serialising a payment: {e}")))?,
-        location: Some(location(&payment)),
     };
     let keyed = match key {
         None => None,
@@ -196,24 +192,33 @@ pub async fn create(
                 .map_err(|e| ApiError::Internal(format!("serialising a payment request: {e}")))?;
             let mut request_hash = [0u8; 32];
             request_hash.copy_from_slice(digest::digest(&digest::SHA256, &canonical).as_ref());
-            Some(KeyedAnswer {
+            Some(KeyedRequest {
                 user: principal.user_id,
                 key,
                 request_hash,
-                response: answer.clone(),
             })
         }
     };
     match app
         .store
-        .create_payment(payment, principal.user_id, keyed)
+        .create_payment(payment, principal.user_id, keyed, created_answer)
         .await?
     {
-        PaymentCreation::Created => stored_response(&answer, false),
+        PaymentCreation::Created(answer) => stored_response(&answer, false),
         PaymentCreation::Earlier(EarlierUse::Replay(stored)) => stored_response(&stored, true),
         PaymentCreation::Earlier(EarlierUse::InFlight) => Err(in_flight()),
         PaymentCreation::Earlier(EarlierUse::Mismatch) => Err(ApiError::IdempotencyMismatch),
     }
+}
+
+/// The 201 answer for a payment just created, as it is sent and stored for replays.
+fn created_answer(payment: &Payment) -> Result<StoredResponse, StoreError> {
+    Ok(StoredResponse {
+        status: StatusCode::CREATED.as_u16(),
+        body: serde_json::to_string(&PaymentBody::from(payment))
+            .map_err(|e| StoreError::Corrupt(format!("serialising a payment: {e}")))?,
+        location: Some(location(payment)),
+    })
 }
 
 fn in_flight() -> ApiError {

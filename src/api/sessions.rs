@@ -8,7 +8,6 @@ use crate::app::App;
 use crate::filter::authenticate::{Principal, TokenRef};
 use crate::http::{json, response_with, ApiError, Body};
 use crate::time::format_rfc3339_millis;
-use crate::tokens::jwt::LEEWAY_S;
 use crate::tokens::IssueError;
 
 #[derive(Serialize)]
@@ -47,12 +46,8 @@ pub async fn login(app: &App, principal: &Principal) -> Result<Response<Body>, A
 
 pub async fn logout(app: &App, principal: &Principal) -> Result<Response<Body>, ApiError> {
     match &principal.token {
-        // Kept as long as a verifier could still accept the token.
-        Some(TokenRef::Jwt { jti, exp }) => {
-            app.store
-                .revoke_jti(jti.clone(), exp.saturating_add(LEEWAY_S))
-                .await?
-        }
+        // Kept as long as a verifier could still accept the token: until its `exp`.
+        Some(TokenRef::Jwt { jti, exp }) => app.store.revoke_jti(jti.clone(), *exp).await?,
         Some(TokenRef::Session(hash)) => {
             app.store.end_session(*hash).await?;
         }

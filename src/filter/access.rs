@@ -39,7 +39,7 @@ pub async fn authorize(
         return Ok(Grant::Anyone);
     }
     let principal = match identity {
-        Identity::Authenticated(principal) => principal,
+        Identity::Authenticated(principal) => still_enabled(app, principal).await?,
         // A capability is worth exactly what it names, nothing a user would add on top.
         Identity::Capability(capability) => return capability_grant(capability, &requirement),
         other => return Err(unauthenticated(&other)),
@@ -88,6 +88,21 @@ pub async fn authorize(
             }
         }
         Requirement::Account(account, perm) => account_grant(app, principal, account, perm).await,
+    }
+}
+
+/// The principal, unless the user was disabled (or deleted) after authentication looked —
+/// while their password check waited for a hashing slot, or their audit record for its
+/// sync. Asked through the exact cache, so it costs a memory lookup unless something was
+/// committed meanwhile; a disable thus stops every request that has not passed this point.
+async fn still_enabled(app: &App, principal: Principal) -> Result<Principal, ApiError> {
+    match app.cache.user(&app.store, principal.user_id).await? {
+        Some(user) if !user.disabled => Ok(principal),
+        _ => Err(unauthenticated(&Identity::Failed {
+            method: Some(principal.method),
+            claimed: Some(principal.username),
+            reason: AuthFailure::Disabled,
+        })),
     }
 }
 

@@ -349,11 +349,13 @@ impl Credentials {
         opaque::parse(token).map_or(Credentials::MalformedBearer, Credentials::Opaque)
     }
 
-    /// The username rate limiting keys on: the one Basic credentials claim (unverified),
-    /// a verified JWT's subject, or the user of an opaque token this worker has seen.
+    /// The username `key=user` rate limits count against: only one this request has
+    /// already proved — a verified JWT's subject, or the user of an opaque token this
+    /// worker has seen. A username that Basic credentials merely claim is not proof (anyone
+    /// can claim alice), so those requests count against their client address: nobody can
+    /// spend another user's bucket by naming them.
     pub fn rate_limit_user<'a>(&'a self, cache: &StateCache) -> Option<Cow<'a, str>> {
         match self {
-            Credentials::Basic(_) => self.password_user().map(Cow::Borrowed),
             Credentials::Jwt(claims) => Some(Cow::Borrowed(&claims.sub)),
             Credentials::Opaque(hash) => cache.session_user_hint(hash).map(Cow::Owned),
             _ => None,
@@ -580,11 +582,22 @@ async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {
         claimed: Some(username.clone()),
         reason,
     };
-    let user = match user {
-        _ if lookup_failed => return failed(AuthFailure::Unavailable),
-        Some(user) if matched && user.disabled => return failed(AuthFailure::Disabled),
-        Some(user) if matched => user,
-        _ => return failed(AuthFailure::BadCredentials),
+    if lookup_failed {
+        return failed(AuthFailure::Unavailable);
+    }
+    if user.is_none() || !matched {
+        return failed(AuthFailure::BadCredentials);
+    }
+    // The check may have waited seconds for a hashing slot: what decides from here on
+    // (disabled, second factor) is read again, so a disable meanwhile takes effect.
+    let user = match app.store.user_by_name(name.as_str().to_owned()).await {
+        Err(e) => {
+            log::error!("reading a user after their password check failed: {e}");
+            return failed(AuthFailure::Unavailable);
+        }
+        Ok(None) => return failed(AuthFailure::BadCredentials),
+        Ok(Some(user)) if user.disabled => return failed(AuthFailure::Disabled),
+        Ok(Some(user)) => user,
     };
     let amr: &'static [&'static str] = match &user.totp_secret {
         None => &["pwd"],

@@ -67,6 +67,9 @@ pub const DEFAULT_RULES: &[&str] = &[
     "POST /users/me 100/s burst=200 key=user",
     "POST /users 10/hour burst=5 key=ip",
     "POST /sessions 10/min burst=5 key=ip",
+    // Deriving needs no login, only a capability token: a holder of one link must not be
+    // able to mint capabilities at request speed.
+    "POST /capabilities/derive 30/min burst=10 key=ip",
     "* / 100/s burst=200 key=user",
 ];
 

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
 use super::accounts::{parse_perms, parse_uuid};
-use super::{Store, StoreError};
+use super::{into_page, Page, Store, StoreError};
 use crate::domain::Perms;
 
 /// A capability as stored (never its token).
@@ -77,16 +77,97 @@ fn capability(row: &rusqlite::Row<'_>) -> Result<Capability, StoreError> {
     })
 }
 
+/// How deep a derivation tree may grow: a minted capability is depth 0, and the longest
+/// chain of derivations below it is this many. Keeps every use (which checks the whole
+/// ancestry) and every revocation (which walks the whole tree) cheap.
+pub const MAX_DERIVATION_DEPTH: i64 = 8;
+
+/// How many unexpired capabilities one minted capability and everything derived from it
+/// may count together (revoked ones included: revoking does not make room).
+pub const MAX_PER_ROOT: i64 = 100;
+
+/// Result of storing a capability.
+#[derive(Debug)]
+pub enum CapabilityInsert {
+    Created(Capability),
+    /// The parent is revoked (itself or an ancestor), expired, or gone: nothing derives
+    /// from it any more. Decided in the transaction that would insert the child, so a
+    /// revocation and a derivation never interleave.
+    ParentUnusable,
+    /// The derivation tree is [`MAX_DERIVATION_DEPTH`] deep at the parent.
+    TooDeep,
+    /// The tree already holds [`MAX_PER_ROOT`] unexpired capabilities.
+    TooMany,
+}
+
 impl Store {
-    /// Stores a new capability.
-    pub async fn create_capability(&self, new: NewCapability) -> Result<Capability, StoreError> {
+    /// Stores a new capability: a minted one, or one derived from `new.parent_id` — then
+    /// only while the parent and all its ancestors are unrevoked and unexpired, and within
+    /// the tree's depth and size limits, all checked in the inserting transaction.
+    pub async fn create_capability(
+        &self,
+        new: NewCapability,
+    ) -> Result<CapabilityInsert, StoreError> {
         self.run(move |conn| {
             let id = Uuid::new_v4();
             let now = crate::time::now_millis();
-            conn.prepare_cached(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (root, depth) = match new.parent_id {
+                None => (id, 0),
+                Some(parent) => {
+                    let found = tx
+                        .prepare_cached(
+                            "SELECT p.root_id, p.depth,
+                                    p.revoked_at IS NULL AND p.expires_at > ?2
+                                    AND NOT EXISTS (
+                                        WITH RECURSIVE ancestors(id, parent_id, revoked_at) AS (
+                                            SELECT a.id, a.parent_id, a.revoked_at
+                                              FROM capabilities a WHERE a.id = p.parent_id
+                                            UNION ALL
+                                            SELECT a.id, a.parent_id, a.revoked_at
+                                              FROM capabilities a
+                                              JOIN ancestors ON a.id = ancestors.parent_id)
+                                        SELECT 1 FROM ancestors WHERE revoked_at IS NOT NULL)
+                               FROM capabilities p WHERE p.id = ?1",
+                        )?
+                        .query_row(params![parent.to_string(), now], |r| {
+                            Ok((
+                                r.get::<_, Option<String>>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, bool>(2)?,
+                            ))
+                        })
+                        .optional()?;
+                    let Some((root, depth, usable)) = found else {
+                        return Ok(CapabilityInsert::ParentUnusable);
+                    };
+                    if !usable {
+                        return Ok(CapabilityInsert::ParentUnusable);
+                    }
+                    if depth >= MAX_DERIVATION_DEPTH {
+                        return Ok(CapabilityInsert::TooDeep);
+                    }
+                    let root = match root {
+                        Some(root) => parse_uuid(&root)?,
+                        None => parent,
+                    };
+                    let in_tree: i64 = tx
+                        .prepare_cached(
+                            "SELECT count(*) FROM capabilities
+                              WHERE root_id = ?1 AND expires_at > ?2",
+                        )?
+                        .query_row(params![root.to_string(), now], |r| r.get(0))?;
+                    if in_tree >= MAX_PER_ROOT {
+                        return Ok(CapabilityInsert::TooMany);
+                    }
+                    (root, depth + 1)
+                }
+            };
+            tx.prepare_cached(
                 "INSERT INTO capabilities (id, token_hash, account_id, payment_id, perms,
-                                           minted_by, parent_id, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                           minted_by, parent_id, created_at, expires_at,
+                                           root_id, depth)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 id.to_string(),
@@ -97,9 +178,12 @@ impl Store {
                 new.minted_by,
                 new.parent_id.map(|p| p.to_string()),
                 now,
-                new.expires_at
+                new.expires_at,
+                root.to_string(),
+                depth
             ])?;
-            Ok(Capability {
+            tx.commit()?;
+            Ok(CapabilityInsert::Created(Capability {
                 id,
                 account_id: new.account_id,
                 payment_id: new.payment_id,
@@ -109,7 +193,7 @@ impl Store {
                 created_at: now,
                 expires_at: new.expires_at,
                 revoked_at: None,
-            })
+            }))
         })
         .await
     }
@@ -190,22 +274,34 @@ impl Store {
         .await
     }
 
-    /// The capabilities of an account that are neither expired nor revoked, newest first.
-    pub async fn live_capabilities(&self, account: Uuid) -> Result<Vec<Capability>, StoreError> {
+    /// The capabilities of an account that are neither expired nor revoked, newest first,
+    /// `limit` at a time, starting below the position `before`. Positions are rowids (never
+    /// renumbered: paygate does not VACUUM).
+    pub async fn live_capabilities(
+        &self,
+        account: Uuid,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Page<Capability>, StoreError> {
         self.run(move |conn| {
             let sql = format!(
-                "SELECT {COLUMNS} FROM capabilities c
+                "SELECT {COLUMNS}, c.rowid FROM capabilities c
                   WHERE c.account_id = ?1 AND c.expires_at > ?2 AND c.revoked_at IS NULL
-                  ORDER BY c.created_at DESC LIMIT 1000"
+                    AND c.rowid < ?3
+                  ORDER BY c.rowid DESC LIMIT ?4"
             );
             let mut statement = conn.prepare_cached(&sql)?;
-            let mut rows =
-                statement.query(params![account.to_string(), crate::time::now_millis()])?;
+            let mut rows = statement.query(params![
+                account.to_string(),
+                crate::time::now_millis(),
+                before.unwrap_or(i64::MAX),
+                limit as i64 + 1
+            ])?;
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {
-                out.push(capability(row)?);
+                out.push((row.get::<_, i64>(9)?, capability(row)?));
             }
-            Ok(out)
+            Ok(into_page(out, limit))
         })
         .await
     }

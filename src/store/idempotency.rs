@@ -24,14 +24,13 @@ pub struct StoredResponse {
     pub location: Option<String>,
 }
 
-/// A request under an Idempotency-Key, with the answer to store if it goes ahead.
+/// A request under an Idempotency-Key.
 #[derive(Debug, Clone)]
-pub struct KeyedAnswer {
+pub struct KeyedRequest {
     pub user: i64,
     pub key: String,
     /// SHA-256 of the validated request the key is bound to.
     pub request_hash: [u8; 32],
-    pub response: StoredResponse,
 }
 
 /// What an earlier use of the key decides for this request.
@@ -45,12 +44,12 @@ pub enum EarlierUse {
     Mismatch,
 }
 
-/// Inside the caller's write transaction: decides from an earlier use of the key, or (when
-/// there is none) stores this request's answer under it and returns `None`, so the caller
-/// goes ahead and writes what the answer describes.
-pub(super) fn take_key(
+/// Inside the caller's write transaction: what an earlier use of the key decides, if there
+/// was one; `None` when the key is free (an older version's lapsed claim is cleared), and
+/// the caller goes ahead and then stores its answer with [`store_answer`].
+pub(super) fn earlier_use(
     conn: &Connection,
-    keyed: &KeyedAnswer,
+    keyed: &KeyedRequest,
     now: i64,
 ) -> Result<Option<EarlierUse>, StoreError> {
     let existing = conn
@@ -89,6 +88,16 @@ pub(super) fn take_key(
                 .execute(params![keyed.user, keyed.key])?;
         }
     }
+    Ok(None)
+}
+
+/// Inside the same transaction: stores `response` as the answer under the key.
+pub(super) fn store_answer(
+    conn: &Connection,
+    keyed: &KeyedRequest,
+    response: &StoredResponse,
+    now: i64,
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO idempotency_keys
            (user_id, key, request_hash, status, response_body, location, created_at)
@@ -98,12 +107,12 @@ pub(super) fn take_key(
         keyed.user,
         keyed.key,
         &keyed.request_hash[..],
-        keyed.response.status,
-        keyed.response.body,
-        keyed.response.location,
+        response.status,
+        response.body,
+        response.location,
         now
     ])?;
-    Ok(None)
+    Ok(())
 }
 
 impl Store {
@@ -132,20 +141,24 @@ mod tests {
     #[test]
     fn first_use_stores_the_answer_later_ones_replay_or_mismatch() {
         let (store, dir) = temp_store();
-        let keyed = |hash: [u8; 32], body: &str| KeyedAnswer {
+        let keyed = |hash: [u8; 32]| KeyedRequest {
             user: 1,
             key: "k".into(),
             request_hash: hash,
-            response: StoredResponse {
+        };
+        // What a payment's transaction does with a key: decide, or store its answer.
+        let take = |k: &KeyedRequest, body: &str, now| {
+            let response = StoredResponse {
                 status: 201,
                 body: body.into(),
                 location: Some("/x".into()),
-            },
-        };
-        let take = |k: &KeyedAnswer, now| {
+            };
             store.run_blocking(|c| {
                 let tx = c.transaction()?;
-                let earlier = take_key(&tx, k, now)?;
+                let earlier = earlier_use(&tx, k, now)?;
+                if earlier.is_none() {
+                    store_answer(&tx, k, &response, now)?;
+                }
                 tx.commit()?;
                 Ok(earlier)
             })
@@ -162,27 +175,27 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert!(take(&keyed([1; 32], "first"), 0).unwrap().is_none());
-        let Some(EarlierUse::Replay(stored)) = take(&keyed([1; 32], "second"), 1).unwrap() else {
+        assert!(take(&keyed([1; 32]), "first", 0).unwrap().is_none());
+        let Some(EarlierUse::Replay(stored)) = take(&keyed([1; 32]), "second", 1).unwrap() else {
             panic!("the same request replays")
         };
         assert_eq!(stored.body, "first");
         assert_eq!(stored.location.as_deref(), Some("/x"));
         assert!(matches!(
-            take(&keyed([2; 32], "other"), 1).unwrap(),
+            take(&keyed([2; 32]), "other", 1).unwrap(),
             Some(EarlierUse::Mismatch)
         ));
         // An older version's live claim is respected; a lapsed one is taken over.
-        let old = KeyedAnswer {
+        let old = KeyedRequest {
             key: "old".into(),
-            ..keyed([1; 32], "new")
+            ..keyed([1; 32])
         };
         assert!(matches!(
-            take(&old, 99).unwrap(),
+            take(&old, "new", 99).unwrap(),
             Some(EarlierUse::InFlight)
         ));
-        assert!(take(&old, 101).unwrap().is_none());
-        let Some(EarlierUse::Replay(stored)) = take(&old, 102).unwrap() else {
+        assert!(take(&old, "new", 101).unwrap().is_none());
+        let Some(EarlierUse::Replay(stored)) = take(&old, "newer", 102).unwrap() else {
             panic!("taken over and answered")
         };
         assert_eq!(stored.body, "new");

@@ -25,6 +25,11 @@ pub const MAIN: Migrations = &[
         "003_capabilities.sql",
         include_str!("../../sql/003_capabilities.sql"),
     ),
+    (
+        4,
+        "004_capability_roots.sql",
+        include_str!("../../sql/004_capability_roots.sql"),
+    ),
 ];
 
 /// The rate-limit database, kept apart so its frequent small writes never contend with

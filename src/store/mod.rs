@@ -30,8 +30,11 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
-pub use capabilities::{Capability, CapabilityState, NewCapability};
-pub use idempotency::{EarlierUse, KeyedAnswer, StoredResponse};
+pub use capabilities::{
+    Capability, CapabilityInsert, CapabilityState, NewCapability, MAX_DERIVATION_DEPTH,
+    MAX_PER_ROOT,
+};
+pub use idempotency::{EarlierUse, KeyedRequest, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
 pub use ratelimit::RateStore;
 pub use sessions::{DataVersion, SessionRow, Subject, TotpState};

@@ -6,7 +6,8 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
-use super::idempotency::{self, EarlierUse, KeyedAnswer};
+use super::accounts::parse_uuid;
+use super::idempotency::{self, EarlierUse, KeyedRequest, StoredResponse};
 use super::{into_page, Page, Store, StoreError};
 
 /// Where a payment is in its life.
@@ -102,30 +103,76 @@ fn one(conn: &Connection, account: Uuid, id: Uuid) -> Result<Option<Payment>, St
 /// Result of creating a payment.
 #[derive(Debug)]
 pub enum PaymentCreation {
-    /// The payment (and the answer under its key, if any) is durable.
-    Created,
+    /// The payment (and the answer under its key, if any) is durable; here is the answer.
+    Created(StoredResponse),
     /// The Idempotency-Key was used before; nothing was written.
     Earlier(EarlierUse),
 }
 
+/// The id and time of a payment about to be inserted, taken inside the write transaction
+/// from the newest payment: `created_at` never goes back and ids only grow, in the order
+/// payments commit (which is the order lists show), across every worker — the write lock
+/// serialises their transactions.
+fn stamp(conn: &Connection) -> Result<(Uuid, i64), StoreError> {
+    let newest: Option<(String, i64)> = conn
+        .prepare_cached("SELECT id, created_at FROM payments ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (last_id, last_at) = match newest {
+        Some((id, at)) => (Some(parse_uuid(&id)?), at),
+        None => (None, i64::MIN),
+    };
+    let created_at = crate::time::now_millis().max(last_at);
+    let mut id = uuid_v7_at(created_at);
+    if let Some(last) = last_id.filter(|last| id <= *last) {
+        // Same millisecond as the newest payment: one more than its id, in the random bits
+        // (version and variant bits stay; an overflow into them takes the next ms).
+        let next = Uuid::from_u128(last.as_u128() + 1);
+        id = if next.get_version_num() == 7 && next.get_variant() == uuid::Variant::RFC4122 {
+            next
+        } else {
+            uuid_v7_at(created_at + 1)
+        };
+    }
+    Ok((id, created_at))
+}
+
+/// A UUIDv7 for the Unix millisecond `ms`.
+fn uuid_v7_at(ms: i64) -> Uuid {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    let at = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        ms / 1000,
+        u32::try_from(ms % 1000).unwrap_or(0) * 1_000_000,
+    );
+    Uuid::new_v7(at)
+}
+
 impl Store {
-    /// Inserts `payment` and, when it was made under an Idempotency-Key, the answer stored
-    /// under the key — in one transaction, so either both are durable or neither is, and
-    /// only if the key was free. Goes through the group-commit thread: concurrent payments
-    /// share one commit (one fsync); the answer comes once that commit has returned.
+    /// Inserts `payment` (its `id` and `created_at` are assigned here, in commit order)
+    /// and, when it was made under an Idempotency-Key, the answer `answer` renders for it —
+    /// in one transaction, so either both are durable or neither is, and only if the key
+    /// was free. Goes through the group-commit thread: concurrent payments share one commit
+    /// (one fsync); the answer comes once that commit has returned.
     pub async fn create_payment(
         &self,
-        payment: Payment,
+        mut payment: Payment,
         created_by: i64,
-        keyed: Option<KeyedAnswer>,
+        keyed: Option<KeyedRequest>,
+        answer: fn(&Payment) -> Result<StoredResponse, StoreError>,
     ) -> Result<PaymentCreation, StoreError> {
         self.commits
             .write(move |conn| {
+                let now = crate::time::now_millis();
                 if let Some(keyed) = &keyed {
-                    let now = crate::time::now_millis();
-                    if let Some(earlier) = idempotency::take_key(conn, keyed, now)? {
+                    if let Some(earlier) = idempotency::earlier_use(conn, keyed, now)? {
                         return Ok(PaymentCreation::Earlier(earlier));
                     }
+                }
+                (payment.id, payment.created_at) = stamp(conn)?;
+                let response = answer(&payment)?;
+                if let Some(keyed) = &keyed {
+                    idempotency::store_answer(conn, keyed, &response, now)?;
                 }
                 conn.prepare_cached(
                     "INSERT INTO payments (id, account_id, payee, amount_minor, currency,
@@ -143,7 +190,7 @@ impl Store {
                     created_by,
                     payment.created_at
                 ])?;
-                Ok(PaymentCreation::Created)
+                Ok(PaymentCreation::Created(response))
             })
             .await
     }

@@ -228,6 +228,19 @@ impl Store {
         .await
     }
 
+    /// The user with id `user_id` as authentication sees them (for access control's last
+    /// look at whether they were disabled meanwhile).
+    pub async fn subject(&self, user_id: i64) -> Result<Option<Subject>, StoreError> {
+        self.run(move |conn| {
+            let row = conn
+                .prepare_cached("SELECT id, username, role, disabled FROM users WHERE id = ?1")?
+                .query_row([user_id], |r| subject(r, 0))
+                .optional()?;
+            row.map(with_role).transpose()
+        })
+        .await
+    }
+
     /// Deletes expired sessions, JWT revocations and capabilities; returns how many rows
     /// went. (A capability's descendants never outlive it, so one statement removes whole
     /// expired trees and the parent references stay intact.)

@@ -5,7 +5,13 @@
 //! Verification runs in a fixed order and trusts nothing before the signature has been
 //! checked in constant time: size, shape and canonical base64url, a strictly parsed header
 //! (`alg` exactly `HS256`, `typ` JWT, a known `kid`, no `crit`, no repeated member), the
-//! signature, and only then the claims (issuer, audience, times with 60 s leeway, lifetime).
+//! signature, and only then the claims (issuer, audience, times, lifetime).
+//!
+//! Times: a token is refused from its `exp` on, to the second — the `expires_at` a login
+//! answers is the token's whole life. `nbf` and `iat` allow [`LEEWAY_S`] of clock
+//! difference, for a verifier whose clock runs behind the issuer's (another node, or
+//! another service signing with exported keys): a token is never refused for being a
+//! little early, and never accepted for being late.
 
 use std::borrow::Cow;
 
@@ -21,7 +27,8 @@ use super::keys::{KeySet, SigningKey};
 pub const ISSUER: &str = "paygate";
 /// Our `aud` claim: the API these tokens are for.
 pub const AUDIENCE: &str = "paygate-api";
-/// Clock difference tolerated between issuer and verifier, in seconds.
+/// Clock difference tolerated between issuer and verifier for `nbf` and `iat`, in seconds
+/// (never for `exp`).
 pub const LEEWAY_S: i64 = 60;
 /// Longest token accepted, in bytes; ours are about 330.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -232,9 +239,10 @@ impl<'a> Jws<'a> {
     }
 }
 
-/// `exp`: refused once `now` is past it by more than the leeway.
+/// `exp`: refused from that second on, without leeway (RFC 7519 section 4.1.4 allows some;
+/// paygate's login answer states `expires_at`, and that is when the token ends).
 pub fn check_expiry(exp: i64, now_s: i64) -> Result<(), JwtRejection> {
-    if now_s >= exp.saturating_add(LEEWAY_S) {
+    if now_s >= exp {
         Err(JwtRejection::Expired)
     } else {
         Ok(())
@@ -735,12 +743,9 @@ mod tests {
             NOW
         )
         .is_ok());
-        // Expiry and not-before, with exactly 60 s of leeway.
-        assert!(check(&|_| {}, NOW + TTL + LEEWAY_S - 1).is_ok());
-        assert_eq!(
-            check(&|_| {}, NOW + TTL + LEEWAY_S),
-            Err(JwtRejection::Expired)
-        );
+        // Expiry to the second, without leeway; not-before with exactly 60 s.
+        assert!(check(&|_| {}, NOW + TTL - 1).is_ok());
+        assert_eq!(check(&|_| {}, NOW + TTL), Err(JwtRejection::Expired));
         assert!(check(&|c| c.nbf = NOW + LEEWAY_S, NOW).is_ok());
         assert_eq!(
             check(
