@@ -330,3 +330,46 @@ async fn delay_waits_for_the_token_then_admits() {
     assert!(started.elapsed() < Duration::from_secs(5));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn right_passwords_in_parallel_on_four_workers_never_spend_the_guess_budget() {
+    let dir = TempDir::new("rl-guess-workers");
+    // The default guess budget (10 per 15 minutes); no request limit in the way.
+    let (mut supervisor, addr, log) =
+        common::serve_logging(&dir, &["--workers", "4", "--rate-limit", "none"], "info");
+    common::wait_for_log(&log, "all 4 workers are listening", 1, 30).await;
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let carol = client.register("carol").await;
+    let mut requests = Vec::new();
+    for _ in 0..40 {
+        let (client, carol) = (client.clone(), carol.clone());
+        requests.push(tokio::spawn(async move {
+            client
+                .get("/users/me")
+                .basic(&carol)
+                .send()
+                .await
+                .status
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(request.await.unwrap());
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    // The budget is whole: ten wrong passwords still pass before the eleventh is refused.
+    let wrong = Creds::new("carol", "not carol's password");
+    for _ in 0..10 {
+        client
+            .get("/users/me")
+            .basic(&wrong)
+            .send()
+            .await
+            .assert_problem(401);
+    }
+    let refused = client.get("/users/me").basic(&carol).send().await;
+    refused.assert_problem(429);
+    signal(&supervisor, "TERM");
+    assert!(wait_exit(&mut supervisor).success());
+}

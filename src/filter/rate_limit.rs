@@ -108,6 +108,12 @@ impl Admission {
         };
         if proved_password {
             refund_guess(app, self.guess.take()).await;
+        } else if let Some(ticket) = self.guess.take() {
+            // The check is over: its reservation stops counting as in flight now, not when
+            // the request ends.
+            if let Err(e) = app.limiter.release_guess(ticket).await {
+                log::warn!("could not release a password-check reservation: {e}");
+            }
         }
     }
 

@@ -41,7 +41,11 @@
 //! subscriber is usually given.
 
 pub mod bucket;
+mod guesses;
 pub mod rules;
+
+use guesses::GuessBudget;
+pub use guesses::{GuessTicket, GUESS_CONCURRENCY};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -128,20 +132,6 @@ pub enum Verdict {
     Refuse { quota: Quota, retry_after_s: u64 },
 }
 
-/// A password-guess token reserved before a password check, refunded if it succeeds.
-/// Holds one of the username's check slots until it is settled or dropped.
-#[derive(Debug)]
-pub struct GuessTicket {
-    key: String,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Password checks per username that may hold a reservation at once in one process.
-pub const GUESS_CONCURRENCY: usize = 4;
-/// Usernames are spread over this many slot groups; two names sharing one only queue
-/// behind each other.
-const GUESS_STRIPES: usize = 256;
-
 /// A lease of tokens taken from the shared bucket.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
@@ -178,8 +168,7 @@ type LocalKey = (usize, BucketKey);
 pub struct Limiter {
     rules: Vec<Rule>,
     /// The per-username password-guess budget; `None` when disabled.
-    guess_limit: Option<Limit>,
-    guess_policy: HeaderValue,
+    guesses: Option<Arc<GuessBudget>>,
     store: RateStore,
     clock: Arc<dyn Clock>,
     /// This process's name on its leases in `ratelimit.db` (random per start).
@@ -188,11 +177,11 @@ pub struct Limiter {
     /// One lease refresh per key at a time: keys are spread over these locks.
     refresh_locks: Vec<tokio::sync::Mutex<()>>,
     waiters: Arc<Semaphore>,
-    /// Password-check slots, by stripe of usernames.
-    guess_slots: Vec<Arc<Semaphore>>,
+    /// Spreads keys over the refresh locks; randomly keyed per process, so nobody can pick
+    /// keys that share a victim's lock.
     stripe_hasher: std::collections::hash_map::RandomState,
     /// Set by the sweeper when the table holds more than [`MAX_ROWS`] rows.
-    overflow: AtomicBool,
+    overflow: Arc<AtomicBool>,
 }
 
 /// How long a lease lives (and holds its tokens back from other processes).
@@ -260,27 +249,32 @@ impl Limiter {
         store: RateStore,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let guess_policy = guess_limit.map_or(HeaderValue::from_static(""), |limit| {
+        let holder = uuid::Uuid::new_v4().to_string();
+        let overflow = Arc::new(AtomicBool::new(false));
+        let guesses = guess_limit.map(|limit| {
             let window = ceil_secs(i64::try_from(limit.window_ns()).unwrap_or(i64::MAX));
-            rules::policy_header(GUESS_POLICY, limit.burst, window)
+            Arc::new(GuessBudget::new(
+                limit,
+                rules::policy_header(GUESS_POLICY, limit.burst, window),
+                store.clone(),
+                holder.clone(),
+                clock.clone(),
+                overflow.clone(),
+            ))
         });
         Limiter {
             rules,
-            guess_limit,
-            guess_policy,
+            guesses,
             store,
             clock,
-            holder: uuid::Uuid::new_v4().to_string(),
+            holder,
             local: Mutex::new(HashMap::new()),
             refresh_locks: (0..REFRESH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             waiters: Arc::new(Semaphore::new(MAX_WAITERS)),
-            guess_slots: (0..GUESS_STRIPES)
-                .map(|_| Arc::new(Semaphore::new(GUESS_CONCURRENCY)))
-                .collect(),
             stripe_hasher: std::collections::hash_map::RandomState::new(),
-            overflow: AtomicBool::new(false),
+            overflow,
         }
     }
 
@@ -478,65 +472,29 @@ impl Limiter {
         }
     }
 
-    fn guess_quota(&self, remaining: u32, reset_ns: i64) -> Quota {
-        Quota {
-            policy: self.guess_policy.clone(),
-            name: Arc::from(GUESS_POLICY),
-            remaining,
-            reset_s: ceil_secs(reset_ns),
-        }
-    }
-
-    /// Reserves one password guess for `username` before its password is checked. Refused
-    /// while the username's budget is empty, so no hash is computed for it. `None` when the
+    /// Reserves one password guess for `username` before its password is checked (see
+    /// `guesses`): waits while checks for that username are in flight, and is refused only
+    /// when its budget was spent by failures, so no hash is computed then. `None` when the
     /// guess budget is disabled.
-    ///
-    /// At most [`GUESS_CONCURRENCY`] checks per username (per stripe of usernames) hold a
-    /// reservation at once in this process; further checks wait for one to settle. So a
-    /// client sending many requests with the right password in parallel queues instead of
-    /// spending its own budget on reservations that would all be refunded.
     pub async fn reserve_guess(
         &self,
         username: &str,
     ) -> Result<Result<Option<GuessTicket>, Verdict>, StoreError> {
-        let Some(limit) = self.guess_limit else {
-            return Ok(Ok(None));
-        };
-        // Randomly keyed per process, so nobody can pick names that share a victim's stripe.
-        let stripe = std::hash::BuildHasher::hash_one(&self.stripe_hasher, username);
-        let stripe = self.guess_slots[(stripe % GUESS_STRIPES as u64) as usize].clone();
-        // The semaphores are never closed, so acquiring cannot fail.
-        let slot = stripe
-            .acquire_owned()
-            .await
-            .map_err(|_| StoreError::TaskFailed)?;
-        let now = self.clock.now_ns();
-        let key = format!("user:{username}");
-        let take = self
-            .step(GUESS_POLICY.to_owned(), key.clone(), move |b, _| {
-                (0, b.take(limit, now, 0))
-            })
-            .await?;
-        match take {
-            Take::Granted { .. } => Ok(Ok(Some(GuessTicket { key, _slot: slot }))),
-            Take::Denied { retry_ns } => Ok(Err(Verdict::Refuse {
-                quota: self.guess_quota(0, retry_ns),
-                retry_after_s: ceil_secs(retry_ns).max(1),
-            })),
+        match &self.guesses {
+            None => Ok(Ok(None)),
+            Some(budget) => Ok(budget.reserve(username).await?.map(Some)),
         }
     }
 
     /// Gives a reserved guess back: the password was right. (This returns the one token the
     /// check reserved; it never refills the budget beyond that.)
     pub async fn refund_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
-        let Some(limit) = self.guess_limit else {
-            return Ok(());
-        };
-        self.step(GUESS_POLICY.to_owned(), ticket.key, move |b, _| {
-            b.refund(limit, 1);
-            (0, ())
-        })
-        .await
+        ticket.refund().await
+    }
+
+    /// Ends a reservation without a refund: the password was wrong.
+    pub async fn release_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
+        ticket.release().await
     }
 
     /// Deletes full buckets and updates the overflow flag; returns the rows left.
@@ -825,33 +783,54 @@ mod tests {
     #[tokio::test]
     async fn parallel_checks_for_one_user_queue_instead_of_spending_the_budget() {
         let f = fixture();
-        let l = Limiter::new(
-            Vec::new(),
-            Some(Limit::new(10, 60 * NS_PER_SEC, 10)),
-            RateStore::open(&f.dir).unwrap(),
-            f.clock.clone(),
-        );
-        let reserve = || async { l.reserve_guess("carol").await.unwrap().unwrap().unwrap() };
+        let budget = || Some(Limit::new(10, 60 * NS_PER_SEC, 10));
+        // Two processes on one data directory.
+        let process = || {
+            Arc::new(Limiter::new(
+                Vec::new(),
+                budget(),
+                RateStore::open(&f.dir).unwrap(),
+                f.clock.clone(),
+            ))
+        };
+        let (one, two) = (process(), process());
+        let reserve = |l: Arc<Limiter>| async move {
+            l.reserve_guess("carol").await.unwrap().unwrap().unwrap()
+        };
+        // Four checks in flight across both processes fill the username's slots.
         let mut held = Vec::new();
-        for _ in 0..GUESS_CONCURRENCY {
-            held.push(reserve().await);
+        for l in [&one, &two, &one, &two] {
+            held.push(reserve(l.clone()).await);
         }
-        let next = tokio::time::timeout(Duration::from_millis(50), reserve()).await;
-        assert!(next.is_err(), "one more concurrent check waits for a slot");
-        // Right passwords give their tokens back: a burst of correct parallel checks, however
-        // long, never exhausts the budget.
+        for l in [&one, &two] {
+            let next = tokio::time::timeout(Duration::from_millis(100), reserve(l.clone())).await;
+            assert!(
+                next.is_err(),
+                "a fifth concurrent check waits, in either process"
+            );
+        }
+        // Right passwords give their tokens back: correct parallel checks, however many,
+        // never exhaust the budget.
         for ticket in held.drain(..) {
-            l.refund_guess(ticket).await.unwrap();
+            one.refund_guess(ticket).await.unwrap();
         }
-        for _ in 0..50 {
-            let ticket = reserve().await;
-            l.refund_guess(ticket).await.unwrap();
+        let mut waves = Vec::new();
+        for i in 0..40 {
+            let l = if i % 2 == 0 { one.clone() } else { two.clone() };
+            waves.push(tokio::spawn(async move {
+                let ticket = reserve(l.clone()).await;
+                l.refund_guess(ticket).await.unwrap();
+            }));
+        }
+        for wave in waves {
+            wave.await.unwrap();
         }
         // Ten failures do.
         for _ in 0..10 {
-            drop(reserve().await);
+            let ticket = reserve(one.clone()).await;
+            one.release_guess(ticket).await.unwrap();
         }
-        assert!(l.reserve_guess("carol").await.unwrap().is_err());
+        assert!(two.reserve_guess("carol").await.unwrap().is_err());
     }
 
     #[tokio::test]

@@ -1,0 +1,260 @@
+//! The password-guess budget: every password (or TOTP code) check first reserves one token
+//! from the username's bucket, shared by every process on the data directory, and gives it
+//! back when the secret was right — so only failures spend the budget, from any address.
+//!
+//! # Reservations in flight, counted across processes
+//!
+//! A reservation is held while its check runs. How many a username has in flight is
+//! recorded in `ratelimit.db` as this process's lease on the username's guess bucket (the
+//! lease's size is the count), so every process sees the others' checks. A new
+//! reservation waits — instead of spending a token or being refused — while
+//! [`GUESS_CONCURRENCY`] checks for that username are in flight anywhere, and while the
+//! bucket is empty but some check in flight may still give its token back. So any number
+//! of parallel requests with the right password, on any number of workers, queue and never
+//! spend the budget; only a bucket emptied by failures refuses. A wait lasts at most
+//! [`MAX_QUEUE_WAIT`]; after that (a worker died holding reservations, whose lease lapses
+//! only after [`RESERVATION_TTL_NS`]) the request takes a token if there is one or is
+//! refused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+
+use super::bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
+use super::{ceil_secs, Clock, Quota, Verdict, GUESS_POLICY, OVERFLOW_KEY};
+use crate::store::{RateStore, StoreError};
+
+/// Password checks per username that may hold a reservation at once, across every process.
+pub const GUESS_CONCURRENCY: u32 = 4;
+
+/// How long a reservation counts as in flight if its process never settles it (it died).
+pub const RESERVATION_TTL_NS: i64 = 30 * NS_PER_SEC;
+
+/// Longest a reservation waits for checks in flight before it is decided on the budget
+/// alone.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// The budget of one process.
+pub struct GuessBudget {
+    limit: Limit,
+    policy: HeaderValue,
+    store: RateStore,
+    /// This process's name on its leases in `ratelimit.db`.
+    holder: String,
+    clock: Arc<dyn Clock>,
+    /// The limiter's overflow flag: new keys share one bucket while the table is full.
+    overflow: Arc<AtomicBool>,
+    /// Reservations in flight in this process, by bucket key. Changed only inside a
+    /// database step (which SQLite serialises), so the lease written is always the count.
+    in_flight: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A reserved guess. Settle it with [`GuessTicket::refund`] (the secret was right) or
+/// [`GuessTicket::release`] (it was not); dropped unsettled, it is released in the
+/// background.
+#[derive(Debug)]
+pub struct GuessTicket {
+    key: String,
+    budget: Option<Arc<GuessBudget>>,
+}
+
+impl std::fmt::Debug for GuessBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuessBudget")
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl GuessTicket {
+    /// Gives the reserved token back: the secret was right.
+    pub async fn refund(self) -> Result<(), StoreError> {
+        self.settle(true).await
+    }
+
+    /// Ends the reservation without giving the token back: the secret was wrong.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.settle(false).await
+    }
+
+    /// Settles with the budget that issued the ticket (its process's count).
+    async fn settle(mut self, refund: bool) -> Result<(), StoreError> {
+        match self.budget.take() {
+            Some(budget) => budget.settle(std::mem::take(&mut self.key), refund).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GuessTicket {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            let key = std::mem::take(&mut self.key);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = budget.settle(key, false).await {
+                        log::warn!("could not release a password-check reservation: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// What one reservation attempt found.
+enum Attempt {
+    Granted,
+    /// Checks in flight may free a slot or give a token back: try again shortly.
+    Wait,
+    Refused {
+        retry_ns: i64,
+    },
+}
+
+impl GuessBudget {
+    pub fn new(
+        limit: Limit,
+        policy: HeaderValue,
+        store: RateStore,
+        holder: String,
+        clock: Arc<dyn Clock>,
+        overflow: Arc<AtomicBool>,
+    ) -> GuessBudget {
+        GuessBudget {
+            limit,
+            policy,
+            store,
+            holder,
+            clock,
+            overflow,
+            in_flight: Arc::default(),
+        }
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<String, u32>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The `RateLimit` state to report with a refusal.
+    pub fn quota(&self, remaining: u32, reset_ns: i64) -> Quota {
+        Quota {
+            policy: self.policy.clone(),
+            name: Arc::from(GUESS_POLICY),
+            remaining,
+            reset_s: ceil_secs(reset_ns),
+        }
+    }
+
+    /// Reserves one guess for `username`, waiting while checks in flight may make room.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        username: &str,
+    ) -> Result<Result<GuessTicket, Verdict>, StoreError> {
+        let key = format!("user:{username}");
+        let cap = GUESS_CONCURRENCY.min(self.limit.burst).max(1);
+        let limit = self.limit;
+        let started = Instant::now();
+        loop {
+            let patient = started.elapsed() < MAX_QUEUE_WAIT;
+            // This process alone fills the cap: wait without asking the database.
+            let local = self.in_flight().get(&key).copied().unwrap_or(0);
+            let attempt = if patient && local >= cap {
+                Attempt::Wait
+            } else {
+                let now = self.clock.now_ns();
+                self.step(key.clone(), move |bucket, others, mine| {
+                    let in_flight = others.saturating_add(*mine);
+                    if patient && in_flight >= cap {
+                        return Attempt::Wait;
+                    }
+                    match bucket.take(limit, now, 0) {
+                        Take::Granted { .. } => {
+                            *mine += 1;
+                            Attempt::Granted
+                        }
+                        Take::Denied { .. } if patient && in_flight > 0 => Attempt::Wait,
+                        Take::Denied { retry_ns } => Attempt::Refused { retry_ns },
+                    }
+                })
+                .await?
+            };
+            match attempt {
+                Attempt::Granted => {
+                    return Ok(Ok(GuessTicket {
+                        key,
+                        budget: Some(self.clone()),
+                    }))
+                }
+                Attempt::Refused { retry_ns } => {
+                    return Ok(Err(Verdict::Refuse {
+                        quota: self.quota(0, retry_ns),
+                        retry_after_s: ceil_secs(retry_ns).max(1),
+                    }))
+                }
+                Attempt::Wait => {
+                    // A check takes about 16 ms of one core; poll at about that pace, with
+                    // jitter so that waiters spread out.
+                    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 16);
+                    tokio::time::sleep(Duration::from_millis(8 + jitter)).await;
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, key: String, refund: bool) -> Result<(), StoreError> {
+        let limit = self.limit;
+        self.step(key, move |bucket, _, mine| {
+            if refund {
+                bucket.refund(limit, 1);
+            }
+            *mine = mine.saturating_sub(1);
+        })
+        .await
+    }
+
+    /// One step on the username's guess bucket, on the blocking pool: `change` sees the
+    /// bucket, the reservations other processes have in flight, and this process's count
+    /// (which it may change); the lease recorded is that count.
+    async fn step<T: Send + 'static>(
+        &self,
+        key: String,
+        change: impl FnOnce(&mut TokenBucket, u32, &mut u32) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        let holder = self.holder.clone();
+        let overflow = self
+            .overflow
+            .load(Ordering::Relaxed)
+            .then_some(OVERFLOW_KEY);
+        let in_flight = self.in_flight.clone();
+        let now = self.clock.now_ns();
+        let expires_at = now.saturating_add(RESERVATION_TTL_NS);
+        tokio::task::spawn_blocking(move || {
+            store.step(
+                GUESS_POLICY,
+                &key,
+                overflow,
+                &holder,
+                now,
+                expires_at,
+                |bucket, others| {
+                    let mut counts = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mine = counts.entry(key.clone()).or_default();
+                    let result = change(bucket, others, mine);
+                    let hold = *mine;
+                    if hold == 0 {
+                        counts.remove(&key);
+                    }
+                    (hold, result)
+                },
+            )
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)?
+    }
+}
