@@ -143,8 +143,9 @@ impl Launcher {
                 }
             }
         });
+        // "started worker <its audit instance> (pid N)": the tests read this line.
         log::info!(
-            "started worker {instance} as audit instance {} (pid {})",
+            "started worker {} (pid {})",
             self.name(instance),
             child.id()
         );

@@ -567,7 +567,7 @@ async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
         .await;
     common::signal(&child, "TERM");
     child.wait().unwrap();
-    let log = log.lock().unwrap().clone();
+    let log = log.complete();
     assert!(log.contains("paygate stopped"), "{log}");
     for (kind, secret) in [
         ("password", alice.password.as_str()),
@@ -584,8 +584,9 @@ async fn no_capability_derived_while_its_root_is_revoked_survives_the_revocation
     // Two real worker processes on one data directory: derivations and the revocation land
     // on either.
     let dir = common::TempDir::new("cap-race");
-    let (mut supervisor, addr, log) =
+    let (supervisor, addr, log) =
         common::serve_logging(&dir, &["--workers", "2", "--rate-limit", "none"], "info");
+    let mut supervisor = common::StopOnDrop(supervisor);
     common::wait_for_log(&log, "all 2 workers are listening", 1, 20).await;
     let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
     let alice = client.register("alice").await;
@@ -692,8 +693,8 @@ async fn no_capability_derived_while_its_root_is_revoked_survives_the_revocation
         .send()
         .await;
     assert_eq!(read.json()["status"], "pending");
-    common::signal(&supervisor, "TERM");
-    assert!(common::wait_exit(&mut supervisor).success());
+    common::signal(&supervisor.0, "TERM");
+    assert!(common::wait_exit(&mut supervisor.0).success());
 }
 
 async fn alice_token(client: &common::Client, alice: &Creds) -> String {

@@ -25,7 +25,7 @@ async fn sighup_reloads_the_certificate_and_keeps_it_when_the_new_files_are_bad(
     for workers in ["1", "2"] {
         let dir = TempDir::new("sighup");
         let (child, addr) = serve(&dir, &["--workers", workers]);
-        let mut child = StopOnDrop(child);
+        let mut child = common::StopOnDrop(child);
         let cert = dir.0.join("certs/server.crt");
         let old_ca = dir.0.join("old-ca.pem");
         std::fs::copy(&cert, &old_ca).unwrap();
@@ -94,7 +94,7 @@ fn readiness_and_stopping_are_sent_to_notify_socket() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let mut child = StopOnDrop(child);
+        let mut child = common::StopOnDrop(child);
         let mut buffer = [0u8; 512];
         let n = socket.recv(&mut buffer).unwrap();
         let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
@@ -163,7 +163,8 @@ fn alive(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_supervisor_runs_restarts_and_stops_its_workers() {
     let dir = TempDir::new("supervisor");
-    let (mut supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
+    let (supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
+    let mut supervisor = common::StopOnDrop(supervisor);
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));
     // Wait until both workers said they listen.
     for _ in 0..100 {
@@ -224,8 +225,8 @@ async fn the_supervisor_runs_restarts_and_stops_its_workers() {
         assert_eq!(client.get("/apiStatus").send().await.status, 200);
     }
     // SIGTERM: every worker drains, the supervisor exits 0, nobody is left.
-    signal(&supervisor, "TERM");
-    assert_eq!(wait_exit(&mut supervisor).code(), Some(0));
+    signal(&supervisor.0, "TERM");
+    assert_eq!(wait_exit(&mut supervisor.0).code(), Some(0));
     let all: Vec<u32> = started_workers(&log.lock().unwrap())
         .into_iter()
         .map(|(_, pid)| pid)
@@ -233,19 +234,6 @@ async fn the_supervisor_runs_restarts_and_stops_its_workers() {
     assert!(all.contains(&replaced));
     for pid in all {
         assert!(!alive(pid), "worker {pid} still running");
-    }
-}
-
-/// A supervisor that a failing test must not leave running (its workers would hold the
-/// test harness's pipes open): SIGTERM on drop.
-struct StopOnDrop(std::process::Child);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            signal(&self.0, "TERM");
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -299,7 +287,7 @@ async fn sigusr2_rolls_every_worker_over_without_failing_a_request() {
         ],
         "info",
     );
-    let mut supervisor = StopOnDrop(supervisor);
+    let mut supervisor = common::StopOnDrop(supervisor);
     wait_for_log(&log, "all 2 workers are listening", 1, 30).await;
     let old: Vec<u32> = started_workers(&log.lock().unwrap())
         .into_iter()
@@ -327,7 +315,9 @@ async fn sigusr2_rolls_every_worker_over_without_failing_a_request() {
     total.failed.truncate(10);
     assert!(total.failed.is_empty(), "failed requests: {total:?}");
     assert!(total.ok > 100, "{total:?}");
-    // Both old workers were drained and are gone; two new ones serve.
+    // Both old workers were drained and are gone; two new ones serve. (The supervisor's
+    // log lines may trail what the clients saw: wait for them rather than race them.)
+    wait_for_log(&log, "drained and stopped", 2, 30).await;
     let text = log.lock().unwrap().clone();
     assert_eq!(text.matches("drained and stopped").count(), 2, "{text}");
     for pid in &old {
@@ -346,7 +336,7 @@ async fn sigusr2_rolls_every_worker_over_without_failing_a_request() {
 async fn a_rollout_stops_at_a_worker_that_cannot_start_and_the_old_ones_keep_serving() {
     let dir = TempDir::new("rollout-bad");
     let (supervisor, addr, log) = common::serve_logging(&dir, &["--workers", "2"], "info");
-    let mut supervisor = StopOnDrop(supervisor);
+    let mut supervisor = common::StopOnDrop(supervisor);
     wait_for_log(&log, "all 2 workers are listening", 1, 30).await;
     // A broken configuration for the next workers: an unreadable certificate.
     let cert = dir.0.join("certs/server.crt");
@@ -370,7 +360,7 @@ async fn a_rollout_stops_at_a_worker_that_cannot_start_and_the_old_ones_keep_ser
 async fn a_lone_worker_survives_sigusr2() {
     let dir = TempDir::new("usr2");
     let (child, addr, log) = common::serve_logging(&dir, &[], "info");
-    let mut child = StopOnDrop(child);
+    let mut child = common::StopOnDrop(child);
     signal(&child.0, "USR2");
     wait_for_log(&log, "SIGUSR2 ignored", 1, 10).await;
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));

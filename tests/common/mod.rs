@@ -538,6 +538,32 @@ pub fn serve(dir: &TempDir, extra: &[&str]) -> (std::process::Child, SocketAddr)
     (child, addr)
 }
 
+/// What a server process writes to its operational log (stderr), collected as it arrives
+/// by a reader thread. Lock it to look at what arrived so far; [`ServerLog::complete`]
+/// waits for the reader to reach the end (the process exited) and returns all of it.
+pub struct ServerLog {
+    text: Arc<std::sync::Mutex<String>>,
+    reader: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::ops::Deref for ServerLog {
+    type Target = std::sync::Mutex<String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.text
+    }
+}
+
+impl ServerLog {
+    /// Everything the process wrote, once its stderr has closed (call after it exited).
+    pub fn complete(&self) -> String {
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.join().unwrap();
+        }
+        self.text.lock().unwrap().clone()
+    }
+}
+
 /// Like [`serve`] at log level `level`, also returning everything the server writes to its
 /// operational log (stderr), as it arrives.
 #[allow(clippy::zombie_processes)]
@@ -545,11 +571,7 @@ pub fn serve_logging(
     dir: &TempDir,
     extra: &[&str],
     level: &str,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    Arc<std::sync::Mutex<String>>,
-) {
+) -> (std::process::Child, SocketAddr, ServerLog) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = paygate_command(dir)
@@ -566,25 +588,33 @@ pub fn serve_logging(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let text = Arc::new(std::sync::Mutex::new(String::new()));
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     while let Some(line) = lines.next() {
         let line = line.unwrap();
-        log.lock().unwrap().push_str(&line);
+        {
+            let mut log = text.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
         if let Some(addr) = line.split("listening on https://").nth(1) {
             // Keep draining stderr so the server never blocks on a full pipe.
-            let keep = log.clone();
-            std::thread::spawn(move || {
+            let keep = text.clone();
+            let reader = std::thread::spawn(move || {
                 for line in lines.map_while(Result::ok) {
                     let mut log = keep.lock().unwrap();
                     log.push_str(&line);
                     log.push('\n');
                 }
             });
+            let log = ServerLog {
+                text,
+                reader: std::sync::Mutex::new(Some(reader)),
+            };
             return (child, addr.trim().parse().unwrap(), log);
         }
     }
-    panic!("server exited before listening");
+    panic!("server exited before listening:\n{}", text.lock().unwrap());
 }
 
 /// Sends a signal (`TERM`, `INT`, ...) to a child process.
@@ -649,4 +679,17 @@ pub fn audit_text(data: &std::path::Path) -> String {
         }
     }
     text
+}
+
+/// A server process that a failing test must not leave running (it, or its workers, would
+/// hold the test harness's pipes open and hang the run): SIGTERM on drop, then wait.
+pub struct StopOnDrop(pub std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            signal(&self.0, "TERM");
+            let _ = self.0.wait();
+        }
+    }
 }
