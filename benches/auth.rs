@@ -3,6 +3,10 @@
 //! - `jwt/verify`: a paygate JWT checked end to end without I/O — size, shape, base64url,
 //!   strict header, HMAC-SHA256 (ring, constant time), claims.
 //! - `jwt/sign`: issuing one at login.
+//! - `jwt/hostile/…`: the worst Bearer values of up to 8 KiB an attacker can send, which
+//!   are checked before the rate limiter (an 8 KiB header segment; a header of many
+//!   members; a valid header with an 8 KiB payload, whose signature must be computed; a
+//!   token of 8 KiB of dots and letters). Each should cost a small multiple of `jwt/verify`.
 //! - `opaque/parse`: turning a Bearer value into the SHA-256 the database is keyed by.
 //! - `token_cache/session_hit` and `token_cache/jwt_subject_hit`: resolving a token's
 //!   server-side state from the per-worker cache, including the `PRAGMA data_version` read
@@ -46,6 +50,79 @@ fn bench_auth(c: &mut Criterion) {
     c.bench_function("jwt/verify", |b| {
         b.iter(|| jwt::verify(black_box(&issued.token), &keys, now, 3600).expect("valid"))
     });
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let kid = issued
+        .token
+        .split('.')
+        .next()
+        .map(|h| {
+            use base64::Engine as _;
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .expect("our header");
+            serde_json::from_slice::<serde_json::Value>(&json).expect("json")["kid"]
+                .as_str()
+                .expect("kid")
+                .to_owned()
+        })
+        .expect("header");
+    let fill = |prefix: String| {
+        let mut token = prefix;
+        while token.len() < 8 * 1024 - 1 {
+            token.push('A');
+        }
+        token
+    };
+    // An 8 KiB header segment of many one-letter members, then a tiny rest.
+    let mut members = String::from("{");
+    let mut n = 0u32;
+    while members.len() < 6000 {
+        members.push_str(&format!("\"{}\":0,", n));
+        n += 1;
+    }
+    members.push_str("\"alg\":\"HS256\"}");
+    let huge_header = format!("{}.e30.AAAA", b64(members.as_bytes()));
+    // A header of as many members as fit the header limit (refused past the member cap).
+    let mut small = String::from("{\"alg\":\"HS256\",\"typ\":\"JWT\"");
+    let mut i = 0u32;
+    while b64(small.as_bytes()).len() < jwt::MAX_HEADER_BYTES - 12 {
+        small.push_str(&format!(",\"{i}\":0"));
+        i += 1;
+    }
+    small.push('}');
+    let many_members = format!("{}.e30.AAAA", b64(small.as_bytes()));
+    // A header that passes, and an 8 KiB payload: the signature is computed over it all.
+    let header = b64(format!("{{\"alg\":\"HS256\",\"typ\":\"JWT\",\"kid\":\"{kid}\"}}").as_bytes());
+    let big_payload = {
+        let mut t = fill(format!("{header}."));
+        t.truncate(8 * 1024 - 44);
+        // Base64url of length ≡ 0 mod 4 decodes; the signature is 43 characters.
+        while (t.len() - header.len() - 1) % 4 != 0 {
+            t.pop();
+        }
+        format!("{t}.{}", "A".repeat(43))
+    };
+    let dots = fill(String::from("a.b.")).replace('A', ".");
+    let mut hostile = c.benchmark_group("jwt/hostile");
+    for (name, token) in [
+        ("header_8KiB", &huge_header),
+        ("header_many_members", &many_members),
+        ("payload_8KiB", &big_payload),
+        ("dots_8KiB", &dots),
+    ] {
+        assert!(token.len() <= 8 * 1024, "{name}: {}", token.len());
+        assert!(
+            jwt::verify(token, &keys, now, 3600).is_err(),
+            "{name} must be refused"
+        );
+        hostile.bench_function(name, |b| {
+            b.iter(|| jwt::verify(black_box(token), &keys, now, 3600))
+        });
+    }
+    hostile.finish();
     c.bench_function("jwt/sign", |b| {
         b.iter(|| tokens.sign_jwt(black_box("bench"), &["pwd"], now))
     });

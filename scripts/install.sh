@@ -13,13 +13,52 @@
 # Variables: PAYGATE_BIN (binary to install; default target/release/paygate, built if
 # missing), PREFIX (default /usr/local), DESTDIR (stage into a directory instead of /:
 # no user is created, nothing is chown'd, systemctl is not called — for packaging).
+#
+# Options: --help prints this; --dry-run prints what would be done and changes nothing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+
+usage() {
+  cat <<'USAGE'
+Usage: sudo bash scripts/install.sh [--dry-run]
+       bash scripts/install.sh --help
+
+Installs paygate for systemd: the binary into $PREFIX/bin, the paygate@.service template
+and paygate.target into /etc/systemd/system, an example /etc/paygate/paygate.env (never
+overwritten), the system user `paygate` and /etc/paygate/tls.
+
+  --dry-run   print every step, change nothing (no root needed)
+  --help      print this and exit
+
+Environment: PAYGATE_BIN (binary to install; default target/release/paygate, built if
+missing), PREFIX (default /usr/local), DESTDIR (stage into a directory instead of /: no
+user is created, nothing is chown'd, systemctl is not called).
+USAGE
+}
+
+dry_run=false
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) dry_run=true ;;
+    *) echo "install.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 bin=${PAYGATE_BIN:-$root/target/release/paygate}
 
-if [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
+# run CMD...: runs it, or with --dry-run prints it.
+run() {
+  if $dry_run; then
+    printf 'would run:'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+if ! $dry_run && [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
   echo "install.sh: run as root (or set DESTDIR to stage the files)" >&2
   exit 1
 fi
@@ -29,52 +68,59 @@ if [ ! -x "$bin" ]; then
     exit 1
   fi
   echo "== building $bin"
-  (cd "$root" && cargo build --release --locked)
+  run bash -c "cd '$root' && cargo build --release --locked"
 fi
 
 staged() { printf '%s%s' "$DESTDIR" "$1"; }
 
 if [ -z "$DESTDIR" ] && ! getent passwd paygate >/dev/null; then
   echo "== creating the system user paygate"
-  useradd --system --user-group --home-dir /var/lib/paygate --no-create-home \
+  run useradd --system --user-group --home-dir /var/lib/paygate --no-create-home \
     --shell /usr/sbin/nologin --comment "paygate payments API" paygate
 fi
 
 echo "== installing $(staged "$PREFIX/bin/paygate")"
 # `install` writes a new file and renames it into place: running workers keep the old
 # binary until they are restarted.
-install -D -m 0755 "$bin" "$(staged "$PREFIX/bin/paygate")"
+run install -D -m 0755 "$bin" "$(staged "$PREFIX/bin/paygate")"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for unit in paygate@.service paygate.target; do
   sed "s#/usr/local/#$PREFIX/#g" "$root/etc/systemd/$unit" > "$scratch/$unit"
-  install -D -m 0644 "$scratch/$unit" "$(staged "/etc/systemd/system/$unit")"
+  run install -D -m 0644 "$scratch/$unit" "$(staged "/etc/systemd/system/$unit")"
 done
-install -D -m 0644 "$root/README.md" "$(staged "$PREFIX/share/doc/paygate/README.md")"
+run install -D -m 0644 "$root/README.md" "$(staged "$PREFIX/share/doc/paygate/README.md")"
 
-install -d -m 0750 "$(staged /etc/paygate)" "$(staged /etc/paygate/tls)"
+run install -d -m 0750 "$(staged /etc/paygate)" "$(staged /etc/paygate/tls)"
 env_file=$(staged /etc/paygate/paygate.env)
 if [ -e "$env_file" ]; then
   echo "== keeping $env_file (the new example is in $root/etc/paygate.env)"
 else
-  install -m 0640 "$root/etc/paygate.env" "$env_file"
-  echo "== wrote $env_file: review it"
+  run install -m 0640 "$root/etc/paygate.env" "$env_file"
+  $dry_run || echo "== wrote $env_file: review it"
 fi
 if [ -z "$DESTDIR" ]; then
-  chown root:paygate /etc/paygate /etc/paygate/tls /etc/paygate/paygate.env
+  run chown root:paygate /etc/paygate /etc/paygate/tls /etc/paygate/paygate.env
 fi
 
 if [ ! -e "$(staged /etc/paygate/tls/server.crt)" ]; then
   cat <<MSG
 == no certificate yet: put the PEM certificate chain and key in /etc/paygate/tls/
-   (server.crt, server.key; group paygate, mode 0640). For a trial only:
+   (server.crt, server.key). The key must be readable by the paygate user alone (paygate
+   refuses a key that group or others can read):
+     chown paygate:paygate /etc/paygate/tls/server.key; chmod 0600 /etc/paygate/tls/server.key
+   For a trial only:
      $PREFIX/bin/paygate dev-cert --tls-cert /etc/paygate/tls/server.crt --tls-key /etc/paygate/tls/server.key
-     chgrp paygate /etc/paygate/tls/server.*; chmod 0640 /etc/paygate/tls/server.*
+     chown paygate:paygate /etc/paygate/tls/server.*
 MSG
 fi
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
-  systemctl daemon-reload
+  run systemctl daemon-reload
+fi
+if $dry_run; then
+  echo "== dry run: nothing was changed"
+  exit 0
 fi
 cat <<MSG
 == installed. Start one worker per CPU ($(nproc) here) and the target that groups them:

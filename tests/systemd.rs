@@ -137,3 +137,38 @@ fn install_sh_stages_the_binary_units_and_environment_file() {
         "PAYGATE_LISTEN=0.0.0.0:443\n"
     );
 }
+
+#[test]
+fn install_sh_prints_usage_refuses_unknown_arguments_and_dry_runs() {
+    let run = |args: &[&str], prefix: &std::path::Path| {
+        Command::new("bash")
+            .arg(repo("scripts/install.sh"))
+            .args(args)
+            .env_remove("DESTDIR")
+            .env("PAYGATE_BIN", env!("CARGO_BIN_EXE_paygate"))
+            .env("PREFIX", prefix)
+            .output()
+            .unwrap()
+    };
+    // Never a real install from these, even as root: the prefix must stay untouched.
+    let scratch = TempDir::new("install-args");
+    let prefix = scratch.0.join("prefix");
+    let help = run(&["--help"], &prefix);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("Usage:") && text.contains("--dry-run"),
+        "{text}"
+    );
+    let unknown = run(&["--force"], &prefix);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown argument '--force'"));
+    let dry = run(&["--dry-run"], &prefix);
+    assert!(dry.status.success(), "{dry:?}");
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        text.contains("would run: install -D -m 0755") && text.contains("nothing was changed"),
+        "{text}"
+    );
+    assert!(!prefix.exists(), "a dry run installed something");
+}

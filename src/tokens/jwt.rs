@@ -32,6 +32,13 @@ pub const AUDIENCE: &str = "paygate-api";
 pub const LEEWAY_S: i64 = 60;
 /// Longest token accepted, in bytes; ours are about 330.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Longest header segment accepted (base64url characters). A JOSE header paygate accepts
+/// is `alg`, `typ` and `kid` — about 90 characters — and it is parsed before the
+/// signature is checked, so it is kept small: an 8 KiB header costs nothing to refuse.
+pub const MAX_HEADER_BYTES: usize = 512;
+/// Most members one JSON object (at any depth) of a header or claims may have: far more
+/// than any real token has, few enough that looking for a repeated name stays cheap.
+pub const MAX_MEMBERS: usize = 32;
 
 /// Why a token was refused. For the audit log only: every refusal looks the same to the
 /// client.
@@ -177,7 +184,9 @@ pub fn sign(key: &SigningKey, claims: &Claims) -> String {
 pub struct Jws<'a> {
     /// `header.payload`, the bytes the signature covers.
     signing_input: &'a str,
-    payload: Vec<u8>,
+    /// The payload segment, still base64url: decoded only once the signature holds, so a
+    /// forged token's payload costs nothing but the HMAC over it.
+    payload_text: &'a str,
     signature: Vec<u8>,
     /// The header's `kid`, if any.
     pub kid: Option<String>,
@@ -203,9 +212,11 @@ impl<'a> Jws<'a> {
         else {
             return Err(JwtRejection::Malformed);
         };
+        if header_text.len() > MAX_HEADER_BYTES {
+            return Err(JwtRejection::Oversized);
+        }
         let signing_input = &token[..header_text.len() + 1 + payload_text.len()];
         let header_bytes = decode_segment(header_text)?;
-        let payload = decode_segment(payload_text)?;
         let signature = decode_segment(signature_text)?;
         let header: Header<'_> = serde_json::from_slice(&header_bytes)
             .map_err(|e| rejection(&e, JwtRejection::BadHeader))?;
@@ -221,7 +232,7 @@ impl<'a> Jws<'a> {
         }
         Ok(Jws {
             signing_input,
-            payload,
+            payload_text,
             signature,
             kid: header.kid.map(Cow::into_owned),
         })
@@ -233,9 +244,9 @@ impl<'a> Jws<'a> {
             .map_err(|_| JwtRejection::BadSignature)
     }
 
-    /// The payload; only meaningful after [`Jws::verify_signature`].
-    pub fn payload(&self) -> &[u8] {
-        &self.payload
+    /// The payload, decoded; only meaningful after [`Jws::verify_signature`].
+    pub fn payload(&self) -> Result<Vec<u8>, JwtRejection> {
+        decode_segment(self.payload_text)
     }
 }
 
@@ -265,7 +276,7 @@ pub fn verify(
         .ok_or(JwtRejection::UnknownKey)?;
     jws.verify_signature(&key.key)?;
     // From here on the payload is ours (or made with our key).
-    let claims: Claims = serde_json::from_slice(jws.payload())
+    let claims: Claims = serde_json::from_slice(&jws.payload()?)
         .map_err(|e| rejection(&e, JwtRejection::BadClaims))?;
     if claims.iss != ISSUER {
         return Err(JwtRejection::WrongIssuer);
@@ -292,6 +303,8 @@ pub fn verify(
 /// The message of the error that marks a repeated member, told apart from other parse
 /// errors by [`rejection`].
 const REPEATED: &str = "repeated member";
+/// The message of the error for an object with more than [`MAX_MEMBERS`] members.
+const TOO_MANY: &str = "too many members";
 
 fn rejection(e: &serde_json::Error, otherwise: JwtRejection) -> JwtRejection {
     if e.to_string().starts_with(REPEATED) {
@@ -319,6 +332,10 @@ fn skip_other<'de, A: MapAccess<'de>>(
     name: MemberName<'de>,
     others: &mut Vec<MemberName<'de>>,
 ) -> Result<(), A::Error> {
+    // At most MAX_MEMBERS names to compare: a bounded number of comparisons per member.
+    if others.len() >= MAX_MEMBERS {
+        return Err(de::Error::custom(TOO_MANY));
+    }
     if others.contains(&name) || !map.next_value::<UniqueMembers>()?.0 {
         return Err(de::Error::custom(REPEATED));
     }
@@ -469,10 +486,14 @@ impl<'de> Visitor<'de> for UniqueMembersVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueMembers, A::Error> {
-        // Headers and claims have a handful of members: a list beats a hash set here.
+        // Headers and claims have a handful of members: a list beats a hash set here, and
+        // the cap keeps a hostile object from making the search quadratic.
         let mut seen: Vec<MemberName<'de>> = Vec::new();
         let mut unique = true;
         while let Some(name) = map.next_key::<MemberName<'de>>()? {
+            if seen.len() >= MAX_MEMBERS {
+                return Err(de::Error::custom(TOO_MANY));
+            }
             unique &= !seen.contains(&name);
             unique &= map.next_value::<UniqueMembers>()?.0;
             seen.push(name);
@@ -575,7 +596,7 @@ mod tests {
             jws.verify_signature(&wrong),
             Err(JwtRejection::BadSignature)
         );
-        let payload: serde_json::Value = serde_json::from_slice(jws.payload()).unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(&jws.payload().unwrap()).unwrap();
         assert_eq!(payload["iss"], "joe");
         let exp = payload["exp"].as_i64().unwrap();
         assert_eq!(exp, 1_300_819_380);
