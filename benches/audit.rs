@@ -105,11 +105,10 @@ fn chain_on_disk(files: u32, bytes_each: usize) -> std::path::PathBuf {
     use paygate::audit::record::checkpoint_mac;
     use paygate::store::{Checkpoint, Checkpoints};
     let data = std::env::temp_dir().join(format!("paygate-bench-start-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&data).expect("data dir");
-    let key = paygate::audit::load_or_create_key(&data).expect("key");
     let audit = data.join(paygate::audit::AUDIT_DIR);
     let dir = audit.join("1");
-    std::fs::create_dir_all(&dir).expect("dir");
+    paygate::secret_file::create_private_dir(&dir).expect("dir");
+    let key = paygate::audit::load_or_create_key(&data).expect("key");
     let time = paygate::time::format_rfc3339_millis(paygate::time::now_millis());
     let body = body_of(&sample(&time));
     let (mut seq, mut chain) = (0u64, GENESIS);

@@ -301,14 +301,24 @@ fn snapshot_path(data_dir: &Path, instance: &str) -> PathBuf {
 /// Blocking.
 pub fn write_snapshot(data_dir: &Path, instance: &str, samples: &[Sample]) -> std::io::Result<()> {
     let dir = data_dir.join(METRICS_DIR);
-    std::fs::create_dir_all(&dir)?;
+    crate::secret_file::create_private_dir(&dir)?;
     let rows: Vec<Value> = samples
         .iter()
         .map(|s| json!([s.family, s.suffix, s.labels, s.value]))
         .collect();
     let path = snapshot_path(data_dir, instance);
     let temporary = dir.join(format!(".{instance}.json.tmp"));
-    std::fs::write(&temporary, Value::Array(rows).to_string())?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?
+            .write_all(Value::Array(rows).to_string().as_bytes())?;
+    }
     std::fs::rename(&temporary, &path)
 }
 

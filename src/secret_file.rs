@@ -1,11 +1,61 @@
 //! Private files in the data directory — the JWT keys, the audit key: written whole
 //! (temporary file, fsync, rename or link, fsync of the directory) with mode 0600, and
 //! refused on reading when group or others may access them.
+//!
+//! Everything else paygate creates in the data directory follows the same rule, whatever
+//! the umask: directories 0700 ([`create_private_dir`]), files 0600 (created with that
+//! mode; SQLite gives its `-wal` and `-shm` files the mode of their database, which
+//! [`create_private_file`] makes first). [`refuse_shared`] is the check at start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
+
+/// Creates `dir` (and missing parents) with mode 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `path` empty with mode 0600 if it does not exist (so that whatever opens it
+/// next — SQLite — finds it private).
+pub fn create_private_file(path: &Path) -> std::io::Result<()> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses `path` (described as `what`) when group or others may access it, with the
+/// `chmod` that fixes it; a missing path is fine.
+pub fn refuse_shared(path: &Path, what: &str) -> Result<(), String> {
+    let mode = match fs::metadata(path) {
+        Ok(meta) => meta.permissions().mode(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot stat {} ({what}): {e}", path.display())),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let private = if path.is_dir() { "700" } else { "600" };
+    Err(format!(
+        "{} ({what}) has mode {:04o}: group and others must have no access; run `chmod \
+         {private} {}`",
+        path.display(),
+        mode & 0o7777,
+        path.display()
+    ))
+}
 
 /// Reads a private file, refusing it (with the `chmod` that fixes it) when its mode lets
 /// anyone but the owner in.

@@ -165,7 +165,7 @@ fn prepare_data_dir(data_dir: &std::path::Path) -> Result<(), Failure> {
     crate::tokens::keys::load_or_create(data_dir, crate::time::now_millis() / 1000)?;
     crate::audit::load_or_create_key(data_dir)?;
     let audit_dir = data_dir.join(crate::audit::AUDIT_DIR);
-    std::fs::create_dir_all(&audit_dir)?;
+    crate::secret_file::create_private_dir(&audit_dir)?;
     crate::store::Checkpoints::open(&audit_dir)?;
     Ok(())
 }

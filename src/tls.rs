@@ -80,6 +80,8 @@ fn load_certified_key(
             files.cert.display()
         )));
     }
+    // A private key others can read is no longer private: refuse it rather than serve with it.
+    crate::secret_file::refuse_shared(&files.key, "the TLS private key").map_err(TlsError)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
         TlsError(format!(
             "cannot read private key {}: {e}",

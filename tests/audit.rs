@@ -808,10 +808,9 @@ async fn audit_reads_hold_a_page_in_memory_not_the_log() {
     let dir = TempDir::new("audit-read-memory");
     // A 32 MiB chain, written as a worker would have (same key, checkpoint and all).
     let data = dir.0.join("data");
-    std::fs::create_dir_all(&data).unwrap();
+    paygate::secret_file::create_private_dir(&data.join("audit/1")).unwrap();
     let key = paygate::audit::load_or_create_key(&data).unwrap();
     let chain_dir = data.join("audit/1");
-    std::fs::create_dir_all(&chain_dir).unwrap();
     let time = paygate::time::format_rfc3339_millis(paygate::time::now_millis() - 60_000);
     let record = RequestRecord {
         time: &time,

@@ -368,3 +368,117 @@ async fn a_lone_worker_survives_sigusr2() {
     signal(&child.0, "TERM");
     assert_eq!(wait_exit(&mut child.0).code(), Some(0));
 }
+
+/// Every directory and file under `dir` whose mode lets group or others in.
+fn shared_paths(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue; // gone meanwhile (SQLite's -shm at a stop)
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {mode:o}", entry.path().display()));
+        }
+        if meta.is_dir() {
+            found.extend(shared_paths(&entry.path()));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_in_the_data_directory_is_private_whatever_the_umask() {
+    let dir = TempDir::new("modes");
+    // umask 000: any file paygate does not create private explicitly would be 0666.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_paygate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--audit-rotate-bytes",
+            "4096",
+        ])
+        .current_dir(&dir.0)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = {
+        use std::io::{BufRead as _, BufReader};
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("the server exited").unwrap();
+            if let Some(addr) = line.split("listening on https://").nth(1) {
+                break addr.trim().parse::<std::net::SocketAddr>().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        addr
+    };
+    let mut child = common::StopOnDrop(child);
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let alice = client.register("alice").await;
+    let token = client.login(&alice).await;
+    assert_eq!(
+        client
+            .post("/users/me/totp")
+            .bearer(&token)
+            .send()
+            .await
+            .status,
+        200
+    );
+    for _ in 0..20 {
+        client.get("/accounts").bearer(&token).send().await;
+    }
+    // While it runs (WAL and shared-memory files exist, audit files rotated) and after.
+    let data = dir.0.join("data");
+    assert_eq!(shared_paths(&data), Vec::<String>::new());
+    signal(&child.0, "TERM");
+    assert!(wait_exit(&mut child.0).success());
+    assert_eq!(shared_paths(&data), Vec::<String>::new());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&dir.0.join("certs/server.key")), 0o600);
+
+    // Refused at start when something is readable by others, naming the fix.
+    let refused = |what: &std::path::Path, chmod: &str| {
+        let output = common::paygate_command(&dir)
+            .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{said}");
+        // Named as configured (here relative to the working directory).
+        let name = what.file_name().unwrap().to_string_lossy();
+        let fix = format!("chmod {chmod} ");
+        assert!(said.contains(&fix) && said.contains(&*name), "{said}");
+    };
+    let set = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    set(&data, 0o755);
+    refused(&data, "700");
+    set(&data, 0o700);
+    let db = data.join("paygate.db");
+    set(&db, 0o644);
+    refused(&db, "600");
+    set(&db, 0o600);
+    let key = dir.0.join("certs/server.key");
+    set(&key, 0o644);
+    refused(&key, "600");
+    set(&key, 0o600);
+    // Put right, it starts again.
+    let (mut again, _) = common::serve(&dir, &[]);
+    signal(&again, "TERM");
+    assert!(wait_exit(&mut again).success());
+}

@@ -111,6 +111,7 @@ impl AuditFile {
                 .write(true)
                 .create_new(create)
                 .custom_flags(flags)
+                .mode(0o600)
                 .open(path)
         };
         let (file, direct) = match O_DIRECT.map(|flag| open(flag, create)) {

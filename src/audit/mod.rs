@@ -31,6 +31,7 @@ pub mod verify;
 pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -99,7 +100,8 @@ fn create_dir_durably(dir: &Path) -> Result<(), String> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    crate::secret_file::create_private_dir(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     if let Some(parent) = dir.parent() {
         sync_dir(parent).map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
     }
@@ -116,6 +118,7 @@ fn lock_instance(audit_dir: &Path, instance: &str) -> Result<Option<File>, Strin
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     match file.try_lock() {

@@ -14,6 +14,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use super::record::{body_of, push_hex, seal, BreakRecord};
@@ -141,7 +142,11 @@ fn write_break(
     });
     let mut line = Vec::with_capacity(body.len() + 100);
     let chain = seal(key, &after.chain, after.seq + 1, &body, &mut line);
-    let mut out = OpenOptions::new().write(true).create_new(true).open(file)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)?;
     out.write_all(&line)?;
     out.sync_all()?;
     if let Some(dir) = file.parent() {

@@ -16,8 +16,10 @@
 //! batch first retries that repair: until it succeeds, every record fails, so the worker
 //! serves nothing it could not audit.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::future::Future;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -270,8 +272,15 @@ fn open_instance(
         let torn = last
             .path
             .with_extension(format!("jsonl.{}.torn", crate::time::now_millis()));
-        fs::write(&torn, &tail[..written])
-            .and_then(|()| File::open(&torn)?.sync_all())
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&torn)
+            .and_then(|mut file| {
+                file.write_all(&tail[..written])?;
+                file.sync_all()
+            })
             .and_then(|()| OpenOptions::new().write(true).open(&last.path))
             .and_then(|file| {
                 file.set_len(last.good as u64)?;

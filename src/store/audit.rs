@@ -32,6 +32,7 @@ impl Checkpoints {
     /// Opens (creating if needed) the checkpoint database of `audit_dir`.
     pub fn open(audit_dir: &Path) -> Result<Checkpoints, StoreError> {
         let path = audit_dir.join(CHECKPOINTS_DB);
+        super::private_database(&path)?;
         let mut conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE

@@ -121,6 +121,20 @@ fn configure(conn: &mut Connection, durability: Durability) -> rusqlite::Result<
     })
 }
 
+/// Makes sure a database file (and its `-wal` and `-shm` files, which SQLite creates with
+/// the database's mode) is private: created 0600 before SQLite sees it, refused when an
+/// existing one is open to group or others.
+pub(crate) fn private_database(path: &Path) -> Result<(), StoreError> {
+    crate::secret_file::create_private_file(path).map_err(|e| {
+        StoreError::Startup(format!("cannot create database {}: {e}", path.display()))
+    })?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        crate::secret_file::refuse_shared(&file, "a database").map_err(StoreError::Startup)?;
+    }
+    Ok(())
+}
+
 /// Creates the database if needed, switches it to WAL mode and applies its migrations.
 /// [`StoreError::Busy`] when another process holds a lock this needs.
 fn prepare_database(
@@ -133,6 +147,7 @@ fn prepare_database(
         StoreError::Busy => StoreError::Busy,
         other => StoreError::Startup(format!("cannot open database {display}: {other}")),
     };
+    private_database(path)?;
     let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -248,12 +263,14 @@ impl Store {
 /// Creates the data directory if needed and proves it is writable, so a permission problem
 /// is reported at start with the path, not as an obscure SQLite error on the first write.
 pub fn ensure_data_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::create_dir_all(dir).map_err(|e| {
+    crate::secret_file::create_private_dir(dir).map_err(|e| {
         StoreError::Startup(format!(
             "cannot create data directory {}: {e}; create it or choose another with --data-dir",
             dir.display()
         ))
     })?;
+    // It holds password hashes, TOTP secrets and keys: nobody else may even list it.
+    crate::secret_file::refuse_shared(dir, "the data directory").map_err(StoreError::Startup)?;
     let probe: PathBuf = dir.join(format!(".write-probe-{}", std::process::id()));
     fs::write(&probe, b"")
         .and_then(|()| fs::remove_file(&probe))
