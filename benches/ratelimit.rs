@@ -32,6 +32,7 @@ fn bench_limiter(c: &mut Criterion) {
     let limiter = Limiter::new(
         rules,
         Some(Limit::new(10, 900_000_000_000, 10)),
+        None,
         RateStore::open(&dir).expect("store"),
         Arc::new(SystemClock),
     );

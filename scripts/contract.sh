@@ -28,7 +28,8 @@ fi
 (cd "$root" && cargo build --quiet)
 paygate="$root/target/debug/paygate"
 start_server "$paygate" --workers 1 \
-  --rate-limit '* / 1000/s burst=1000 key=ip' --guess-limit '1000/min burst=1000'
+  --rate-limit '* / 1000/s burst=1000 key=ip' --guess-limit '1000/min burst=1000' \
+  --password-check-limit '1000/min burst=1000'
 url="https://$addr"
 
 # Seed: the user the run signs in as, a second user to grant to, an account, a payment and a

@@ -11,6 +11,9 @@
 #   AB=audit bash scripts/loadtest.sh
 #                     # only the JWT read with the audit stage on and off, $ROUNDS rounds
 #   ROUNDS=7 ...      # alternating rounds of the audit on/off comparison (default 5)
+#   AB=flood bash scripts/loadtest.sh
+#                     # only token reads, quiet and while another client floods Basic
+#                     # requests with fresh usernames, $ROUNDS rounds
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -44,6 +47,10 @@ cleanup() {
 trap cleanup EXIT
 
 cd "$work"
+# Every scenario runs from one address, and Basic scenarios hash at full speed on purpose:
+# the per-address password-check budget (which would refuse them) is off unless a scenario
+# turns it on. Through the environment, so a BASELINE binary without the option starts too.
+export PAYGATE_PASSWORD_CHECK_LIMIT=none
 "$paygate" dev-cert >/dev/null
 ca=$work/certs/server.crt
 
@@ -54,7 +61,10 @@ start() {
   local workers=1 previous=""
   for arg in "$@"; do [ "$previous" = --workers ] && workers=$arg; previous=$arg; done
   local one=(--workers 1); [ "$workers" = 1 ] || one=()
-  RUST_LOG=info "${binary:-$paygate}" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
+  # DEFAULT_LIMITS=1: the server's own default password limits, not the test's "none".
+  local env_args=(RUST_LOG=info)
+  [ -n "${DEFAULT_LIMITS:-}" ] && env_args=(-u PAYGATE_PASSWORD_CHECK_LIMIT RUST_LOG=info)
+  env "${env_args[@]}" "${binary:-$paygate}" serve --listen 127.0.0.1:0 --tls-cert certs/server.crt \
     --tls-key certs/server.key "${one[@]}" "$@" 2>"$work/$name.log" &
   pid=$!; pids+=("$pid")
   port=""
@@ -232,6 +242,62 @@ if [ "${AB:-}" = audit ]; then
     echo
     for line in "${thread_shares[@]}"; do echo "- $line"; done
   } | tee "${OUT%.md}-audit.md"
+  exit 0
+fi
+
+# Token reads while another client floods Basic requests, each with a username never seen
+# before (a fresh guess budget every time): $ROUNDS rounds of the reads on a quiet server
+# and under the flood, on one server with the default password limits.
+flood_rounds() {
+  cat > "$work/flood.lua" <<'LUA'
+local n = 0
+request = function()
+  n = n + 1
+  local name = string.format("flood%d-%d", math.random(1, 1000000000), n)
+  local credentials = name .. ":not-a-password"
+  local b = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+  local encoded = ((credentials:gsub('.', function(x)
+    local r, byte = '', x:byte()
+    for i = 8, 1, -1 do r = r .. (byte % 2 ^ i - byte % 2 ^ (i - 1) > 0 and '1' or '0') end
+    return r
+  end) .. '0000'):gsub('%d%d%d?%d?%d?%d?', function(x)
+    if #x < 6 then return '' end
+    local c = 0
+    for i = 1, 6 do c = c + (x:sub(i, i) == '1' and 2 ^ (6 - i) or 0) end
+    return b:sub(c + 1, c + 1)
+  end) .. ({ '', '==', '=' })[#credentials % 3 + 1])
+  return wrk.format("GET", "/apiStatus", { ["Authorization"] = "Basic " .. encoded })
+end
+LUA
+  for round in $(seq 1 "$ROUNDS"); do
+    DEFAULT_LIMITS=1 start "flood-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
+    measure "jwt-read-quiet-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+    wrk -t1 -c8 -d"$(( ${DURATION%s} + 2 ))s" -s "$work/flood.lua" "https://127.0.0.1:$port/" > "$work/flood-$round.txt" &
+    local flooder=$!
+    sleep 1
+    measure "jwt-read-flooded-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+    wait "$flooder" || true
+    flood_answers+=("$(awk '/requests in/ {print $1}' "$work/flood-$round.txt") $(awk '/Non-2xx or 3xx responses/ {print $5}' "$work/flood-$round.txt")")
+    stop_server
+  done
+}
+
+if [ "${AB:-}" = flood ]; then
+  flood_answers=()
+  flood_rounds
+  {
+    echo "# Token reads quiet and under a flood of Basic requests with fresh usernames, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency for the JWT reads; the flood: wrk -t1 -c8, a new username per request, default --password-check-limit and --password-queue. $ROUNDS rounds."
+    echo
+    echo "| round | quiet req/s (p50 / p99 ms) | flooded req/s (p50 / p99 ms) | flooded / quiet | flood requests (refused) |"
+    echo "|---|---|---|---|---|"
+    for round in $(seq 1 "$ROUNDS"); do
+      q="jwt-read-quiet-$round" f="jwt-read-flooded-$round"
+      read -r sent refused <<<"${flood_answers[$((round - 1))]}"
+      echo "| $round | $(rps_of "$q") ($(field_of "$q" 3) / $(field_of "$q" 4)) | $(rps_of "$f") ($(field_of "$f" 3) / $(field_of "$f" 4)) | $(ratio "$f" "$q") | $sent (${refused:-0}) |"
+    done
+  } | tee "${OUT%.md}-flood.md"
   exit 0
 fi
 

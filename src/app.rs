@@ -31,7 +31,7 @@ impl App {
     pub fn open(config: ServeConfig) -> Result<App, Box<dyn std::error::Error + Send + Sync>> {
         let store = Store::open(&config.data_dir)?;
         let rates = RateStore::open(&config.data_dir)?;
-        let passwords = Passwords::new()?;
+        let passwords = Passwords::new(config.password_queue)?;
         let tokens = Tokens::open(&config.data_dir, config.token_format, config.token_ttl_s)?;
         let audit = AuditLog::open(
             &config.data_dir,
@@ -42,6 +42,7 @@ impl App {
         let limiter = Limiter::new(
             config.rate_limits.clone(),
             config.guess_limit,
+            config.password_check_limit.clone(),
             rates,
             Arc::new(SystemClock),
         );

@@ -225,6 +225,27 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: Some(','),
     },
     OptionSpec {
+        name: "password-check-limit",
+        env: Some("PAYGATE_PASSWORD_CHECK_LIMIT"),
+        value: "LIMIT",
+        default: "60/min burst=30",
+        help: "Password checks (Argon2id hashes) allowed per client address, on any route, \
+               as `RATE/UNIT burst=N`; while spent, requests with a password answer 429 \
+               without hashing. `none` disables it.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "password-queue",
+        env: Some("PAYGATE_PASSWORD_QUEUE"),
+        value: "N",
+        default: "32",
+        help: "Password checks that may wait for a hashing slot in each worker; one more is \
+               refused at once with 503 and Retry-After.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "guess-limit",
         env: Some("PAYGATE_GUESS_LIMIT"),
         value: "LIMIT",

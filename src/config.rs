@@ -65,6 +65,11 @@ pub struct ServeConfig {
     pub trusted_proxies: Vec<Cidr>,
     /// Failed password checks allowed per username; `None` when disabled.
     pub guess_limit: Option<Limit>,
+    /// Password checks allowed per client address (a `key=ip` rule named
+    /// `password-checks`); `None` when disabled.
+    pub password_check_limit: Option<Rule>,
+    /// Password checks that may wait for a hashing slot in a worker.
+    pub password_queue: usize,
     /// What `POST /sessions` issues.
     pub token_format: TokenFormat,
     /// Lifetime of issued tokens in seconds; also the longest a JWT may claim.
@@ -252,6 +257,23 @@ impl ServeConfig {
                     "--guess-limit \"{guess_text}\": expected RATE/UNIT burst=N, e.g. 10/15min burst=10"
                 ))
             })?;
+        let check_text = sources
+            .string("password-check-limit")
+            .unwrap_or_else(|| crate::ratelimit::DEFAULT_PASSWORD_CHECK_LIMIT.to_owned());
+        let password_check_limit = if check_text.trim() == "none" {
+            None
+        } else {
+            Some(
+                crate::ratelimit::password_check_rule(&check_text).map_err(|_| {
+                    ConfigError(format!(
+                        "--password-check-limit \"{check_text}\": expected RATE/UNIT burst=N, \
+                         e.g. 60/min burst=30, or none"
+                    ))
+                })?,
+            )
+        };
+        let password_queue =
+            sources.positive("password-queue", 32, "a number of waiting checks")?;
         let token_format = match sources.get("token-format") {
             None => TokenFormat::Jwt,
             Some((raw, source)) => TokenFormat::parse(raw.trim()).ok_or_else(|| {
@@ -326,6 +348,8 @@ impl ServeConfig {
             rate_limits,
             trusted_proxies,
             guess_limit,
+            password_check_limit,
+            password_queue: usize::try_from(password_queue).unwrap_or(usize::MAX),
         })
     }
 }

@@ -3,7 +3,9 @@
 //! One hash costs about 16 ms of CPU (m = 19456 KiB, t = 2, p = 1, the OWASP minimum), so an
 //! unbounded burst of logins would occupy every core and starve all other requests. At most
 //! one hash per core runs at a time; the rest wait for a permit without holding a thread.
-//! Hashing runs on the blocking pool, never on the reactor.
+//! Hashing runs on the blocking pool, never on the reactor. The wait is bounded too: at
+//! most `queue` checks wait at once, and one more is refused at once ([`QueueFull`]) rather
+//! than made to wait seconds behind the others.
 //!
 //! Checking a password for a user that does not exist verifies against a dummy hash made
 //! with the same parameters, so an unknown username costs the same time as a wrong password.
@@ -117,9 +119,16 @@ impl std::fmt::Display for PasswordError {
 
 impl std::error::Error for PasswordError {}
 
+/// The hashing queue is full: the check was not made (answer 503, retry shortly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
 /// Shared by all requests of a worker.
 #[derive(Clone)]
 pub struct Passwords {
+    /// Places for hashes running or waiting: one per core plus the queue's length. A
+    /// request that finds none is refused instead of waiting.
+    places: Arc<Semaphore>,
     /// One permit per core: the most hashes that run at once.
     permits: Arc<Semaphore>,
     /// Working memories, one per permit at most (a hash holds a permit while it uses one).
@@ -132,10 +141,12 @@ pub struct Passwords {
 }
 
 impl Passwords {
-    /// Prepares the hasher; computes the dummy hash once (one hash's time).
-    pub fn new() -> Result<Self, PasswordError> {
+    /// Prepares the hasher, with room for `queue` checks waiting; computes the dummy hash
+    /// once (one hash's time).
+    pub fn new(queue: usize) -> Result<Self, PasswordError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Passwords {
+            places: Arc::new(Semaphore::new(cores.saturating_add(queue))),
             permits: Arc::new(Semaphore::new(cores)),
             memories: Arc::new(Mutex::new(Vec::with_capacity(cores))),
             cores,
@@ -147,11 +158,17 @@ impl Passwords {
     async fn with_permit<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Memory) -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<Option<T>, QueueFull> {
+        // A place in the queue, or a refusal now.
+        let Ok(_place) = self.places.clone().try_acquire_owned() else {
+            return Err(QueueFull);
+        };
         // The semaphore is never closed, so acquiring only fails if it were; treat as failure.
-        let _permit = self.permits.acquire().await.ok()?;
+        let Ok(_permit) = self.permits.acquire().await else {
+            return Ok(None);
+        };
         let (memories, permits, cores) = (self.memories.clone(), self.permits.clone(), self.cores);
-        tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
             // A panic while this lock is held cannot leave the list inconsistent.
             let lock = || memories.lock().unwrap_or_else(|p| p.into_inner());
             let mut memory = lock().pop().unwrap_or_default();
@@ -166,26 +183,28 @@ impl Passwords {
             result
         })
         .await
-        .ok()
+        .ok())
     }
 
-    /// Hashes a new password.
-    pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        self.with_permit(move |memory| hash_with(memory, &password))
-            .await
-            .unwrap_or_else(|| Err(PasswordError("hashing task failed".into())))
+    /// Hashes a new password; `Err(QueueFull)` when too many hashes wait already.
+    pub async fn hash(&self, password: String) -> Result<Result<String, PasswordError>, QueueFull> {
+        Ok(self
+            .with_permit(move |memory| hash_with(memory, &password))
+            .await?
+            .unwrap_or_else(|| Err(PasswordError("hashing task failed".into()))))
     }
 
     /// Checks `password` against `phc`, or against the dummy hash when there is no user, so
-    /// both cases take the same time. Returns true only for a real match.
-    pub async fn verify(&self, phc: Option<String>, password: String) -> bool {
+    /// both cases take the same time. `Ok(true)` only for a real match; `Err(QueueFull)`
+    /// when too many checks wait already (nothing was checked).
+    pub async fn verify(&self, phc: Option<String>, password: String) -> Result<bool, QueueFull> {
         let known = phc.is_some();
         let phc = phc.unwrap_or_else(|| self.dummy_hash.to_string());
         let matched = self
             .with_permit(move |memory| verify_with(memory, &phc, &password))
-            .await
+            .await?
             .unwrap_or(false);
-        known && matched
+        Ok(known && matched)
     }
 }
 
@@ -223,18 +242,41 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_never_match() {
-        let passwords = Passwords::new().unwrap();
-        let phc = passwords.hash("s3cret-horse".into()).await.unwrap();
+        let passwords = Passwords::new(4).unwrap();
+        let phc = passwords.hash("s3cret-horse".into()).await.unwrap().unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        assert!(
-            passwords
-                .verify(Some(phc.clone()), "s3cret-horse".into())
-                .await
-        );
-        assert!(!passwords.verify(Some(phc), "s3cret-horsE".into()).await);
+        let check = |phc: Option<String>, password: &str| {
+            passwords.verify(phc, password.to_owned())
+        };
+        assert_eq!(check(Some(phc.clone()), "s3cret-horse").await, Ok(true));
+        assert_eq!(check(Some(phc), "s3cret-horsE").await, Ok(false));
         // Even the dummy password does not log in a user that does not exist.
-        let dummy = "paygate dummy password for unknown users".to_string();
-        assert!(!passwords.verify(None, dummy).await);
-        assert!(!passwords.verify(Some("not a phc".into()), "x".into()).await);
+        let dummy = "paygate dummy password for unknown users";
+        assert_eq!(check(None, dummy).await, Ok(false));
+        assert_eq!(check(Some("not a phc".into()), "x").await, Ok(false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_at_once_instead_of_waiting() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let passwords = Passwords::new(2).unwrap();
+        // Every core busy and two waiting: the next check is refused without waiting.
+        let mut running = Vec::new();
+        for _ in 0..cores + 2 {
+            let passwords = passwords.clone();
+            running.push(tokio::spawn(async move {
+                passwords.verify(None, "x".into()).await
+            }));
+        }
+        // Until the places are taken (they are taken before any hashing starts).
+        while passwords.places.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(passwords.verify(None, "x".into()).await, Err(QueueFull));
+        for check in running {
+            assert_eq!(check.await.unwrap(), Ok(false));
+        }
+        // Room again once they are done.
+        assert_eq!(passwords.verify(None, "x".into()).await, Ok(false));
     }
 }

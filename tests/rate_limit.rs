@@ -334,7 +334,11 @@ async fn right_passwords_in_parallel_on_four_workers_never_spend_the_guess_budge
     let dir = TempDir::new("rl-guess-workers");
     // The default guess budget (10 per 15 minutes); no request limit in the way.
     let (supervisor, addr, log) =
-        common::serve_logging(&dir, &["--workers", "4", "--rate-limit", "none"], "info");
+        common::serve_logging(
+            &dir,
+            &["--workers", "4", "--rate-limit", "none", "--password-check-limit", "none"],
+            "info",
+        );
     let mut supervisor = common::StopOnDrop(supervisor);
     common::wait_for_log(&log, "all 4 workers are listening", 1, 30).await;
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));
@@ -371,4 +375,68 @@ async fn right_passwords_in_parallel_on_four_workers_never_spend_the_guess_budge
     refused.assert_problem(429);
     signal(&supervisor.0, "TERM");
     assert!(wait_exit(&mut supervisor.0).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_address_cannot_make_paygate_hash_without_limit() {
+    let server = TestServer::start_with(&[
+        ("password-check-limit", "10/hour burst=10"),
+        ("client-timeout", "5"),
+    ])
+    .await;
+    let alice = server.register("alice").await;
+    let token = server.login(&alice).await;
+    // Fresh usernames, each with a fresh guess budget: the address's budget still ends it.
+    let mut statuses = Vec::new();
+    for i in 0..16 {
+        let stranger = Creds::new(&format!("stranger{i}"), "some password");
+        let response = server.client.get("/apiStatus").basic(&stranger).send().await;
+        if response.status == 429 {
+            let body = response.assert_problem(429);
+            assert_eq!(body["violated-policies"], serde_json::json!(["password-checks"]));
+            assert!(response.header("retry-after").is_some());
+        }
+        statuses.push(response.status.as_u16());
+    }
+    // Login above was the first check; nine more passed, then every one was refused.
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 9, "{statuses:?}");
+    assert!(statuses[9..].iter().all(|&s| s == 429), "{statuses:?}");
+    // A token needs no password check: unaffected.
+    let me = server.client.get("/users/me").bearer(&token).send().await;
+    assert_eq!(me.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_hashing_queue_answers_503_at_once() {
+    let server = TestServer::start_with(&[("password-queue", "1")]).await;
+    let alice = server.register("alice").await;
+    let mut requests = Vec::new();
+    for _ in 0..24 {
+        let (client, alice) = (server.client.clone(), alice.clone());
+        requests.push(tokio::spawn(async move {
+            client.get("/users/me").basic(&alice).send().await
+        }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for request in requests {
+        let response = request.await.unwrap();
+        match response.status.as_u16() {
+            200 => ok += 1,
+            503 => {
+                let body = response.assert_problem(503);
+                assert_eq!(body["type"], "tag:paygate.dev,2026:problem:password-checks-busy");
+                assert_eq!(response.header("retry-after"), Some("1"));
+                busy += 1;
+            }
+            other => panic!("unexpected {other}: {}", response.text()),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "{ok} answered, {busy} refused");
+    // Refusals spent none of alice's guess budget (10): she still logs in, many times.
+    for _ in 0..12 {
+        let me = server.client.get("/users/me").basic(&alice).send().await;
+        assert_eq!(me.status, 200, "{}", me.text());
+    }
+    server.shutdown().await;
 }

@@ -202,7 +202,8 @@ async fn users_cannot_read_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disable_stops_requests_whose_password_check_is_still_queued() {
-    let server = TestServer::start().await;
+    // A queue long enough for the whole flood: this is about what waits in it.
+    let server = TestServer::start_with(&[("password-queue", "1000")]).await;
     let bob = server.register("bob").await;
     let account = server.account(&bob, "EUR").await;
     let admin = server.staff(

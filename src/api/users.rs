@@ -47,6 +47,7 @@ pub async fn create(
         .passwords
         .hash(body.password)
         .await
+        .map_err(|_| ApiError::PasswordChecksBusy)?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let new = NewUser {
         username,

@@ -171,6 +171,10 @@ fn unauthenticated(identity: &Identity) -> ApiError {
             ..
         } => ApiError::Unavailable,
         Identity::Failed {
+            reason: AuthFailure::PasswordChecksBusy,
+            ..
+        } => ApiError::PasswordChecksBusy,
+        Identity::Failed {
             reason: AuthFailure::MalformedSecondFactor,
             ..
         } => ApiError::BadRequest(

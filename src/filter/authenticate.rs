@@ -132,6 +132,8 @@ pub enum AuthFailure {
     MinterLeft,
     /// The database could not be asked; the request is not authenticated (fail closed).
     Unavailable,
+    /// The password was not checked: the worker's hashing queue is full.
+    PasswordChecksBusy,
 }
 
 impl AuthFailure {
@@ -157,6 +159,7 @@ impl AuthFailure {
             AuthFailure::ExpiredCapability => "capability expired",
             AuthFailure::MinterLeft => "capability minter lost access",
             AuthFailure::Unavailable => "user store unavailable",
+            AuthFailure::PasswordChecksBusy => "password checks busy",
         }
     }
 
@@ -576,7 +579,7 @@ async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {
         }
     };
     let phc = user.as_ref().map(|u| u.password_hash.clone());
-    let matched = app.passwords.verify(phc, password).await;
+    let checked = app.passwords.verify(phc, password).await;
     let failed = |reason| Identity::Failed {
         method: Some(AuthMethod::Basic),
         claimed: Some(username.clone()),
@@ -585,6 +588,10 @@ async fn verify_basic(app: &App, credentials: BasicCredentials) -> Identity {
     if lookup_failed {
         return failed(AuthFailure::Unavailable);
     }
+    // Too many checks wait already: this one was not made.
+    let Ok(matched) = checked else {
+        return failed(AuthFailure::PasswordChecksBusy);
+    };
     if user.is_none() || !matched {
         return failed(AuthFailure::BadCredentials);
     }

@@ -2,9 +2,11 @@
 //! database work. A refusal costs one in-memory lookup (or, at most once per refill
 //! interval per key, one small write to `ratelimit.db`).
 //!
-//! Two budgets apply: the first matching rule's bucket for the request, and — when the
-//! request carries a password (HTTP Basic) — the claimed username's password-guess budget,
-//! shared across all addresses. A guess is reserved before the password is checked and
+//! Three budgets apply: the first matching rule's bucket for the request, and — when the
+//! request carries a password (HTTP Basic) to be hashed — the client address's
+//! password-check budget (so one address cannot make paygate hash without limit by naming
+//! a fresh username each time) and the claimed username's password-guess budget, shared
+//! across all addresses. A guess is reserved before the password is checked and
 //! given back if the password was right, so only failures spend it. Wrong TOTP codes spend
 //! the same budget.
 
@@ -66,6 +68,18 @@ pub async fn admit(
         Verdict::Admit(quota) => quota,
         refusal => return Err(refused(refusal)),
     };
+    // A password will be hashed: that costs the client's address too, whatever username
+    // it names, so fresh usernames buy no fresh hashing.
+    if password_user.is_some() {
+        if let refusal @ Verdict::Refuse { .. } = app
+            .limiter
+            .check_password_budget(client)
+            .await
+            .map_err(undecided)?
+        {
+            return Err(refused(refusal));
+        }
+    }
     let guess = match password_user {
         Some(username) => reserve_guess(app, username).await?,
         None => None,
@@ -101,9 +115,13 @@ impl Admission {
     /// After authentication: a password that proved right gives its reserved guess back —
     /// also when only the TOTP code was missing, but not when a code was wrong or replayed.
     pub async fn settle(&mut self, app: &App, identity: &Identity) {
+        // A check refused for a full queue was no guess either: its token goes back too.
         let proved_password = match identity {
             Identity::Authenticated(p) => p.method == AuthMethod::Basic,
-            Identity::Failed { reason, .. } => *reason == AuthFailure::SecondFactorRequired,
+            Identity::Failed { reason, .. } => matches!(
+                reason,
+                AuthFailure::SecondFactorRequired | AuthFailure::PasswordChecksBusy
+            ),
             Identity::Anonymous | Identity::Capability(_) => false,
         };
         if proved_password {

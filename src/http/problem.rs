@@ -76,6 +76,8 @@ pub enum ApiError {
     Unavailable,
     /// 503: the audit log cannot be written, so nothing is done.
     AuditUnavailable,
+    /// 503: too many password checks wait for a hashing slot; this one was not made.
+    PasswordChecksBusy,
     /// 500: a bug or an environment failure; the string is for the log only.
     Internal(String),
 }
@@ -235,6 +237,14 @@ impl ApiError {
                 "the server is busy; retry shortly".into(),
                 none,
             ),
+            PasswordChecksBusy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "password-checks-busy",
+                "too many password checks are waiting; retry shortly, or log in once and use \
+                 the token"
+                    .into(),
+                none,
+            ),
             AuditUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit-unavailable",
@@ -272,6 +282,7 @@ impl ApiError {
             RateLimited { .. } => "rate limited".into(),
             Unavailable => "unavailable".into(),
             AuditUnavailable => "audit log unavailable".into(),
+            PasswordChecksBusy => "password checks busy".into(),
             Internal(_) => "internal error".into(),
         }
     }
@@ -339,7 +350,7 @@ impl ApiError {
                     headers.insert(header::ALLOW, value);
                 }
             }
-            ApiError::Unavailable | ApiError::AuditUnavailable => {
+            ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::PasswordChecksBusy => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::RateLimited {

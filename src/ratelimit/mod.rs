@@ -73,6 +73,21 @@ pub const MAX_WAITERS: usize = 1024;
 pub const GUESS_POLICY: &str = "password-guesses";
 /// Default password-guess budget: 10 failures per 15 minutes per username.
 pub const DEFAULT_GUESS_LIMIT: &str = "10/15min burst=10";
+/// Policy name of the per-address password-check budget.
+pub const PASSWORD_CHECK_POLICY: &str = "password-checks";
+/// Default password-check budget per client address: 30 at once, then one every 2 s.
+pub const DEFAULT_PASSWORD_CHECK_LIMIT: &str = "60/min burst=30";
+
+/// The per-address password-check budget as a rule: `RATE/UNIT burst=N`, keyed by the
+/// client address, named [`PASSWORD_CHECK_POLICY`].
+pub fn password_check_rule(limit: &str) -> Result<Rule, rules::RuleError> {
+    let mut rule = rules::parse_rule(&format!("* / {} key=ip", limit.trim()))?;
+    let window = ceil_secs(i64::try_from(rule.limit.window_ns()).unwrap_or(i64::MAX));
+    rule.name = Arc::from(PASSWORD_CHECK_POLICY);
+    rule.policy = rules::policy_header(PASSWORD_CHECK_POLICY, rule.limit.burst, window);
+    rule.delay = None;
+    Ok(rule)
+}
 const OVERFLOW_KEY: &str = "overflow";
 
 /// Where time comes from; tests inject their own.
@@ -169,6 +184,8 @@ pub struct Limiter {
     rules: Vec<Rule>,
     /// The per-username password-guess budget; `None` when disabled.
     guesses: Option<Arc<GuessBudget>>,
+    /// The per-address password-check budget; `None` when disabled.
+    password_checks: Option<Rule>,
     store: RateStore,
     clock: Arc<dyn Clock>,
     /// This process's name on its leases in `ratelimit.db` (random per start).
@@ -246,6 +263,7 @@ impl Limiter {
     pub fn new(
         rules: Vec<Rule>,
         guess_limit: Option<Limit>,
+        password_checks: Option<Rule>,
         store: RateStore,
         clock: Arc<dyn Clock>,
     ) -> Self {
@@ -265,6 +283,7 @@ impl Limiter {
         Limiter {
             rules,
             guesses,
+            password_checks,
             store,
             clock,
             holder,
@@ -472,6 +491,19 @@ impl Limiter {
         }
     }
 
+    /// Charges one password check to the client's address (before any hashing): refused
+    /// while that address has spent its budget, whatever usernames it tries.
+    pub async fn check_password_budget(&self, client: IpAddr) -> Result<Verdict, StoreError> {
+        match &self.password_checks {
+            None => Ok(Verdict::Admit(None)),
+            // Its own slot in the local map: after every rule's.
+            Some(rule) => {
+                self.check_leased(self.rules.len(), rule, ip_key(client))
+                    .await
+            }
+        }
+    }
+
     /// Reserves one password guess for `username` before its password is checked (see
     /// `guesses`): waits while checks for that username are in flight, and is refused only
     /// when its budget was spent by failures, so no hash is computed then. `None` when the
@@ -566,6 +598,7 @@ mod tests {
         Limiter::new(
             rules::parse_rules(&texts).unwrap(),
             Some(Limit::new(tokens, period, 3)),
+            Some(password_check_rule("2/min burst=2").unwrap()),
             RateStore::open(&f.dir).unwrap(),
             f.clock.clone(),
         )
@@ -789,6 +822,7 @@ mod tests {
             Arc::new(Limiter::new(
                 Vec::new(),
                 budget(),
+                None,
                 RateStore::open(&f.dir).unwrap(),
                 f.clock.clone(),
             ))

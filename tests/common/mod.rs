@@ -72,6 +72,9 @@ impl TestServer {
         if !extra.iter().any(|(name, _)| *name == "rate-limit") {
             options.insert("rate-limit", vec!["none".into()]);
         }
+        if !extra.iter().any(|(name, _)| *name == "password-check-limit") {
+            options.insert("password-check-limit", vec!["none".into()]);
+        }
         for (name, value) in extra {
             options.entry(name).or_default().push(value.to_string());
         }
