@@ -28,6 +28,7 @@ THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$root/target/loadtest/results.md}
+mkdir -p "$(dirname "$OUT")"
 
 if ! command -v wrk >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null

@@ -194,6 +194,16 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "max-connections-per-client",
+        env: Some("PAYGATE_MAX_CONNECTIONS_PER_CLIENT"),
+        value: "N",
+        default: "32",
+        help: "Concurrent connections from one client address (IPv6: one /64) per worker; \
+               more are closed at once. Trusted proxies are exempt.",
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "client-timeout",
         env: Some("PAYGATE_CLIENT_TIMEOUT"),
         value: "SECS",

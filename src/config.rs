@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Concurrent connections served; the rest wait in the listen backlog.
     pub max_connections: usize,
+    /// Concurrent connections from one client address per worker (trusted proxies exempt).
+    pub max_connections_per_client: usize,
     /// Deadline for each phase a client controls: handshake, first request, headers, body.
     pub client_timeout: Duration,
     /// Rate-limit rules, first match wins.
@@ -232,6 +234,8 @@ impl ServeConfig {
             .ok()
             .filter(|&b| b <= 64 * 1024 * 1024)
             .ok_or_else(|| ConfigError("--max-body: at most 67108864 bytes (64 MiB)".into()))?;
+        let max_connections_per_client =
+            sources.positive("max-connections-per-client", 32, "a number of connections")?;
         let max_connections =
             sources.positive("max-connections", 1024, "a number of connections")?;
         let rate_limits = match sources.list("rate-limit") {
@@ -340,6 +344,8 @@ impl ServeConfig {
             )?),
             max_body,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            max_connections_per_client: usize::try_from(max_connections_per_client)
+                .unwrap_or(usize::MAX),
             client_timeout: Duration::from_secs(sources.positive(
                 "client-timeout",
                 10,

@@ -71,6 +71,8 @@ pub struct Metrics {
     auth_failures: Mutex<HashMap<&'static str, u64>>,
     /// TLS connections being served now.
     open_connections: AtomicI64,
+    /// Connections closed at once because their address held its share.
+    refused_connections: std::sync::atomic::AtomicU64,
 }
 
 fn count<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u64>>, key: K) {
@@ -88,7 +90,13 @@ impl Metrics {
             rate_limited: Mutex::default(),
             auth_failures: Mutex::default(),
             open_connections: AtomicI64::new(0),
+            refused_connections: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Counts a connection closed because its address held its share of the slots.
+    pub fn connection_refused(&self) {
+        self.refused_connections.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn instance(&self) -> &str {
@@ -166,6 +174,11 @@ impl Metrics {
             self.open_connections.load(Ordering::Relaxed) as f64,
         );
         push(
+            "paygate_connections_refused_total",
+            instance(),
+            self.refused_connections.load(Ordering::Relaxed) as f64,
+        );
+        push(
             "paygate_worker_start_time_seconds",
             instance(),
             self.started_s,
@@ -225,7 +238,7 @@ pub struct Sample {
 }
 
 /// Every family, in the order they are rendered: name, type, help.
-const FAMILIES: [(&str, &str, &str); 7] = [
+const FAMILIES: [(&str, &str, &str); 8] = [
     (
         "paygate_requests_total",
         "counter",
@@ -255,6 +268,11 @@ const FAMILIES: [(&str, &str, &str); 7] = [
         "paygate_open_connections",
         "gauge",
         "Client connections being served.",
+    ),
+    (
+        "paygate_connections_refused_total",
+        "counter",
+        "Connections closed at once because their client address held its share.",
     ),
     (
         "paygate_worker_start_time_seconds",

@@ -243,11 +243,14 @@ mod tests {
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_never_match() {
         let passwords = Passwords::new(4).unwrap();
-        let phc = passwords.hash("s3cret-horse".into()).await.unwrap().unwrap();
+        let phc = passwords
+            .hash("s3cret-horse".into())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        let check = |phc: Option<String>, password: &str| {
-            passwords.verify(phc, password.to_owned())
-        };
+        let check =
+            |phc: Option<String>, password: &str| passwords.verify(phc, password.to_owned());
         assert_eq!(check(Some(phc.clone()), "s3cret-horse").await, Ok(true));
         assert_eq!(check(Some(phc), "s3cret-horsE").await, Ok(false));
         // Even the dummy password does not log in a user that does not exist.

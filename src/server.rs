@@ -181,6 +181,9 @@ async fn serve(
 ) {
     let protocols = Arc::new(Protocols::new(&app.config));
     let slots = Arc::new(Semaphore::new(app.config.max_connections));
+    let per_client = Arc::new(ClientConnections::new(
+        app.config.max_connections_per_client,
+    ));
     let graceful = GracefulShutdown::new();
     let sweeper = tokio::spawn(sweep_idempotency_keys(app.clone()));
     let rate_sweeper = tokio::spawn(sweep_rate_limits(app.clone()));
@@ -210,12 +213,32 @@ async fn serve(
                 }
             },
         };
+        // One address may not hold every slot: past its share, its new connections are
+        // closed at once (a proxy the operator trusts speaks for many clients: exempt).
+        let proxied = app
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()));
+        let held = if proxied {
+            None
+        } else {
+            match per_client.hold(peer.ip()) {
+                Some(held) => Some(held),
+                None => {
+                    log::debug!("connection from {peer} closed: its address holds its share");
+                    app.metrics.connection_refused();
+                    continue;
+                }
+            }
+        };
         let watcher = graceful.watcher();
         let (acceptor, app, protocols) = (acceptor.clone(), app.clone(), protocols.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_connection(tcp, peer, acceptor, app, protocols, watcher).await {
                 log::debug!("connection from {peer}: {e}");
             }
+            drop(held);
             drop(permit);
         });
     }
@@ -249,6 +272,66 @@ async fn serve(
     .is_ok()
     {
         log::info!("audit log flushed");
+    }
+}
+
+/// Open connections per client address (IPv6 by /64, as rate limits count them), so that
+/// one address cannot hold every connection slot of a worker.
+struct ClientConnections {
+    limit: usize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection counted for its address until dropped.
+struct HeldConnection {
+    owner: Arc<ClientConnections>,
+    address: std::net::IpAddr,
+}
+
+impl ClientConnections {
+    fn new(limit: usize) -> ClientConnections {
+        ClientConnections {
+            limit,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a connection from `ip`, or `None` when its address holds its share already.
+    fn hold(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<HeldConnection> {
+        let address = match crate::ratelimit::ip_key(ip) {
+            crate::ratelimit::BucketKey::Ip(address) => address,
+            _ => ip,
+        };
+        let mut open = self.lock();
+        let count = open.entry(address).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(HeldConnection {
+            owner: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let mut open = self.owner.lock();
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
     }
 }
 

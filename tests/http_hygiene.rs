@@ -348,3 +348,53 @@ async fn idle_keep_alive_connections_are_closed_for_http1_and_http2() {
     assert!(idle_from.elapsed() >= Duration::from_millis(1500));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_connection_slot() {
+    use tokio::io::AsyncReadExt as _;
+    let server = TestServer::start_with(&[
+        ("max-connections", "50"),
+        ("max-connections-per-client", "10"),
+        // Long enough that no held socket is closed by a timeout during the test.
+        ("client-timeout", "60"),
+    ])
+    .await;
+    // Bare TCP sockets from 127.0.0.1, more than every slot, never saying a word.
+    let mut hogs = Vec::new();
+    for _ in 0..60 {
+        hogs.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // The server keeps ten of them and closes the rest at once. (Polled until it has, on
+    // however busy a machine; a kept socket just stays silent.)
+    let mut open = vec![true; hogs.len()];
+    let mut closed = 0;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while closed < 50 && Instant::now() < give_up {
+        for (hog, still_open) in hogs.iter_mut().zip(open.iter_mut()) {
+            let mut byte = [0u8; 1];
+            if *still_open {
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_millis(20), hog.read(&mut byte)).await
+                {
+                    *still_open = false;
+                    closed += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        closed,
+        50,
+        "the address was allowed {} connections",
+        60 - closed
+    );
+    // Another address is served while the first one holds its share.
+    let other = server
+        .client
+        .clone()
+        .from_address("127.0.0.2".parse().unwrap());
+    let response = other.get("/apiStatus").send().await;
+    assert_eq!(response.status, 200);
+    drop(hogs);
+    server.shutdown().await;
+}

@@ -333,12 +333,18 @@ async fn delay_waits_for_the_token_then_admits() {
 async fn right_passwords_in_parallel_on_four_workers_never_spend_the_guess_budget() {
     let dir = TempDir::new("rl-guess-workers");
     // The default guess budget (10 per 15 minutes); no request limit in the way.
-    let (supervisor, addr, log) =
-        common::serve_logging(
-            &dir,
-            &["--workers", "4", "--rate-limit", "none", "--password-check-limit", "none"],
-            "info",
-        );
+    let (supervisor, addr, log) = common::serve_logging(
+        &dir,
+        &[
+            "--workers",
+            "4",
+            "--rate-limit",
+            "none",
+            "--password-check-limit",
+            "none",
+        ],
+        "info",
+    );
     let mut supervisor = common::StopOnDrop(supervisor);
     common::wait_for_log(&log, "all 4 workers are listening", 1, 30).await;
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));
@@ -390,16 +396,28 @@ async fn one_address_cannot_make_paygate_hash_without_limit() {
     let mut statuses = Vec::new();
     for i in 0..16 {
         let stranger = Creds::new(&format!("stranger{i}"), "some password");
-        let response = server.client.get("/apiStatus").basic(&stranger).send().await;
+        let response = server
+            .client
+            .get("/apiStatus")
+            .basic(&stranger)
+            .send()
+            .await;
         if response.status == 429 {
             let body = response.assert_problem(429);
-            assert_eq!(body["violated-policies"], serde_json::json!(["password-checks"]));
+            assert_eq!(
+                body["violated-policies"],
+                serde_json::json!(["password-checks"])
+            );
             assert!(response.header("retry-after").is_some());
         }
         statuses.push(response.status.as_u16());
     }
     // Login above was the first check; nine more passed, then every one was refused.
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 9, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        9,
+        "{statuses:?}"
+    );
     assert!(statuses[9..].iter().all(|&s| s == 429), "{statuses:?}");
     // A token needs no password check: unaffected.
     let me = server.client.get("/users/me").bearer(&token).send().await;
@@ -425,7 +443,10 @@ async fn a_full_hashing_queue_answers_503_at_once() {
             200 => ok += 1,
             503 => {
                 let body = response.assert_problem(503);
-                assert_eq!(body["type"], "tag:paygate.dev,2026:problem:password-checks-busy");
+                assert_eq!(
+                    body["type"],
+                    "tag:paygate.dev,2026:problem:password-checks-busy"
+                );
                 assert_eq!(response.header("retry-after"), Some("1"));
                 busy += 1;
             }

@@ -72,7 +72,10 @@ impl TestServer {
         if !extra.iter().any(|(name, _)| *name == "rate-limit") {
             options.insert("rate-limit", vec!["none".into()]);
         }
-        if !extra.iter().any(|(name, _)| *name == "password-check-limit") {
+        if !extra
+            .iter()
+            .any(|(name, _)| *name == "password-check-limit")
+        {
             options.insert("password-check-limit", vec!["none".into()]);
         }
         for (name, value) in extra {
@@ -213,6 +216,9 @@ impl Creds {
 pub struct Client {
     pub addr: SocketAddr,
     roots: Arc<rustls::RootCertStore>,
+    /// The local address connections come from (all of 127.0.0.0/8 is loopback), when
+    /// a test needs a second client address.
+    source: Option<std::net::IpAddr>,
 }
 
 impl Client {
@@ -224,7 +230,14 @@ impl Client {
         Client {
             addr,
             roots: Arc::new(roots),
+            source: None,
         }
+    }
+
+    /// The same client, connecting from `source` (e.g. 127.0.0.2).
+    pub fn from_address(mut self, source: std::net::IpAddr) -> Self {
+        self.source = Some(source);
+        self
     }
 
     /// Opens a TLS connection offering the given ALPN protocols and TLS versions.
@@ -241,7 +254,14 @@ impl Client {
         .with_root_certificates(self.roots.clone())
         .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = match self.source {
+            None => TcpStream::connect(self.addr).await?,
+            Some(source) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(self.addr).await?
+            }
+        };
         TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
