@@ -392,7 +392,7 @@ async fn one_address_cannot_hold_every_connection_slot() {
     let other = server
         .client
         .clone()
-        .from_address("127.0.0.2".parse().unwrap());
+        .connecting_from("127.0.0.2".parse().unwrap());
     let response = other.get("/apiStatus").send().await;
     assert_eq!(response.status, 200);
     drop(hogs);

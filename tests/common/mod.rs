@@ -235,7 +235,7 @@ impl Client {
     }
 
     /// The same client, connecting from `source` (e.g. 127.0.0.2).
-    pub fn from_address(mut self, source: std::net::IpAddr) -> Self {
+    pub fn connecting_from(mut self, source: std::net::IpAddr) -> Self {
         self.source = Some(source);
         self
     }
