@@ -37,6 +37,7 @@ pub enum CommandName {
     KeysRotate,
     KeysPrune,
     KeysExport,
+    KeysRotateTotp,
     AuditVerify,
     AuditSeal,
 }
@@ -51,6 +52,7 @@ impl CommandName {
             CommandName::KeysRotate => "paygate keys rotate [OPTIONS]",
             CommandName::KeysPrune => "paygate keys prune [OPTIONS]",
             CommandName::KeysExport => "paygate keys export [OPTIONS]",
+            CommandName::KeysRotateTotp => "paygate keys rotate-totp [OPTIONS]",
             CommandName::AuditVerify => "paygate audit verify [DIR] [OPTIONS]",
             CommandName::AuditSeal => "paygate audit seal --reason TEXT [OPTIONS]",
         }
@@ -94,6 +96,11 @@ impl CommandName {
                  damaged files stay as they are, as evidence. Stop every worker on the data \
                  directory first. From then on `audit verify` reports the break (exit 3)."
             }
+            CommandName::KeysRotateTotp => {
+                "Add a new key for sealing TOTP secrets (totp.key) and re-seal every secret \
+                 under it. The key before it stays in the file until the next rotation (run \
+                 it twice to retire a key entirely); running workers pick the new one up."
+            }
             CommandName::KeysExport => {
                 "Print every JWT signing key as a JSON Web Key Set, current key first, so other \
                  services can verify paygate's tokens. The output is SECRET: anyone holding it \
@@ -104,7 +111,8 @@ impl CommandName {
 }
 
 use CommandName::{
-    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, Serve, UserAdd, UserDisable,
+    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, KeysRotateTotp, Serve,
+    UserAdd, UserDisable,
 };
 
 /// Every option paygate accepts. Order is the order of `--help`.
@@ -132,6 +140,7 @@ pub const OPTIONS: &[OptionSpec] = &[
             KeysRotate,
             KeysPrune,
             KeysExport,
+            KeysRotateTotp,
             AuditVerify,
             AuditSeal,
         ],
@@ -439,10 +448,12 @@ where
             Some("rotate") => KeysRotate,
             Some("prune") => KeysPrune,
             Some("export") => KeysExport,
+            Some("rotate-totp") => KeysRotateTotp,
             Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
             Some(other) => {
                 return Err(UsageError(format!(
-                    "unknown command `keys {other}`; the keys command has: rotate, prune, export"
+                    "unknown command `keys {other}`; the keys command has: rotate, prune, \
+                     export, rotate-totp"
                 )))
             }
         },
@@ -459,7 +470,8 @@ where
         Some(other) => {
             return Err(UsageError(format!(
                 "unknown command `{other}`; commands are: serve, dev-cert, user add, \
-                 user disable, keys rotate, keys prune, keys export, audit verify, audit seal"
+                 user disable, keys rotate, keys prune, keys export, keys rotate-totp, audit \
+                 verify, audit seal"
             )))
         }
     };
@@ -525,6 +537,7 @@ fn main_help() -> String {
          paygate keys rotate              add a new current JWT signing key\n  \
          paygate keys prune               delete retired keys whose tokens expired\n  \
          paygate keys export              print the keys as a JWK Set (secret!)\n  \
+         paygate keys rotate-totp         new key for the sealed TOTP secrets\n  \
          paygate audit verify [DIR]       check every audit chain\n  \
          paygate audit seal --reason TEXT continue a damaged audit log, recording the break\n  \
          paygate <command> --help         options of one command\n  \

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
                 CommandName::KeysRotate => done(keys_rotate(&sources, &positional)),
                 CommandName::KeysPrune => done(keys_prune(&sources, &positional)),
                 CommandName::KeysExport => done(keys_export(&sources, &positional)),
+                CommandName::KeysRotateTotp => done(keys_rotate_totp(&sources, &positional)),
                 CommandName::AuditVerify => audit_verify(&sources, &positional),
                 CommandName::AuditSeal => done(audit_seal(&sources, &positional)),
             }
@@ -281,6 +282,19 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
             set.all().len()
         );
     }
+    Ok(())
+}
+
+fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let dir = sources.data_dir();
+    let store = Store::open(&dir)?;
+    let (id, resealed) = store.run_blocking(|conn| paygate::store::sealing::rotate(&dir, conn))?;
+    println!(
+        "new TOTP sealing key {id:08x}; {resealed} user(s) re-sealed; the previous key stays \
+         in {} until the next rotation",
+        dir.join(paygate::store::sealing::TOTP_KEY_FILE).display()
+    );
     Ok(())
 }
 

@@ -285,3 +285,78 @@ async fn large_payments_need_a_second_factor() {
     assert_eq!(response.status, 201, "{}", response.text());
     assert_eq!(response.json()["amount_minor"], 100_001);
 }
+
+/// The stored TOTP secret of `user`, as the database holds it.
+fn stored_secret(data: &std::path::Path, user: &str) -> Vec<u8> {
+    let db = rusqlite::Connection::open(data.join("paygate.db")).unwrap();
+    db.query_row(
+        "SELECT totp_secret FROM users WHERE username = ?1",
+        [user],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_sealed_at_rest_rotated_and_sealed_when_found_plain() {
+    fresh_step(20).await;
+    let server = TestServer::start().await;
+    let data = server.data_dir();
+    let (alice, secret) = enrolled(&server, "alice").await;
+    // A copy of the database alone holds no secret: sealed, bound to the user.
+    let sealed = stored_secret(&data, "alice");
+    assert_ne!(sealed.len(), 20);
+    assert!(!sealed.windows(secret.len()).any(|w| w == secret.as_slice()));
+
+    // Rotation: a new key, every secret re-sealed; logins go on.
+    let server = server
+        .restart_with(|| {
+            let out = common::paygate_command(&common::TempDir::new("rotate"))
+                .args(["keys", "rotate-totp", "--data-dir"])
+                .arg(&data)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("1 user(s) re-sealed"), "{said}");
+        })
+        .await;
+    let resealed = stored_secret(&data, "alice");
+    assert_ne!(resealed, sealed);
+    let keys = std::fs::read_to_string(data.join("totp.key")).unwrap();
+    assert_eq!(keys.lines().count(), 2, "the new key and the one before it");
+    let response = login_with_code(&server, &alice, &code(&secret, 0)).await;
+    assert_eq!(response.status, 201, "{}", response.text());
+
+    // A secret stored plain (by a paygate from before sealing) is sealed at the next start.
+    let (bob, bob_secret) = enrolled(&server, "bob").await;
+    let server = server
+        .restart_with(|| {
+            let db = rusqlite::Connection::open(data.join("paygate.db")).unwrap();
+            db.execute(
+                "UPDATE users SET totp_secret = ?1 WHERE username = 'bob'",
+                [&bob_secret],
+            )
+            .unwrap();
+        })
+        .await;
+    let now_sealed = stored_secret(&data, "bob");
+    assert_ne!(now_sealed.len(), 20);
+    let response = login_with_code(&server, &bob, &code(&bob_secret, 0)).await;
+    assert_eq!(response.status, 201, "{}", response.text());
+
+    // With another data directory's key, nothing starts: the secrets would not open.
+    let _kept = server.stop().await;
+    let elsewhere = common::TempDir::new("other-key");
+    paygate::secret_file::create_private_dir(&elsewhere.0).unwrap();
+    paygate::store::sealing::TotpKeys::load_or_create(&elsewhere.0).unwrap();
+    std::fs::copy(elsewhere.0.join("totp.key"), data.join("totp.key")).unwrap();
+    let out = common::paygate_command(&elsewhere)
+        .args(["user", "disable", "nobody", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("does not open the TOTP secrets"), "{said}");
+}

@@ -17,6 +17,7 @@ mod idempotency;
 mod migrate;
 mod payments;
 mod ratelimit;
+pub mod sealing;
 mod sessions;
 mod users;
 
@@ -212,6 +213,8 @@ pub struct Store {
     pool: r2d2::Pool<SqliteConnectionManager>,
     /// The group-commit thread for payment creation (see `commits`).
     commits: std::sync::Arc<commits::CommitQueue>,
+    /// The keys TOTP secrets are sealed under (see `sealing`).
+    totp_keys: std::sync::Arc<sealing::TotpKeys>,
 }
 
 impl Store {
@@ -232,7 +235,18 @@ impl Store {
         })?;
         writer.set_prepared_statement_cache_capacity(16);
         let commits = std::sync::Arc::new(commits::CommitQueue::start(writer)?);
-        Ok(Store { pool, commits })
+        let totp_keys = std::sync::Arc::new(sealing::TotpKeys::load_or_create(data_dir)?);
+        let mut conn = pool.get().map_err(|_| StoreError::Busy)?;
+        let sealed = sealing::seal_plain_secrets(&mut conn, &totp_keys)?;
+        if sealed > 0 {
+            log::info!("sealed the TOTP secrets of {sealed} user(s) under totp.key");
+        }
+        drop(conn);
+        Ok(Store {
+            pool,
+            commits,
+            totp_keys,
+        })
     }
 
     /// Runs `work` with a pooled connection on the blocking pool.

@@ -261,17 +261,31 @@ impl Store {
         .await
     }
 
-    /// A user's TOTP enrolment.
+    /// A user's TOTP enrolment (secrets unsealed).
     pub async fn totp_state(&self, user_id: i64) -> Result<TotpState, StoreError> {
-        self.run(move |conn| totp_state(conn, user_id)).await
+        let keys = self.totp_keys.clone();
+        self.run(move |conn| {
+            let stored = totp_state(conn, user_id)?;
+            let open =
+                |value: Option<Vec<u8>>| value.map(|v| keys.open_stored(user_id, &v)).transpose();
+            Ok(TotpState {
+                active: open(stored.active)?,
+                pending: open(stored.pending)?,
+                last_step: stored.last_step,
+            })
+        })
+        .await
     }
 
-    /// Sets the secret awaiting confirmation (replacing any earlier unconfirmed one).
+    /// Sets the secret awaiting confirmation (replacing any earlier unconfirmed one),
+    /// sealed.
     pub async fn set_pending_totp(&self, user_id: i64, secret: Vec<u8>) -> Result<(), StoreError> {
+        let keys = self.totp_keys.clone();
         self.run(move |conn| {
+            let sealed = keys.seal(user_id, &secret)?;
             conn.execute(
                 "UPDATE users SET totp_pending = ?2 WHERE id = ?1",
-                params![user_id, secret],
+                params![user_id, sealed],
             )?;
             Ok(())
         })
@@ -286,13 +300,34 @@ impl Store {
         secret: Vec<u8>,
         step: i64,
     ) -> Result<bool, StoreError> {
+        let keys = self.totp_keys.clone();
         self.run(move |conn| {
-            Ok(conn.execute(
+            // Sealed values differ even for one secret (random nonces): compare what they
+            // hold, in the transaction that moves the pending secret into place.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let pending: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT totp_pending FROM users WHERE id = ?1",
+                    [user_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            let still_pending = match pending {
+                Some(stored) => keys.open_stored(user_id, &stored)? == secret,
+                None => false,
+            };
+            if !still_pending {
+                return Ok(false);
+            }
+            tx.execute(
                 "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL,
-                                  totp_last_step = ?3
-                 WHERE id = ?1 AND totp_pending = ?2",
-                params![user_id, secret, step],
-            )? > 0)
+                                  totp_last_step = ?2
+                 WHERE id = ?1",
+                params![user_id, step],
+            )?;
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }

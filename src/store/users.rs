@@ -146,9 +146,21 @@ impl Store {
         self.run_blocking(|conn| disable(conn, username))
     }
 
-    /// Finds a user by exact username.
+    /// Finds a user by exact username (with their TOTP secret unsealed).
     pub async fn user_by_name(&self, username: String) -> Result<Option<User>, StoreError> {
-        self.run(move |conn| by_name(conn, &username)).await
+        let keys = self.totp_keys.clone();
+        self.run(move |conn| {
+            by_name(conn, &username)?
+                .map(|mut user| {
+                    user.totp_secret = user
+                        .totp_secret
+                        .map(|stored| keys.open_stored(user.id, &stored))
+                        .transpose()?;
+                    Ok(user)
+                })
+                .transpose()
+        })
+        .await
     }
 }
 

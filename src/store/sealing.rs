@@ -1,0 +1,373 @@
+//! TOTP secrets sealed at rest: AES-256-GCM (ring) under a key kept in `totp.key` in the
+//! data directory (mode 0600), never in the database — so a copy of `paygate.db` alone (a
+//! backup, a replica) reveals no second factor.
+//!
+//! A sealed secret is `0x01 ‖ key id (4 bytes) ‖ nonce (12) ‖ ciphertext ‖ tag (16)`, with
+//! the user's id as associated data: a sealed secret moved to another user's row does not
+//! open. Plain secrets (20 bytes, as paygate generates them) left by earlier versions are
+//! sealed at start ([`seal_plain_secrets`]). `paygate keys rotate-totp` adds a new key,
+//! re-seals every secret under it and keeps the key before it in the file for one more
+//! rotation (a worker may have sealed with it a moment before); workers read the file again
+//! when it changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::SystemTime;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{params, Connection, TransactionBehavior};
+
+use super::StoreError;
+use crate::secret_file::{read_private, write_private};
+
+/// The key file inside the data directory.
+pub const TOTP_KEY_FILE: &str = "totp.key";
+
+const VERSION: u8 = 1;
+/// Bytes before the ciphertext: version, key id, nonce.
+const HEADER: usize = 1 + 4 + NONCE_LEN;
+/// A secret as paygate generates it (160 bits), stored plain before sealing existed.
+const PLAIN_LEN: usize = 20;
+
+/// The keys of `totp.key`, current first.
+struct Keyring {
+    keys: Vec<(u32, [u8; 32])>,
+    /// The file's modification time when read: a change means a rotation happened.
+    read_at: Option<SystemTime>,
+}
+
+/// The sealing keys of one data directory, re-read when the file changes.
+pub struct TotpKeys {
+    path: PathBuf,
+    ring: Mutex<Keyring>,
+}
+
+fn fail(what: impl Into<String>) -> StoreError {
+    StoreError::Startup(what.into())
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn random<const N: usize>() -> Result<[u8; N], StoreError> {
+    let mut out = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut out)
+        .map_err(|_| StoreError::Corrupt("the system random generator failed".into()))?;
+    Ok(out)
+}
+
+fn parse(path: &Path, text: &str) -> Result<Vec<(u32, [u8; 32])>, StoreError> {
+    let bad = || {
+        fail(format!(
+            "{} is damaged (expected lines of `<8 hex digits> <base64url key>`); restore it \
+             from a backup: without it no enrolled user can log in",
+            path.display()
+        ))
+    };
+    let mut keys = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (id, key) = line.trim().split_once(' ').ok_or_else(bad)?;
+        let id = u32::from_str_radix(id, 16).map_err(|_| bad())?;
+        let mut bytes = [0u8; 32];
+        match URL_SAFE_NO_PAD.decode_slice(key.trim(), &mut bytes) {
+            Ok(32) => keys.push((id, bytes)),
+            _ => return Err(bad()),
+        }
+    }
+    if keys.is_empty() {
+        return Err(bad());
+    }
+    Ok(keys)
+}
+
+fn render(keys: &[(u32, [u8; 32])]) -> String {
+    keys.iter()
+        .map(|(id, key)| format!("{id:08x} {}\n", URL_SAFE_NO_PAD.encode(key)))
+        .collect()
+}
+
+fn aead_key(key: &[u8; 32]) -> Result<LessSafeKey, StoreError> {
+    UnboundKey::new(&AES_256_GCM, key)
+        .map(LessSafeKey::new)
+        .map_err(|_| StoreError::Corrupt("an unusable TOTP sealing key".into()))
+}
+
+fn aad(user_id: i64) -> [u8; 23] {
+    let mut out = [0u8; 23];
+    out[..15].copy_from_slice(b"paygate totp v1");
+    out[15..].copy_from_slice(&user_id.to_be_bytes());
+    out
+}
+
+/// A user's id with their stored active and pending secrets.
+type TotpRow = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Whether a stored value is sealed (anything but a plain 20-byte secret).
+pub fn is_sealed(blob: &[u8]) -> bool {
+    blob.len() != PLAIN_LEN
+}
+
+impl TotpKeys {
+    /// Reads the keys of `data_dir`, creating the first one when there is no file.
+    pub fn load_or_create(data_dir: &Path) -> Result<TotpKeys, StoreError> {
+        let path = data_dir.join(TOTP_KEY_FILE);
+        if !path.exists() {
+            let first = [(u32::from_be_bytes(random()?), random()?)];
+            match write_private(&path, render(&first).as_bytes(), false) {
+                Ok(()) => log::info!("created the TOTP sealing key {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fail(format!("cannot create {}: {e}", path.display()))),
+            }
+        }
+        let keys = TotpKeys {
+            path,
+            ring: Mutex::new(Keyring {
+                keys: Vec::new(),
+                read_at: None,
+            }),
+        };
+        keys.reload()?;
+        Ok(keys)
+    }
+
+    fn reload(&self) -> Result<(), StoreError> {
+        let read_at = modified(&self.path);
+        let text = read_private(&self.path).map_err(fail)?;
+        let text = String::from_utf8(text).map_err(|_| fail("totp.key is not text"))?;
+        let keys = parse(&self.path, &text)?;
+        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) = Keyring { keys, read_at };
+        Ok(())
+    }
+
+    /// Re-reads the file if it changed since it was read (a rotation).
+    fn refresh(&self) -> Result<(), StoreError> {
+        let read_at = self
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read_at;
+        if modified(&self.path) != read_at {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    fn key(&self, id: Option<u32>) -> Option<(u32, [u8; 32])> {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        match id {
+            None => ring.keys.first().copied(),
+            Some(id) => ring.keys.iter().find(|(k, _)| *k == id).copied(),
+        }
+    }
+
+    /// Seals `secret` for user `user_id` under the current key.
+    pub fn seal(&self, user_id: i64, secret: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.refresh()?;
+        let (id, key) = self
+            .key(None)
+            .ok_or_else(|| StoreError::Corrupt("no TOTP sealing key".into()))?;
+        let nonce: [u8; NONCE_LEN] = random()?;
+        let mut out = Vec::with_capacity(HEADER + secret.len() + 16);
+        out.push(VERSION);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let mut body = secret.to_vec();
+        aead_key(&key)?
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(user_id)),
+                &mut body,
+            )
+            .map_err(|_| StoreError::Corrupt("sealing a TOTP secret failed".into()))?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Opens what [`TotpKeys::seal`] made for `user_id`.
+    pub fn unseal(&self, user_id: i64, blob: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let corrupt =
+            |why: &str| StoreError::Corrupt(format!("TOTP secret of user {user_id}: {why}"));
+        if blob.len() < HEADER + 16 || blob[0] != VERSION {
+            return Err(corrupt("not a sealed secret"));
+        }
+        let id = u32::from_be_bytes([blob[1], blob[2], blob[3], blob[4]]);
+        let key = match self.key(Some(id)) {
+            Some((_, key)) => key,
+            None => {
+                // Sealed under a key this worker has not read yet (a rotation).
+                self.reload()?;
+                self.key(Some(id)).map(|(_, key)| key).ok_or_else(|| {
+                    corrupt(&format!(
+                        "sealed under key {id:08x}, which {} does not hold (restore it from \
+                         a backup)",
+                        self.path.display()
+                    ))
+                })?
+            }
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&blob[5..HEADER]);
+        let mut body = blob[HEADER..].to_vec();
+        let plain = aead_key(&key)?
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(user_id)),
+                &mut body,
+            )
+            .map_err(|_| corrupt("does not open (edited, or moved from another user)"))?;
+        Ok(plain.to_vec())
+    }
+
+    /// A stored value as a secret: unsealed, or (left by an earlier version, until the
+    /// start-up pass seals it) as it is.
+    pub fn open_stored(&self, user_id: i64, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if is_sealed(stored) {
+            self.unseal(user_id, stored)
+        } else {
+            Ok(stored.to_vec())
+        }
+    }
+}
+
+/// Seals the TOTP secrets an earlier version stored plain, in one transaction; returns how
+/// many. Run at start (by every process: the first one does the work).
+pub fn seal_plain_secrets(conn: &mut Connection, keys: &TotpKeys) -> Result<usize, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let rows: Vec<TotpRow> = tx
+        .prepare(
+            "SELECT id, totp_secret, totp_pending FROM users
+              WHERE length(totp_secret) = ?1 OR length(totp_pending) = ?1",
+        )?
+        .query_map([PLAIN_LEN as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let seal = |id: i64, value: Option<Vec<u8>>| -> Result<Option<Vec<u8>>, StoreError> {
+        value
+            .map(|v| {
+                if is_sealed(&v) {
+                    Ok(v)
+                } else {
+                    keys.seal(id, &v)
+                }
+            })
+            .transpose()
+    };
+    for (id, active, pending) in &rows {
+        tx.execute(
+            "UPDATE users SET totp_secret = ?2, totp_pending = ?3 WHERE id = ?1",
+            params![id, seal(*id, active.clone())?, seal(*id, pending.clone())?],
+        )?;
+    }
+    // Every sealed secret must open with the keys at hand: a lost or wrong totp.key is a
+    // refusal to start, not enrolled users who cannot log in.
+    let active: Vec<(i64, Vec<u8>)> = tx
+        .prepare("SELECT id, totp_secret FROM users WHERE totp_secret IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, stored) in &active {
+        if let Err(e) = keys.open_stored(*id, stored) {
+            return Err(fail(format!(
+                "{e}; {} does not open the TOTP secrets in the database: restore the key \
+                 file that belongs to this database",
+                keys.path.display()
+            )));
+        }
+    }
+    tx.commit()?;
+    Ok(rows.len())
+}
+
+/// `paygate keys rotate-totp`: a new current key, every secret re-sealed under it, and the
+/// key before it kept for one more rotation. Returns the new key's id and how many secrets
+/// were re-sealed.
+pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), StoreError> {
+    let keys = TotpKeys::load_or_create(data_dir)?;
+    let old: Vec<(u32, [u8; 32])> = keys
+        .ring
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys
+        .clone();
+    let new = (u32::from_be_bytes(random()?), random::<32>()?);
+    // First the file with every key (so whatever happens next, each secret opens), then
+    // the re-sealing, then the file without the keys before the previous one.
+    let mut all = vec![new];
+    all.extend(old.iter().copied());
+    let write = |keys: &[(u32, [u8; 32])]| {
+        write_private(&keys_path(data_dir), render(keys).as_bytes(), true).map_err(|e| {
+            fail(format!(
+                "cannot write {}: {e}",
+                keys_path(data_dir).display()
+            ))
+        })
+    };
+    write(&all)?;
+    keys.reload()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let rows: Vec<TotpRow> = tx
+        .prepare(
+            "SELECT id, totp_secret, totp_pending FROM users
+              WHERE totp_secret IS NOT NULL OR totp_pending IS NOT NULL",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let reseal = |id: i64, value: &Option<Vec<u8>>| -> Result<Option<Vec<u8>>, StoreError> {
+        value
+            .as_ref()
+            .map(|v| {
+                keys.open_stored(id, v)
+                    .and_then(|plain| keys.seal(id, &plain))
+            })
+            .transpose()
+    };
+    for (id, active, pending) in &rows {
+        tx.execute(
+            "UPDATE users SET totp_secret = ?2, totp_pending = ?3 WHERE id = ?1",
+            params![id, reseal(*id, active)?, reseal(*id, pending)?],
+        )?;
+    }
+    tx.commit()?;
+    let keep: Vec<(u32, [u8; 32])> = all.into_iter().take(2).collect();
+    write(&keep)?;
+    Ok((new.0, rows.len()))
+}
+
+fn keys_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(TOTP_KEY_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_user_and_key() {
+        let dir = std::env::temp_dir().join(format!("paygate-seal-{}", uuid::Uuid::new_v4()));
+        crate::secret_file::create_private_dir(&dir).unwrap();
+        let keys = TotpKeys::load_or_create(&dir).unwrap();
+        let secret = [7u8; 20];
+        let sealed = keys.seal(42, &secret).unwrap();
+        assert!(is_sealed(&sealed));
+        assert!(!sealed.windows(20).any(|w| w == secret));
+        assert_eq!(keys.unseal(42, &sealed).unwrap(), secret);
+        assert!(keys.unseal(43, &sealed).is_err(), "another user's row");
+        let mut edited = sealed.clone();
+        *edited.last_mut().unwrap() ^= 1;
+        assert!(keys.unseal(42, &edited).is_err());
+        // Another data directory's key cannot open it.
+        let other = std::env::temp_dir().join(format!("paygate-seal-{}", uuid::Uuid::new_v4()));
+        crate::secret_file::create_private_dir(&other).unwrap();
+        assert!(TotpKeys::load_or_create(&other)
+            .unwrap()
+            .unseal(42, &sealed)
+            .is_err());
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(other);
+    }
+}
