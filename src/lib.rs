@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! - [`cli`] and [`config`]: command line and environment → validated settings.
-//! - [`server`]: TCP accept loop, TLS termination, HTTP/1.1 and HTTP/2, graceful drain.
+//! - [`server`]: TCP accept loop, TLS termination, HTTP/1.1 and HTTP/2, graceful drain;
+//!   [`deployment`]: one deployment (data directory) per listening address.
 //! - [`tls`]: rustls configuration (ring provider) and development certificates.
 //! - [`filter`]: the filter chain, one module per stage — [`filter::rate_limit`],
 //!   [`filter::authenticate`], [`filter::access`].
@@ -40,6 +41,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub mod decimal;
+pub mod deployment;
 pub mod domain;
 pub mod filter;
 pub mod http;

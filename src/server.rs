@@ -95,10 +95,20 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let (tls, certificate) =
         crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let listen = config.listen;
+    let data_dir = config.data_dir.clone();
     let app = tokio::task::spawn_blocking(move || App::open(config))
         .await
         .map_err(|e| StartError(format!("opening the data directory failed: {e}")))?
         .map_err(|e| StartError(e.to_string()))?;
+    // Before binding: a port shared with another deployment would split its clients.
+    let claim =
+        tokio::task::spawn_blocking(move || crate::deployment::Claim::take(listen, &data_dir))
+            .await
+            .map_err(|e| StartError(format!("claiming {listen} failed: {e}")))?
+            .map_err(StartError)?;
+    if let Some(claim) = claim {
+        drop(tokio::spawn(claim.keep()));
+    }
     let listener =
         bind(listen).map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let local_addr = listener

@@ -482,3 +482,87 @@ async fn everything_in_the_data_directory_is_private_whatever_the_umask() {
     signal(&again, "TERM");
     assert!(wait_exit(&mut again).success());
 }
+
+/// `paygate serve` on `listen` in `dir`, data directory `data`; returns the child once it
+/// listens, or what it said when it exited instead.
+fn serve_on(
+    dir: &TempDir,
+    listen: &str,
+    data: &str,
+) -> Result<(common::StopOnDrop, String), String> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = paygate_command(dir)
+        .args([
+            "serve",
+            "--workers",
+            "1",
+            "--listen",
+            listen,
+            "--data-dir",
+            data,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains("listening on https://") {
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((common::StopOnDrop(child), said));
+        }
+    }
+    child.wait().unwrap();
+    Err(said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_deployment_cannot_share_a_listening_address() {
+    let dir = TempDir::new("one-deployment");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut first, _) = serve_on(&dir, &listen, "data-a").expect("the first one starts");
+    // Another data directory on the same address: refused, naming the address.
+    let refused = serve_on(&dir, &listen, "data-b").err().expect("refused");
+    assert!(
+        refused.contains(&format!("{listen} is already served by another paygate"))
+            && refused.contains("data-a"),
+        "{refused}"
+    );
+    // The same data directory shares it (as the supervisor's workers and systemd instances
+    // do), and keeps serving when the first one stops.
+    let (mut second, _) = serve_on(&dir, &listen, "data-a").expect("the same deployment shares");
+    signal(&first.0, "TERM");
+    assert!(wait_exit(&mut first.0).success());
+    let client = Client::new(listen.parse().unwrap(), &dir.0.join("certs/server.crt"));
+    assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    // The second takes the claim over (within a second or so): wait until the address's
+    // claim answers again, then another deployment is still refused.
+    let name = {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("paygate-listen/{listen}"))
+            .unwrap()
+    };
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect_addr(&name).is_err() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "nobody took the claim over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = serve_on(&dir, &listen, "data-b")
+        .err()
+        .expect("still refused");
+    assert!(refused.contains("already served"), "{refused}");
+    signal(&second.0, "TERM");
+    assert!(wait_exit(&mut second.0).success());
+}
