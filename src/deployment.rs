@@ -49,12 +49,10 @@ fn answer(listener: UnixListener, identity: Arc<String>) {
     let spawned = std::thread::Builder::new()
         .name("paygate-claim".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                if let Ok(mut stream) = stream {
-                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                    // A peer that went away needs no answer.
-                    let _ = stream.write_all(identity.as_bytes());
-                }
+            // A failed accept or a peer that went away needs no answer.
+            for mut stream in listener.incoming().flatten() {
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = stream.write_all(identity.as_bytes());
             }
         });
     if let Err(e) = spawned {
@@ -124,16 +122,11 @@ impl Claim {
     }
 
     /// Keeps the claim alive: takes the name over when its holder (another worker of this
-    /// deployment) exits. Runs until the task is dropped.
+    /// deployment) exits. Runs until this process holds it.
     pub async fn keep(self: Arc<Self>) {
-        loop {
+        // A bind is one system call: cheap enough for the reactor, once a second.
+        while !self.try_hold() {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.holding.load(std::sync::atomic::Ordering::Relaxed) {
-                return;
-            }
-            let claim = self.clone();
-            // A bind is one system call: cheap enough for the reactor, once a second.
-            claim.try_hold();
         }
     }
 }
