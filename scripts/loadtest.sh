@@ -82,22 +82,35 @@ start() {
 # Stops the server `start` started last (each holds an audit instance of the data dir).
 stop_server() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; }
 
-# The data every scenario reads: a user, an account and a payment.
-start setup --rate-limit none
-api="https://127.0.0.1:$port"
+# prepare [DATA_DIR]: the data every scenario reads — a user, an account, a payment and a
+# JWT — in DATA_DIR (default ./data), made by $binary (default this build); sets $api,
+# $account, $payment, $read_path, $jwt and leaves that server running.
+prepare() {
+  local dir_args=(); [ -n "${1:-}" ] && dir_args=(--data-dir "$1")
+  start setup --rate-limit none "${dir_args[@]}"
+  api="https://127.0.0.1:$port"
+  curl -sS --cacert "$ca" -X POST "$api/users" -H 'Content-Type: application/json' \
+    -d "{\"username\":\"$user\",\"password\":\"$pass\"}" >/dev/null
+  account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts" -H 'Content-Type: application/json' \
+    -d '{"name":"Load","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  payment=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts/$account/payments" \
+    -H 'Content-Type: application/json' -d '{"payee":"ACME","amount_minor":100,"currency":"EUR"}' \
+    | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  read_path="/accounts/$account/payments/$payment"
+  # Tokens outlive the server that issued them: JWT keys and sessions live in the data dir.
+  jwt=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/sessions" | sed -E 's/.*"token":"([^"]+)".*/\1/')
+}
 user=loadtest; pass='load test passphrase'
-curl -sS --cacert "$ca" -X POST "$api/users" -H 'Content-Type: application/json' \
-  -d "{\"username\":\"$user\",\"password\":\"$pass\"}" >/dev/null
-account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts" -H 'Content-Type: application/json' \
-  -d '{"name":"Load","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
-payment=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/accounts/$account/payments" \
-  -H 'Content-Type: application/json' -d '{"payee":"ACME","amount_minor":100,"currency":"EUR"}' \
-  | sed -E 's/.*"id":"([^"]+)".*/\1/')
-read_path="/accounts/$account/payments/$payment"
+if [ -n "${BASELINE:-}" ]; then
+  # The baseline binary gets a data directory of its own, made by itself: a newer build may
+  # have migrated a shared one past what the baseline can open.
+  binary=$BASELINE prepare "$work/data-baseline"
+  baseline_read_path=$read_path baseline_jwt=$jwt baseline_account=$account
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+fi
+prepare
 status_bytes=$(curl -sS --cacert "$ca" "$api/apiStatus" | wc -c)
 read_bytes=$(curl -sS --cacert "$ca" -u "$user:$pass" "$api$read_path" | wc -c)
-# Tokens outlive the server that issued them: JWT keys and sessions live in the data dir.
-jwt=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "$api/sessions" | sed -E 's/.*"token":"([^"]+)".*/\1/')
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 start opaque-login --rate-limit none --token-format opaque
 opaque=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$port/sessions" \
@@ -161,18 +174,23 @@ peak_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
 # Payment creation: each request a new Idempotency-Key, each payment a synchronous=FULL
 # commit together with its idempotency record.
-cat >"$work/create.lua" <<LUA
+# create_script FILE ACCOUNT JWT: the wrk script that creates payments on ACCOUNT.
+create_script() {
+  cat >"$1" <<LUA
 local n = 0
 local run = tostring(os.time()) .. "-" .. tostring(math.random(1000000))
 request = function()
   n = n + 1
-  return wrk.format("POST", "/accounts/$account/payments", {
+  return wrk.format("POST", "/accounts/$2/payments", {
     ["Content-Type"] = "application/json",
-    ["Authorization"] = "Bearer $jwt",
+    ["Authorization"] = "Bearer $3",
     ["Idempotency-Key"] = "load-" .. run .. "-" .. n,
   }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
 end
 LUA
+}
+create_script "$work/create.lua" "$account" "$jwt"
+[ -n "${BASELINE:-}" ] && create_script "$work/create-baseline.lua" "$baseline_account" "$baseline_jwt"
 
 # Helpers over $results.
 rps_of() { awk -v n="$1" '$1==n {print $2}' <<<"$(printf '%s\n' "${results[@]}")"; }
@@ -250,14 +268,12 @@ fi
 # before (a fresh guess budget every time): $ROUNDS rounds of the reads on a quiet server
 # and under the flood, on one server with the default password limits.
 flood_rounds() {
+  # The Basic headers are encoded once, up front (5,000 usernames, used in turn), so that
+  # the flooding wrk spends its CPU on sending, not on base64 in Lua.
   cat > "$work/flood.lua" <<'LUA'
-local n = 0
-request = function()
-  n = n + 1
-  local name = string.format("flood%d-%d", math.random(1, 1000000000), n)
-  local credentials = name .. ":not-a-password"
-  local b = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
-  local encoded = ((credentials:gsub('.', function(x)
+local b = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+local function base64(data)
+  return ((data:gsub('.', function(x)
     local r, byte = '', x:byte()
     for i = 8, 1, -1 do r = r .. (byte % 2 ^ i - byte % 2 ^ (i - 1) > 0 and '1' or '0') end
     return r
@@ -266,8 +282,20 @@ request = function()
     local c = 0
     for i = 1, 6 do c = c + (x:sub(i, i) == '1' and 2 ^ (6 - i) or 0) end
     return b:sub(c + 1, c + 1)
-  end) .. ({ '', '==', '=' })[#credentials % 3 + 1])
-  return wrk.format("GET", "/apiStatus", { ["Authorization"] = "Basic " .. encoded })
+  end) .. ({ '', '==', '=' })[#data % 3 + 1])
+end
+local requests = {}
+local n = 0
+init = function(args)
+  local salt = math.random(1, 1000000000)
+  for i = 1, 5000 do
+    local header = "Basic " .. base64(string.format("flood%d-%d:not-a-password", salt, i))
+    requests[i] = wrk.format("GET", "/apiStatus", { ["Authorization"] = header })
+  end
+end
+request = function()
+  n = n % #requests + 1
+  return requests[n]
 end
 LUA
   for round in $(seq 1 "$ROUNDS"); do
@@ -307,12 +335,17 @@ if [ -n "${BASELINE:-}" ]; then
   # the machine's drift hits both alike.
   for round in 1 2 3; do
     for side in baseline current; do
-      binary=$paygate; [ "$side" = baseline ] && binary=$BASELINE
-      start "ab-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
+      binary=$paygate side_args=() side_read=$read_path side_jwt=$jwt
+      if [ "$side" = baseline ]; then
+        binary=$BASELINE side_args=(--data-dir "$work/data-baseline")
+        side_read=$baseline_read_path side_jwt=$baseline_jwt
+      fi
+      start "ab-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${side_args[@]}"
       if [ "${AB:-jwt-read}" = create ]; then
-        SCRIPT=$work/create.lua measure "$AB-$side-$round" "https://127.0.0.1:$port/"
+        script=$work/create.lua; [ "$side" = baseline ] && script=$work/create-baseline.lua
+        SCRIPT=$script measure "$AB-$side-$round" "https://127.0.0.1:$port/"
       else
-        measure "jwt-read-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+        measure "jwt-read-$side-$round" "https://127.0.0.1:$port$side_read" "Authorization: Bearer $side_jwt"
       fi
       stop_server
       binary=""

@@ -366,6 +366,11 @@ fn audit_seal(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
             paygate::audit::seal::Sealed::Intact { instance } => {
                 println!("chain {instance}: verifies up to its checkpoint; nothing to seal")
             }
+            paygate::audit::seal::Sealed::Authenticated { instance, records } => println!(
+                "chain {instance}: its checkpoint had no MAC (written before checkpoints \
+                 carried one); all {records} records verify against it, so it is now \
+                 authenticated — no break recorded"
+            ),
             paygate::audit::seal::Sealed::Sealed {
                 instance,
                 file,

@@ -885,3 +885,30 @@ async fn audit_reads_hold_a_page_in_memory_not_the_log() {
         "16 reads of one record took {grown} KiB more at peak"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_before_macs_is_authenticated_by_seal_without_a_break() {
+    let dir = TempDir::new("audit-upgrade");
+    run_and_stop(&dir, 4).await;
+    // As a paygate before checkpoint MACs left it.
+    let db = rusqlite::Connection::open(dir.0.join("data/audit/checkpoints.db")).unwrap();
+    db.execute("UPDATE checkpoints SET mac = NULL", []).unwrap();
+    drop(db);
+    let refused = serve_refused(&dir);
+    assert!(
+        refused.contains("older than checkpoint MACs") && refused.contains("--reason upgrade"),
+        "{refused}"
+    );
+    let output = paygate_command(&dir)
+        .args(["audit", "seal", "--reason", "upgrade"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{said}");
+    assert!(said.contains("now authenticated"), "{said}");
+    // No break: the log is plainly OK, and workers start.
+    let (code, said) = verify_cli(&dir);
+    assert_eq!(code, Some(0), "{said}");
+    run_and_stop(&dir, 1).await;
+    assert_eq!(verify_cli(&dir).0, Some(0));
+}

@@ -18,7 +18,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use super::record::{body_of, push_hex, seal, BreakRecord};
-use super::verify::{check_before_append, last_good_record};
+use super::verify::{check_before_append, last_good_record, whole_chain_reaches};
 use super::writer::{file_name, log_files, save_checkpoint, Head};
 use super::{instance_dirs, load_key, lock_instance, AUDIT_DIR, KEY_FILE};
 use crate::secret_file::sync_dir;
@@ -30,6 +30,9 @@ use crate::time::{format_rfc3339_millis, now_millis};
 pub enum Sealed {
     /// The chain verifies up to its checkpoint; nothing was written.
     Intact { instance: String },
+    /// The checkpoint was written before checkpoints carried a MAC, and the whole chain
+    /// verifies against it: it now carries one. No break was needed.
+    Authenticated { instance: String, records: u64 },
     /// A break record now starts `file`.
     Sealed {
         instance: String,
@@ -83,13 +86,30 @@ pub fn seal_damaged(
         let checkpoint = checkpoints
             .load(&instance)
             .map_err(|e| format!("cannot read the checkpoint of {instance}: {e}"))?;
-        let found = match check_before_append(&dir, &instance, &files, &key, checkpoint) {
+        let found = match check_before_append(&dir, &instance, &files, &key, checkpoint.clone()) {
             Ok(_) => {
                 outcomes.push(Sealed::Intact { instance });
                 continue;
             }
             Err(found) => found.to_string(),
         };
+        // An upgrade from a paygate whose checkpoints had no MAC: when the whole chain
+        // verifies against the checkpoint as it is, authenticate it instead of a break.
+        if let Some(legacy) = checkpoint.filter(|c| c.mac.is_none()) {
+            if whole_chain_reaches(&files, &key, &legacy) {
+                let head = Head {
+                    seq: legacy.records,
+                    chain: legacy.head,
+                };
+                save_checkpoint(&checkpoints, &instance, &key, head, true)
+                    .map_err(|e| format!("cannot save the checkpoint of {instance}: {e}"))?;
+                outcomes.push(Sealed::Authenticated {
+                    instance,
+                    records: legacy.records,
+                });
+                continue;
+            }
+        }
         let after = last_good_record(&files, &key)
             .map_err(|b| format!("cannot seal chain {instance}: {b}"))?;
         let number = files.last().map_or(1, |(n, _)| n + 1);

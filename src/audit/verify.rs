@@ -188,7 +188,9 @@ fn authentic_checkpoint(
             format!(
                 "the checkpoint of this chain ({} records) is not authenticated by the audit \
                  key: it was changed by someone without the key, or written by a paygate \
-                 older than checkpoint MACs",
+                 older than checkpoint MACs (after such an upgrade, `paygate audit seal \
+                 --reason upgrade` authenticates it if the whole chain verifies against it; \
+                 if this paygate was not just upgraded, treat it as tampering)",
                 checkpoint.records
             ),
         ));
@@ -286,6 +288,29 @@ pub fn check_before_append(
         head: walked.head,
         last: Some(walked.last),
     })
+}
+
+/// Whether the whole chain, from its first record, verifies and reaches `checkpoint` (its
+/// MAC aside): for authenticating a checkpoint written before checkpoints carried MACs.
+pub fn whole_chain_reaches(
+    files: &[(u32, PathBuf)],
+    key: &hmac::Key,
+    checkpoint: &Checkpoint,
+) -> bool {
+    if files.is_empty() {
+        return checkpoint.records == 0;
+    }
+    let start = Start {
+        index: 0,
+        head: Head {
+            seq: 0,
+            chain: GENESIS,
+        },
+    };
+    match walk(files, start, key, Some(checkpoint.records)).and_then(Walked::intact) {
+        Ok(walked) => walked.last.torn.is_none() && check_end(files, &walked, checkpoint).is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// The last record of a chain that verifies from its first record, stopping at the first
