@@ -139,6 +139,20 @@ impl StateCache {
         fetch: impl std::future::Future<Output = Result<Option<T>, StoreError>>,
     ) -> Result<Option<T>, StoreError> {
         let version = self.version().await?;
+        self.cached_at(version, key, from_entry, into_entry, fetch)
+            .await
+    }
+
+    /// [`StateCache::cached`] as of a version the caller read: several lookups of one
+    /// decision (access control's) share one read of the change counter.
+    async fn cached_at<T: Clone>(
+        &self,
+        version: i64,
+        key: Key,
+        from_entry: fn(Entry) -> Option<T>,
+        into_entry: fn(T) -> Entry,
+        fetch: impl std::future::Future<Output = Result<Option<T>, StoreError>>,
+    ) -> Result<Option<T>, StoreError> {
         if let Some(hit) = self.get(version, &key).and_then(from_entry) {
             return Ok(Some(hit));
         }
@@ -169,15 +183,41 @@ impl StateCache {
         self.cached(key, from, Entry::Jwt, fetch).await
     }
 
-    /// The user with id `user_id`, if they exist.
-    pub async fn user(&self, store: &Store, user_id: i64) -> Result<Option<Subject>, StoreError> {
+    /// The database's change counter now: the version one decision's lookups share (see
+    /// the `_at` lookups).
+    pub async fn version_now(&self) -> Result<i64, StoreError> {
+        self.version().await
+    }
+
+    /// Whether the user with id `user_id` exists and is enabled, as of `version`. A hit
+    /// copies nothing.
+    pub async fn user_enabled_at(
+        &self,
+        store: &Store,
+        user_id: i64,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let key = Key::User(user_id);
+        {
+            let mut entries = self.lock();
+            if version > entries.version {
+                entries.map.clear();
+                entries.version = version;
+            }
+            if version == entries.version {
+                if let Some(Entry::User(user)) = entries.map.get(&key) {
+                    return Ok(!user.disabled);
+                }
+            }
+        }
         let from = |e| match e {
             Entry::User(found) => Some(found),
             _ => None,
         };
-        let fetch = store.subject(user_id);
-        self.cached(Key::User(user_id), from, Entry::User, fetch)
-            .await
+        let found = self
+            .cached_at(version, key, from, Entry::User, store.subject(user_id))
+            .await?;
+        Ok(found.is_some_and(|user| !user.disabled))
     }
 
     /// The session an opaque token's hash names, if it exists.
@@ -217,12 +257,25 @@ impl StateCache {
         user: i64,
         account: Uuid,
     ) -> Result<Option<Membership>, StoreError> {
+        let version = self.version().await?;
+        self.membership_at(store, user, account, version).await
+    }
+
+    /// `user`'s grant on `account` as of `version`.
+    pub async fn membership_at(
+        &self,
+        store: &Store,
+        user: i64,
+        account: Uuid,
+        version: i64,
+    ) -> Result<Option<Membership>, StoreError> {
         let from = |e| match e {
             Entry::Membership(found) => Some(found),
             _ => None,
         };
         let fetch = store.membership(user, account);
-        self.cached(
+        self.cached_at(
+            version,
             Key::Membership { user, account },
             from,
             Entry::Membership,

@@ -342,6 +342,8 @@ async fn right_passwords_in_parallel_on_four_workers_never_spend_the_guess_budge
             "none",
             "--password-check-limit",
             "none",
+            "--max-connections-per-client",
+            "1000",
         ],
         "info",
     );

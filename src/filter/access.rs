@@ -38,8 +38,13 @@ pub async fn authorize(
     if requirement == Requirement::Public {
         return Ok(Grant::Anyone);
     }
-    let principal = match identity {
-        Identity::Authenticated(principal) => still_enabled(app, principal).await?,
+    // One read of the database's change counter for this decision: the user's state and
+    // their grant are both as of that moment.
+    let (principal, version) = match identity {
+        Identity::Authenticated(principal) => {
+            let version = app.cache.version_now().await?;
+            (still_enabled(app, principal, version).await?, version)
+        }
         // A capability is worth exactly what it names, nothing a user would add on top.
         Identity::Capability(capability) => return capability_grant(capability, &requirement),
         other => return Err(unauthenticated(&other)),
@@ -68,7 +73,7 @@ pub async fn authorize(
             }
         }
         Requirement::Payment(account, _, perm) => {
-            account_grant(app, principal, account, perm).await
+            account_grant(app, principal, account, perm, version).await
         }
         Requirement::Staff => {
             if matches!(principal.role, Some(Role::Admin | Role::Auditor)) {
@@ -87,7 +92,9 @@ pub async fn authorize(
                 Err(ApiError::NotFound("no such user".into()))
             }
         }
-        Requirement::Account(account, perm) => account_grant(app, principal, account, perm).await,
+        Requirement::Account(account, perm) => {
+            account_grant(app, principal, account, perm, version).await
+        }
     }
 }
 
@@ -95,15 +102,23 @@ pub async fn authorize(
 /// while their password check waited for a hashing slot, or their audit record for its
 /// sync. Asked through the exact cache, so it costs a memory lookup unless something was
 /// committed meanwhile; a disable thus stops every request that has not passed this point.
-async fn still_enabled(app: &App, principal: Principal) -> Result<Principal, ApiError> {
-    match app.cache.user(&app.store, principal.user_id).await? {
-        Some(user) if !user.disabled => Ok(principal),
-        _ => Err(unauthenticated(&Identity::Failed {
-            method: Some(principal.method),
-            claimed: Some(principal.username),
-            reason: AuthFailure::Disabled,
-        })),
+async fn still_enabled(
+    app: &App,
+    principal: Principal,
+    version: i64,
+) -> Result<Principal, ApiError> {
+    if app
+        .cache
+        .user_enabled_at(&app.store, principal.user_id, version)
+        .await?
+    {
+        return Ok(principal);
     }
+    Err(unauthenticated(&Identity::Failed {
+        method: Some(principal.method),
+        claimed: Some(principal.username),
+        reason: AuthFailure::Disabled,
+    }))
 }
 
 /// A user's permission on an account: their grant, or — for reading — the auditor role,
@@ -113,10 +128,11 @@ async fn account_grant(
     principal: Principal,
     account: uuid::Uuid,
     perm: Perm,
+    version: i64,
 ) -> Result<Grant, ApiError> {
     let membership = match app
         .cache
-        .membership(&app.store, principal.user_id, account)
+        .membership_at(&app.store, principal.user_id, account, version)
         .await?
     {
         Some(membership) => membership,

@@ -78,6 +78,14 @@ impl TestServer {
         {
             options.insert("password-check-limit", vec!["none".into()]);
         }
+        // Every test client connects from 127.0.0.1: only the test of the per-client cap
+        // should meet it.
+        if !extra
+            .iter()
+            .any(|(name, _)| *name == "max-connections-per-client")
+        {
+            options.insert("max-connections-per-client", vec!["1000".into()]);
+        }
         for (name, value) in extra {
             options.entry(name).or_default().push(value.to_string());
         }
