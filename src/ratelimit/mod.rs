@@ -504,6 +504,15 @@ impl Limiter {
         }
     }
 
+    /// The same limiter whose password-guess reservations wait up to `patience` for checks
+    /// in flight (tests on a loaded machine).
+    pub fn with_guess_patience(self, patience: Duration) -> Self {
+        if let Some(budget) = &self.guesses {
+            budget.set_patience(patience);
+        }
+        self
+    }
+
     /// Reserves one password guess for `username` before its password is checked (see
     /// `guesses`): waits while checks for that username are in flight, and is refused only
     /// when its budget was spent by failures, so no hash is computed then. `None` when the
@@ -818,14 +827,18 @@ mod tests {
         let f = fixture();
         let budget = || Some(Limit::new(10, 60 * NS_PER_SEC, 10));
         // Two processes on one data directory.
+        // Waiters never give up here: on a loaded machine, forty checks can take seconds.
         let process = || {
-            Arc::new(Limiter::new(
-                Vec::new(),
-                budget(),
-                None,
-                RateStore::open(&f.dir).unwrap(),
-                f.clock.clone(),
-            ))
+            Arc::new(
+                Limiter::new(
+                    Vec::new(),
+                    budget(),
+                    None,
+                    RateStore::open(&f.dir).unwrap(),
+                    f.clock.clone(),
+                )
+                .with_guess_patience(Duration::from_secs(600)),
+            )
         };
         let (one, two) = (process(), process());
         let reserve = |l: Arc<Limiter>| async move {
