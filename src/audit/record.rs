@@ -315,18 +315,24 @@ pub fn line_seq(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
-/// The MAC of a checkpoint: HMAC-SHA256 under the audit key over a label, the instance,
-/// the record count and the chain value. Without the key nobody can move a checkpoint to
-/// match a log they cut.
+/// What a checkpoint's MAC covers: a label, the instance, the record count and the chain
+/// value.
+fn checkpoint_input(instance: &str, records: u64, head: &[u8; 32]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(72 + instance.len());
+    data.extend_from_slice(b"paygate audit checkpoint v1\0");
+    data.extend_from_slice(instance.as_bytes());
+    data.push(0);
+    data.extend_from_slice(&records.to_be_bytes());
+    data.extend_from_slice(head);
+    data
+}
+
+/// The MAC of a checkpoint (HMAC-SHA256 under the audit key over [`checkpoint_input`]).
+/// Without the key nobody can move a checkpoint to match a log they cut.
 pub fn checkpoint_mac(key: &hmac::Key, instance: &str, records: u64, head: &[u8; 32]) -> [u8; 32] {
-    let mut context = hmac::Context::with_key(key);
-    context.update(b"paygate audit checkpoint v1\0");
-    context.update(instance.as_bytes());
-    context.update(b"\0");
-    context.update(&records.to_be_bytes());
-    context.update(head);
+    let tag = hmac::sign(key, &checkpoint_input(instance, records, head));
     let mut out = [0u8; 32];
-    out.copy_from_slice(context.sign().as_ref());
+    out.copy_from_slice(tag.as_ref());
     out
 }
 
@@ -338,13 +344,7 @@ pub fn checkpoint_authentic(
     head: &[u8; 32],
     mac: &[u8; 32],
 ) -> bool {
-    let mut data = Vec::with_capacity(64 + instance.len());
-    data.extend_from_slice(b"paygate audit checkpoint v1\0");
-    data.extend_from_slice(instance.as_bytes());
-    data.push(0);
-    data.extend_from_slice(&records.to_be_bytes());
-    data.extend_from_slice(head);
-    hmac::verify(key, &data, mac).is_ok()
+    hmac::verify(key, &checkpoint_input(instance, records, head), mac).is_ok()
 }
 
 /// A line taken apart: what was signed, and the chain value it carries.
