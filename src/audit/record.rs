@@ -282,18 +282,10 @@ fn chain_value(key: &hmac::Key, prev: &[u8; 32], content: &[u8]) -> [u8; 32] {
 /// `prev` under `key`, compared in constant time; `None` otherwise. Unlike [`unseal`] and
 /// [`verifies`] it copies nothing: start-up checks run it over whole files.
 pub fn verify_line(key: &hmac::Key, prev: &[u8; 32], line: &[u8]) -> Option<[u8; 32]> {
-    let tail = CHAIN_MEMBER.len() + 64 + 2;
-    if line.len() < tail + 2 || !line.ends_with(b"\"}") {
-        return None;
-    }
-    let at = line.len() - tail;
-    if &line[at..at + CHAIN_MEMBER.len()] != CHAIN_MEMBER {
-        return None;
-    }
-    let stated = unhex(&line[at + CHAIN_MEMBER.len()..line.len() - 2])?;
+    let (signed, stated) = split_chain(line)?;
     let mut context = hmac::Context::with_key(key);
     context.update(prev);
-    context.update(&line[..at]);
+    context.update(signed);
     context.update(b"}");
     let computed = context.sign();
     let differs = computed
@@ -357,7 +349,15 @@ pub struct Unsealed {
 /// Splits a line (without its newline) into content and chain value; `None` when it does
 /// not end with a well-formed chain member.
 pub fn unseal(line: &[u8]) -> Option<Unsealed> {
-    // ,"chain":"<64 hex>"}
+    let (signed, chain) = split_chain(line)?;
+    let mut content = signed.to_vec();
+    content.push(b'}');
+    Some(Unsealed { content, chain })
+}
+
+/// A line (without its newline) split at its chain member — `,"chain":"<64 hex>"}` — into
+/// what precedes it (the signed content, less its closing brace) and the chain value.
+fn split_chain(line: &[u8]) -> Option<(&[u8], [u8; 32])> {
     let tail = CHAIN_MEMBER.len() + 64 + 2;
     if line.len() < tail + 2 || !line.ends_with(b"\"}") {
         return None;
@@ -367,9 +367,7 @@ pub fn unseal(line: &[u8]) -> Option<Unsealed> {
         return None;
     }
     let chain = unhex(&line[at + CHAIN_MEMBER.len()..line.len() - 2])?;
-    let mut content = line[..at].to_vec();
-    content.push(b'}');
-    Some(Unsealed { content, chain })
+    Some((&line[..at], chain))
 }
 
 /// Whether `unsealed` follows `prev` under `key` (constant-time comparison).
