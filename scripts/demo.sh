@@ -35,7 +35,7 @@ call() {
   local lines
   lines=$(printf '%s\n' "$out" | wc -l)
   if [ "$lines" -gt 40 ]; then printf '    … (%d more lines)\n' $((lines - 40)); fi
-  status=$(printf '%s\n' "$out" | head -n1 | awk '{print $2}')
+  status=$(printf '%s\n' "$out" | awk 'NR == 1 {print $2}')  # awk reads it all: no SIGPIPE
   body=$(printf '%s\n' "$out" | sed '1,/^\r$/d')
   if [ "$status" != "$expected" ]; then
     echo "FAILED: expected $expected, got $status" >&2
