@@ -144,18 +144,17 @@ fn bench_chain(c: &mut Criterion) {
             )
         })
     });
-    let principal = paygate::filter::authenticate::Principal {
+    let principal = paygate::identity::Principal {
         user_id: user.id,
         username: "bench".into(),
         role: None,
-        method: paygate::filter::authenticate::AuthMethod::BearerJwt,
+        method: paygate::identity::AuthMethod::BearerJwt,
         amr: &["pwd"],
         token: None,
     };
     c.bench_function("access/account_grant", |b| {
         b.iter(|| {
-            let identity =
-                paygate::filter::authenticate::Identity::Authenticated(principal.clone());
+            let identity = paygate::identity::Identity::Authenticated(principal.clone());
             let requirement = paygate::routes::Requirement::Payment(
                 account,
                 payment,
@@ -165,6 +164,7 @@ fn bench_chain(c: &mut Criterion) {
                 &app,
                 identity,
                 requirement,
+                std::net::IpAddr::from([192, 0, 2, 1]),
             ));
             assert!(grant.is_ok());
         })

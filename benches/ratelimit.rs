@@ -13,10 +13,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Method;
 
-use paygate::ratelimit::bucket::{Limit, TokenBucket};
 use paygate::ratelimit::rules::parse_rules;
 use paygate::ratelimit::{Limiter, SystemClock, Verdict};
 use paygate::store::RateStore;
+use paygate::token_bucket::{Limit, TokenBucket};
 
 fn bench_limiter(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::cli::OPTIONS;
 use crate::client_ip::Cidr;
-use crate::ratelimit::bucket::Limit;
 use crate::ratelimit::rules::{self, Rule};
+use crate::token_bucket::Limit;
 use crate::tokens::{TokenFormat, MAX_TOKEN_TTL_S};
 
 /// Default certificate path, relative to the working directory.

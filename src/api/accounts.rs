@@ -15,8 +15,8 @@ use super::users::set_location;
 use super::{ListBody, Pagination};
 use crate::app::App;
 use crate::domain::{check_text, Currency, Invalid, Perms, Username};
-use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
+use crate::identity::Principal;
 use crate::store::{MemberRemoval, MemberUpsert, Membership, Refusal};
 use crate::time::format_rfc3339_millis;
 

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::{ListBody, Pagination};
 use crate::app::App;
 use crate::domain::{whole_number, Invalid, Perm, Perms};
-use crate::filter::authenticate::{capability_use, Principal};
 use crate::http::{json, read_json, response_with, ApiError, Body, Challenge, RequestBody};
+use crate::identity::{capability_use, Principal};
 use crate::store::{
     Capability, CapabilityInsert, Membership, NewCapability, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
 };

@@ -20,8 +20,8 @@ use base64::Engine as _;
 use http::{Request, Response};
 
 use crate::app::App;
-use crate::filter::access::Grant;
 use crate::http::{ApiError, Body};
+use crate::identity::Grant;
 use crate::routes::Route;
 
 /// Runs the handler for `route`.

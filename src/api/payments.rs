@@ -18,8 +18,8 @@ use crate::app::App;
 use crate::domain::{
     check_amount, check_idempotency_key, check_payee, check_text, whole_number, Invalid,
 };
-use crate::filter::authenticate::Principal;
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict};
+use crate::identity::Principal;
 use crate::store::{
     CancelOutcome, EarlierUse, KeyedRequest, Membership, Payment, PaymentCreation, PaymentStatus,
     StoreError, StoredResponse,

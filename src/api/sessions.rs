@@ -5,8 +5,8 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::app::App;
-use crate::filter::authenticate::{Principal, TokenRef};
 use crate::http::{json, response_with, ApiError, Body};
+use crate::identity::{Principal, TokenRef};
 use crate::time::format_rfc3339_millis;
 use crate::tokens::IssueError;
 

@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::App;
 use crate::domain::Invalid;
-use crate::filter::authenticate::Principal;
-use crate::filter::rate_limit::{refund_guess, reserve_guess};
 use crate::http::{json, read_json, response_with, ApiError, Body, Conflict, RequestBody};
+use crate::identity::Principal;
 use crate::tokens::totp;
 
 #[derive(Serialize)]
@@ -66,7 +65,7 @@ pub async fn confirm(
             "no TOTP secret awaits confirmation; POST /users/me/totp first".into(),
         ));
     };
-    let guess = reserve_guess(app, &principal.username).await?;
+    let guess = app.limiter.reserve_guess(&principal.username).await?;
     let now_s = crate::time::now_millis() / 1000;
     let Some(step) = totp::matching_step(&pending, &body.code, now_s) else {
         return Err(Invalid::new(
@@ -85,6 +84,6 @@ pub async fn confirm(
             "a newer enrolment replaced this secret; confirm the newest one".into(),
         ));
     }
-    refund_guess(app, guess).await;
+    app.limiter.give_back_guess(guess).await;
     Ok(response_with(StatusCode::NO_CONTENT, Vec::new()))
 }

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::audit::record::{RequestRecord, ResponseRecord};
 use crate::domain::Username;
-use crate::filter::authenticate::Identity;
 use crate::http::ApiError;
+use crate::identity::Identity;
 use crate::routes::Route;
 use crate::time::{now_millis, with_rfc3339_millis};
 

@@ -25,9 +25,10 @@ use uuid::Uuid;
 use crate::api;
 use crate::app::App;
 use crate::client_ip::client_ip;
-use crate::filter::authenticate::{AuthMethod, Credentials, Identity};
+use crate::filter::authenticate::Credentials;
 use crate::http::{finish, ApiError, Body, RequestBody};
-use crate::routes::{self, Requirement};
+use crate::identity::{AuthMethod, Identity};
+use crate::routes;
 
 /// Runs one request through the chain and returns the response to send.
 pub async fn handle(
@@ -53,14 +54,7 @@ pub async fn handle(
     let admitted = rate_limit::admit(app, client, method, path, user.as_deref(), password_user);
     let mut admission = match admitted.await {
         Ok(admission) => admission,
-        Err(refusal) => {
-            if let ApiError::RateLimited { quota, .. } = &refusal {
-                app.metrics.rate_limited(&quota.name);
-            }
-            app.metrics
-                .request(route.label(), refusal.status().as_u16());
-            return finish(Err(refusal), request_id);
-        }
+        Err(refusal) => return answer(app, route.label(), Err(refusal), request_id, None),
     };
     drop(user);
     // Authenticate: label the request with who it proves to be; never rejects.
@@ -80,11 +74,13 @@ pub async fn handle(
     let audited = match audited.await {
         Ok(audited) => audited,
         Err(refusal) => {
-            app.metrics
-                .request(route.label(), refusal.status().as_u16());
-            let mut response = finish(Err(refusal), request_id);
-            admission.decorate(&mut response);
-            return response;
+            return answer(
+                app,
+                route.label(),
+                Err(refusal),
+                request_id,
+                Some(&admission),
+            )
         }
     };
     let auth_failure = match &identity {
@@ -92,13 +88,8 @@ pub async fn handle(
         _ => None,
     };
     // Access control: refuses with 401/403/404, or issues the grant the handler runs with.
-    // (Metrics are open to local scrapers: the loopback test needs the client address.)
-    let requirement = match route.requirement() {
-        Requirement::AdminOrLoopback if client.is_loopback() => Requirement::Public,
-        requirement => requirement,
-    };
     let label = route.label();
-    let result = match access::authorize(app, identity, requirement).await {
+    let result = match access::authorize(app, identity, route.requirement(), client).await {
         Ok(grant) => api::dispatch(app, route, grant, request).await,
         Err(refusal) => Err(refusal),
     };
@@ -115,9 +106,32 @@ pub async fn handle(
         Err(e) => e.status(),
     };
     audited.record_response(app, status.as_u16(), reason);
-    app.metrics.request(label, status.as_u16());
+    answer(app, label, result, request_id, Some(&admission))
+}
+
+/// Turns the chain's outcome into the response, counting it: every request ends here,
+/// whichever stage answered it. Once the rate limit admitted the request, its quota
+/// headers go on the answer too.
+fn answer(
+    app: &App,
+    label: &'static str,
+    result: Result<Response<Body>, ApiError>,
+    request_id: Uuid,
+    admission: Option<&rate_limit::Admission>,
+) -> Response<Body> {
+    match &result {
+        Ok(response) => app.metrics.request(label, response.status().as_u16()),
+        Err(refusal) => {
+            if let ApiError::RateLimited { quota, .. } = refusal {
+                app.metrics.rate_limited(&quota.name);
+            }
+            app.metrics.request(label, refusal.status().as_u16());
+        }
+    }
     let mut response = finish(result, request_id);
-    admission.decorate(&mut response);
+    if let Some(admission) = admission {
+        admission.decorate(&mut response);
+    }
     response
 }
 
@@ -233,7 +247,7 @@ mod tests {
             let wrong = request("GET", "/accounts", Some("alice:wrong password"), "");
             assert_eq!(status(&f, wrong).await, 429);
         }
-        let ticket = f.app.limiter.reserve_guess("alice").await.unwrap();
+        let ticket = f.app.limiter.reserve_guess("alice").await;
         assert!(
             matches!(ticket, Ok(Some(_))),
             "alice's guess budget is untouched"

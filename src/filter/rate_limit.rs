@@ -15,10 +15,9 @@ use std::net::IpAddr;
 use http::{Method, Response};
 
 use crate::app::App;
-use crate::filter::authenticate::{AuthFailure, AuthMethod, Identity};
 use crate::http::{insert_quota, ApiError, Body};
-use crate::ratelimit::{GuessTicket, Quota, Verdict};
-use crate::store::StoreError;
+use crate::identity::{AuthFailure, AuthMethod, Identity};
+use crate::ratelimit::{GuessTicket, Quota, Refusal};
 
 /// What the stage let through, carried to the end of the chain.
 #[derive(Debug)]
@@ -27,25 +26,6 @@ pub struct Admission {
     quota: Option<Quota>,
     /// A password guess reserved for the claimed username.
     guess: Option<GuessTicket>,
-}
-
-fn refused(verdict: Verdict) -> ApiError {
-    match verdict {
-        Verdict::Refuse {
-            quota,
-            retry_after_s,
-        } => ApiError::RateLimited {
-            quota,
-            retry_after_s,
-        },
-        Verdict::Admit(_) => ApiError::Internal("a granted verdict reported as refusal".into()),
-    }
-}
-
-/// The limiter cannot decide (its database failed): refuse rather than go unlimited.
-fn undecided(e: StoreError) -> ApiError {
-    log::error!("rate limiter unavailable, refusing requests: {e}");
-    ApiError::Unavailable
 }
 
 /// Admits the request or refuses it with 429 (or 503 when the limiter cannot decide).
@@ -59,56 +39,26 @@ pub async fn admit(
     user: Option<&str>,
     password_user: Option<&str>,
 ) -> Result<Admission, ApiError> {
-    let quota = match app
+    let quota = app
         .limiter
         .check(method, path, client, user)
         .await
-        .map_err(undecided)?
-    {
-        Verdict::Admit(quota) => quota,
-        refusal => return Err(refused(refusal)),
-    };
+        .map_err(Refusal::from)?
+        .admitted()?;
     // A password will be hashed: that costs the client's address too, whatever username
     // it names, so fresh usernames buy no fresh hashing.
     if password_user.is_some() {
-        if let refusal @ Verdict::Refuse { .. } = app
-            .limiter
+        app.limiter
             .check_password_budget(client)
             .await
-            .map_err(undecided)?
-        {
-            return Err(refused(refusal));
-        }
+            .map_err(Refusal::from)?
+            .admitted()?;
     }
     let guess = match password_user {
-        Some(username) => reserve_guess(app, username).await?,
+        Some(username) => app.limiter.reserve_guess(username).await?,
         None => None,
     };
     Ok(Admission { quota, guess })
-}
-
-/// Reserves one guess from `username`'s budget before a secret of theirs is checked (a
-/// password here, a TOTP code by the enrolment handler); refused with 429 while it is spent.
-pub async fn reserve_guess(app: &App, username: &str) -> Result<Option<GuessTicket>, ApiError> {
-    match app
-        .limiter
-        .reserve_guess(username)
-        .await
-        .map_err(undecided)?
-    {
-        Ok(ticket) => Ok(ticket),
-        Err(refusal) => Err(refused(refusal)),
-    }
-}
-
-/// Gives back a reserved guess: the secret was right.
-pub async fn refund_guess(app: &App, ticket: Option<GuessTicket>) {
-    if let Some(ticket) = ticket {
-        if let Err(e) = app.limiter.refund_guess(ticket).await {
-            // Failing to refund only makes the budget stricter.
-            log::warn!("could not refund a password-guess token: {e}");
-        }
-    }
 }
 
 impl Admission {
@@ -125,7 +75,7 @@ impl Admission {
             Identity::Anonymous | Identity::Capability(_) => false,
         };
         if proved_password {
-            refund_guess(app, self.guess.take()).await;
+            app.limiter.give_back_guess(self.guess.take()).await;
         } else if let Some(ticket) = self.guess.take() {
             // The check is over: its reservation stops counting as in flight now, not when
             // the request ends.

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::response::{with_standard_headers, Body};
 use crate::domain::Invalid;
-use crate::ratelimit::Quota;
+use crate::ratelimit::{Quota, Refusal};
 use crate::store::StoreError;
 
 /// The `WWW-Authenticate` challenge sent with a 401.
@@ -93,6 +93,25 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Busy => ApiError::Unavailable,
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Limited {
+                quota,
+                retry_after_s,
+            } => ApiError::RateLimited {
+                quota,
+                retry_after_s,
+            },
+            // Refuse rather than go unlimited; the operator hears why.
+            Refusal::Undecided(e) => {
+                log::error!("rate limiter unavailable, refusing requests: {e}");
+                ApiError::Unavailable
+            }
         }
     }
 }

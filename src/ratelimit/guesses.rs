@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
-use super::bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 use super::{ceil_secs, Clock, Quota, Verdict, GUESS_POLICY, OVERFLOW_KEY};
 use crate::store::{RateStore, StoreError};
+use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 
 /// Password checks per username that may hold a reservation at once, across every process.
 pub const GUESS_CONCURRENCY: u32 = 4;

@@ -40,7 +40,6 @@
 //! it back under the cap. IPv6 clients are keyed by their /64, which is what one
 //! subscriber is usually given.
 
-pub mod bucket;
 mod guesses;
 pub mod rules;
 
@@ -58,7 +57,7 @@ use tokio::sync::Semaphore;
 
 use crate::decimal::push_decimal;
 use crate::store::{RateStore, StoreError};
-use bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
+use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 use rules::{KeyKind, Rule};
 
 /// Entries in a process's local map at most.
@@ -145,6 +144,38 @@ pub enum Verdict {
     Admit(Option<Quota>),
     /// Refused; retry after `retry_after_s` seconds (≥ 1).
     Refuse { quota: Quota, retry_after_s: u64 },
+}
+
+/// Why a request or a guess was not admitted.
+#[derive(Debug)]
+pub enum Refusal {
+    /// A budget is spent (429); retry after `retry_after_s` seconds (≥ 1).
+    Limited { quota: Quota, retry_after_s: u64 },
+    /// The limiter's database failed, so it cannot decide: refuse rather than go
+    /// unlimited (503).
+    Undecided(StoreError),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Undecided(e)
+    }
+}
+
+impl Verdict {
+    /// The admitted quota, or why the request was refused.
+    pub fn admitted(self) -> Result<Option<Quota>, Refusal> {
+        match self {
+            Verdict::Admit(quota) => Ok(quota),
+            Verdict::Refuse {
+                quota,
+                retry_after_s,
+            } => Err(Refusal::Limited {
+                quota,
+                retry_after_s,
+            }),
+        }
+    }
 }
 
 /// A lease of tokens taken from the shared bucket.
@@ -517,13 +548,23 @@ impl Limiter {
     /// `guesses`): waits while checks for that username are in flight, and is refused only
     /// when its budget was spent by failures, so no hash is computed then. `None` when the
     /// guess budget is disabled.
-    pub async fn reserve_guess(
-        &self,
-        username: &str,
-    ) -> Result<Result<Option<GuessTicket>, Verdict>, StoreError> {
+    pub async fn reserve_guess(&self, username: &str) -> Result<Option<GuessTicket>, Refusal> {
         match &self.guesses {
-            None => Ok(Ok(None)),
-            Some(budget) => Ok(budget.reserve(username).await?.map(Some)),
+            None => Ok(None),
+            Some(budget) => match budget.reserve(username).await? {
+                Ok(ticket) => Ok(Some(ticket)),
+                Err(verdict) => verdict.admitted().map(|_| None),
+            },
+        }
+    }
+
+    /// Gives a reserved guess back, if one was reserved: the secret was right. A failure is
+    /// logged only, as it just leaves the budget stricter.
+    pub async fn give_back_guess(&self, ticket: Option<GuessTicket>) {
+        if let Some(ticket) = ticket {
+            if let Err(e) = self.refund_guess(ticket).await {
+                log::warn!("could not refund a password-guess token: {e}");
+            }
         }
     }
 
@@ -796,30 +837,24 @@ mod tests {
         let l = limiter(&f, &[]);
         // A success returns its token: any number of correct logins leave the budget intact.
         for _ in 0..5 {
-            let ticket = l.reserve_guess("alice").await.unwrap().unwrap().unwrap();
+            let ticket = l.reserve_guess("alice").await.unwrap().unwrap();
             l.refund_guess(ticket).await.unwrap();
         }
         // Three failures spend the budget of 3 per minute.
         for _ in 0..3 {
-            l.reserve_guess("alice").await.unwrap().unwrap();
+            l.reserve_guess("alice").await.unwrap();
         }
-        let Err(Verdict::Refuse {
+        let Err(Refusal::Limited {
             quota,
             retry_after_s,
-        }) = l.reserve_guess("alice").await.unwrap()
+        }) = l.reserve_guess("alice").await
         else {
             panic!("budget spent")
         };
         assert_eq!((&*quota.name, retry_after_s), (GUESS_POLICY, 20));
-        assert!(
-            l.reserve_guess("bob").await.unwrap().is_ok(),
-            "per username"
-        );
+        assert!(l.reserve_guess("bob").await.is_ok(), "per username");
         f.clock.advance(20 * NS_PER_SEC);
-        assert!(
-            l.reserve_guess("alice").await.unwrap().is_ok(),
-            "refilled one"
-        );
+        assert!(l.reserve_guess("alice").await.is_ok(), "refilled one");
     }
 
     #[tokio::test]
@@ -841,9 +876,8 @@ mod tests {
             )
         };
         let (one, two) = (process(), process());
-        let reserve = |l: Arc<Limiter>| async move {
-            l.reserve_guess("carol").await.unwrap().unwrap().unwrap()
-        };
+        let reserve =
+            |l: Arc<Limiter>| async move { l.reserve_guess("carol").await.unwrap().unwrap() };
         // Four checks in flight across both processes fill the username's slots.
         let mut held = Vec::new();
         for l in [&one, &two, &one, &two] {
@@ -877,7 +911,10 @@ mod tests {
             let ticket = reserve(one.clone()).await;
             one.release_guess(ticket).await.unwrap();
         }
-        assert!(two.reserve_guess("carol").await.unwrap().is_err());
+        assert!(matches!(
+            two.reserve_guess("carol").await,
+            Err(Refusal::Limited { .. })
+        ));
     }
 
     #[tokio::test]

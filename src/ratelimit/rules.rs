@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Method};
 
-use super::bucket::{Limit, NS_PER_SEC};
+use crate::token_bucket::{Limit, NS_PER_SEC};
 
 /// What a rule counts requests by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

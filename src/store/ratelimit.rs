@@ -13,7 +13,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::{ensure_data_dir, migrate, open_pool, Durability, StoreError};
-use crate::ratelimit::bucket::TokenBucket;
+use crate::token_bucket::TokenBucket;
 
 /// File name of the rate-limit database inside the data directory.
 pub const RATELIMIT_DB: &str = "ratelimit.db";
@@ -121,7 +121,7 @@ impl RateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::bucket::{Limit, Take};
+    use crate::token_bucket::{Limit, Take};
     use std::time::{Duration, Instant};
 
     fn temp_dir() -> std::path::PathBuf {
