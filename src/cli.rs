@@ -22,6 +22,9 @@ pub struct OptionSpec {
     pub help: &'static str,
     /// The commands that accept this option.
     pub commands: &'static [CommandName],
+    /// Set by paygate itself (the supervisor on its workers), never by a person: accepted,
+    /// but not shown in help.
+    pub internal: bool,
     /// For options that may be given several times: the separator of the values in the
     /// environment variable.
     pub list_separator: Option<char>,
@@ -43,6 +46,15 @@ pub enum CommandName {
 }
 
 impl CommandName {
+    /// The positional arguments the command takes: at least, at most, and what they are.
+    fn arity(self) -> (usize, usize, &'static str) {
+        match self {
+            CommandName::UserAdd | CommandName::UserDisable => (1, 1, "exactly one user name"),
+            CommandName::AuditVerify => (0, 1, "at most one directory"),
+            _ => (0, 0, "no arguments"),
+        }
+    }
+
     fn usage(self) -> &'static str {
         match self {
             CommandName::Serve => "paygate serve [OPTIONS]",
@@ -123,6 +135,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "ADDR",
         default: "127.0.0.1:8443",
         help: "Address and port to listen on.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -132,6 +145,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "DIR",
         default: "./data",
         help: "Directory for the SQLite databases and keys; created if missing, must be writable.",
+        internal: false,
         commands: &[
             Serve,
             DevCert,
@@ -153,6 +167,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "certs/server.crt",
         help: "PEM certificate chain. When this and --tls-key are left at their defaults and \
                both files are missing, `serve` generates a development certificate there.",
+        internal: false,
         commands: &[Serve, DevCert],
         list_separator: None,
     },
@@ -162,6 +177,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "FILE",
         default: "certs/server.key",
         help: "PEM private key (PKCS#8, PKCS#1 or SEC1).",
+        internal: false,
         commands: &[Serve, DevCert],
         list_separator: None,
     },
@@ -172,6 +188,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "number of CPUs",
         help: "Worker processes. 1 serves in this process; more start a supervisor that runs \
                them on one port (SO_REUSEPORT), restarts crashed ones and forwards signals.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -181,6 +198,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "SECS",
         default: "30",
         help: "On SIGTERM/SIGINT, how long in-flight requests may take to finish.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -190,6 +208,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "BYTES",
         default: "16384",
         help: "Largest request body accepted; larger bodies get 413 while still being read.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -199,6 +218,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "N",
         default: "1024",
         help: "Concurrent client connections; further connections wait in the kernel backlog.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -209,6 +229,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "32",
         help: "Concurrent connections from one client address (IPv6: one /64) per worker; \
                more are closed at once. Trusted proxies are exempt.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -219,6 +240,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "10",
         help: "Deadline for each client phase: TLS handshake, first request, request headers, \
                request body. Slow clients are dropped.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -230,6 +252,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "Rate-limit rule `METHOD PATH-PREFIX RATE/UNIT burst=N key=ip|user|global \
                [delay=MS]`; repeat for several, first match wins. In the environment, \
                separate rules with `;`. `none` disables rule-based limits.",
+        internal: false,
         commands: &[Serve],
         list_separator: Some(';'),
     },
@@ -240,6 +263,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "none: the client is the TCP peer",
         help: "A proxy whose X-Forwarded-For is believed; repeat for several. In the \
                environment, separate ranges with `,`.",
+        internal: false,
         commands: &[Serve],
         list_separator: Some(','),
     },
@@ -251,6 +275,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "Password checks (Argon2id hashes) allowed per client address, on any route, \
                as `RATE/UNIT burst=N`; while spent, requests with a password answer 429 \
                without hashing. `none` disables it.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -261,6 +286,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "32",
         help: "Password checks that may wait for a hashing slot in each worker; one more is \
                refused at once with 503 and Retry-After.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -272,6 +298,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "Failed password checks allowed per username across all addresses, as \
                `RATE/UNIT burst=N`; while spent, password checks for it answer 429. \
                `none` disables it.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -282,6 +309,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "jwt",
         help: "What POST /sessions issues: a signed JWT or a random opaque token stored (hashed) \
                in the database. Both kinds are always accepted.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -292,6 +320,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "3600",
         help: "Lifetime of issued tokens, at most 86400; JWTs claiming a longer lifetime are \
                refused. `keys prune` uses it to know when a retired key's tokens are gone.",
+        internal: false,
         commands: &[Serve, KeysPrune],
         list_separator: None,
     },
@@ -302,6 +331,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "off",
         help: "Payments above this amount (in minor units) need a token obtained with a TOTP \
                code (amr includes otp).",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -311,6 +341,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "SECS",
         default: "86400",
         help: "Longest `expires_in` a capability may be minted or derived with.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -322,6 +353,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "This worker's name in the audit log: its chain is audit/NAME/. Every process \
                on a data directory needs its own (systemd: %i). With `audit seal`: seal only \
                this chain.",
+        internal: false,
         commands: &[Serve, AuditSeal],
         list_separator: None,
     },
@@ -332,6 +364,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "on",
         help: "`off` serves requests without audit records. Only for measuring the audit \
                log's cost; it is logged loudly at start.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -341,6 +374,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "BYTES",
         default: "67108864",
         help: "Size at which an audit file is closed and the chain continues in the next.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -351,6 +385,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "1",
         help: "Threads of each worker's async runtime; 1 runs a current-thread runtime, the \
                fastest measured (BENCHMARKS.md, 'Workers'): scale with --workers instead.",
+        internal: false,
         commands: &[Serve],
         list_separator: None,
     },
@@ -361,6 +396,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "off",
         help: "Internal: set by the supervisor on the workers it starts (commands arrive on \
                stdin; its end means stop).",
+        internal: true,
         commands: &[Serve],
         list_separator: None,
     },
@@ -371,6 +407,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "none (required)",
         help: "Why the damaged log is continued (1–500 characters), written into the break \
                record, e.g. 'disk replaced after I/O errors; ticket 4711'.",
+        internal: false,
         commands: &[AuditSeal],
         list_separator: None,
     },
@@ -380,6 +417,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "ROLE",
         default: "none",
         help: "Global role for the new user: admin or auditor.",
+        internal: false,
         commands: &[UserAdd],
         list_separator: None,
     },
@@ -389,6 +427,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "",
         default: "off",
         help: "Overwrite existing certificate and key files.",
+        internal: false,
         commands: &[DevCert],
         list_separator: None,
     },
@@ -437,7 +476,7 @@ where
         Some("user") => match args.pop().as_deref() {
             Some("add") => UserAdd,
             Some("disable") => UserDisable,
-            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(group_help("user"))),
             Some(other) => {
                 return Err(UsageError(format!(
                     "unknown command `user {other}`; the user command has: add, disable"
@@ -449,7 +488,7 @@ where
             Some("prune") => KeysPrune,
             Some("export") => KeysExport,
             Some("rotate-totp") => KeysRotateTotp,
-            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(group_help("keys"))),
             Some(other) => {
                 return Err(UsageError(format!(
                     "unknown command `keys {other}`; the keys command has: rotate, prune, \
@@ -460,7 +499,7 @@ where
         Some("audit") => match args.pop().as_deref() {
             Some("verify") => AuditVerify,
             Some("seal") => AuditSeal,
-            Some("--help" | "-h") | None => return Ok(Invocation::Help(main_help())),
+            Some("--help" | "-h") | None => return Ok(Invocation::Help(group_help("audit"))),
             Some(other) => {
                 return Err(UsageError(format!(
                     "unknown command `audit {other}`; the audit command has: verify, seal"
@@ -520,6 +559,14 @@ where
             .or_insert_with(Vec::new)
             .push(value);
     }
+    let (least, most, what) = command.arity();
+    if positional.len() < least || positional.len() > most {
+        let name = command.usage().split(" [").next().unwrap_or("paygate");
+        let name = name
+            .trim_end_matches(" NAME")
+            .trim_end_matches(" --reason TEXT");
+        return Err(UsageError(format!("`{name}` takes {what}")));
+    }
     Ok(Invocation::Run {
         command,
         positional,
@@ -546,9 +593,25 @@ fn main_help() -> String {
          environment, which wins over the defaults.\n",
     );
     out.push_str("\nOptions:\n");
-    for spec in OPTIONS {
+    for spec in OPTIONS.iter().filter(|s| !s.internal) {
         push_option_help(&mut out, spec);
     }
+    out
+}
+
+/// `paygate user --help` and the like: the group's commands, from the main help.
+fn group_help(group: &str) -> String {
+    let prefix = format!("paygate {group} ");
+    let mut out = format!("paygate {group} — commands:\n\nUsage:\n");
+    for line in main_help().lines() {
+        if line.trim_start().starts_with(&prefix) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!(
+        "\nRun `paygate {group} <command> --help` for the options of one command.\n"
+    ));
     out
 }
 
@@ -558,7 +621,10 @@ fn command_help(command: CommandName) -> String {
         command.about(),
         command.usage()
     );
-    for spec in OPTIONS.iter().filter(|s| s.commands.contains(&command)) {
+    for spec in OPTIONS
+        .iter()
+        .filter(|s| s.commands.contains(&command) && !s.internal)
+    {
         push_option_help(&mut out, spec);
     }
     out.push_str("  -h, --help\n          Print this help.\n");

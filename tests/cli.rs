@@ -266,6 +266,72 @@ fn help_documents_every_command() {
 }
 
 #[test]
+fn a_command_group_lists_its_commands_and_internal_flags_stay_hidden() {
+    let dir = TempDir::new("cli-groups");
+    for (group, commands) in [
+        ("user", &["user add", "user disable"][..]),
+        (
+            "keys",
+            &[
+                "keys rotate",
+                "keys prune",
+                "keys export",
+                "keys rotate-totp",
+            ],
+        ),
+        ("audit", &["audit verify", "audit seal"]),
+    ] {
+        for args in [&[group, "--help"][..], &[group]] {
+            let output = run(paygate(&dir).args(args));
+            assert!(output.status.success(), "{args:?}");
+            let text = String::from_utf8_lossy(&output.stdout);
+            for command in commands {
+                assert!(text.contains(command), "{args:?} lists {command}");
+            }
+            assert!(
+                !text.contains("serve"),
+                "{args:?} lists only its own commands"
+            );
+        }
+    }
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let output = run(paygate(&dir).args(args));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !text.contains("--supervised"),
+            "{args:?}: internal flag shown"
+        );
+    }
+}
+
+#[test]
+fn every_usage_error_exits_2_with_what_to_fix() {
+    let dir = TempDir::new("cli-usage");
+    for (args, says) in [
+        (&["user", "add"][..], "takes exactly one user name"),
+        (&["user", "add", "a", "b"], "takes exactly one user name"),
+        (&["user", "disable"], "takes exactly one user name"),
+        (&["keys", "rotate", "extra"], "takes no arguments"),
+        (
+            &["audit", "verify", "a", "b"],
+            "takes at most one directory",
+        ),
+        (&["serve", "--no-such-flag"], "does not take --no-such-flag"),
+        (&["serve", "--listen"], "needs a value"),
+        (&["user", "frobnicate"], "unknown command"),
+        (&["frobnicate"], "unknown command"),
+    ] {
+        let output = run(paygate(&dir).args(args));
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).contains(says),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
 fn a_signal_right_after_start_still_drains_and_exits_0() {
     // The handlers are installed before the server announces itself, so a signal sent the
     // moment it says "listening" is a clean stop, never the default kill.

@@ -281,6 +281,11 @@ async fn large_payments_need_a_second_factor() {
         body["type"],
         "tag:paygate.dev,2026:problem:second-factor-required"
     );
+    assert_eq!(
+        body["detail"],
+        "payments above 100000 (minor units) need a second factor: log in with a TOTP code \
+         (X-TOTP) and use that token"
+    );
     let response = pay(otp_token, 100_001).await;
     assert_eq!(response.status, 201, "{}", response.text());
     assert_eq!(response.json()["amount_minor"], 100_001);
