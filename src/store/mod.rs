@@ -13,6 +13,7 @@ mod accounts;
 mod audit;
 mod capabilities;
 mod commits;
+mod data_version;
 mod idempotency;
 mod migrate;
 mod payments;
@@ -35,10 +36,11 @@ pub use capabilities::{
     Capability, CapabilityInsert, CapabilityState, NewCapability, MAX_DERIVATION_DEPTH,
     MAX_PER_ROOT,
 };
+pub use data_version::DataVersion;
 pub use idempotency::{EarlierUse, KeyedRequest, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
 pub use ratelimit::RateStore;
-pub use sessions::{DataVersion, SessionRow, Subject, TotpState};
+pub use sessions::{SessionRow, Subject, TotpState};
 pub use users::{NewUser, User, UserInsert};
 
 /// File name of the main database inside the data directory.

@@ -1,11 +1,9 @@
 //! Login state: opaque sessions (stored as hashes), revoked JWT ids, TOTP secrets, and the
 //! change counter that lets a worker keep all of it cached exactly.
 
-use std::path::Path;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
-
-use super::{Store, StoreError, MAIN_DB};
+use super::{Store, StoreError};
 use crate::domain::Role;
 
 /// The user a token speaks for, as the database has them now.
@@ -50,84 +48,6 @@ fn subject(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<(Subject, 
 fn with_role((mut subject, role): (Subject, Option<String>)) -> Result<Subject, StoreError> {
     subject.role = super::users::role_of(subject.user_id, role.as_deref())?;
     Ok(subject)
-}
-
-/// Tells whether anything was committed to the main database since it was last asked, by
-/// any connection of any worker, for about the price of one `pread`: a cache stamped with
-/// its answer is known to be current.
-///
-/// It reads the WAL-index header at the start of `paygate.db-shm` — two copies of a 48-byte
-/// header that every commit rewrites (frame count, change counter, salts and checksum;
-/// <https://www.sqlite.org/walformat.html>, section 2.1): when the header differs from the
-/// one seen last, the answer is a new generation. A commit updates the header before it
-/// returns, so a request that starts after another worker's commit sees the change. Two
-/// copies that differ (a commit in progress) count as a change too. This is what
-/// `PRAGMA data_version` decides, without its cost: the pragma opens a read transaction,
-/// and its POSIX lock calls (`fcntl`) were ~7 % of a worker's time under a read load.
-///
-/// The read-only connection it holds keeps the WAL index in existence and initialised
-/// (SQLite removes `-shm` only when no connection anywhere has the database open).
-pub struct DataVersion {
-    _conn: Connection,
-    shm: std::fs::File,
-    /// The header seen last.
-    last: [u8; WAL_HEADER],
-    /// How many different headers this watch has seen: the version the cache keys on.
-    generation: i64,
-}
-
-/// Size of one copy of the WAL-index header.
-const WAL_HEADER: usize = 48;
-
-impl DataVersion {
-    pub fn open(data_dir: &Path) -> Result<DataVersion, StoreError> {
-        let path = data_dir.join(MAIN_DB);
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        // A first read maps (and if needed recovers) the WAL index.
-        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Startup(format!(
-                "{} is not in WAL mode ({mode})",
-                path.display()
-            )));
-        }
-        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-            r.get::<_, i64>(0)
-        })?;
-        let shm_path = data_dir.join(format!("{MAIN_DB}-shm"));
-        let shm = std::fs::File::open(&shm_path)
-            .map_err(|e| StoreError::Startup(format!("cannot open {}: {e}", shm_path.display())))?;
-        let mut watch = DataVersion {
-            _conn: conn,
-            shm,
-            last: [0; WAL_HEADER],
-            generation: 0,
-        };
-        watch.read()?;
-        Ok(watch)
-    }
-
-    /// The current generation: it moves whenever the database may have changed.
-    pub fn read(&mut self) -> Result<i64, StoreError> {
-        use std::os::unix::fs::FileExt as _;
-        let mut both = [0u8; 2 * WAL_HEADER];
-        self.shm
-            .read_exact_at(&mut both, 0)
-            .map_err(|e| StoreError::Corrupt(format!("reading the WAL index: {e}")))?;
-        let (first, second) = both.split_at(WAL_HEADER);
-        if first != second {
-            // Mid-commit: a new generation now, and another once the header settles.
-            self.last = [0; WAL_HEADER];
-            self.generation += 1;
-        } else if first != self.last {
-            self.last.copy_from_slice(first);
-            self.generation += 1;
-        }
-        Ok(self.generation)
-    }
 }
 
 impl Store {
@@ -468,17 +388,6 @@ mod tests {
         assert!(!store.use_totp_step(alice, 10).await.unwrap(), "replay");
         assert!(!store.use_totp_step(alice, 9).await.unwrap(), "older step");
         assert!(store.use_totp_step(alice, 11).await.unwrap());
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn data_version_moves_when_another_connection_commits() {
-        let (store, dir) = temp_store();
-        let mut watch = DataVersion::open(&dir).unwrap();
-        let before = watch.read().unwrap();
-        assert_eq!(watch.read().unwrap(), before, "stable without writes");
-        user(&store, "bob");
-        assert_ne!(watch.read().unwrap(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,222 @@
+//! Whether the main database changed since a worker last asked: the stamp its exact cache
+//! keys on, read once per access decision.
+//!
+//! Normally it reads the WAL-index header at the start of `paygate.db-shm` — two copies of
+//! a 48-byte header that every commit rewrites (frame count, change counter, salts and
+//! checksum; <https://www.sqlite.org/walformat.html>, section 2.1): when the header differs
+//! from the one seen last, the answer is a new generation. A commit updates the header
+//! before it returns, so a request that starts after another worker's commit sees the
+//! change. Two copies that differ (a commit in progress) count as a change too. This is
+//! what `PRAGMA data_version` decides, without its cost: the pragma opens a read
+//! transaction, and its POSIX lock calls (`fcntl`) were ~7 % of a worker's time under a
+//! read load.
+//!
+//! That layout is SQLite's, not a published interface. The header's version field is
+//! checked at open: a SQLite whose WAL index is not the one described above (version
+//! 3007000, initialised) makes this fall back to `PRAGMA data_version`, which is slower
+//! but exact, and says so in the log. Token revocation depends on this answer, so a layout
+//! paygate does not know is never guessed at.
+//!
+//! The read-only connection it holds keeps the WAL index in existence and initialised
+//! (SQLite removes `-shm` only when no connection anywhere has the database open), and
+//! serves the pragma in the fallback: it never writes, so every commit is another
+//! connection's, which is what the pragma counts.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::{StoreError, MAIN_DB};
+
+/// Size of one copy of the WAL-index header.
+const WAL_HEADER: usize = 48;
+
+/// The WAL-index format this reader knows (`iVersion` in SQLite's `WalIndexHdr`).
+const WAL_INDEX_VERSION: u32 = 3_007_000;
+
+/// How the generation is read.
+enum Source {
+    /// The `-shm` header, with the copy seen last.
+    WalIndex {
+        shm: std::fs::File,
+        last: [u8; WAL_HEADER],
+    },
+    /// `PRAGMA data_version`, with the value seen last.
+    Pragma { last: i64 },
+}
+
+/// How a worker learns that the main database changed.
+pub struct DataVersion {
+    conn: Connection,
+    source: Source,
+    /// How many different states this watch has seen: the version the cache keys on.
+    generation: i64,
+}
+
+/// Whether a WAL-index header is laid out as this reader expects: the version it knows
+/// (stored in native byte order) and the "initialised" flag set.
+fn known_layout(header: &[u8]) -> bool {
+    header.len() >= WAL_HEADER && header[..4] == WAL_INDEX_VERSION.to_ne_bytes() && header[12] == 1
+}
+
+impl DataVersion {
+    /// Watches the main database in `data_dir`, through the WAL index when its layout is
+    /// the known one.
+    pub fn open(data_dir: &Path) -> Result<DataVersion, StoreError> {
+        Self::open_with(data_dir, true)
+    }
+
+    /// Watches through `PRAGMA data_version` only (what an unknown layout falls back to).
+    pub fn open_with_pragma(data_dir: &Path) -> Result<DataVersion, StoreError> {
+        Self::open_with(data_dir, false)
+    }
+
+    fn open_with(data_dir: &Path, wal_index: bool) -> Result<DataVersion, StoreError> {
+        let path = data_dir.join(MAIN_DB);
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // A first read maps (and if needed recovers) the WAL index.
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Startup(format!(
+                "{} is not in WAL mode ({mode})",
+                path.display()
+            )));
+        }
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        let source = if wal_index {
+            Self::wal_index(data_dir)?
+        } else {
+            None
+        };
+        let source = source.unwrap_or(Source::Pragma { last: i64::MIN });
+        let mut watch = DataVersion {
+            conn,
+            source,
+            generation: 0,
+        };
+        watch.read()?;
+        Ok(watch)
+    }
+
+    /// The `-shm` file, if its header has the known layout.
+    fn wal_index(data_dir: &Path) -> Result<Option<Source>, StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let shm_path = data_dir.join(format!("{MAIN_DB}-shm"));
+        let shm = std::fs::File::open(&shm_path)
+            .map_err(|e| StoreError::Startup(format!("cannot open {}: {e}", shm_path.display())))?;
+        let mut header = [0u8; WAL_HEADER];
+        shm.read_exact_at(&mut header, 0)
+            .map_err(|e| StoreError::Startup(format!("reading {}: {e}", shm_path.display())))?;
+        if !known_layout(&header) {
+            log::warn!(
+                "{}: WAL-index layout not the one paygate reads directly (version {}); \
+                 using PRAGMA data_version instead (slower, exact)",
+                shm_path.display(),
+                u32::from_ne_bytes([header[0], header[1], header[2], header[3]])
+            );
+            return Ok(None);
+        }
+        Ok(Some(Source::WalIndex {
+            shm,
+            last: [0; WAL_HEADER],
+        }))
+    }
+
+    /// Whether this watch reads the WAL index (false: the pragma fallback).
+    pub fn reads_wal_index(&self) -> bool {
+        matches!(self.source, Source::WalIndex { .. })
+    }
+
+    /// The current generation: it moves whenever the database may have changed.
+    pub fn read(&mut self) -> Result<i64, StoreError> {
+        match &mut self.source {
+            Source::WalIndex { shm, last } => {
+                use std::os::unix::fs::FileExt as _;
+                let mut both = [0u8; 2 * WAL_HEADER];
+                shm.read_exact_at(&mut both, 0)
+                    .map_err(|e| StoreError::Corrupt(format!("reading the WAL index: {e}")))?;
+                let (first, second) = both.split_at(WAL_HEADER);
+                if first != second {
+                    // Mid-commit: a new generation now, and another once the header settles.
+                    *last = [0; WAL_HEADER];
+                    self.generation += 1;
+                } else if first != *last {
+                    last.copy_from_slice(first);
+                    self.generation += 1;
+                }
+            }
+            Source::Pragma { last } => {
+                let now: i64 = self
+                    .conn
+                    .prepare_cached("PRAGMA data_version")?
+                    .query_row([], |r| r.get(0))?;
+                if now != *last {
+                    *last = now;
+                    self.generation += 1;
+                }
+            }
+        }
+        Ok(self.generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Username;
+    use crate::store::test_support::temp_store;
+    use crate::store::NewUser;
+
+    fn commit(store: &crate::store::Store, name: &str) {
+        let new = NewUser {
+            username: Username::parse("username", name).unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        };
+        store.create_user_blocking(&new).unwrap();
+    }
+
+    #[test]
+    fn data_version_moves_when_another_connection_commits_through_either_source() {
+        let (store, dir) = temp_store();
+        let mut fast = DataVersion::open(&dir).unwrap();
+        let mut exact = DataVersion::open_with_pragma(&dir).unwrap();
+        assert!(fast.reads_wal_index(), "this SQLite has the known layout");
+        assert!(!exact.reads_wal_index());
+        for (i, name) in ["bob", "carol"].into_iter().enumerate() {
+            let (a, b) = (fast.read().unwrap(), exact.read().unwrap());
+            assert_eq!(fast.read().unwrap(), a, "stable without writes ({i})");
+            assert_eq!(exact.read().unwrap(), b, "stable without writes ({i})");
+            commit(&store, name);
+            assert_ne!(fast.read().unwrap(), a);
+            assert_ne!(exact.read().unwrap(), b);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_known_initialised_wal_index_layout_is_read_directly() {
+        let (_store, dir) = temp_store();
+        let mut header = [0u8; WAL_HEADER];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(dir.join("paygate.db-shm")).unwrap(),
+            &mut header,
+            0,
+        )
+        .unwrap();
+        assert!(known_layout(&header));
+        let mut newer = header;
+        newer[..4].copy_from_slice(&3_007_001u32.to_ne_bytes());
+        assert!(!known_layout(&newer), "another version");
+        let mut uninitialised = header;
+        uninitialised[12] = 0;
+        assert!(!known_layout(&uninitialised));
+        assert!(!known_layout(&header[..40]), "too short");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
