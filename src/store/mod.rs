@@ -27,7 +27,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
 pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
@@ -170,6 +169,39 @@ fn prepare_database(
     migrate::migrate(&mut conn, display, migrations)
 }
 
+/// Opens pooled connections to one database file, each configured by [`configure`]. (Three
+/// methods of r2d2's trait are all a pool of SQLite connections needs.)
+#[derive(Debug)]
+struct Connector {
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = Connection;
+    type Error = rusqlite::Error;
+
+    fn connect(&self) -> rusqlite::Result<Connection> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&self.path, flags)?;
+        configure(&mut conn, self.durability)?;
+        Ok(conn)
+    }
+
+    /// Checked before each checkout: an empty batch, which fails on a connection SQLite
+    /// can no longer use.
+    fn is_valid(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("")
+    }
+
+    fn has_broken(&self, _: &mut Connection) -> bool {
+        false
+    }
+}
+
+/// A pool of connections to one database file.
+type Pool = r2d2::Pool<Connector>;
+
 /// Opens (creating if needed) one database file in WAL mode, applies its migrations, and
 /// returns a pool of configured connections.
 fn open_pool(
@@ -177,7 +209,7 @@ fn open_pool(
     durability: Durability,
     migrations: migrate::Migrations,
     max_size: u32,
-) -> Result<r2d2::Pool<SqliteConnectionManager>, StoreError> {
+) -> Result<Pool, StoreError> {
     let display = path.display().to_string();
     // Several processes starting together on a new data directory race to create the file,
     // switch it to WAL and migrate it; the losers see "database is locked" in places no
@@ -198,9 +230,10 @@ fn open_pool(
         }
     }
 
-    let manager = SqliteConnectionManager::file(path)
-        .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_init(move |conn| configure(conn, durability));
+    let manager = Connector {
+        path: path.to_owned(),
+        durability,
+    };
     r2d2::Pool::builder()
         .max_size(max_size)
         .min_idle(Some(1))
@@ -212,7 +245,7 @@ fn open_pool(
 /// The handle every part of the server shares; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: r2d2::Pool<SqliteConnectionManager>,
+    pool: Pool,
     /// The group-commit thread for payment creation (see `commits`).
     commits: std::sync::Arc<commits::CommitQueue>,
     /// The keys TOTP secrets are sealed under (see `sealing`).

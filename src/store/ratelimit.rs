@@ -9,10 +9,9 @@
 
 use std::path::Path;
 
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
-use super::{ensure_data_dir, migrate, open_pool, Durability, StoreError};
+use super::{ensure_data_dir, migrate, open_pool, Durability, Pool, StoreError};
 use crate::token_bucket::TokenBucket;
 
 /// File name of the rate-limit database inside the data directory.
@@ -21,7 +20,7 @@ pub const RATELIMIT_DB: &str = "ratelimit.db";
 /// Shared bucket storage; cheap to clone.
 #[derive(Clone)]
 pub struct RateStore {
-    pool: r2d2::Pool<SqliteConnectionManager>,
+    pool: Pool,
 }
 
 impl RateStore {

@@ -1,5 +1,5 @@
-//! Login state: opaque sessions (stored as hashes), revoked JWT ids, TOTP secrets, and the
-//! change counter that lets a worker keep all of it cached exactly.
+//! Login state: opaque sessions (stored as hashes), revoked JWT ids and TOTP secrets. (The
+//! change counter that lets a worker cache it exactly is `data_version`.)
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
