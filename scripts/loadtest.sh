@@ -35,7 +35,7 @@ if ! command -v wrk >/dev/null; then
   else echo "wrk is needed: apt-get install wrk" >&2; exit 1; fi
 fi
 
-(cd "$root" && cargo build --release --quiet --bin paygate --example bare_responder)
+(cd "$root" && cargo build --release --quiet --features audit-off --bin paygate --example bare_responder)
 paygate=$root/target/release/paygate
 bare=$root/target/release/examples/bare_responder
 work=$(mktemp -d)

@@ -362,9 +362,11 @@ pub const OPTIONS: &[OptionSpec] = &[
         env: Some("PAYGATE_AUDIT"),
         value: "on|off",
         default: "on",
-        help: "`off` serves requests without audit records. Only for measuring the audit \
-               log's cost; it is logged loudly at start.",
-        internal: false,
+        help: "`off` serves requests without audit records, only in a binary built with the \
+               `audit-off` feature, for measuring the audit log's cost; it is logged loudly at \
+               start.",
+        // Not a setting of a production binary, which refuses `off`.
+        internal: !cfg!(feature = "audit-off"),
         commands: &[Serve],
         list_separator: None,
     },

@@ -307,7 +307,16 @@ impl ServeConfig {
             None => true,
             Some((raw, source)) => match raw.trim() {
                 "on" => true,
-                "off" => false,
+                "off" if cfg!(feature = "audit-off") => false,
+                // A production binary cannot run without its audit log, whatever the
+                // environment says.
+                "off" => {
+                    return Err(ConfigError(format!(
+                        "{source}: this paygate was built without the `audit-off` feature, so \
+                         its audit log cannot be turned off (the load test builds its own \
+                         binary with `--features audit-off`)"
+                    )))
+                }
                 _ => return Err(ConfigError(format!("{source}: `{raw}` is not on or off"))),
             },
         };
@@ -511,12 +520,19 @@ mod tests {
         assert_eq!(defaults.capability_max_ttl_s, 86_400);
         assert!(resolve(&[("capability-max-ttl", "0")], &[]).is_err());
         let set = resolve(
-            &[("instance", "w-2"), ("audit", "off")],
+            &[("instance", "w-2"), ("audit", "on")],
             &[("PAYGATE_AUDIT_ROTATE_BYTES", "1000")],
         )
         .unwrap();
         assert_eq!(set.instance.as_deref(), Some("w-2"));
-        assert!(!set.audit);
+        assert!(set.audit);
+        let off = resolve(&[], &[("PAYGATE_AUDIT", "off")]);
+        if cfg!(feature = "audit-off") {
+            assert!(!off.unwrap().audit);
+        } else {
+            let refusal = off.unwrap_err().to_string();
+            assert!(refusal.contains("audit-off"), "{refusal}");
+        }
         assert_eq!(set.audit_rotate_bytes, 1000);
         assert!(resolve(&[("instance", "../etc")], &[]).is_err());
         assert!(resolve(&[("instance", ".hidden")], &[]).is_err());

@@ -265,6 +265,30 @@ fn help_documents_every_command() {
     }
 }
 
+/// The audit log cannot be turned off in a production binary: only one built with the
+/// `audit-off` feature (the load test's) accepts `--audit off`.
+#[cfg(not(feature = "audit-off"))]
+#[test]
+fn the_audit_log_cannot_be_turned_off() {
+    let dir = TempDir::new("cli-audit-off");
+    for command in [
+        paygate(&dir).args(["serve", "--audit", "off"]),
+        paygate(&dir).args(["serve"]).env("PAYGATE_AUDIT", "off"),
+    ] {
+        let output = run(command);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("`audit-off` feature"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    assert!(
+        !dir.0.join("data").exists(),
+        "refused before anything was created"
+    );
+}
+
 #[test]
 fn a_command_group_lists_its_commands_and_internal_flags_stay_hidden() {
     let dir = TempDir::new("cli-groups");
