@@ -2,7 +2,7 @@
 //! Exit codes: 0 success, 1 runtime or configuration failure, 2 usage error; `audit verify`
 //! exits 3 for a log that verifies except for acknowledged (sealed) breaks.
 
-use std::io::{BufRead, Write as _};
+use std::io::BufRead;
 use std::process::ExitCode;
 
 use paygate::cli::{self, CommandName, Invocation};
@@ -77,103 +77,7 @@ fn serve(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
         let args: Vec<String> = std::env::args().skip(2).collect();
         return paygate::supervisor::run(args, &config);
     }
-    let supervised = config.supervised;
-    let runtime = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        threads => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(threads);
-            builder
-        }
-    }
-    .enable_all()
-    .thread_name("paygate-worker")
-    .build()?;
-    runtime.block_on(async {
-        // Handlers first: a signal that arrives as soon as the server says it is listening
-        // must already mean "drain", not the default "die".
-        let stop = stop_signal()?;
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        // SIGUSR2 rolls workers over, which only a supervisor can do; its default action
-        // (terminate) would turn a mistaken rollout of a lone worker into an outage.
-        let mut roll =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
-        let running = paygate::server::start(config).await?;
-        paygate::systemd::notify(&format!(
-            "READY=1\nSTATUS=listening on https://{}",
-            running.local_addr()
-        ));
-        if supervised {
-            // The supervisor waits for this line before it drains an old worker (rollout).
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "ready").and_then(|()| out.flush())?;
-        }
-        tokio::pin!(stop);
-        let mut commands = supervisor_commands(supervised);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                command = commands.recv() => match command.as_deref() {
-                    Some("reload") => match running.reload().await {
-                        Ok(()) => log::info!("reloaded the TLS certificate and signing keys"),
-                        Err(e) => log::error!("reload: {e}; the certificate in use stays"),
-                    },
-                    Some(other) if other != "stop" => log::warn!("unknown command {other:?}"),
-                    // `stop`, or stdin closed: the supervisor is stopping or gone.
-                    _ => break,
-                },
-                _ = roll.recv() => log::warn!(
-                    "SIGUSR2 ignored: a rolling restart is done by the supervisor \
-                     (`paygate serve --workers N`), or under systemd by restarting \
-                     paygate@N units one at a time"
-                ),
-                _ = hangup.recv() => match running.reload().await {
-                    Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
-                    Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),
-                },
-            }
-        }
-        log::info!("stop signal received; shutting down");
-        paygate::systemd::notify("STOPPING=1");
-        running.shutdown().await;
-        Ok::<(), Failure>(())
-    })?;
-    log::info!("paygate stopped");
-    Ok(())
-}
-
-/// Commands from the supervisor, one per stdin line, for a supervised worker. Unsupervised,
-/// the channel never yields.
-fn supervisor_commands(supervised: bool) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (send, receive) = tokio::sync::mpsc::unbounded_channel();
-    if supervised {
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
-                if send.send(line.trim().to_owned()).is_err() {
-                    return;
-                }
-            }
-            // End of input: dropping `send` closes the channel, which means stop.
-        });
-    } else {
-        // Keep the sender alive for the life of the process: no command ever arrives.
-        std::mem::forget(send);
-    }
-    receive
-}
-
-/// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first of them.
-fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    })
+    paygate::worker::run(config)
 }
 
 fn dev_cert(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {

@@ -19,7 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
@@ -32,6 +32,10 @@ const H2_MAX_STREAMS: u32 = 64;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// How often answered Idempotency-Keys past their retention are deleted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+/// How often expired sessions, revocations and capabilities are deleted.
+const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
+/// How often the JWT key file is looked at for a rotation.
+const KEY_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Start-up failed; the message says what to fix.
 #[derive(Debug)]
@@ -106,9 +110,6 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             .await
             .map_err(|e| StartError(format!("claiming {listen} failed: {e}")))?
             .map_err(StartError)?;
-    if let Some(claim) = claim {
-        drop(tokio::spawn(claim.keep()));
-    }
     let listener =
         bind(listen).map_err(|e| StartError(format!("cannot listen on {listen}: {e}")))?;
     let local_addr = listener
@@ -118,7 +119,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let app = Arc::new(app);
     let (stop, stopped) = watch::channel(false);
     let acceptor = TlsAcceptor::from(tls);
-    let task = tokio::spawn(serve(listener, acceptor, app.clone(), stopped));
+    let task = tokio::spawn(serve(listener, acceptor, app.clone(), claim, stopped));
     log::info!("paygate listening on https://{local_addr}");
     Ok(Running {
         local_addr,
@@ -187,6 +188,7 @@ async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Arc<App>,
+    claim: Option<Arc<crate::deployment::Claim>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let protocols = Arc::new(Protocols::new(&app.config));
@@ -195,13 +197,46 @@ async fn serve(
         app.config.max_connections_per_client,
     ));
     let graceful = GracefulShutdown::new();
-    let sweeper = tokio::spawn(sweep_idempotency_keys(app.clone()));
-    let rate_sweeper = tokio::spawn(sweep_rate_limits(app.clone()));
-    let session_sweeper = tokio::spawn(sweep_sessions(app.clone()));
-    let key_watcher = tokio::spawn(watch_signing_keys(app.clone()));
-    let metrics_publisher = tokio::spawn(publish_metrics(app.clone()));
+    // The worker's own tasks, each ended and awaited at shutdown.
+    let mut background = JoinSet::new();
+    if let Some(claim) = claim {
+        background.spawn(claim.keep());
+    }
+    every(
+        &mut background,
+        &app,
+        SWEEP_INTERVAL,
+        sweep_idempotency_keys,
+    );
+    every(
+        &mut background,
+        &app,
+        crate::ratelimit::SWEEP_EVERY,
+        sweep_rate_limits,
+    );
+    every(
+        &mut background,
+        &app,
+        SESSION_SWEEP_INTERVAL,
+        sweep_sessions,
+    );
+    every(
+        &mut background,
+        &app,
+        KEY_WATCH_INTERVAL,
+        watch_signing_keys,
+    );
+    every(
+        &mut background,
+        &app,
+        crate::metrics::SNAPSHOT_EVERY,
+        publish_metrics,
+    );
+    // One task per client connection; finished ones are collected as the loop goes.
+    let mut connections = JoinSet::new();
 
     loop {
+        while connections.try_join_next().is_some() {}
         // Wait for a free connection slot before accepting, so excess clients queue in the
         // kernel backlog. The semaphore is never closed, so acquiring cannot fail.
         let permit = tokio::select! {
@@ -244,7 +279,7 @@ async fn serve(
         };
         let watcher = graceful.watcher();
         let (acceptor, app, protocols) = (acceptor.clone(), app.clone(), protocols.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = serve_connection(tcp, peer, acceptor, app, protocols, watcher).await {
                 log::debug!("connection from {peer}: {e}");
             }
@@ -254,11 +289,14 @@ async fn serve(
     }
 
     drop(listener);
-    sweeper.abort();
-    rate_sweeper.abort();
-    session_sweeper.abort();
-    key_watcher.abort();
-    metrics_publisher.abort();
+    background.abort_all();
+    while let Some(ended) = background.join_next().await {
+        if let Err(e) = ended {
+            if e.is_panic() {
+                log::error!("a background task panicked: {e}");
+            }
+        }
+    }
     let timeout = app.config.shutdown_timeout;
     log::info!(
         "stopped accepting; draining {} connection(s) for up to {}s",
@@ -272,17 +310,38 @@ async fn serve(
             timeout.as_secs()
         ),
     }
+    // Past the deadline, connection tasks still running (a TLS handshake, a slow body) are
+    // ended here, and awaited: no request can reach the audit log once it is closed.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     // Every record queued by the drained requests is written and synced before exit.
     let flushing = app.clone();
-    if tokio::task::spawn_blocking(move || {
+    let flushed = tokio::task::spawn_blocking(move || {
         crate::metrics::remove_snapshot(&flushing.config.data_dir, flushing.metrics.instance());
         flushing.audit.close()
     })
-    .await
-    .is_ok()
-    {
-        log::info!("audit log flushed");
+    .await;
+    match flushed {
+        Ok(()) => log::info!("audit log flushed"),
+        Err(e) => log::error!("closing the audit log failed: {e}"),
     }
+}
+
+/// Runs `job` every `period` (the first time at once) until the worker stops and aborts it.
+/// A job reports its own failures; the next tick tries again.
+fn every<F, Fut>(tasks: &mut JoinSet<()>, app: &Arc<App>, period: Duration, job: F)
+where
+    F: Fn(Arc<App>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let app = app.clone();
+    tasks.spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            job(app.clone()).await;
+        }
+    });
 }
 
 /// Open connections per client address (IPv6 by /64, as rate limits count them), so that
@@ -447,65 +506,51 @@ impl Drop for Busy {
 
 /// Writes this worker's metrics where its siblings' `GET /metrics` finds them.
 async fn publish_metrics(app: Arc<App>) {
-    let mut ticks = tokio::time::interval(crate::metrics::SNAPSHOT_EVERY);
-    loop {
-        ticks.tick().await;
-        let samples = app.metrics.snapshot(app.audit.metrics());
-        let publishing = app.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let (dir, instance) = (&publishing.config.data_dir, publishing.metrics.instance());
-            crate::metrics::write_snapshot(dir, instance, &samples)
-        })
-        .await;
-        if let Ok(Err(e)) = written {
-            log::warn!("cannot write the metrics snapshot: {e}");
-        }
+    let samples = app.metrics.snapshot(app.audit.metrics());
+    let publishing = app.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let (dir, instance) = (&publishing.config.data_dir, publishing.metrics.instance());
+        crate::metrics::write_snapshot(dir, instance, &samples)
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("publishing this worker's metrics failed: {e}"),
+        Err(e) => log::warn!("publishing this worker's metrics failed: {e}"),
     }
 }
 
+/// Deletes rate-limit buckets that have refilled (see `ratelimit`'s bounds).
 async fn sweep_rate_limits(app: Arc<App>) {
-    let mut ticks = tokio::time::interval(crate::ratelimit::SWEEP_EVERY);
-    loop {
-        ticks.tick().await;
-        if let Err(e) = app.limiter.sweep().await {
-            log::warn!("sweeping rate-limit buckets failed: {e}");
-        }
+    if let Err(e) = app.limiter.sweep().await {
+        log::warn!("sweeping rate-limit buckets failed: {e}");
     }
 }
 
-/// Deletes expired sessions, revocations and capabilities every ten minutes (they are
-/// refused by their expiry anyway; this only keeps the tables small).
+/// Deletes expired sessions, revocations and capabilities (they are refused by their
+/// expiry anyway; this only keeps the tables small).
 async fn sweep_sessions(app: Arc<App>) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(600));
-    loop {
-        ticks.tick().await;
-        match app.store.sweep_sessions().await {
-            Ok(0) => {}
-            Ok(n) => log::info!("deleted {n} expired session(s), revocation(s) and capabilities"),
-            Err(e) => log::warn!("sweeping sessions failed: {e}"),
-        }
+    match app.store.sweep_sessions().await {
+        Ok(0) => {}
+        Ok(n) => log::info!("deleted {n} expired session(s), revocation(s) and capabilities"),
+        Err(e) => log::warn!("sweeping sessions failed: {e}"),
     }
 }
 
-/// Looks at the JWT key file every second, so `paygate keys rotate` reaches every worker
-/// within a second without a restart.
+/// Looks at the JWT key file, so `paygate keys rotate` reaches every worker within
+/// [`KEY_WATCH_INTERVAL`] without a restart.
 async fn watch_signing_keys(app: Arc<App>) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        ticks.tick().await;
-        let keyring = app.tokens.keyring.clone();
-        let _ = tokio::task::spawn_blocking(move || keyring.reload_if_changed()).await;
+    let keyring = app.tokens.keyring.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || keyring.reload_if_changed()).await {
+        log::warn!("re-reading the signing keys failed: {e}");
     }
 }
 
+/// Deletes answered Idempotency-Keys past their retention.
 async fn sweep_idempotency_keys(app: Arc<App>) {
-    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        ticks.tick().await;
-        match app.store.sweep_idempotency_keys().await {
-            Ok(0) => {}
-            Ok(n) => log::info!("deleted {n} expired idempotency key(s)"),
-            Err(e) => log::warn!("sweeping idempotency keys failed: {e}"),
-        }
+    match app.store.sweep_idempotency_keys().await {
+        Ok(0) => {}
+        Ok(n) => log::info!("deleted {n} expired idempotency key(s)"),
+        Err(e) => log::warn!("sweeping idempotency keys failed: {e}"),
     }
 }

@@ -217,8 +217,8 @@ pub fn run(args: Vec<String>, config: &crate::config::ServeConfig) -> Result<(),
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
+        let stop = crate::signals::stop()?;
+        tokio::pin!(stop);
         let mut hangup = signal(SignalKind::hangup())?;
         let mut roll = signal(SignalKind::user_defined2())?;
         let (lines, mut said) = mpsc::unbounded_channel();
@@ -245,8 +245,7 @@ pub fn run(args: Vec<String>, config: &crate::config::ServeConfig) -> Result<(),
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
         let outcome: Result<(), Failure> = loop {
             tokio::select! {
-                _ = terminate.recv() => break Ok(()),
-                _ = interrupt.recv() => break Ok(()),
+                () = &mut stop => break Ok(()),
                 _ = hangup.recv() => {
                     log::info!("SIGHUP: asking every worker to reload");
                     pool.iter_mut().for_each(|w| w.send("reload"));

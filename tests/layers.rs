@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
         "client_ip",
         "token_bucket",
         "systemd",
+        "signals",
     ],
     // All SQL; per-worker counters; the command-line grammar.
     &["store", "metrics", "cli"],

@@ -490,7 +490,13 @@ impl AuditWriter {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(thread) = thread {
-            let _ = thread.join();
+            if thread.join().is_err() {
+                // Its panic message was printed when it happened; this says what it cost.
+                log::error!(
+                    "the audit writer thread panicked; records queued after its last commit \
+                     were not written"
+                );
+            }
         }
     }
 }

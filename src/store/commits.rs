@@ -199,15 +199,23 @@ fn commit(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreErro
             }
         });
         if let Err(e) = step {
-            let _ = conn.execute_batch("ROLLBACK");
+            roll_back(conn);
             return Err(e.into());
         }
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
-        let _ = conn.execute_batch("ROLLBACK");
+        roll_back(conn);
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Ends a failed batch's transaction. If even that fails, SQLite rolls back when the
+/// connection next begins one; the log says so.
+fn roll_back(conn: &rusqlite::Connection) {
+    if let Err(e) = conn.execute_batch("ROLLBACK") {
+        log::warn!("rolling back a failed commit batch: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -141,6 +141,11 @@ impl TestServer {
         Self::launch(dir, options).await
     }
 
+    /// The running server itself.
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
+    }
+
     /// The running server's shared state.
     pub fn app(&self) -> Arc<paygate::app::App> {
         self.running.as_ref().expect("running").app()
