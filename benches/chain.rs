@@ -50,7 +50,10 @@ fn app_with(rules: &[&str]) -> (App, std::path::PathBuf) {
     options.insert("rate-limit", rules.iter().map(|r| r.to_string()).collect());
     let no_env = |_: &str| None;
     let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).expect("config");
-    (App::open(config).expect("app"), dir)
+    (
+        App::open(config, paygate::time::Clock::system()).expect("app"),
+        dir,
+    )
 }
 
 fn bench_chain(c: &mut Criterion) {

@@ -8,14 +8,14 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::Method;
 
 use paygate::ratelimit::rules::parse_rules;
-use paygate::ratelimit::{Limiter, SystemClock, Verdict};
+use paygate::ratelimit::{Limiter, Verdict};
 use paygate::store::RateStore;
+use paygate::time::Clock;
 use paygate::token_bucket::{Limit, TokenBucket};
 
 fn bench_limiter(c: &mut Criterion) {
@@ -34,7 +34,7 @@ fn bench_limiter(c: &mut Criterion) {
         Some(Limit::new(10, 900_000_000_000, 10)),
         None,
         RateStore::open(&dir).expect("store"),
-        Arc::new(SystemClock),
+        Clock::system(),
     );
     let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     let check = |path: &str, user: Option<&str>| {

@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::App;
 use crate::config::ServeConfig;
 use crate::filter;
+use crate::time::Clock;
 
 /// Most concurrent HTTP/2 streams per connection.
 const H2_MAX_STREAMS: u32 = 64;
@@ -95,12 +96,17 @@ impl Running {
 
 /// Opens the data directory and the listener, loads TLS, and starts serving.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    start_with_clock(config, Clock::system()).await
+}
+
+/// [`start`] with the clock the server's decisions read (tests advance theirs).
+pub async fn start_with_clock(config: ServeConfig, clock: Clock) -> Result<Running, StartError> {
     crate::tls::ensure_certificate(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let (tls, certificate) =
         crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
-    let app = tokio::task::spawn_blocking(move || App::open(config))
+    let app = tokio::task::spawn_blocking(move || App::open(config, clock))
         .await
         .map_err(|e| StartError(format!("opening the data directory failed: {e}")))?
         .map_err(|e| StartError(e.to_string()))?;

@@ -1,18 +1,98 @@
-//! Wall-clock time as paygate shows it: RFC 3339 UTC timestamps with millisecond precision,
-//! and the civil-date arithmetic behind them.
+//! Wall-clock time as paygate reads and shows it: the one [`Clock`] every decision that
+//! depends on the time asks (expiry of sessions, JWTs, capabilities and idempotency keys,
+//! TOTP steps, token buckets, timestamps), and RFC 3339 UTC timestamps with millisecond
+//! precision with the civil-date arithmetic behind them.
 //!
-//! Only formatting, calendar conversion and one strict parser (for `?since=`) live here; no
-//! time zones. Storage keeps Unix milliseconds, so ordering never depends on text.
+//! No time zones. Storage keeps Unix milliseconds, so ordering never depends on text.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_millis() -> i64 {
+/// Where a worker reads the time. A server runs on [`Clock::system`]; tests build one they
+/// can move forward, so that expiry is tested by advancing the clock, not by sleeping.
+/// Cheap to clone: clones share one source.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Source);
+
+#[derive(Debug, Clone, Default)]
+enum Source {
+    /// The host's wall clock.
+    #[default]
+    System,
+    /// The host's wall clock plus an offset (nanoseconds) that only grows.
+    Advanced(Arc<AtomicI64>),
+    /// A fixed instant (nanoseconds since the epoch) that moves only when advanced.
+    Manual(Arc<AtomicI64>),
+}
+
+/// Nanoseconds since the Unix epoch by the host's clock.
+fn system_ns() -> i64 {
     // A clock before 1970 is a broken host; treat it as the epoch rather than panic.
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+impl Clock {
+    /// The host's wall clock: what every server runs on.
+    pub fn system() -> Clock {
+        Clock(Source::System)
+    }
+
+    /// The host's clock, which [`Clock::advance`] can move forward (integration tests: the
+    /// server keeps real time for I/O deadlines, and jumps for expiry).
+    pub fn advanceable() -> Clock {
+        Clock(Source::Advanced(Arc::new(AtomicI64::new(0))))
+    }
+
+    /// A clock that stands at `at_ns` (nanoseconds since the epoch) until advanced (unit
+    /// tests of exact arithmetic).
+    pub fn manual(at_ns: i64) -> Clock {
+        Clock(Source::Manual(Arc::new(AtomicI64::new(at_ns))))
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub fn now_ns(&self) -> i64 {
+        match &self.0 {
+            Source::System => system_ns(),
+            Source::Advanced(offset) => system_ns().saturating_add(offset.load(Ordering::SeqCst)),
+            Source::Manual(at) => at.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_millis(&self) -> i64 {
+        self.now_ns().div_euclid(1_000_000)
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn now_s(&self) -> i64 {
+        self.now_ns().div_euclid(1_000_000_000)
+    }
+
+    /// Moves a test clock forward by `by`. The system clock cannot be moved: asking is a
+    /// bug in a test, and panics there.
+    pub fn advance(&self, by: Duration) {
+        self.advance_ns(i64::try_from(by.as_nanos()).unwrap_or(i64::MAX));
+    }
+
+    /// [`Clock::advance`] in nanoseconds.
+    pub fn advance_ns(&self, by: i64) {
+        match &self.0 {
+            Source::System => panic!("the system clock cannot be advanced"),
+            Source::Advanced(at) | Source::Manual(at) => {
+                at.fetch_add(by, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch by the host's clock, for what no clock was given to:
+/// command-line tools and file names. A running server reads its [`Clock`].
+pub fn now_millis() -> i64 {
+    system_ns().div_euclid(1_000_000)
 }
 
 /// A calendar date in the proleptic Gregorian calendar.

@@ -244,17 +244,16 @@ async fn tampered_unknown_and_expired_capabilities_are_refused() {
     }
     w.derive(&unknown, "r", None).await.assert_problem(401);
     assert_eq!(w.derive(&token, "r", Some(30)).await.status, 201);
-    // Expiry: set in the past in the database (the clock is not ours to move).
-    let db = rusqlite::Connection::open(w.server.data_dir().join("paygate.db")).unwrap();
-    db.execute(
-        "UPDATE capabilities SET expires_at = ?1",
-        [paygate::time::now_millis() - 1],
-    )
-    .unwrap();
+    // Expiry: a day later (the longest a capability may live), by the server's clock.
+    assert_eq!(w.read_with(&token, &w.payment).await.status, 200);
+    w.server
+        .clock()
+        .advance(std::time::Duration::from_secs(86_400));
     w.read_with(&token, &w.payment).await.assert_problem(401);
     w.derive(&token, "r", None).await.assert_problem(401);
     // The sweeper removes expired capabilities (derived ones with them).
     assert!(w.server.app().store.sweep_sessions().await.unwrap() >= 2);
+    let db = rusqlite::Connection::open(w.server.data_dir().join("paygate.db")).unwrap();
     let left: i64 = db
         .query_row("SELECT count(*) FROM capabilities", [], |r| r.get(0))
         .unwrap();

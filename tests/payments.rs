@@ -386,9 +386,11 @@ async fn kill_9_loses_no_acknowledged_payment() {
     let account = client.account(&alice, "EUR").await;
     let token = client.login(&alice).await;
     let mut tasks = Vec::new();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for writer in 0..8 {
         let (client, token) = (client.clone(), token.clone());
         let path = format!("/accounts/{account}/payments");
+        let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for n in 0..2000 {
@@ -402,6 +404,7 @@ async fn kill_9_loses_no_acknowledged_payment() {
                     tokio::time::timeout(std::time::Duration::from_secs(2), request.try_send());
                 match sent.await {
                     Ok(Some(r)) if r.status == 201 => {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         acknowledged.push((key, r.json()["id"].as_str().unwrap().to_owned()))
                     }
                     Ok(Some(r)) => panic!("{}: {}", r.status, r.text()),
@@ -411,8 +414,14 @@ async fn kill_9_loses_no_acknowledged_payment() {
             acknowledged
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-    child.kill().unwrap(); // SIGKILL, mid-batch as likely as not
+    // Kill once enough payments were acknowledged, however long that takes on a busy
+    // machine: the writers keep going, so the kill lands mid-batch as likely as not.
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 80
+        && !tasks.iter().all(|t| t.is_finished())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let mut acknowledged = Vec::new();
     for task in tasks {

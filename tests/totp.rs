@@ -11,10 +11,6 @@ use serde_json::json;
 
 use paygate::tokens::totp::{hotp, step_at, STEP_S};
 
-fn now_s() -> i64 {
-    paygate::time::now_millis() / 1000
-}
-
 fn base32_decode(text: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let (mut buffer, mut bits, mut out) = (0u32, 0, Vec::new());
@@ -30,18 +26,20 @@ fn base32_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// The code for the step `offset` steps from now.
-fn code(secret: &[u8], offset: i64) -> String {
-    let step = u64::try_from(step_at(now_s()) + offset).unwrap();
+/// The code for the step `offset` steps from the server's now.
+fn code(server: &TestServer, secret: &[u8], offset: i64) -> String {
+    let step = u64::try_from(step_at(server.clock().now_s()) + offset).unwrap();
     format!("{:06}", hotp(secret, step, 6))
 }
 
-/// Waits until at least `needed` seconds remain in the current step, so a test's codes are
-/// not split across a step boundary.
-async fn fresh_step(needed: i64) {
-    let left = STEP_S - now_s().rem_euclid(STEP_S);
+/// Moves the server's clock to the start of the next step when fewer than `needed` seconds
+/// remain in the current one, so a test's codes are not split across a step boundary.
+fn fresh_step(server: &TestServer, needed: i64) {
+    let left = STEP_S - server.clock().now_s().rem_euclid(STEP_S);
     if left < needed {
-        tokio::time::sleep(Duration::from_secs(u64::try_from(left).unwrap() + 1)).await;
+        server
+            .clock()
+            .advance(Duration::from_secs(u64::try_from(left).unwrap()));
     }
 }
 
@@ -80,7 +78,7 @@ async fn enrolled(server: &TestServer, name: &str) -> (Creds, Vec<u8>) {
         .client
         .post("/users/me/totp/confirm")
         .bearer(&token)
-        .json(&json!({"code": code(&secret, -1)}))
+        .json(&json!({"code": code(server, &secret, -1)}))
         .send()
         .await;
     assert_eq!(response.status, 204, "{}", response.text());
@@ -89,8 +87,8 @@ async fn enrolled(server: &TestServer, name: &str) -> (Creds, Vec<u8>) {
 
 #[tokio::test]
 async fn an_enrolled_user_needs_a_fresh_code_to_log_in() {
-    fresh_step(10).await;
     let server = TestServer::start().await;
+    fresh_step(&server, 10);
     let (alice, secret) = enrolled(&server, "alice").await;
 
     // Password alone: 401 asking for the code, for login and for plain Basic calls.
@@ -105,7 +103,7 @@ async fn an_enrolled_user_needs_a_fresh_code_to_log_in() {
     response.assert_problem(401);
 
     // A wrong code, then the right one.
-    let wrong = if code(&secret, 0) == "000000" {
+    let wrong = if code(&server, &secret, 0) == "000000" {
         "000001"
     } else {
         "000000"
@@ -113,7 +111,7 @@ async fn an_enrolled_user_needs_a_fresh_code_to_log_in() {
     login_with_code(&server, &alice, wrong)
         .await
         .assert_problem(401);
-    let current = code(&secret, 0);
+    let current = code(&server, &secret, 0);
     let response = login_with_code(&server, &alice, &current).await;
     assert_eq!(response.status, 201, "{}", response.text());
     assert_eq!(response.json()["amr"], json!(["pwd", "otp"]));
@@ -130,7 +128,7 @@ async fn an_enrolled_user_needs_a_fresh_code_to_log_in() {
         .await
         .assert_problem(401);
     // The next step's code works once; after it, the older current code is refused too.
-    let next = code(&secret, 1);
+    let next = code(&server, &secret, 1);
     assert_eq!(login_with_code(&sibling, &alice, &next).await.status, 201);
     login_with_code(&server, &alice, &next)
         .await
@@ -139,8 +137,8 @@ async fn an_enrolled_user_needs_a_fresh_code_to_log_in() {
 
 #[tokio::test]
 async fn enrolment_rules() {
-    fresh_step(10).await;
     let server = TestServer::start().await;
+    fresh_step(&server, 10);
     let bob = server.register("bob").await;
     let token = server.login(&bob).await;
 
@@ -174,8 +172,8 @@ async fn enrolment_rules() {
             .status,
         201
     );
-    assert_eq!(confirm(code(&secret, 0)).await.status, 204);
-    confirm(code(&secret, 0)).await.assert_problem(409);
+    assert_eq!(confirm(code(&server, &secret, 0)).await.status, 204);
+    confirm(code(&server, &secret, 0)).await.assert_problem(409);
 
     // Replacing an active secret needs a token that proved a code.
     let pwd_only = server
@@ -189,7 +187,7 @@ async fn enrolment_rules() {
         body["type"],
         "tag:paygate.dev,2026:problem:second-factor-required"
     );
-    let with_otp = login_with_code(&server, &bob, &code(&secret, 1)).await;
+    let with_otp = login_with_code(&server, &bob, &code(&server, &secret, 1)).await;
     let otp_token = with_otp.json()["token"].as_str().unwrap().to_owned();
     let response = server
         .client
@@ -209,10 +207,10 @@ async fn enrolment_rules() {
 
 #[tokio::test]
 async fn wrong_codes_spend_the_guess_budget() {
-    fresh_step(10).await;
     let server = TestServer::start_with(&[("guess-limit", "3/hour burst=3")]).await;
+    fresh_step(&server, 10);
     let (carol, secret) = enrolled(&server, "carol").await;
-    let right = code(&secret, 0);
+    let right = code(&server, &secret, 0);
     let wrong = if right == "111111" {
         "222222"
     } else {
@@ -231,10 +229,10 @@ async fn wrong_codes_spend_the_guess_budget() {
 
 #[tokio::test]
 async fn large_payments_need_a_second_factor() {
-    fresh_step(10).await;
     let server = TestServer::start_with(&[("step-up-amount", "100000")]).await;
+    fresh_step(&server, 10);
     let (dave, secret) = enrolled(&server, "dave").await;
-    let response = login_with_code(&server, &dave, &code(&secret, 0)).await;
+    let response = login_with_code(&server, &dave, &code(&server, &secret, 0)).await;
     let otp_token = response.json()["token"].as_str().unwrap().to_owned();
     let response = server
         .client
@@ -304,8 +302,8 @@ fn stored_secret(data: &std::path::Path, user: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_sealed_at_rest_rotated_and_sealed_when_found_plain() {
-    fresh_step(20).await;
     let server = TestServer::start().await;
+    fresh_step(&server, 20);
     let data = server.data_dir();
     let (alice, secret) = enrolled(&server, "alice").await;
     // A copy of the database alone holds no secret: sealed, bound to the user.
@@ -330,7 +328,7 @@ async fn secrets_are_sealed_at_rest_rotated_and_sealed_when_found_plain() {
     assert_ne!(resealed, sealed);
     let keys = std::fs::read_to_string(data.join("totp.key")).unwrap();
     assert_eq!(keys.lines().count(), 2, "the new key and the one before it");
-    let response = login_with_code(&server, &alice, &code(&secret, 0)).await;
+    let response = login_with_code(&server, &alice, &code(&server, &secret, 0)).await;
     assert_eq!(response.status, 201, "{}", response.text());
 
     // A secret stored plain (by a paygate from before sealing) is sealed at the next start.
@@ -347,7 +345,7 @@ async fn secrets_are_sealed_at_rest_rotated_and_sealed_when_found_plain() {
         .await;
     let now_sealed = stored_secret(&data, "bob");
     assert_ne!(now_sealed.len(), 20);
-    let response = login_with_code(&server, &bob, &code(&bob_secret, 0)).await;
+    let response = login_with_code(&server, &bob, &code(&server, &bob_secret, 0)).await;
     assert_eq!(response.status, 201, "{}", response.text());
 
     // With another data directory's key, nothing starts: the secrets would not open.

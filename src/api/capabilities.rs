@@ -27,7 +27,7 @@ use crate::identity::{capability_use, Principal};
 use crate::store::{
     Capability, CapabilityInsert, Membership, NewCapability, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
 };
-use crate::time::{format_rfc3339_millis, now_millis};
+use crate::time::format_rfc3339_millis;
 use crate::tokens::capability;
 
 #[derive(Deserialize)]
@@ -100,7 +100,7 @@ fn expires_in(app: &App, seconds: u64) -> Result<i64, ApiError> {
     if !(1..=max).contains(&seconds) {
         return Err(Invalid::new("expires_in", format!("must be from 1 to {max} seconds")).into());
     }
-    Ok(now_millis() + i64::try_from(seconds).unwrap_or(0) * 1000)
+    Ok(app.clock.now_millis() + i64::try_from(seconds).unwrap_or(0) * 1000)
 }
 
 async fn store_new(app: &App, new: NewCapability) -> Result<(Capability, String), ApiError> {
@@ -192,7 +192,7 @@ pub async fn derive(
         .ok_or_else(invalid)?;
     // The parent as it would authenticate now: not revoked (nor any of its ancestors),
     // not expired, its minter enabled, and worth no more than the minter still holds.
-    let usable = capability_use(&parent, now_millis()).map_err(|_| invalid())?;
+    let usable = capability_use(&parent, app.clock.now_millis()).map_err(|_| invalid())?;
     let parent = parent.capability;
     if !perms.is_subset_of(usable.perms) {
         return Err(ApiError::Forbidden(format!(

@@ -27,6 +27,7 @@ pub async fn login(app: &App, principal: &Principal) -> Result<Response<Body>, A
             principal.user_id,
             &principal.username,
             principal.amr,
+            app.clock.now_millis(),
         )
         .await
         .map_err(|e| match e {

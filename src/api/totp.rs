@@ -66,7 +66,7 @@ pub async fn confirm(
         ));
     };
     let guess = app.limiter.reserve_guess(&principal.username).await?;
-    let now_s = crate::time::now_millis() / 1000;
+    let now_s = app.clock.now_s();
     let Some(step) = totp::matching_step(&pending, &body.code, now_s) else {
         return Err(Invalid::new(
             "code",

@@ -20,7 +20,7 @@ use crate::domain::Username;
 use crate::http::ApiError;
 use crate::identity::Identity;
 use crate::routes::Route;
-use crate::time::{now_millis, with_rfc3339_millis};
+use crate::time::with_rfc3339_millis;
 
 /// Query parameters whose values are never written anywhere.
 const SECRET_PARAMETERS: &[&str] = &["access_token", "token", "password", "code", "secret"];
@@ -146,7 +146,7 @@ pub async fn record_request(
             Some(reason.as_str()),
         ),
     };
-    let durable = with_rfc3339_millis(now_millis(), |time| {
+    let durable = with_rfc3339_millis(app.clock.now_millis(), |time| {
         app.audit.append_durably(&RequestRecord {
             time,
             phase: "request",
@@ -181,7 +181,7 @@ impl Audited {
         let mut id = Uuid::encode_buffer();
         let request_id = self.request_id.hyphenated().encode_lower(&mut id);
         let duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        with_rfc3339_millis(now_millis(), |time| {
+        with_rfc3339_millis(app.clock.now_millis(), |time| {
             app.audit.append(&ResponseRecord {
                 time,
                 phase: "response",

@@ -46,7 +46,7 @@ pub async fn handle(
     // The credentials offered, parsed once (a JWT's signature is checked here, in memory):
     // the rate limit keys on the user they name.
     let query = request.uri().query();
-    let credentials = Credentials::read(request.headers(), query, &app.tokens, now_s());
+    let credentials = Credentials::read(request.headers(), query, &app.tokens, app.clock.now_s());
     // Rate limit: first, so a flood costs no hashing, no logging and no database work.
     let (method, path) = (request.method(), request.uri().path());
     let user = credentials.rate_limit_user(&app.cache);
@@ -135,10 +135,6 @@ fn answer(
     response
 }
 
-fn now_s() -> i64 {
-    crate::time::now_millis() / 1000
-}
-
 #[cfg(test)]
 mod tests {
     //! The order of the stages, observed from outside: what a request is told reveals which
@@ -177,7 +173,7 @@ mod tests {
         }
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
-        let app = App::open(config).unwrap();
+        let app = App::open(config, crate::time::Clock::system()).unwrap();
         let user = NewUser {
             username: Username::parse("username", "alice").unwrap(),
             password_hash: hash_blocking("alice password 1").unwrap(),

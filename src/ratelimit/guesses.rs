@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
-use super::{ceil_secs, Clock, Quota, Verdict, GUESS_POLICY, OVERFLOW_KEY};
+use super::{ceil_secs, Quota, Verdict, GUESS_POLICY, OVERFLOW_KEY};
 use crate::store::{RateStore, StoreError};
+use crate::time::Clock;
 use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 
 /// Password checks per username that may hold a reservation at once, across every process.
@@ -44,7 +45,7 @@ pub struct GuessBudget {
     store: RateStore,
     /// This process's name on its leases in `ratelimit.db`.
     holder: String,
-    clock: Arc<dyn Clock>,
+    clock: Clock,
     /// The limiter's overflow flag: new keys share one bucket while the table is full.
     overflow: Arc<AtomicBool>,
     /// Reservations in flight in this process, by bucket key. Changed only inside a
@@ -123,7 +124,7 @@ impl GuessBudget {
         policy: HeaderValue,
         store: RateStore,
         holder: String,
-        clock: Arc<dyn Clock>,
+        clock: Clock,
         overflow: Arc<AtomicBool>,
     ) -> GuessBudget {
         GuessBudget {

@@ -57,6 +57,7 @@ use tokio::sync::Semaphore;
 
 use crate::decimal::push_decimal;
 use crate::store::{RateStore, StoreError};
+use crate::time::Clock;
 use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
 use rules::{KeyKind, Rule};
 
@@ -88,24 +89,6 @@ pub fn password_check_rule(limit: &str) -> Result<Rule, rules::RuleError> {
     Ok(rule)
 }
 const OVERFLOW_KEY: &str = "overflow";
-
-/// Where time comes from; tests inject their own.
-pub trait Clock: Send + Sync {
-    /// Nanoseconds since the Unix epoch.
-    fn now_ns(&self) -> i64;
-}
-
-/// The system clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ns(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-            .unwrap_or(0)
-    }
-}
 
 /// A policy's state as reported to the client in `RateLimit`/`RateLimit-Policy`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +201,7 @@ pub struct Limiter {
     /// The per-address password-check budget; `None` when disabled.
     password_checks: Option<Rule>,
     store: RateStore,
-    clock: Arc<dyn Clock>,
+    clock: Clock,
     /// This process's name on its leases in `ratelimit.db` (random per start).
     holder: String,
     local: Mutex<HashMap<LocalKey, Local>>,
@@ -296,7 +279,7 @@ impl Limiter {
         guess_limit: Option<Limit>,
         password_checks: Option<Rule>,
         store: RateStore,
-        clock: Arc<dyn Clock>,
+        clock: Clock,
     ) -> Self {
         let holder = uuid::Uuid::new_v4().to_string();
         let overflow = Arc::new(AtomicBool::new(false));
@@ -605,28 +588,12 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
-
-    /// A clock the test moves by hand.
-    struct ManualClock(AtomicI64);
-
-    impl Clock for ManualClock {
-        fn now_ns(&self) -> i64 {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-
-    impl ManualClock {
-        fn advance(&self, ns: i64) {
-            self.0.fetch_add(ns, Ordering::SeqCst);
-        }
-    }
 
     const T0: i64 = 1_800_000_000 * NS_PER_SEC;
 
     struct Fixture {
         dir: std::path::PathBuf,
-        clock: Arc<ManualClock>,
+        clock: Clock,
     }
 
     impl Drop for Fixture {
@@ -638,7 +605,7 @@ mod tests {
     fn fixture() -> Fixture {
         Fixture {
             dir: std::env::temp_dir().join(format!("paygate-limiter-{}", uuid::Uuid::new_v4())),
-            clock: Arc::new(ManualClock(AtomicI64::new(T0))),
+            clock: Clock::manual(T0),
         }
     }
 
@@ -702,12 +669,12 @@ mod tests {
             "exactly the burst at one instant"
         );
         // 62.5 ms later five tokens have refilled: no more than five get through.
-        f.clock.advance(62_500_000);
+        f.clock.advance_ns(62_500_000);
         assert_eq!(admissions(&[&a, &b, &c], 100).await, 5);
         // After a long idle the bucket is full again and the old leases have expired.
-        f.clock.advance(3600 * NS_PER_SEC);
+        f.clock.advance_ns(3600 * NS_PER_SEC);
         assert_eq!(admissions(&[&a, &b], 1).await, 1);
-        f.clock.advance(NS_PER_SEC / 100);
+        f.clock.advance_ns(NS_PER_SEC / 100);
         assert!(admissions(&[&a, &b, &c], 300).await <= 64);
     }
 
@@ -720,7 +687,7 @@ mod tests {
         assert!(admitted(&a, "/x", None).await);
         // 0.8 s later the shared bucket has refilled those 8 tokens, but a still holds 7:
         // b can have 56, not 64 ...
-        f.clock.advance(800_000_000);
+        f.clock.advance_ns(800_000_000);
         assert_eq!(admissions(&[&b], 100).await, 56);
         // ... and a spends its 7: 64 in all, never 71.
         assert_eq!(admissions(&[&a], 100).await, 7);
@@ -734,7 +701,7 @@ mod tests {
         assert!(admitted(&a, "/x", None).await); // a holds 1 unspent
         assert_eq!(admissions(&[&b], 100).await, 14);
         // 2 s later a's lease has expired and 4 tokens have refilled: exactly those 4 pass.
-        f.clock.advance(2 * NS_PER_SEC);
+        f.clock.advance_ns(2 * NS_PER_SEC);
         assert_eq!(admissions(&[&a, &b], 100).await, 4);
     }
 
@@ -757,7 +724,7 @@ mod tests {
         // The refusal is remembered: even with the store gone, the answer is the same.
         let dir = f.dir.clone();
         std::fs::remove_dir_all(&dir).unwrap();
-        f.clock.advance(10 * NS_PER_SEC);
+        f.clock.advance_ns(10 * NS_PER_SEC);
         let Verdict::Refuse { retry_after_s, .. } =
             l.check(&Method::GET, "/x", IP, None).await.unwrap()
         else {
@@ -853,7 +820,7 @@ mod tests {
         };
         assert_eq!((&*quota.name, retry_after_s), (GUESS_POLICY, 20));
         assert!(l.reserve_guess("bob").await.is_ok(), "per username");
-        f.clock.advance(20 * NS_PER_SEC);
+        f.clock.advance_ns(20 * NS_PER_SEC);
         assert!(l.reserve_guess("alice").await.is_ok(), "refilled one");
     }
 
@@ -925,7 +892,7 @@ mod tests {
             assert!(admitted(&l, "/x", Some(user)).await);
         }
         assert_eq!(l.sweep().await.unwrap(), 3);
-        f.clock.advance(2 * NS_PER_SEC);
+        f.clock.advance_ns(2 * NS_PER_SEC);
         assert_eq!(l.sweep().await.unwrap(), 0);
         assert!(l.local().is_empty());
     }

@@ -108,12 +108,13 @@ impl Store {
         name: String,
         currency: Currency,
     ) -> Result<Account, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let account = Account {
                 id: Uuid::now_v7(),
                 name,
                 currency: currency.as_str().to_owned(),
-                created_at: crate::time::now_millis(),
+                created_at: clock.now_millis(),
             };
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
@@ -242,6 +243,7 @@ impl Store {
         perms: Perms,
         granted_by: i64,
     ) -> Result<MemberUpsert, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let account = account.to_string();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -277,7 +279,7 @@ impl Store {
                     account,
                     perms.to_string(),
                     granted_by,
-                    crate::time::now_millis()
+                    clock.now_millis()
                 ],
             )?;
             tx.commit()?;

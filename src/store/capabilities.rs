@@ -108,9 +108,10 @@ impl Store {
         &self,
         new: NewCapability,
     ) -> Result<CapabilityInsert, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let id = Uuid::new_v4();
-            let now = crate::time::now_millis();
+            let now = clock.now_millis();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (root, depth) = match new.parent_id {
                 None => (id, 0),
@@ -257,6 +258,7 @@ impl Store {
     /// Revokes a capability and every capability derived from it, in one transaction;
     /// returns how many were revoked now.
     pub async fn revoke_capability(&self, id: Uuid) -> Result<usize, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let revoked = tx.execute(
@@ -266,7 +268,7 @@ impl Store {
                      SELECT c.id FROM capabilities c JOIN tree ON c.parent_id = tree.id)
                  UPDATE capabilities SET revoked_at = ?2
                   WHERE id IN (SELECT id FROM tree) AND revoked_at IS NULL",
-                params![id.to_string(), crate::time::now_millis()],
+                params![id.to_string(), clock.now_millis()],
             )?;
             tx.commit()?;
             Ok(revoked)
@@ -283,6 +285,7 @@ impl Store {
         limit: usize,
         before: Option<i64>,
     ) -> Result<Page<Capability>, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let sql = format!(
                 "SELECT {COLUMNS}, c.rowid FROM capabilities c
@@ -293,7 +296,7 @@ impl Store {
             let mut statement = conn.prepare_cached(&sql)?;
             let mut rows = statement.query(params![
                 account.to_string(),
-                crate::time::now_millis(),
+                clock.now_millis(),
                 before.unwrap_or(i64::MAX),
                 limit as i64 + 1
             ])?;

@@ -118,8 +118,9 @@ pub(super) fn store_answer(
 impl Store {
     /// Deletes keys older than the retention period; returns how many.
     pub async fn sweep_idempotency_keys(&self) -> Result<usize, StoreError> {
-        self.run(|conn| {
-            let now = crate::time::now_millis();
+        let clock = self.clock.clone();
+        self.run(move |conn| {
+            let now = clock.now_millis();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let deleted = tx.execute(
                 "DELETE FROM idempotency_keys WHERE created_at < ?1

@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+use crate::time::Clock;
+
 pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
 pub use capabilities::{
@@ -250,6 +252,8 @@ pub struct Store {
     commits: std::sync::Arc<commits::CommitQueue>,
     /// The keys TOTP secrets are sealed under (see `sealing`).
     totp_keys: std::sync::Arc<sealing::TotpKeys>,
+    /// What "now" is for expiry checks and timestamps (the worker's one clock).
+    clock: Clock,
 }
 
 impl Store {
@@ -257,6 +261,11 @@ impl Store {
     /// Fails with a message naming the path when the directory is unusable or the database
     /// was written by a newer paygate.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_clock(data_dir, Clock::system())
+    }
+
+    /// [`Store::open`] reading the time from `clock`.
+    pub fn open_with_clock(data_dir: &Path, clock: Clock) -> Result<Store, StoreError> {
         ensure_data_dir(data_dir)?;
         let path = data_dir.join(MAIN_DB);
         let pool = open_pool(&path, Durability::Full, migrate::MAIN, 8)?;
@@ -281,6 +290,7 @@ impl Store {
             pool,
             commits,
             totp_keys,
+            clock,
         })
     }
 

@@ -113,7 +113,7 @@ pub enum PaymentCreation {
 /// from the newest payment: `created_at` never goes back and ids only grow, in the order
 /// payments commit (which is the order lists show), across every worker — the write lock
 /// serialises their transactions.
-fn stamp(conn: &Connection) -> Result<(Uuid, i64), StoreError> {
+fn stamp(conn: &Connection, now: i64) -> Result<(Uuid, i64), StoreError> {
     let newest: Option<(String, i64)> = conn
         .prepare_cached("SELECT id, created_at FROM payments ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -122,7 +122,7 @@ fn stamp(conn: &Connection) -> Result<(Uuid, i64), StoreError> {
         Some((id, at)) => (Some(parse_uuid(&id)?), at),
         None => (None, i64::MIN),
     };
-    let created_at = crate::time::now_millis().max(last_at);
+    let created_at = now.max(last_at);
     let mut id = uuid_v7_at(created_at);
     if let Some(last) = last_id.filter(|last| id <= *last) {
         // Same millisecond as the newest payment: one more than its id, in the random bits
@@ -161,15 +161,16 @@ impl Store {
         keyed: Option<KeyedRequest>,
         answer: fn(&Payment) -> Result<StoredResponse, StoreError>,
     ) -> Result<PaymentCreation, StoreError> {
+        let clock = self.clock.clone();
         self.commits
             .write(move |conn| {
-                let now = crate::time::now_millis();
+                let now = clock.now_millis();
                 if let Some(keyed) = &keyed {
                     if let Some(earlier) = idempotency::earlier_use(conn, keyed, now)? {
                         return Ok(PaymentCreation::Earlier(earlier));
                     }
                 }
-                (payment.id, payment.created_at) = stamp(conn)?;
+                (payment.id, payment.created_at) = stamp(conn, now)?;
                 let response = answer(&payment)?;
                 if let Some(keyed) = &keyed {
                     idempotency::store_answer(conn, keyed, &response, now)?;
@@ -243,16 +244,13 @@ impl Store {
         account: Uuid,
         id: Uuid,
     ) -> Result<CancelOutcome, StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let changed = tx.execute(
                 "UPDATE payments SET status = 'cancelled', cancelled_at = ?1
                  WHERE account_id = ?2 AND id = ?3 AND status = 'pending'",
-                params![
-                    crate::time::now_millis(),
-                    account.to_string(),
-                    id.to_string()
-                ],
+                params![clock.now_millis(), account.to_string(), id.to_string()],
             )?;
             let outcome = match (changed, one(&tx, account, id)?) {
                 (_, None) => CancelOutcome::NotFound,

@@ -59,6 +59,7 @@ impl Store {
         amr: String,
         expires_at: i64,
     ) -> Result<(), StoreError> {
+        let clock = self.clock.clone();
         self.run(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO sessions (token_hash, user_id, amr, created_at, expires_at)
@@ -68,7 +69,7 @@ impl Store {
                 token_hash,
                 user_id,
                 amr,
-                crate::time::now_millis(),
+                clock.now_millis(),
                 expires_at
             ])?;
             Ok(())
@@ -165,8 +166,9 @@ impl Store {
     /// went. (A capability's descendants never outlive it, so one statement removes whole
     /// expired trees and the parent references stay intact.)
     pub async fn sweep_sessions(&self) -> Result<usize, StoreError> {
-        self.run(|conn| {
-            let now_ms = crate::time::now_millis();
+        let clock = self.clock.clone();
+        self.run(move |conn| {
+            let now_ms = clock.now_millis();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let sessions = tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now_ms])?;
             let revoked = tx.execute(

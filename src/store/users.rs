@@ -65,9 +65,12 @@ fn with_role((mut user, role): (User, Option<String>)) -> Result<User, StoreErro
     Ok(user)
 }
 
-pub(super) fn insert(conn: &mut Connection, new: &NewUser) -> Result<UserInsert, StoreError> {
+pub(super) fn insert(
+    conn: &mut Connection,
+    new: &NewUser,
+    now: i64,
+) -> Result<UserInsert, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = crate::time::now_millis();
     let inserted = tx.execute(
         "INSERT INTO users (username, password_hash, role, created_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (username) DO NOTHING",
@@ -128,12 +131,14 @@ fn disable(conn: &mut Connection, username: &str) -> Result<bool, StoreError> {
 impl Store {
     /// Creates a user unless the name is taken.
     pub async fn create_user(&self, new: NewUser) -> Result<UserInsert, StoreError> {
-        self.run(move |conn| insert(conn, &new)).await
+        let now = self.clock.now_millis();
+        self.run(move |conn| insert(conn, &new, now)).await
     }
 
     /// Creates a user from a synchronous caller (the `user add` command).
     pub fn create_user_blocking(&self, new: &NewUser) -> Result<UserInsert, StoreError> {
-        self.run_blocking(|conn| insert(conn, new))
+        let now = self.clock.now_millis();
+        self.run_blocking(|conn| insert(conn, new, now))
     }
 
     /// Disables a user (see [`disable`]).

@@ -111,8 +111,8 @@ impl Tokens {
         user_id: i64,
         username: &str,
         amr: &[&str],
+        now_ms: i64,
     ) -> Result<Issued, IssueError> {
-        let now_ms = crate::time::now_millis();
         match self.format {
             TokenFormat::Jwt => Ok(self.sign_jwt(username, amr, now_ms / 1000)),
             TokenFormat::Opaque => {

@@ -46,6 +46,8 @@ pub struct TestServer {
     options: BTreeMap<&'static str, Vec<String>>,
     running: Option<Running>,
     pub client: Client,
+    /// The server's clock: real time, which a test moves forward to make things expire.
+    clock: paygate::time::Clock,
 }
 
 impl TestServer {
@@ -93,9 +95,19 @@ impl TestServer {
     }
 
     async fn launch(dir: TempDir, options: BTreeMap<&'static str, Vec<String>>) -> Self {
+        Self::launch_with_clock(dir, options, paygate::time::Clock::advanceable()).await
+    }
+
+    async fn launch_with_clock(
+        dir: TempDir,
+        options: BTreeMap<&'static str, Vec<String>>,
+        clock: paygate::time::Clock,
+    ) -> Self {
         let no_env = |_: &str| None;
         let config = ServeConfig::resolve(&Sources::new(&options, &no_env)).unwrap();
-        let running = paygate::server::start(config).await.unwrap();
+        let running = paygate::server::start_with_clock(config, clock.clone())
+            .await
+            .unwrap();
         let addr = running.local_addr();
         let client = Client::new(addr, &dir.0.join("server.crt"));
         TestServer {
@@ -104,6 +116,7 @@ impl TestServer {
             options,
             running: Some(running),
             client,
+            clock,
         }
     }
 
@@ -120,7 +133,7 @@ impl TestServer {
         between();
         let dir = TempDir(std::mem::take(&mut self.dir.0));
         let options = std::mem::take(&mut self.options);
-        Self::launch(dir, options).await
+        Self::launch_with_clock(dir, options, self.clock.clone()).await
     }
 
     /// Another server on the same data directory and options, as a second worker would
@@ -138,7 +151,13 @@ impl TestServer {
         for (name, value) in replace {
             options.insert(name, vec![value.to_string()]);
         }
-        Self::launch(dir, options).await
+        Self::launch_with_clock(dir, options, self.clock.clone()).await
+    }
+
+    /// The server's clock (siblings and restarts share it): advance it to make sessions,
+    /// tokens, capabilities and TOTP steps expire without waiting.
+    pub fn clock(&self) -> &paygate::time::Clock {
+        &self.clock
     }
 
     /// The running server itself.

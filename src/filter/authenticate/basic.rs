@@ -67,7 +67,7 @@ pub(super) async fn verify(app: &App, credentials: BasicCredentials) -> Identity
             let Some(code) = code else {
                 return failed(AuthFailure::SecondFactorRequired);
             };
-            let now_s = crate::time::now_millis() / 1000;
+            let now_s = app.clock.now_s();
             let Some(step) = totp::matching_step(secret, &code, now_s) else {
                 return failed(AuthFailure::BadSecondFactor);
             };

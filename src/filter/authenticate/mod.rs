@@ -81,7 +81,7 @@ async fn resolve_capability(app: &App, hash: [u8; 32]) -> Identity {
         Ok(None) => return failed(AuthFailure::UnknownCapability),
         Ok(Some(state)) => state,
     };
-    match capability_use(&state, crate::time::now_millis()) {
+    match capability_use(&state, app.clock.now_millis()) {
         Ok(capability) => Identity::Capability(capability),
         Err(reason) => failed(reason),
     }
@@ -95,8 +95,7 @@ async fn reverify_after_key_reload(app: &App, token: String) -> Result<Claims, J
     if !reloaded.unwrap_or(false) {
         return Err(JwtRejection::UnknownKey);
     }
-    app.tokens
-        .verify_jwt(&token, crate::time::now_millis() / 1000)
+    app.tokens.verify_jwt(&token, app.clock.now_s())
 }
 
 async fn resolve_jwt(app: &App, claims: Claims) -> Identity {
@@ -156,7 +155,7 @@ async fn resolve_session(app: &App, hash: [u8; 32]) -> Identity {
         Ok(Some(row)) => row,
     };
     let claimed = Some(row.subject.username.clone());
-    if row.expires_at <= crate::time::now_millis() {
+    if row.expires_at <= app.clock.now_millis() {
         return failed(claimed, AuthFailure::ExpiredSession);
     }
     if row.subject.disabled {
