@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
-use super::{ceil_secs, Quota, Verdict, GUESS_POLICY, OVERFLOW_KEY};
+use super::{ceil_secs, Limiter, Quota, Refusal, Verdict, GUESS_POLICY, OVERFLOW_KEY};
 use crate::store::{RateStore, StoreError};
 use crate::time::Clock;
 use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
@@ -270,5 +270,51 @@ impl GuessBudget {
         })
         .await
         .map_err(|_| StoreError::TaskFailed)?
+    }
+}
+
+impl Limiter {
+    /// The same limiter whose password-guess reservations wait up to `patience` for checks
+    /// in flight (tests on a loaded machine).
+    pub fn with_guess_patience(self, patience: Duration) -> Self {
+        if let Some(budget) = &self.guesses {
+            budget.set_patience(patience);
+        }
+        self
+    }
+
+    /// Reserves one password guess for `username` before its password is checked (see
+    /// `guesses`): waits while checks for that username are in flight, and is refused only
+    /// when its budget was spent by failures, so no hash is computed then. `None` when the
+    /// guess budget is disabled.
+    pub async fn reserve_guess(&self, username: &str) -> Result<Option<GuessTicket>, Refusal> {
+        match &self.guesses {
+            None => Ok(None),
+            Some(budget) => match budget.reserve(username).await? {
+                Ok(ticket) => Ok(Some(ticket)),
+                Err(verdict) => verdict.admitted().map(|_| None),
+            },
+        }
+    }
+
+    /// Gives a reserved guess back, if one was reserved: the secret was right. A failure is
+    /// logged only, as it just leaves the budget stricter.
+    pub async fn give_back_guess(&self, ticket: Option<GuessTicket>) {
+        if let Some(ticket) = ticket {
+            if let Err(e) = self.refund_guess(ticket).await {
+                log::warn!("could not refund a password-guess token: {e}");
+            }
+        }
+    }
+
+    /// Gives a reserved guess back: the password was right. (This returns the one token the
+    /// check reserved; it never refills the budget beyond that.)
+    pub async fn refund_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
+        ticket.refund().await
+    }
+
+    /// Ends a reservation without a refund: the password was wrong.
+    pub async fn release_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
+        ticket.release().await
     }
 }

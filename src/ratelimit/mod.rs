@@ -40,11 +40,17 @@
 //! it back under the cap. IPv6 clients are keyed by their /64, which is what one
 //! subscriber is usually given.
 
+mod delay;
 mod guesses;
+mod leases;
+mod quota;
 pub mod rules;
+mod sweep;
 
 use guesses::GuessBudget;
 pub use guesses::{GuessTicket, GUESS_CONCURRENCY};
+use leases::{Local, LocalKey, LEASE_TTL_NS, REFRESH_STRIPES};
+pub use quota::Quota;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -52,13 +58,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http::{HeaderValue, Method};
+use http::Method;
 use tokio::sync::Semaphore;
 
-use crate::decimal::push_decimal;
 use crate::store::{RateStore, StoreError};
 use crate::time::Clock;
-use crate::token_bucket::{Limit, Take, TokenBucket, NS_PER_SEC};
+use crate::token_bucket::{Limit, TokenBucket, NS_PER_SEC};
 use rules::{KeyKind, Rule};
 
 /// Entries in a process's local map at most.
@@ -89,36 +94,6 @@ pub fn password_check_rule(limit: &str) -> Result<Rule, rules::RuleError> {
     Ok(rule)
 }
 const OVERFLOW_KEY: &str = "overflow";
-
-/// A policy's state as reported to the client in `RateLimit`/`RateLimit-Policy`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Quota {
-    /// The `RateLimit-Policy` field, e.g. `"post-users";q=5;w=3600`.
-    pub policy: HeaderValue,
-    /// The policy name.
-    pub name: Arc<str>,
-    /// Whole tokens left (approximate by at most one lease on multi-process setups).
-    pub remaining: u32,
-    /// Seconds until the bucket is full again, or until the next token when refused.
-    pub reset_s: u64,
-}
-
-impl Quota {
-    /// The `RateLimit` field value, `"name";r=<remaining>;t=<seconds>` — built by hand, as
-    /// it is on every admitted response.
-    pub fn header(&self) -> HeaderValue {
-        let mut out = Vec::with_capacity(self.name.len() + 32);
-        out.push(b'"');
-        out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(b"\";r=");
-        push_decimal(&mut out, u64::from(self.remaining));
-        out.extend_from_slice(b";t=");
-        push_decimal(&mut out, self.reset_s);
-        // Names are [a-z0-9-] and the rest is digits and punctuation: always valid.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(out))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
-    }
-}
 
 /// The limiter's verdict on one request.
 #[derive(Debug)]
@@ -161,38 +136,6 @@ impl Verdict {
     }
 }
 
-/// A lease of tokens taken from the shared bucket.
-#[derive(Debug, Clone, Copy)]
-struct Lease {
-    /// The holder stops spending at this instant; the store stops holding the tokens back.
-    expires_at: i64,
-    size: u32,
-    used: u32,
-}
-
-impl Lease {
-    /// Unspent tokens this process may still use at `now`.
-    fn usable(&self, now: i64) -> u32 {
-        if now < self.expires_at {
-            self.size - self.used
-        } else {
-            0
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Local {
-    lease: Option<Lease>,
-    /// Refuse locally until then: the shared bucket has no token before.
-    refused_until: i64,
-    /// Whole tokens the shared bucket held at our last visit, for `RateLimit: r=`.
-    shared_left: u32,
-}
-
-/// Index into the local map: rule position and key.
-type LocalKey = (usize, BucketKey);
-
 /// The rate limiter of one process.
 pub struct Limiter {
     rules: Vec<Rule>,
@@ -213,27 +156,6 @@ pub struct Limiter {
     stripe_hasher: std::collections::hash_map::RandomState,
     /// Set by the sweeper when the table holds more than [`MAX_ROWS`] rows.
     overflow: Arc<AtomicBool>,
-}
-
-/// How long a lease lives (and holds its tokens back from other processes).
-const LEASE_TTL_NS: i64 = NS_PER_SEC;
-/// Keys are spread over this many refresh locks.
-const REFRESH_STRIPES: usize = 64;
-
-/// How many tokens one lease takes: an eighth of the burst (so one process can only hold a
-/// small part of a bucket) and no more than refills during the lease's life; at least one.
-fn lease_size(limit: Limit) -> u32 {
-    let refill = u32::try_from(LEASE_TTL_NS / limit.interval_ns).unwrap_or(u32::MAX);
-    refill.min(limit.burst / 8).max(1)
-}
-
-/// Holds back what other processes' live leases hold: the bucket may not contain more than
-/// the burst less those tokens. Persisting this floor is what keeps "tokens in the bucket +
-/// tokens in leases ≤ burst" true when the bucket has refilled while leases were out.
-fn hold_back(bucket: &mut TokenBucket, limit: Limit, held_by_others: u32, now: i64) {
-    let floor = i128::from(now) + i128::from(limit.interval_ns) * i128::from(held_by_others);
-    let floor = i64::try_from(floor).unwrap_or(i64::MAX);
-    bucket.full_at = bucket.full_at.max(floor);
 }
 
 fn ceil_secs(ns: i64) -> u64 {
@@ -383,210 +305,11 @@ impl Limiter {
             retry_after_s,
         }
     }
-
-    /// Answers from this process's memory alone, when it can.
-    fn decide_locally(&self, key: &LocalKey, rule: &Rule, now: i64) -> Option<Verdict> {
-        let mut map = self.local();
-        let entry = map.get_mut(key)?;
-        if let Some(lease) = entry.lease.as_mut() {
-            let usable = lease.usable(now);
-            if usable > 0 {
-                lease.used += 1;
-                let remaining = usable - 1 + entry.shared_left;
-                // Seconds until the tokens not left would have refilled.
-                let missing = rule.limit.burst.saturating_sub(remaining);
-                let reset = i64::from(missing).saturating_mul(rule.limit.interval_ns);
-                return Some(Verdict::Admit(Some(self.quota(rule, remaining, reset))));
-            }
-        }
-        (now < entry.refused_until).then(|| self.refuse(rule, entry.refused_until - now))
-    }
-
-    async fn check_leased(
-        &self,
-        index: usize,
-        rule: &Rule,
-        key: BucketKey,
-    ) -> Result<Verdict, StoreError> {
-        let limit = rule.limit;
-        let local_key = (index, key);
-        if let Some(verdict) = self.decide_locally(&local_key, rule, self.clock.now_ns()) {
-            return Ok(verdict);
-        }
-        // One refresh per key at a time; whoever waited here may find a fresh lease.
-        let stripe = std::hash::BuildHasher::hash_one(&self.stripe_hasher, &local_key);
-        let _refreshing = self.refresh_locks[(stripe % REFRESH_STRIPES as u64) as usize]
-            .lock()
-            .await;
-        if let Some(verdict) = self.decide_locally(&local_key, rule, self.clock.now_ns()) {
-            return Ok(verdict);
-        }
-        let size = lease_size(limit);
-        let now = self.clock.now_ns();
-        let (granted, bucket) = self
-            .step(
-                rule.name.to_string(),
-                local_key.1.to_string(),
-                move |b, held_by_others| {
-                    hold_back(b, limit, held_by_others, now);
-                    let granted = b.take_up_to(limit, now, size);
-                    (granted, (granted, *b))
-                },
-            )
-            .await?;
-        let mut map = self.local();
-        if map.len() >= MAX_LOCAL_KEYS && !map.contains_key(&local_key) {
-            map.retain(|_, e| e.refused_until > now || e.lease.is_some_and(|l| l.usable(now) > 0));
-            if map.len() >= MAX_LOCAL_KEYS {
-                map.clear();
-            }
-        }
-        let entry = map.entry(local_key).or_default();
-        entry.shared_left = bucket.whole_tokens(limit, now);
-        if granted == 0 {
-            let retry = bucket.wait_for_token(limit, now);
-            entry.refused_until = now.saturating_add(retry);
-            return Ok(self.refuse(rule, retry));
-        }
-        entry.refused_until = 0;
-        entry.lease = Some(Lease {
-            expires_at: now.saturating_add(LEASE_TTL_NS),
-            size: granted,
-            used: 1,
-        });
-        let remaining = granted - 1 + entry.shared_left;
-        Ok(Verdict::Admit(Some(self.quota(
-            rule,
-            remaining,
-            bucket.time_to_full(now),
-        ))))
-    }
-
-    async fn check_with_delay(
-        &self,
-        rule: &Rule,
-        key: BucketKey,
-        delay: Duration,
-    ) -> Result<Verdict, StoreError> {
-        let limit = rule.limit;
-        let now = self.clock.now_ns();
-        // Waiting is bounded: without a waiter slot, an over-limit request is refused at once.
-        let permit = self.waiters.clone().try_acquire_owned().ok();
-        let max_wait = if permit.is_some() {
-            i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX)
-        } else {
-            0
-        };
-        let (take, bucket) = self
-            .step(
-                rule.name.to_string(),
-                key.to_string(),
-                move |b, held_by_others| {
-                    hold_back(b, limit, held_by_others, now);
-                    (0, (b.take(limit, now, max_wait), *b))
-                },
-            )
-            .await?;
-        match take {
-            Take::Denied { retry_ns } => Ok(self.refuse(rule, retry_ns)),
-            Take::Granted { wait_ns } => {
-                if wait_ns > 0 {
-                    tokio::time::sleep(Duration::from_nanos(u64::try_from(wait_ns).unwrap_or(0)))
-                        .await;
-                }
-                drop(permit);
-                let remaining = bucket.whole_tokens(limit, now.saturating_add(wait_ns));
-                Ok(Verdict::Admit(Some(self.quota(
-                    rule,
-                    remaining,
-                    bucket.time_to_full(now),
-                ))))
-            }
-        }
-    }
-
-    /// Charges one password check to the client's address (before any hashing): refused
-    /// while that address has spent its budget, whatever usernames it tries.
-    pub async fn check_password_budget(&self, client: IpAddr) -> Result<Verdict, StoreError> {
-        match &self.password_checks {
-            None => Ok(Verdict::Admit(None)),
-            // Its own slot in the local map: after every rule's.
-            Some(rule) => {
-                self.check_leased(self.rules.len(), rule, ip_key(client))
-                    .await
-            }
-        }
-    }
-
-    /// The same limiter whose password-guess reservations wait up to `patience` for checks
-    /// in flight (tests on a loaded machine).
-    pub fn with_guess_patience(self, patience: Duration) -> Self {
-        if let Some(budget) = &self.guesses {
-            budget.set_patience(patience);
-        }
-        self
-    }
-
-    /// Reserves one password guess for `username` before its password is checked (see
-    /// `guesses`): waits while checks for that username are in flight, and is refused only
-    /// when its budget was spent by failures, so no hash is computed then. `None` when the
-    /// guess budget is disabled.
-    pub async fn reserve_guess(&self, username: &str) -> Result<Option<GuessTicket>, Refusal> {
-        match &self.guesses {
-            None => Ok(None),
-            Some(budget) => match budget.reserve(username).await? {
-                Ok(ticket) => Ok(Some(ticket)),
-                Err(verdict) => verdict.admitted().map(|_| None),
-            },
-        }
-    }
-
-    /// Gives a reserved guess back, if one was reserved: the secret was right. A failure is
-    /// logged only, as it just leaves the budget stricter.
-    pub async fn give_back_guess(&self, ticket: Option<GuessTicket>) {
-        if let Some(ticket) = ticket {
-            if let Err(e) = self.refund_guess(ticket).await {
-                log::warn!("could not refund a password-guess token: {e}");
-            }
-        }
-    }
-
-    /// Gives a reserved guess back: the password was right. (This returns the one token the
-    /// check reserved; it never refills the budget beyond that.)
-    pub async fn refund_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
-        ticket.refund().await
-    }
-
-    /// Ends a reservation without a refund: the password was wrong.
-    pub async fn release_guess(&self, ticket: GuessTicket) -> Result<(), StoreError> {
-        ticket.release().await
-    }
-
-    /// Deletes full buckets and updates the overflow flag; returns the rows left.
-    pub async fn sweep(&self) -> Result<u64, StoreError> {
-        let store = self.store.clone();
-        let now = self.clock.now_ns();
-        let rows = tokio::task::spawn_blocking(move || store.sweep(now))
-            .await
-            .map_err(|_| StoreError::TaskFailed)??;
-        let overflowing = rows > MAX_ROWS;
-        if overflowing != self.overflow.swap(overflowing, Ordering::Relaxed) {
-            if overflowing {
-                log::warn!("rate-limit table holds {rows} buckets (cap {MAX_ROWS}): new keys share an overflow bucket per rule");
-            } else {
-                log::info!("rate-limit table back under its cap ({rows} buckets)");
-            }
-        }
-        let mut map = self.local();
-        map.retain(|_, entry| {
-            entry.refused_until > now || entry.lease.is_some_and(|l| l.usable(now) > 0)
-        });
-        Ok(rows)
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::leases::lease_size;
     use super::*;
 
     const T0: i64 = 1_800_000_000 * NS_PER_SEC;
