@@ -220,12 +220,7 @@ async fn serve(
         crate::ratelimit::SWEEP_EVERY,
         sweep_rate_limits,
     );
-    every(
-        &mut background,
-        &app,
-        SESSION_SWEEP_INTERVAL,
-        sweep_sessions,
-    );
+    every(&mut background, &app, SESSION_SWEEP_INTERVAL, sweep_expired);
     every(
         &mut background,
         &app,
@@ -535,8 +530,8 @@ async fn sweep_rate_limits(app: Arc<App>) {
 
 /// Deletes expired sessions, revocations and capabilities (they are refused by their
 /// expiry anyway; this only keeps the tables small).
-async fn sweep_sessions(app: Arc<App>) {
-    match app.store.sweep_sessions().await {
+async fn sweep_expired(app: Arc<App>) {
+    match app.store.sweep_expired().await {
         Ok(0) => {}
         Ok(n) => log::info!("deleted {n} expired session(s), revocation(s) and capabilities"),
         Err(e) => log::warn!("sweeping sessions failed: {e}"),

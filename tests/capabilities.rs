@@ -252,7 +252,7 @@ async fn tampered_unknown_and_expired_capabilities_are_refused() {
     w.read_with(&token, &w.payment).await.assert_problem(401);
     w.derive(&token, "r", None).await.assert_problem(401);
     // The sweeper removes expired capabilities (derived ones with them).
-    assert!(w.server.app().store.sweep_sessions().await.unwrap() >= 2);
+    assert!(w.server.app().store.sweep_expired().await.unwrap() >= 2);
     let db = rusqlite::Connection::open(w.server.data_dir().join("paygate.db")).unwrap();
     let left: i64 = db
         .query_row("SELECT count(*) FROM capabilities", [], |r| r.get(0))

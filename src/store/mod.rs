@@ -20,6 +20,8 @@ mod payments;
 mod ratelimit;
 pub mod sealing;
 mod sessions;
+mod sweep;
+mod totp;
 mod users;
 
 use std::fmt;
@@ -41,7 +43,8 @@ pub use data_version::DataVersion;
 pub use idempotency::{EarlierUse, KeyedRequest, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
 pub use ratelimit::RateStore;
-pub use sessions::{SessionRow, Subject, TotpState};
+pub use sessions::{SessionRow, Subject};
+pub use totp::TotpState;
 pub use users::{NewUser, User, UserInsert};
 
 /// File name of the main database inside the data directory.

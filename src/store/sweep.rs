@@ -1,0 +1,75 @@
+//! Deleting what has expired: sessions, JWT revocations and capabilities. They are refused
+//! by their expiry anyway; sweeping only keeps the tables small.
+
+use rusqlite::TransactionBehavior;
+
+use super::{Store, StoreError};
+
+impl Store {
+    /// Deletes expired sessions, JWT revocations and capabilities; returns how many rows
+    /// went. (A capability's descendants never outlive it, so one statement removes whole
+    /// expired trees and the parent references stay intact.)
+    pub async fn sweep_expired(&self) -> Result<usize, StoreError> {
+        let clock = self.clock.clone();
+        self.run(move |conn| {
+            let now_ms = clock.now_millis();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sessions = tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now_ms])?;
+            let revoked = tx.execute(
+                "DELETE FROM revoked_tokens WHERE expires_at <= ?1",
+                [now_ms / 1000],
+            )?;
+            let capabilities =
+                tx.execute("DELETE FROM capabilities WHERE expires_at <= ?1", [now_ms])?;
+            tx.commit()?;
+            Ok(sessions + revoked + capabilities)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Username;
+    use crate::store::test_support::temp_store;
+    use crate::store::{NewUser, UserInsert};
+
+    fn user(store: &Store, name: &str) -> i64 {
+        let new = NewUser {
+            username: Username::parse("username", name).unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        };
+        match store.create_user_blocking(&new).unwrap() {
+            UserInsert::Created(u) => u.id,
+            UserInsert::UsernameTaken => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_removes_only_what_expired() {
+        let (store, dir) = temp_store();
+        let alice = user(&store, "alice");
+        let now = crate::time::now_millis();
+        store
+            .create_session([1; 32], alice, "pwd".into(), now - 1)
+            .await
+            .unwrap();
+        store
+            .create_session([2; 32], alice, "pwd".into(), now + 60_000)
+            .await
+            .unwrap();
+        store
+            .revoke_jti("old".into(), now / 1000 - 1)
+            .await
+            .unwrap();
+        store
+            .revoke_jti("new".into(), now / 1000 + 60)
+            .await
+            .unwrap();
+        assert_eq!(store.sweep_expired().await.unwrap(), 2);
+        assert!(store.session([2; 32]).await.unwrap().is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
