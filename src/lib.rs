@@ -6,29 +6,33 @@
 //!
 //! # Layout
 //!
-//! - [`cli`] and [`config`]: command line and environment → validated settings.
-//! - [`server`]: TCP accept loop, TLS termination, HTTP/1.1 and HTTP/2, graceful drain;
-//!   [`deployment`]: one deployment (data directory) per listening address.
-//! - [`tls`]: rustls configuration (ring provider) and development certificates.
-//! - [`filter`]: the filter chain, one module per stage — [`filter::rate_limit`],
-//!   [`filter::authenticate`], [`filter::access`].
-//! - [`audit`]: the HMAC-chained, group-committed audit log and its verifier.
-//! - [`routes`]: which operations exist and what access each needs.
+//! Bottom layer first; a module uses only modules in layers below its own
+//! (`tests/layers.rs` checks this, `docs/design.md` explains it).
+//!
+//! - Leaves: [`time`] (the one [`time::Clock`] and timestamps), [`decimal`], [`domain`]
+//!   (validated values: usernames, permissions, amounts, ...), [`secret_file`] (private
+//!   files, written atomically), [`client_ip`], [`token_bucket`] (the bucket arithmetic),
+//!   [`systemd`] (`sd_notify`), [`signals`] (the stop signal).
+//! - [`store`]: all SQL, behind the [`store::Store`] type; [`metrics`]: per-worker counters
+//!   and `GET /metrics`; [`cli`]: the command-line grammar.
+//! - [`cache`]: this worker's exact cache of what it read from the store.
+//! - The mechanisms' machinery: [`tokens`] (JWTs and their keys, opaque sessions, TOTP,
+//!   capabilities), [`passwords`] (Argon2id at bounded concurrency), [`audit`] (the
+//!   HMAC-chained, group-committed log and its verifier), [`ratelimit`] (buckets shared
+//!   through SQLite, leases, the rule grammar).
+//! - [`identity`]: who a request is (what authentication labels it with and the grant
+//!   access control issues); [`http`]: the error type and its one mapping to
+//!   problem+json; [`config`]: validated settings.
+//! - [`app`]: the state requests share; [`routes`]: which operations exist and what access
+//!   each needs; [`tls`]: rustls (ring) and development certificates; [`deployment`]: one
+//!   deployment (data directory) per listening address.
 //! - [`api`]: the handlers, one module per resource.
-//! - [`http`]: the error type and its one mapping to problem+json, JSON bodies, headers.
-//! - [`domain`]: validated values (usernames, permissions, amounts, currencies, ...).
-//! - [`passwords`]: Argon2id hashing at bounded concurrency.
-//! - [`tokens`]: JWTs and their keys, opaque session tokens, TOTP, and the exact per-worker
-//!   cache of token state.
-//! - [`ratelimit`]: token buckets shared through SQLite, and the rule grammar.
-//! - [`store`]: all SQL, behind the [`store::Store`] type; [`cache`]: this worker's exact
-//!   cache of what it read there.
-//! - [`supervisor`]: `serve --workers N`: runs, restarts and stops the worker processes.
-//! - [`metrics`]: per-worker counters and `GET /metrics` (Prometheus text).
-//! - [`systemd`]: `sd_notify` (READY, STOPPING) over `$NOTIFY_SOCKET`.
-//! - [`secret_file`]: private (0600) files in the data directory, written atomically.
-//! - [`app`]: the state requests share; [`time`]: timestamps; [`decimal`]: integers as
-//!   digits for hand-built header values and audit lines.
+//! - [`filter`]: the chain in front of them, one module per stage —
+//!   [`filter::rate_limit`], [`filter::authenticate`], [`filter::audit`],
+//!   [`filter::access`].
+//! - [`server`]: TCP accept loop, TLS, HTTP/1.1 and HTTP/2, structured shutdown.
+//! - [`worker`]: one worker process's life (ready, reload, stop); [`supervisor`]:
+//!   `serve --workers N` runs, restarts and rolls the worker processes.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

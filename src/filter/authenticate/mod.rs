@@ -16,8 +16,8 @@
 //! Why a credential failed is kept in the [`Identity`] for the audit log; the client is only
 //! ever told that it failed.
 //!
-//! The header parsing is in [`credentials`]; the password and second-factor check in
-//! [`basic`]; the identity types in [`crate::identity`].
+//! The header parsing is in `credentials`; the password and second-factor check in
+//! `basic`; the identity types in [`crate::identity`].
 
 mod basic;
 mod credentials;
