@@ -90,6 +90,9 @@ for unit in paygate@.service paygate.target; do
   run install -D -m 0644 "$scratch/$unit" "$(staged "/etc/systemd/system/$unit")"
 done
 run install -D -m 0644 "$root/README.md" "$(staged "$PREFIX/share/doc/paygate/README.md")"
+for doc in "$root"/docs/*.md; do
+  run install -D -m 0644 "$doc" "$(staged "$PREFIX/share/doc/paygate/docs/$(basename "$doc")")"
+done
 
 run install -d -m 0750 "$(staged /etc/paygate)" "$(staged /etc/paygate/tls)"
 env_file=$(staged /etc/paygate/paygate.env)

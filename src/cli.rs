@@ -248,7 +248,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "rate-limit",
         env: Some("PAYGATE_RATE_LIMITS"),
         value: "RULE",
-        default: "the rules listed in the README",
+        default: "the rules listed in docs/operating.md",
         help: "Rate-limit rule `METHOD PATH-PREFIX RATE/UNIT burst=N key=ip|user|global \
                [delay=MS]`; repeat for several, first match wins. In the environment, \
                separate rules with `;`. `none` disables rule-based limits.",

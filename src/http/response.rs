@@ -21,7 +21,7 @@ pub fn insert_quota(headers: &mut http::HeaderMap, quota: &Quota) {
 /// Every response body is a complete buffer: paygate's answers are small JSON documents.
 pub type Body = Full<Bytes>;
 
-/// Security headers from DESIGN.md, on every response, success or error.
+/// Security headers (listed in docs/guide.md), on every response, success or error.
 const SECURITY_HEADERS: [(HeaderName, &str); 6] = [
     (
         header::STRICT_TRANSPORT_SECURITY,
