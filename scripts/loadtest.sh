@@ -18,7 +18,9 @@
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
 # drives each scenario with wrk over TLS with keep-alive, and prints requests/s, p50/p99
-# latency and the ratio to the bare responder; the table is also written to $OUT.
+# latency and the ratio to the bare responder; the table is also written to $OUT, and the
+# raw figures to ${OUT%.md}.tsv and ${OUT%.md}-batches.tsv, from which
+# `python3 scripts/plots.py` draws the figures of BENCHMARKS.md.
 # Every server binds 127.0.0.1 only, and every run is bounded by $DURATION.
 set -euo pipefail
 
@@ -424,7 +426,40 @@ for n in 1 2; do
   stop_server
 done
 
+echo "== audit group commit: the JWT read at 4, 16, 64 and 256 connections" >&2
+# What each commit carries as concurrency grows: the server logs its records and commits
+# when it stops ("audit log closed: R records in C commits").
+batches=()
+for c in 4 16 64 256; do
+  start "batch-$c" --rate-limit '* / 1000000/s burst=1000000 key=user'
+  CONNECTIONS=$c measure "jwt-read-c$c" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+  stop_server
+  batches+=("$c $(rps_of "jwt-read-c$c") $(sed -nE 's/.*audit log closed: ([0-9]+) records in ([0-9]+) commits.*/\1 \2/p' "$work/batch-$c.log")")
+done
+
 mkdir -p "$(dirname "$OUT")"
+# The raw figures, for scripts/plots.py: every scenario with the bare responder it is
+# compared with, and the group-commit sweep.
+{
+  printf 'scenario\trps\tp50_ms\tp99_ms\tnon2xx\tcpu_us\tbare\n'
+  for line in "${results[@]}"; do
+    read -r name rps p50 p99 non2xx cpu_us <<<"$line"
+    case $name in
+      bare-*) ref=$name ;;
+      *read*|create*) ref=bare-read ;;
+      *refus*|flood*) ref=bare-refusal ;;
+      *) ref=bare-small ;;
+    esac
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" "$non2xx" "$cpu_us" "$ref"
+  done
+} > "${OUT%.md}.tsv"
+{
+  printf 'connections\trps\trecords\tcommits\tseconds\n'
+  for line in "${batches[@]}"; do
+    read -r c rps records commits <<<"$line"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$rps" "${records:-0}" "${commits:-0}" "${DURATION%s}"
+  done
+} > "${OUT%.md}-batches.tsv"
 {
   echo "# paygate load test, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs"
   echo
@@ -453,5 +488,6 @@ mkdir -p "$(dirname "$OUT")"
   echo "CPU of one core per server thread during the JWT read: $(printf "%s; " "${thread_shares[@]}" | sed "s/; $//")"
   echo "Tokens against Basic (limiter on): JWT $(ratio jwt-read-limiter-on basic-read-limiter-on)x, opaque $(ratio opaque-read-limiter-on basic-read-limiter-on)x"
   echo "Workers (JWT read, per worker in brackets): 1 → $(rps_of jwt-read-workers-1) req/s, 2 → $(rps_of jwt-read-workers-2) ($(awk -v a="$(rps_of jwt-read-workers-2)" 'BEGIN {printf "%.0f", a/2}')), 4 → $(rps_of jwt-read-workers-4) ($(awk -v a="$(rps_of jwt-read-workers-4)" 'BEGIN {printf "%.0f", a/4}')); 2 and 4 against 1: $(ratio jwt-read-workers-2 jwt-read-workers-1), $(ratio jwt-read-workers-4 jwt-read-workers-1); one runtime thread per worker against two: 1 worker $(ratio jwt-read-workers-1 jwt-read-workers-1-multithread), 2 workers $(ratio jwt-read-workers-2 jwt-read-workers-2-multithread)"
+  echo "Audit group commit (JWT read; connections: req/s, records per commit): $(for line in "${batches[@]}"; do read -r c rps records commits <<<"$line"; printf '%s: %s, %s; ' "$c" "$rps" "$(awk -v r="${records:-0}" -v n="${commits:-1}" 'BEGIN {printf "%.1f", r/(n>0?n:1)}')"; done | sed 's/; $//')"
   echo "Resident memory 2 s after the run: limiter-on server $((rss_on / 1024)) MiB (peak during the run $((peak_on / 1024)) MiB), flood server $((rss_flood / 1024)) MiB"
 } | tee "$OUT"
