@@ -54,6 +54,9 @@ cd "$work"
 # the per-address password-check budget (which would refuse them) is off unless a scenario
 # turns it on. Through the environment, so a BASELINE binary without the option starts too.
 export PAYGATE_PASSWORD_CHECK_LIMIT=none
+# For the same reason, the per-address connection cap (32) must not refuse the 128
+# connections of the 4x scenarios.
+export PAYGATE_MAX_CONNECTIONS_PER_CLIENT=1024
 "$paygate" dev-cert >/dev/null
 ca=$work/certs/server.crt
 
