@@ -107,8 +107,15 @@ pub async fn obey<S: Future<Output = ()>>(running: &Running, inputs: Inputs<S>) 
     } = inputs;
     tokio::pin!(stop);
     loop {
+        // In this order when several are ready: a stop wins, and a SIGHUP that arrived
+        // before a command is served before it.
         tokio::select! {
+            biased;
             () = &mut stop => return,
+            Some(()) = hangups.recv() => match running.reload().await {
+                Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
+                Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),
+            },
             command = commands.recv() => match command.as_deref() {
                 Some("reload") => match running.reload().await {
                     Ok(()) => log::info!("reloaded the TLS certificate and signing keys"),
@@ -117,10 +124,6 @@ pub async fn obey<S: Future<Output = ()>>(running: &Running, inputs: Inputs<S>) 
                 Some(other) if other != "stop" => log::warn!("unknown command {other:?}"),
                 // `stop`, or stdin closed: the supervisor is stopping or gone.
                 _ => return,
-            },
-            Some(()) = hangups.recv() => match running.reload().await {
-                Ok(()) => log::info!("SIGHUP: TLS certificate and signing keys reloaded"),
-                Err(e) => log::error!("SIGHUP: {e}; the certificate in use stays"),
             },
         }
     }
