@@ -134,7 +134,7 @@ fn bench_auth(c: &mut Criterion) {
     runtime
         .block_on(store.create_session(hash, user.id, "pwd".into(), i64::MAX))
         .expect("session");
-    let cache = StateCache::open(&dir).expect("cache");
+    let cache = StateCache::open(&dir, Default::default()).expect("cache");
     let claims = jwt::verify(&issued.token, &keys, now, 3600).expect("valid");
     c.bench_function("token_cache/session_hit", |b| {
         b.iter(|| {

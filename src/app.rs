@@ -52,7 +52,7 @@ impl App {
             clock.clone(),
         );
         let metrics = Metrics::new(&audit.instance);
-        let cache = StateCache::open(&config.data_dir)?;
+        let cache = StateCache::open(&config.data_dir, metrics.cache())?;
         Ok(App {
             clock,
             cache,

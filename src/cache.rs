@@ -3,26 +3,34 @@
 //! opaque token, a capability), and what the read path asks for on every request (a
 //! user's grant on an account, a payment).
 //!
-//! Every entry is stamped with the main database's data version ([`DataVersion`]: the WAL
-//! index header, the same change signal as `PRAGMA data_version`) as read before the entry
-//! was fetched. Each use first reads the current version (one `pread` of the WAL index, no
-//! disk I/O, no lock); if anything was committed since — a logout,
-//! a disabled user, a new payment, by any worker — the cache is dropped and refilled from
-//! the database on demand. So a logout, a disabled user, a revoked grant or a cancelled
-//! payment takes effect for the very next request in every worker, and a steady read load
-//! never touches the database (nor hands work to another thread).
+//! Every use first reads the main database's data version ([`DataVersion`]: one `pread` of
+//! the WAL index). When anything was committed since the cache was last current, the
+//! worker reads the change log (`sql/005_changes.sql`: what each commit changed that a
+//! cache may hold, written by triggers in the same transaction) from the last position it
+//! saw, and evicts exactly the entries those changes touch — a logout its session or JWT,
+//! a disabled user everything that depends on them, a changed grant that grant and the
+//! capabilities on its account, a revocation the capabilities on its account, a
+//! cancellation that payment. A new payment, a login, a sweep evict nothing. So every such
+//! change takes effect for the very next request in every worker, and a steady mixed load
+//! keeps what did not change. A worker that fell behind the pruned log drops everything.
+//!
+//! When an entry must be read from the database, concurrent requests for the same key wait
+//! for one read instead of each starting their own.
 //!
 //! Only positive results are cached: a client sending random tokens or ids gets a database
 //! lookup each (behind the rate limiter) but cannot push real entries out.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use uuid::Uuid;
 
+use crate::metrics::CacheMetrics;
 use crate::store::{
-    CapabilityState, DataVersion, Membership, Payment, SessionRow, Store, StoreError, Subject,
+    CapabilityState, Change, ChangesSince, DataVersion, Membership, Payment, SessionRow, Store,
+    StoreError, Subject,
 };
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
@@ -64,23 +72,75 @@ enum Entry {
 struct Entries {
     /// The data version every entry is current for.
     version: i64,
+    /// The change-log position read up to.
+    seen: i64,
     map: HashMap<Key, Entry>,
+}
+
+/// Evicts from `map` what `change` touches; returns how many entries went.
+fn evict(map: &mut HashMap<Key, Entry>, change: &Change) -> usize {
+    let before = map.len();
+    match change {
+        Change::Session(hash) => {
+            map.remove(&Key::Session(*hash));
+        }
+        Change::Jwt(jti) => map.retain(|k, _| !matches!(k, Key::Jwt { jti: j, .. } if j == jti)),
+        // Everything that carries the user's state: their record, their tokens, their
+        // grants, and every capability (a disabled minter disables what they minted).
+        Change::User(id) => map.retain(|k, e| match (k, e) {
+            (Key::User(user), _) | (Key::Membership { user, .. }, _) => user != id,
+            (_, Entry::Jwt((subject, _))) => subject.user_id != *id,
+            (_, Entry::Session(row)) => row.subject.user_id != *id,
+            (_, Entry::Capability(_)) => false,
+            _ => true,
+        }),
+        // The grant, and what capabilities on the account are worth (their minter's grant).
+        Change::Membership { user, account } => map.retain(|k, e| match (k, e) {
+            (Key::Membership { user: u, account: a }, _) => !(u == user && a == account),
+            (_, Entry::Capability(state)) => state.capability.account_id != *account,
+            _ => true,
+        }),
+        // A revocation reaches the capability's whole tree: every capability on the account.
+        Change::Capability { account } => map.retain(|_, e| {
+            !matches!(e, Entry::Capability(state) if state.capability.account_id == *account)
+        }),
+        Change::Payment { account, payment } => {
+            map.remove(&Key::Payment {
+                account: *account,
+                payment: *payment,
+            });
+        }
+        Change::Unknown => map.clear(),
+    }
+    before - map.len()
 }
 
 pub struct StateCache {
     watch: Arc<Mutex<DataVersion>>,
     entries: Mutex<Entries>,
+    /// One catch-up with the change log at a time; the others wait for it.
+    catching_up: tokio::sync::Mutex<()>,
+    /// A turn per key being read from the database: concurrent misses share one read.
+    fetching: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Hits, reads and evictions, for `GET /metrics`.
+    counters: Arc<CacheMetrics>,
 }
 
 impl StateCache {
     /// Opens the version watch on the main database of `data_dir`. Blocking.
-    pub fn open(data_dir: &Path) -> Result<StateCache, StoreError> {
+    pub fn open(data_dir: &Path, counters: Arc<CacheMetrics>) -> Result<StateCache, StoreError> {
+        let watch = DataVersion::open(data_dir)?;
+        let seen = watch.newest_change()?;
         Ok(StateCache {
-            watch: Arc::new(Mutex::new(DataVersion::open(data_dir)?)),
+            watch: Arc::new(Mutex::new(watch)),
             entries: Mutex::new(Entries {
                 version: i64::MIN,
+                seen,
                 map: HashMap::new(),
             }),
+            catching_up: tokio::sync::Mutex::new(()),
+            fetching: Mutex::new(HashMap::new()),
+            counters,
         })
     }
 
@@ -103,13 +163,53 @@ impl StateCache {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The entry for `key` if it is current as of `version`.
-    fn get(&self, version: i64, key: &Key) -> Option<Entry> {
-        let mut entries = self.lock();
-        if version > entries.version {
-            entries.map.clear();
-            entries.version = version;
+    /// Brings the cache up to `version`: reads the change log from the last position seen
+    /// and evicts what it names (or everything, when the log was pruned past that
+    /// position). The log is read after `version` was, so it holds every change up to it.
+    async fn catch_up(&self, version: i64) -> Result<(), StoreError> {
+        if self.lock().version >= version {
+            return Ok(());
         }
+        let _turn = self.catching_up.lock().await;
+        let seen = {
+            let entries = self.lock();
+            if entries.version >= version {
+                return Ok(());
+            }
+            entries.seen
+        };
+        let watch = self.watch.clone();
+        let since = tokio::task::spawn_blocking(move || {
+            watch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .changes_since(seen)
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)??;
+        let mut entries = self.lock();
+        match since {
+            ChangesSince::Changes(changes, last) => {
+                let evicted: usize = changes.iter().map(|c| evict(&mut entries.map, c)).sum();
+                self.counters
+                    .evicted
+                    .fetch_add(evicted as u64, Ordering::Relaxed);
+                entries.seen = last;
+            }
+            ChangesSince::FellBehind(newest) => {
+                log::info!("the change log was pruned past this worker's position: cache dropped");
+                entries.map.clear();
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                entries.seen = newest;
+            }
+        }
+        entries.version = entries.version.max(version);
+        Ok(())
+    }
+
+    /// The entry for `key` if it is current as of `version` (after [`Self::catch_up`]).
+    fn get(&self, version: i64, key: &Key) -> Option<Entry> {
+        let entries = self.lock();
         // An older version (a slow task) neither reads nor writes newer entries.
         if version != entries.version {
             return None;
@@ -125,6 +225,7 @@ impl StateCache {
         }
         if entries.map.len() >= MAX_ENTRIES {
             entries.map.clear();
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
         entries.map.insert(key, entry);
     }
@@ -144,7 +245,8 @@ impl StateCache {
     }
 
     /// [`StateCache::cached`] as of a version the caller read: several lookups of one
-    /// decision (access control's) share one read of the change counter.
+    /// decision (access control's) share one read of the change counter. Concurrent misses
+    /// for one key take turns: the first reads the database, the others find its answer.
     async fn cached_at<T: Clone>(
         &self,
         version: i64,
@@ -153,14 +255,38 @@ impl StateCache {
         into_entry: fn(T) -> Entry,
         fetch: impl std::future::Future<Output = Result<Option<T>, StoreError>>,
     ) -> Result<Option<T>, StoreError> {
+        self.catch_up(version).await?;
         if let Some(hit) = self.get(version, &key).and_then(from_entry) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(hit));
         }
-        let found = fetch.await?;
-        if let Some(value) = &found {
-            self.put(version, key, into_entry(value.clone()));
+        let turn = self
+            .fetching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let found = {
+            let _mine = turn.lock().await;
+            if let Some(hit) = self.get(version, &key).and_then(from_entry) {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(hit))
+            } else {
+                self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+                let found = fetch.await;
+                if let Ok(Some(value)) = &found {
+                    self.put(version, key.clone(), into_entry(value.clone()));
+                }
+                found
+            }
+        };
+        // The last one out removes the turn (the map holds one reference, each waiter one).
+        let mut fetching = self.fetching.lock().unwrap_or_else(PoisonError::into_inner);
+        if Arc::strong_count(&turn) == 2 {
+            fetching.remove(&key);
         }
-        Ok(found)
+        found
     }
 
     /// The user a verified JWT names and whether its `jti` is revoked; `None` if no user
@@ -198,14 +324,12 @@ impl StateCache {
         version: i64,
     ) -> Result<bool, StoreError> {
         let key = Key::User(user_id);
+        self.catch_up(version).await?;
         {
-            let mut entries = self.lock();
-            if version > entries.version {
-                entries.map.clear();
-                entries.version = version;
-            }
+            let entries = self.lock();
             if version == entries.version {
                 if let Some(Entry::User(user)) = entries.map.get(&key) {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(!user.disabled);
                 }
             }
@@ -333,7 +457,7 @@ mod tests {
         let UserInsert::Created(alice) = store.create_user_blocking(&new).unwrap() else {
             unreachable!()
         };
-        let cache = StateCache::open(&dir).unwrap();
+        let cache = StateCache::open(&dir, Default::default()).unwrap();
         let far = crate::time::now_millis() + 60_000;
         store
             .create_session([7; 32], alice.id, "pwd".into(), far)
@@ -364,7 +488,7 @@ mod tests {
     #[tokio::test]
     async fn entries_are_served_from_memory_while_nothing_changes() {
         let (store, dir) = temp_store();
-        let cache = StateCache::open(&dir).unwrap();
+        let cache = StateCache::open(&dir, Default::default()).unwrap();
         assert!(cache
             .jwt_subject(&store, "ghost", "j")
             .await
@@ -392,7 +516,7 @@ mod tests {
             .unwrap()
             .is_some());
         // A stale stamp never writes into a newer cache.
-        cache.get(version + 1, &Key::Session([0; 32]));
+        cache.catch_up(version + 1).await.unwrap();
         cache.put(
             version,
             Key::Session([1; 32]),
@@ -406,7 +530,152 @@ mod tests {
                 false,
             )),
         );
-        assert!(cache.lock().map.is_empty());
+        assert!(!cache.lock().map.contains_key(&Key::Session([1; 32])));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn user(store: &Store, name: &str) -> i64 {
+        let new = NewUser {
+            username: Username::parse("username", name).unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        };
+        match store.create_user_blocking(&new).unwrap() {
+            UserInsert::Created(user) => user.id,
+            UserInsert::UsernameTaken => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_evicts_what_it_names_and_nothing_else() {
+        let (store, dir) = temp_store();
+        let (alice, bob) = (user(&store, "alice"), user(&store, "bob"));
+        let counters = Arc::new(CacheMetrics::default());
+        let cache = StateCache::open(&dir, counters.clone()).unwrap();
+        let far = crate::time::now_millis() + 60_000;
+        for (hash, id) in [([1; 32], alice), ([2; 32], bob)] {
+            store
+                .create_session(hash, id, "pwd".into(), far)
+                .await
+                .unwrap();
+            assert!(cache.session(&store, hash).await.unwrap().is_some());
+        }
+        let fetched = || counters.fetches.load(Ordering::Relaxed);
+        assert_eq!(fetched(), 2);
+        // Commits that change nothing cached: a new user, a new session.
+        user(&store, "carol");
+        store
+            .create_session([3; 32], bob, "pwd".into(), far)
+            .await
+            .unwrap();
+        for hash in [[1; 32], [2; 32]] {
+            assert!(cache.session(&store, hash).await.unwrap().is_some());
+        }
+        assert_eq!(fetched(), 2, "nothing was evicted");
+        // Bob logs out: his session goes, alice's stays.
+        assert!(store.end_session([2; 32]).await.unwrap());
+        assert!(cache.session(&store, [2; 32]).await.unwrap().is_none());
+        assert!(cache.session(&store, [1; 32]).await.unwrap().is_some());
+        assert_eq!(fetched(), 3, "only bob's session was read again");
+        // Alice is disabled: her session ends and her state is read again.
+        assert!(store.disable_user("alice".into()).await.unwrap());
+        assert!(cache.session(&store, [1; 32]).await.unwrap().is_none());
+        assert_eq!(counters.evicted.load(Ordering::Relaxed), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_worker_behind_the_pruned_change_log_drops_everything_and_stays_right() {
+        let (store, dir) = temp_store();
+        let alice = user(&store, "alice");
+        let counters = Arc::new(CacheMetrics::default());
+        let cache = StateCache::open(&dir, counters.clone()).unwrap();
+        let far = crate::time::now_millis() + 60_000;
+        store
+            .create_session([1; 32], alice, "pwd".into(), far)
+            .await
+            .unwrap();
+        assert!(cache.session(&store, [1; 32]).await.unwrap().is_some());
+        // While this worker looks away: the session ends, and the log is pruned past it.
+        assert!(store.end_session([1; 32]).await.unwrap());
+        store
+            .run_blocking(|conn| {
+                conn.execute_batch(
+                    "UPDATE users SET role = 'auditor' WHERE id = 1;
+                     DELETE FROM changes;",
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(cache.session(&store, [1; 32]).await.unwrap().is_none());
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_for_one_key_share_one_read() {
+        let (store, dir) = temp_store();
+        let counters = Arc::new(CacheMetrics::default());
+        let cache = StateCache::open(&dir, counters.clone()).unwrap();
+        let version = cache.version().await.unwrap();
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let subject = Subject {
+            user_id: 1,
+            username: "alice".into(),
+            role: None,
+            disabled: false,
+        };
+        let lookup = || {
+            let fetch = async {
+                reads.fetch_add(1, Ordering::SeqCst);
+                // A read that takes a while: the other lookups queue behind it.
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+                Ok(Some(subject.clone()))
+            };
+            let from = |e| match e {
+                Entry::User(found) => Some(found),
+                _ => None,
+            };
+            cache.cached_at(version, Key::User(1), from, Entry::User, fetch)
+        };
+        let answers = futures_join_all((0..16).map(|_| lookup())).await;
+        assert!(answers.iter().all(|a| a.as_ref().unwrap().is_some()));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(counters.fetches.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.hits.load(Ordering::Relaxed), 15);
+        assert!(
+            cache.fetching.lock().unwrap().is_empty(),
+            "no turn left behind"
+        );
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Polls every future to completion on this task (no extra dependency for join_all).
+    async fn futures_join_all<F: std::future::Future>(
+        futures: impl Iterator<Item = F>,
+    ) -> Vec<F::Output> {
+        let mut pending: Vec<_> = futures.map(Box::pin).collect();
+        let mut done: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut all = true;
+            for (i, future) in pending.iter_mut().enumerate() {
+                if done[i].is_none() {
+                    match future.as_mut().poll(cx) {
+                        std::task::Poll::Ready(out) => done[i] = Some(out),
+                        std::task::Poll::Pending => all = false,
+                    }
+                }
+            }
+            if all {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        done.into_iter().map(|d| d.unwrap()).collect()
     }
 }

@@ -58,7 +58,22 @@ impl AuditMetrics {
 }
 
 /// A worker's request counters.
+/// What this worker's exact cache did (see `cache`): counted there, reported here.
+#[derive(Debug, Default)]
+pub struct CacheMetrics {
+    /// Lookups answered from memory.
+    pub hits: AtomicU64,
+    /// Lookups that read the database (concurrent ones for one key share a read).
+    pub fetches: AtomicU64,
+    /// Entries evicted because the change log named what they depend on.
+    pub evicted: AtomicU64,
+    /// Times the whole cache was dropped: it fell behind the pruned change log, or filled.
+    pub dropped: AtomicU64,
+}
+
 pub struct Metrics {
+    /// What this worker's cache did.
+    cache: std::sync::Arc<CacheMetrics>,
     /// This worker's name in every series (its audit instance).
     instance: String,
     /// When this worker started, in seconds since the epoch.
@@ -84,6 +99,7 @@ fn count<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u64>>, key: K) {
 impl Metrics {
     pub fn new(instance: &str) -> Metrics {
         Metrics {
+            cache: std::sync::Arc::default(),
             instance: instance.to_owned(),
             started_s: crate::time::now_millis() as f64 / 1000.0,
             requests: Mutex::default(),
@@ -92,6 +108,11 @@ impl Metrics {
             open_connections: AtomicI64::new(0),
             refused_connections: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The counters the worker's cache keeps.
+    pub fn cache(&self) -> std::sync::Arc<CacheMetrics> {
+        self.cache.clone()
     }
 
     /// Counts a connection closed because its address held its share of the slots.
@@ -183,6 +204,15 @@ impl Metrics {
             instance(),
             self.started_s,
         );
+        let cache = &self.cache;
+        for (result, n) in [("hit", &cache.hits), ("fetched", &cache.fetches)] {
+            let n = n.load(Ordering::Relaxed) as f64;
+            push("paygate_cache_lookups_total", with("result", result), n);
+        }
+        for (reason, n) in [("change", &cache.evicted), ("all", &cache.dropped)] {
+            let n = n.load(Ordering::Relaxed) as f64;
+            push("paygate_cache_evictions_total", with("reason", reason), n);
+        }
         if let Some(audit) = audit {
             push(
                 "paygate_audit_records_total",
@@ -238,7 +268,7 @@ pub struct Sample {
 }
 
 /// Every family, in the order they are rendered: name, type, help.
-const FAMILIES: [(&str, &str, &str); 8] = [
+const FAMILIES: [(&str, &str, &str); 10] = [
     (
         "paygate_requests_total",
         "counter",
@@ -278,6 +308,16 @@ const FAMILIES: [(&str, &str, &str); 8] = [
         "paygate_worker_start_time_seconds",
         "gauge",
         "When the worker started, in seconds since the Unix epoch.",
+    ),
+    (
+        "paygate_cache_lookups_total",
+        "counter",
+        "Lookups of token state, grants, capabilities and payments: answered from the worker's cache (hit) or read from the database (fetched).",
+    ),
+    (
+        "paygate_cache_evictions_total",
+        "counter",
+        "Cache entries evicted because the change log named them (change), and whole-cache drops (all).",
     ),
 ];
 

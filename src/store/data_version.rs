@@ -165,6 +165,125 @@ impl DataVersion {
     }
 }
 
+/// One entry of the change log (`sql/005_changes.sql`): what a commit changed that a
+/// worker may hold in its cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A user was disabled, renamed or given another role.
+    User(i64),
+    /// An opaque session ended (its token's hash).
+    Session([u8; 32]),
+    /// A JWT id was revoked.
+    Jwt(String),
+    /// A user's grant on an account was given, changed or removed.
+    Membership { user: i64, account: uuid::Uuid },
+    /// A capability on this account was revoked.
+    Capability { account: uuid::Uuid },
+    /// A payment was cancelled.
+    Payment {
+        account: uuid::Uuid,
+        payment: uuid::Uuid,
+    },
+    /// A kind this paygate does not know (a newer one wrote it): anything may have changed.
+    Unknown,
+}
+
+impl Change {
+    fn parse(kind: &str, key: &str) -> Change {
+        let pair = || key.split_once(' ');
+        let parsed = match kind {
+            "user" => key.parse().ok().map(Change::User),
+            "session" => decode_hex(key).map(Change::Session),
+            "jwt" => Some(Change::Jwt(key.to_owned())),
+            "membership" => pair().and_then(|(user, account)| {
+                Some(Change::Membership {
+                    user: user.parse().ok()?,
+                    account: account.parse().ok()?,
+                })
+            }),
+            "capability" => key
+                .parse()
+                .ok()
+                .map(|account| Change::Capability { account }),
+            "payment" => pair().and_then(|(account, payment)| {
+                Some(Change::Payment {
+                    account: account.parse().ok()?,
+                    payment: payment.parse().ok()?,
+                })
+            }),
+            _ => None,
+        };
+        parsed.unwrap_or(Change::Unknown)
+    }
+}
+
+/// 64 hex digits (as SQLite's `hex()` writes them) into 32 bytes.
+fn decode_hex(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// What the change log holds after a position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChangesSince {
+    /// Every change after the position, in order, and the position after the last.
+    Changes(Vec<Change>, i64),
+    /// Changes after the position were pruned already: the reader cannot know what changed.
+    FellBehind(i64),
+}
+
+impl DataVersion {
+    /// The change log's newest position: the last number it gave out, also when the rows
+    /// were pruned since (0 before the first change).
+    pub fn newest_change(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)",
+            )?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// The changes committed after position `seen`. Blocking (a short read).
+    pub fn changes_since(&self, seen: i64) -> Result<ChangesSince, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT seq, kind, key FROM changes WHERE seq > ?1 ORDER BY seq")?;
+        let mut rows = statement.query([seen])?;
+        let mut changes = Vec::new();
+        let mut last = seen;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            // Positions are consecutive (AUTOINCREMENT, and a rolled-back insert takes its
+            // number back): a gap after `seen` is rows the sweeper pruned.
+            if changes.is_empty() && seq != seen + 1 {
+                drop(rows);
+                return Ok(ChangesSince::FellBehind(self.newest_change()?));
+            }
+            let (kind, key): (String, String) = (row.get(1)?, row.get(2)?);
+            changes.push(Change::parse(&kind, &key));
+            last = seq;
+        }
+        drop(rows);
+        // Nothing to read, yet numbers were given out after `seen`: pruned, all of them.
+        if changes.is_empty() {
+            let newest = self.newest_change()?;
+            if newest > seen {
+                return Ok(ChangesSince::FellBehind(newest));
+            }
+        }
+        Ok(ChangesSince::Changes(changes, last))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +337,71 @@ mod tests {
         assert!(!known_layout(&uninitialised));
         assert!(!known_layout(&header[..40]), "too short");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_change_a_cache_depends_on_is_logged_in_its_transaction() {
+        let (store, dir) = temp_store();
+        let watch = DataVersion::open(&dir).unwrap();
+        let start = watch.newest_change().unwrap();
+        commit(&store, "bob");
+        assert_eq!(
+            watch.changes_since(start).unwrap(),
+            ChangesSince::Changes(vec![], start),
+            "a new user changes nothing cached"
+        );
+        store
+            .run_blocking(|conn| {
+                conn.execute_batch(
+                    "INSERT INTO sessions (token_hash, user_id, amr, created_at, expires_at)
+                       VALUES (x'0101010101010101010101010101010101010101010101010101010101010101', 1, 'pwd', 0, 1);
+                     DELETE FROM sessions;
+                     INSERT INTO revoked_tokens (jti, expires_at) VALUES ('j-1', 1);
+                     UPDATE users SET disabled = 1 WHERE id = 1;",
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let ChangesSince::Changes(changes, last) = watch.changes_since(start).unwrap() else {
+            panic!("nothing pruned")
+        };
+        assert_eq!(
+            changes,
+            [
+                Change::Session([1; 32]),
+                Change::Jwt("j-1".into()),
+                Change::User(1)
+            ]
+        );
+        assert_eq!(last, start + 3);
+        assert_eq!(
+            watch.changes_since(last).unwrap(),
+            ChangesSince::Changes(vec![], last)
+        );
+        // Pruned past a reader's position: it is told it fell behind.
+        store
+            .run_blocking(|conn| {
+                conn.execute("DELETE FROM changes WHERE seq <= ?1", [start + 2])?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            watch.changes_since(start).unwrap(),
+            ChangesSince::FellBehind(last)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_or_malformed_changes_mean_anything_may_have_changed() {
+        assert_eq!(Change::parse("user", "12"), Change::User(12));
+        assert_eq!(Change::parse("user", "x"), Change::Unknown);
+        assert_eq!(Change::parse("session", "AB"), Change::Unknown);
+        assert_eq!(Change::parse("teleport", "1"), Change::Unknown);
+        let account = uuid::Uuid::nil();
+        assert_eq!(
+            Change::parse("membership", &format!("3 {account}")),
+            Change::Membership { user: 3, account }
+        );
     }
 }

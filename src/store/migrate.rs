@@ -30,6 +30,11 @@ pub const MAIN: Migrations = &[
         "004_capability_roots.sql",
         include_str!("../../sql/004_capability_roots.sql"),
     ),
+    (
+        5,
+        "005_changes.sql",
+        include_str!("../../sql/005_changes.sql"),
+    ),
 ];
 
 /// The rate-limit database, kept apart so its frequent small writes never contend with

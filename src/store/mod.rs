@@ -39,7 +39,7 @@ pub use capabilities::{
     Capability, CapabilityInsert, CapabilityState, NewCapability, MAX_DERIVATION_DEPTH,
     MAX_PER_ROOT,
 };
-pub use data_version::DataVersion;
+pub use data_version::{Change, ChangesSince, DataVersion};
 pub use idempotency::{EarlierUse, KeyedRequest, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
 pub use ratelimit::RateStore;

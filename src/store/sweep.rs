@@ -1,9 +1,14 @@
-//! Deleting what has expired: sessions, JWT revocations and capabilities. They are refused
-//! by their expiry anyway; sweeping only keeps the tables small.
+//! Deleting what has expired: sessions, JWT revocations and capabilities (they are refused
+//! by their expiry anyway; sweeping only keeps the tables small), and the change log
+//! beyond its newest [`CHANGES_KEPT`] rows.
 
 use rusqlite::TransactionBehavior;
 
 use super::{Store, StoreError};
+
+/// Rows of the change log kept by the sweep: what workers read when the data version moves.
+/// One that has not looked for this many changes drops its whole cache instead.
+pub const CHANGES_KEPT: i64 = 100_000;
 
 impl Store {
     /// Deletes expired sessions, JWT revocations and capabilities; returns how many rows
@@ -21,6 +26,11 @@ impl Store {
             )?;
             let capabilities =
                 tx.execute("DELETE FROM capabilities WHERE expires_at <= ?1", [now_ms])?;
+            // The change log keeps its newest rows; a worker further behind drops its cache.
+            tx.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
+                [CHANGES_KEPT],
+            )?;
             tx.commit()?;
             Ok(sessions + revoked + capabilities)
         })
