@@ -14,6 +14,9 @@
 #   AB=flood bash scripts/loadtest.sh
 #                     # only token reads, quiet and while another client floods Basic
 #                     # requests with fresh usernames, $ROUNDS rounds
+#   AB=mixed bash scripts/loadtest.sh
+#                     # only the JWT read alone and while 1 or 4 connections create
+#                     # payments (on another account, or on the read one), $ROUNDS rounds
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -332,6 +335,70 @@ if [ "${AB:-}" = flood ]; then
       echo "| $round | $(rps_of "$q") ($(field_of "$q" 3) / $(field_of "$q" 4)) | $(rps_of "$f") ($(field_of "$f" 3) / $(field_of "$f" 4)) | $(ratio "$f" "$q") | $sent (${refused:-0}) |"
     done
   } | tee "${OUT%.md}-flood.md"
+  exit 0
+fi
+
+# cache_counts: "hits fetches" of the running server's cache, from its /metrics.
+cache_counts() {
+  curl -sS --cacert "$ca" "https://127.0.0.1:$port/metrics" |
+    awk '/^paygate_cache_lookups_total/ && /result="hit"/ {h += $NF}
+         /^paygate_cache_lookups_total/ && /result="fetched"/ {f += $NF}
+         END {printf "%d %d\n", h, f}'
+}
+# measure_mixed NAME [WRITERS ACCOUNT]: the JWT read, alone or while WRITERS connections
+# create payments on ACCOUNT; records the writers' rate and the cache hit rate meanwhile.
+mixed_notes=()
+measure_mixed() {
+  local name=$1 writers=${2:-} target=${3:-}
+  local before after writer_pid=""
+  before=$(cache_counts)
+  if [ -n "$writers" ]; then
+    create_script "$work/mixed-$name.lua" "$target" "$jwt"
+    wrk -t1 -c"$writers" -d"$(( ${DURATION%s} + 2 ))s" -s "$work/mixed-$name.lua" \
+      "https://127.0.0.1:$port/" > "$work/mixed-$name.txt" &
+    writer_pid=$!
+    sleep 1
+  fi
+  measure "$name" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+  after=$(cache_counts)
+  local writes="-"
+  if [ -n "$writer_pid" ]; then
+    wait "$writer_pid" || true
+    writes=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' "$work/mixed-$name.txt")
+  fi
+  mixed_notes+=("$name $writes $(awk -v b="$before" -v a="$after" 'BEGIN {split(b, x, " "); split(a, y, " "); h = y[1] - x[1]; f = y[2] - x[2]; printf "%.4f", (h + f) ? h / (h + f) : 0}')")
+}
+
+if [ "${AB:-}" = mixed ]; then
+  # A second account of the same user, for writes that touch nothing the reads use.
+  start mixed-setup --rate-limit none
+  other_account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$port/accounts" \
+    -H 'Content-Type: application/json' -d '{"name":"Other","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  stop_server
+  for round in $(seq 1 "$ROUNDS"); do
+    start "mixed-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
+    measure_mixed "reads-alone-$round"
+    measure_mixed "reads-1-writer-other-$round" 1 "$other_account"
+    measure_mixed "reads-4-writers-other-$round" 4 "$other_account"
+    measure_mixed "reads-1-writer-same-$round" 1 "$account"
+    stop_server
+  done
+  {
+    echo "# The JWT read alone and under payment writes, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency for the reads of one payment; writers: wrk -t1 -cN creating payments (a fresh Idempotency-Key each) on another account of the same user, or on the read payment's own account. $ROUNDS rounds, one server each."
+    echo
+    echo "| round | scenario | reads/s (p50 / p99 ms) | vs reads alone | p99 vs alone | payments/s written | cache hit rate |"
+    echo "|---|---|---|---|---|---|---|"
+    for round in $(seq 1 "$ROUNDS"); do
+      alone="reads-alone-$round"
+      for scenario in alone 1-writer-other 4-writers-other 1-writer-same; do
+        n="reads-$scenario-$round"
+        read -r _ writes hit <<<"$(printf '%s\n' "${mixed_notes[@]}" | grep "^$n ")"
+        echo "| $round | $scenario | $(rps_of "$n") ($(field_of "$n" 3) / $(field_of "$n" 4)) | $(ratio "$n" "$alone") | $(awk -v a="$(field_of "$n" 4)" -v b="$(field_of "$alone" 4)" 'BEGIN {printf "%.2f", a/b}') | $writes | $hit |"
+      done
+    done
+  } | tee "${OUT%.md}-mixed.md"
   exit 0
 fi
 
