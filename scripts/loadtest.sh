@@ -366,23 +366,41 @@ measure_mixed() {
     wait "$writer_pid" || true
     writes=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' "$work/mixed-$name.txt")
   fi
-  mixed_notes+=("$name $writes $(awk -v b="$before" -v a="$after" 'BEGIN {split(b, x, " "); split(a, y, " "); h = y[1] - x[1]; f = y[2] - x[2]; printf "%.4f", (h + f) ? h / (h + f) : 0}')")
+  mixed_notes+=("$name $writes $(awk -v b="$before" -v a="$after" 'BEGIN {split(b, x, " "); split(a, y, " "); h = y[1] - x[1]; f = y[2] - x[2]; if (h + f) printf "%.4f", h / (h + f); else printf "-"}')")
 }
 
 if [ "${AB:-}" = mixed ]; then
-  # A second account of the same user, for writes that touch nothing the reads use.
-  start mixed-setup --rate-limit none
-  other_account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$port/accounts" \
-    -H 'Content-Type: application/json' -d '{"name":"Other","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
-  stop_server
-  for round in $(seq 1 "$ROUNDS"); do
-    start "mixed-$round" --rate-limit '* / 1000000/s burst=1000000 key=user'
-    measure_mixed "reads-alone-$round"
-    measure_mixed "reads-1-writer-other-$round" 1 "$other_account"
-    measure_mixed "reads-4-writers-other-$round" 4 "$other_account"
-    measure_mixed "reads-1-writer-same-$round" 1 "$account"
+  # With BASELINE, each round runs that binary too, on its own data directory, first.
+  sides="current"; [ -n "${BASELINE:-}" ] && sides="baseline current"
+  for side in $sides; do
+    binary=$paygate side_args=()
+    [ "$side" = baseline ] && binary=$BASELINE side_args=(--data-dir "$work/data-baseline")
+    # A second account of the same user, for writes that touch nothing the reads use.
+    start "mixed-setup-$side" --rate-limit none "${side_args[@]}"
+    other=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$port/accounts" \
+      -H 'Content-Type: application/json' -d '{"name":"Other","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
     stop_server
+    printf -v "other_$side" '%s' "$other"
   done
+  binary=""
+  current_read=$read_path current_jwt=$jwt current_account=$account
+  for round in $(seq 1 "$ROUNDS"); do
+    for side in $sides; do
+      binary=$paygate side_args=() prefix=""
+      read_path=$current_read jwt=$current_jwt account=$current_account other=$other_current
+      if [ "$side" = baseline ]; then
+        binary=$BASELINE side_args=(--data-dir "$work/data-baseline") prefix="baseline-"
+        read_path=$baseline_read_path jwt=$baseline_jwt account=$baseline_account other=$other_baseline
+      fi
+      start "mixed-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' "${side_args[@]}"
+      measure_mixed "${prefix}reads-alone-$round"
+      measure_mixed "${prefix}reads-1-writer-other-$round" 1 "$other"
+      measure_mixed "${prefix}reads-4-writers-other-$round" 4 "$other"
+      measure_mixed "${prefix}reads-1-writer-same-$round" 1 "$account"
+      stop_server
+    done
+  done
+  binary=""
   {
     echo "# The JWT read alone and under payment writes, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
@@ -391,11 +409,14 @@ if [ "${AB:-}" = mixed ]; then
     echo "| round | scenario | reads/s (p50 / p99 ms) | vs reads alone | p99 vs alone | payments/s written | cache hit rate |"
     echo "|---|---|---|---|---|---|---|"
     for round in $(seq 1 "$ROUNDS"); do
-      alone="reads-alone-$round"
-      for scenario in alone 1-writer-other 4-writers-other 1-writer-same; do
-        n="reads-$scenario-$round"
-        read -r _ writes hit <<<"$(printf '%s\n' "${mixed_notes[@]}" | grep "^$n ")"
-        echo "| $round | $scenario | $(rps_of "$n") ($(field_of "$n" 3) / $(field_of "$n" 4)) | $(ratio "$n" "$alone") | $(awk -v a="$(field_of "$n" 4)" -v b="$(field_of "$alone" 4)" 'BEGIN {printf "%.2f", a/b}') | $writes | $hit |"
+      for side in $sides; do
+        prefix=""; [ "$side" = baseline ] && prefix="baseline-"
+        alone="${prefix}reads-alone-$round"
+        for scenario in alone 1-writer-other 4-writers-other 1-writer-same; do
+          n="${prefix}reads-$scenario-$round"
+          read -r _ writes hit <<<"$(printf '%s\n' "${mixed_notes[@]}" | grep "^$n ")"
+          echo "| $round | ${prefix}$scenario | $(rps_of "$n") ($(field_of "$n" 3) / $(field_of "$n" 4)) | $(ratio "$n" "$alone") | $(awk -v a="$(field_of "$n" 4)" -v b="$(field_of "$alone" 4)" 'BEGIN {printf "%.2f", a/b}') | $writes | $hit |"
+        done
       done
     done
   } | tee "${OUT%.md}-mixed.md"
