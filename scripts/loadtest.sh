@@ -16,7 +16,8 @@
 #                     # requests with fresh usernames, $ROUNDS rounds
 #   AB=mixed bash scripts/loadtest.sh
 #                     # only the JWT read alone and while 1 or 4 connections create
-#                     # payments (on another account, or on the read one), $ROUNDS rounds
+#                     # payments (on another account, or on the read one), $ROUNDS rounds;
+#                     # WRITE_DELAY_MS=N paces each writer connection (N ms per payment)
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
 # and an opaque session token),
@@ -196,6 +197,11 @@ request = function()
   }, '{"payee":"ACME","amount_minor":100,"currency":"EUR","reference":"load test"}')
 end
 LUA
+  # WRITE_DELAY_MS: each writer connection waits this long before each payment, to set a
+  # write mix (AB=mixed); unset, writers go as fast as they can.
+  if [ -n "${WRITE_DELAY_MS:-}" ] && [ "${4:-}" = paced ]; then
+    printf 'delay = function() return %s end\n' "$WRITE_DELAY_MS" >> "$1"
+  fi
 }
 create_script "$work/create.lua" "$account" "$jwt"
 [ -n "${BASELINE:-}" ] && create_script "$work/create-baseline.lua" "$baseline_account" "$baseline_jwt"
@@ -353,7 +359,7 @@ measure_mixed() {
   local before after writer_pid=""
   before=$(cache_counts)
   if [ -n "$writers" ]; then
-    create_script "$work/mixed-$name.lua" "$target" "$jwt"
+    create_script "$work/mixed-$name.lua" "$target" "$jwt" paced
     wrk -t1 -c"$writers" -d"$(( ${DURATION%s} + 2 ))s" -s "$work/mixed-$name.lua" \
       "https://127.0.0.1:$port/" > "$work/mixed-$name.txt" &
     writer_pid=$!
