@@ -443,7 +443,7 @@ impl StateCache {
 mod tests {
     use super::*;
     use crate::domain::Username;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{temp_store, user};
     use crate::store::{NewUser, UserInsert};
 
     #[tokio::test]
@@ -532,18 +532,6 @@ mod tests {
         );
         assert!(!cache.lock().map.contains_key(&Key::Session([1; 32])));
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    fn user(store: &Store, name: &str) -> i64 {
-        let new = NewUser {
-            username: Username::parse("username", name).unwrap(),
-            password_hash: "$argon2id$dummy".into(),
-            role: None,
-        };
-        match store.create_user_blocking(&new).unwrap() {
-            UserInsert::Created(user) => user.id,
-            UserInsert::UsernameTaken => unreachable!(),
-        }
     }
 
     #[tokio::test]

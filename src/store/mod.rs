@@ -377,6 +377,19 @@ pub(crate) mod test_support {
         let dir = std::env::temp_dir().join(format!("paygate-store-{}", uuid::Uuid::new_v4()));
         (Store::open(&dir).unwrap(), dir)
     }
+
+    /// Creates the user `name` (with a dummy hash) and returns its id.
+    pub fn user(store: &Store, name: &str) -> i64 {
+        let new = NewUser {
+            username: crate::domain::Username::parse("username", name).unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        };
+        match store.create_user_blocking(&new).unwrap() {
+            UserInsert::Created(user) => user.id,
+            UserInsert::UsernameTaken => unreachable!("{name} is taken"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -157,22 +157,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::domain::Username;
-    use crate::store::test_support::temp_store;
-    use crate::store::{NewUser, UserInsert};
-
-    fn user(store: &Store, name: &str) -> i64 {
-        let new = NewUser {
-            username: Username::parse("username", name).unwrap(),
-            password_hash: "$argon2id$dummy".into(),
-            role: None,
-        };
-        match store.create_user_blocking(&new).unwrap() {
-            UserInsert::Created(u) => u.id,
-            UserInsert::UsernameTaken => unreachable!(),
-        }
-    }
+    use crate::store::test_support::{temp_store, user};
 
     #[tokio::test]
     async fn sessions_revocations_and_disabling() {

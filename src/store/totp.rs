@@ -121,22 +121,7 @@ fn totp_state(conn: &Connection, user_id: i64) -> Result<TotpState, StoreError> 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::domain::Username;
-    use crate::store::test_support::temp_store;
-    use crate::store::{NewUser, UserInsert};
-
-    fn user(store: &Store, name: &str) -> i64 {
-        let new = NewUser {
-            username: Username::parse("username", name).unwrap(),
-            password_hash: "$argon2id$dummy".into(),
-            role: None,
-        };
-        match store.create_user_blocking(&new).unwrap() {
-            UserInsert::Created(u) => u.id,
-            UserInsert::UsernameTaken => unreachable!(),
-        }
-    }
+    use crate::store::test_support::{temp_store, user};
 
     #[tokio::test]
     async fn a_totp_step_is_used_once_and_confirmation_needs_the_pending_secret() {
