@@ -16,7 +16,8 @@
 #                     # requests with fresh usernames, $ROUNDS rounds
 #   AB=mixed bash scripts/loadtest.sh
 #                     # only the JWT read alone and while 1 or 4 connections create
-#                     # payments (on another account, or on the read one), $ROUNDS rounds;
+#                     # payments (on another account, on the read one, or on a second
+#                     # server sharing nothing with the reads), $ROUNDS rounds;
 #                     # WRITE_DELAY_MS=N paces each writer connection (N ms per payment)
 #
 # Builds release binaries, prepares a data directory (a user, an account, a payment, a JWT
@@ -359,9 +360,12 @@ measure_mixed() {
   local before after writer_pid=""
   before=$(cache_counts)
   if [ -n "$writers" ]; then
-    create_script "$work/mixed-$name.lua" "$target" "$jwt" paced
+    # A target of "apart" means the second server's account, with its own token.
+    local writer_port=$port writer_jwt=$jwt
+    [ "$target" = apart ] && target=$apart_account writer_port=$apart_port writer_jwt=$apart_jwt
+    create_script "$work/mixed-$name.lua" "$target" "$writer_jwt" paced
     wrk -t1 -c"$writers" -d"$(( ${DURATION%s} + 2 ))s" -s "$work/mixed-$name.lua" \
-      "https://127.0.0.1:$port/" > "$work/mixed-$name.txt" &
+      "https://127.0.0.1:$writer_port/" > "$work/mixed-$name.txt" &
     writer_pid=$!
     sleep 1
   fi
@@ -388,6 +392,19 @@ if [ "${AB:-}" = mixed ]; then
     stop_server
     printf -v "other_$side" '%s' "$other"
   done
+  # The control: a second server (this build, a data directory of its own) that the
+  # "apart" writers write to. Those writes take the machine's CPU as the others do but
+  # share nothing with the reads, not even a process: what the reads lose to them is what
+  # writes cost on this machine whatever the cache does.
+  binary=$paygate
+  start mixed-apart --rate-limit '* / 1000000/s burst=1000000 key=user' --data-dir "$work/data-apart"
+  apart_port=$port
+  curl -sS --cacert "$ca" -X POST "https://127.0.0.1:$apart_port/users" -H 'Content-Type: application/json' \
+    -d "{\"username\":\"$user\",\"password\":\"$pass\"}" >/dev/null
+  apart_account=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$apart_port/accounts" \
+    -H 'Content-Type: application/json' -d '{"name":"Apart","currency":"EUR"}' | sed -E 's/.*"id":"([^"]+)".*/\1/')
+  apart_jwt=$(curl -sS --cacert "$ca" -u "$user:$pass" -X POST "https://127.0.0.1:$apart_port/sessions" \
+    | sed -E 's/.*"token":"([^"]+)".*/\1/')
   binary=""
   current_read=$read_path current_jwt=$jwt current_account=$account
   for round in $(seq 1 "$ROUNDS"); do
@@ -403,6 +420,7 @@ if [ "${AB:-}" = mixed ]; then
       measure_mixed "${prefix}reads-1-writer-other-$round" 1 "$other"
       measure_mixed "${prefix}reads-4-writers-other-$round" 4 "$other"
       measure_mixed "${prefix}reads-1-writer-same-$round" 1 "$account"
+      measure_mixed "${prefix}reads-1-writer-apart-$round" 1 apart
       stop_server
     done
   done
@@ -410,7 +428,7 @@ if [ "${AB:-}" = mixed ]; then
   {
     echo "# The JWT read alone and under payment writes, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency for the reads of one payment; writers: wrk -t1 -cN creating payments (a fresh Idempotency-Key each) on another account of the same user, or on the read payment's own account. $ROUNDS rounds, one server each."
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency for the reads of one payment; writers: wrk -t1 -cN creating payments (a fresh Idempotency-Key each${WRITE_DELAY_MS:+, $WRITE_DELAY_MS ms apart per connection}) on another account of the same user, on the read payment's own account, or (apart) on a second server with its own data directory. $ROUNDS rounds, one server each."
     echo
     echo "| round | scenario | reads/s (p50 / p99 ms) | vs reads alone | p99 vs alone | payments/s written | cache hit rate |"
     echo "|---|---|---|---|---|---|---|"
@@ -418,7 +436,7 @@ if [ "${AB:-}" = mixed ]; then
       for side in $sides; do
         prefix=""; [ "$side" = baseline ] && prefix="baseline-"
         alone="${prefix}reads-alone-$round"
-        for scenario in alone 1-writer-other 4-writers-other 1-writer-same; do
+        for scenario in alone 1-writer-other 4-writers-other 1-writer-same 1-writer-apart; do
           n="${prefix}reads-$scenario-$round"
           read -r _ writes hit <<<"$(printf '%s\n' "${mixed_notes[@]}" | grep "^$n ")"
           echo "| $round | ${prefix}$scenario | $(rps_of "$n") ($(field_of "$n" 3) / $(field_of "$n" 4)) | $(ratio "$n" "$alone") | $(awk -v a="$(field_of "$n" 4)" -v b="$(field_of "$alone" 4)" 'BEGIN {printf "%.2f", a/b}') | $writes | $hit |"

@@ -178,15 +178,26 @@ impl StateCache {
             }
             entries.seen
         };
-        let watch = self.watch.clone();
-        let since = tokio::task::spawn_blocking(move || {
-            watch
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .changes_since(seen)
-        })
-        .await
-        .map_err(|_| StoreError::TaskFailed)??;
+        // Inline when it needs no wait: every request of this worker waits for the catch-up
+        // anyway, and a hop to the blocking pool would cost them a thread's wake-up per commit.
+        let now = match self.watch.try_lock() {
+            Ok(watch) => watch.changes_since_now(seen)?,
+            Err(_) => None,
+        };
+        let since = match now {
+            Some(since) => since,
+            None => {
+                let watch = self.watch.clone();
+                tokio::task::spawn_blocking(move || {
+                    watch
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .changes_since(seen)
+                })
+                .await
+                .map_err(|_| StoreError::TaskFailed)??
+            }
+        };
         let mut entries = self.lock();
         match since {
             ChangesSince::Changes(changes, last) => {

@@ -31,6 +31,10 @@ use super::{StoreError, MAIN_DB};
 /// Size of one copy of the WAL-index header.
 const WAL_HEADER: usize = 48;
 
+/// How long a blocking read waits for a lock SQLite holds (readers of a WAL database
+/// wait only during recovery or a log restart, which take milliseconds).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The WAL-index format this reader knows (`iVersion` in SQLite's `WalIndexHdr`).
 const WAL_INDEX_VERSION: u32 = 3_007_000;
 
@@ -88,6 +92,8 @@ impl DataVersion {
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
             r.get::<_, i64>(0)
         })?;
+        // Reads on a runtime thread must not wait for a lock; the ones that may wait say so.
+        conn.busy_timeout(std::time::Duration::ZERO)?;
         let source = if wal_index {
             Self::wal_index(data_dir)?
         } else {
@@ -151,10 +157,21 @@ impl DataVersion {
                 }
             }
             Source::Pragma { last } => {
-                let now: i64 = self
-                    .conn
-                    .prepare_cached("PRAGMA data_version")?
-                    .query_row([], |r| r.get(0))?;
+                let pragma = || -> Result<i64, StoreError> {
+                    Ok(self
+                        .conn
+                        .prepare_cached("PRAGMA data_version")?
+                        .query_row([], |r| r.get(0))?)
+                };
+                let now = match pragma() {
+                    Err(StoreError::Busy) => {
+                        self.conn.busy_timeout(LOCK_PATIENCE)?;
+                        let now = pragma();
+                        self.conn.busy_timeout(std::time::Duration::ZERO)?;
+                        now?
+                    }
+                    now => now?,
+                };
                 if now != *last {
                     *last = now;
                     self.generation += 1;
@@ -252,8 +269,27 @@ impl DataVersion {
             .query_row([], |r| r.get(0))?)
     }
 
-    /// The changes committed after position `seen`. Blocking (a short read).
+    /// The changes committed after position `seen`, waiting (up to [`LOCK_PATIENCE`]) if
+    /// SQLite holds a lock a reader must wait for. Blocking.
     pub fn changes_since(&self, seen: i64) -> Result<ChangesSince, StoreError> {
+        self.conn.busy_timeout(LOCK_PATIENCE)?;
+        let since = self.read_changes(seen);
+        self.conn.busy_timeout(std::time::Duration::ZERO)?;
+        since
+    }
+
+    /// The changes committed after position `seen` if they can be read without waiting: a
+    /// short read of pages already in memory, fit for a runtime thread. `None` when a lock
+    /// is taken (WAL recovery, a checkpoint restarting the log): then the caller waits with
+    /// [`DataVersion::changes_since`] elsewhere.
+    pub fn changes_since_now(&self, seen: i64) -> Result<Option<ChangesSince>, StoreError> {
+        match self.read_changes(seen) {
+            Err(StoreError::Busy) => Ok(None),
+            since => since.map(Some),
+        }
+    }
+
+    fn read_changes(&self, seen: i64) -> Result<ChangesSince, StoreError> {
         let mut statement = self
             .conn
             .prepare_cached("SELECT seq, kind, key FROM changes WHERE seq > ?1 ORDER BY seq")?;
@@ -389,6 +425,37 @@ mod tests {
             watch.changes_since(start).unwrap(),
             ChangesSince::FellBehind(last)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_read_on_a_runtime_thread_never_waits_for_a_lock() {
+        let (store, dir) = temp_store();
+        let watch = DataVersion::open(&dir).unwrap();
+        // SQLite's busy handler decides whether a read waits; zero means it answers "busy"
+        // at once, which `changes_since_now` turns into `None`.
+        let patience = |watch: &DataVersion| -> i64 {
+            watch
+                .conn
+                .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(patience(&watch), 0, "reads answer instead of waiting");
+        let start = watch.newest_change().unwrap();
+        commit(&store, "bob");
+        store
+            .run_blocking(|conn| {
+                conn.execute("UPDATE users SET disabled = 1 WHERE username = 'bob'", [])?;
+                Ok(())
+            })
+            .unwrap();
+        let inline = watch.changes_since_now(start).unwrap();
+        assert!(
+            matches!(&inline, Some(ChangesSince::Changes(c, _)) if c.len() == 1),
+            "{inline:?}"
+        );
+        assert_eq!(Some(watch.changes_since(start).unwrap()), inline);
+        assert_eq!(patience(&watch), 0, "the read that may wait restores it");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
