@@ -5,8 +5,10 @@
 -- (see src/cache.rs). Kept to the newest rows by the sweeper; a worker that finds a gap
 -- before the first row it reads has fallen behind and drops its whole cache.
 --
--- Nothing is logged for a new row (nothing absent is ever cached) nor for rows the
--- sweeper deletes because they expired (their expiry refuses them already).
+-- Nothing is logged for a new row (nothing absent is ever cached) nor for revocations
+-- and capabilities the sweeper deletes because they expired (their expiry refuses them
+-- already). Sessions it deletes are logged like any ended session: a delete trigger
+-- cannot tell a sweep from a logout, and evicting an expired session costs nothing.
 CREATE TABLE changes (
     seq  INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT    NOT NULL,

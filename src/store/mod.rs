@@ -17,6 +17,7 @@ mod data_version;
 mod idempotency;
 mod migrate;
 mod payments;
+pub mod postgres;
 mod ratelimit;
 pub mod sealing;
 mod sessions;

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL clusters for paygate's tests, CI and demos: each in a directory of
+# its own, on a free loopback port, with a `paygate` role (a random password, SCRAM) owning
+# a `paygate` database. Nothing outside that directory is touched.
+#
+#   bash scripts/pg.sh run CMD...   # start a cluster, run CMD with PAYGATE_TEST_DATABASE
+#                                   # set to its URL (and PAYGATE_TEST_DATABASE_CA to the
+#                                   # CA of its TLS certificate), then stop and remove it
+#                                   # whatever CMD's outcome; exits with CMD's status
+#   bash scripts/pg.sh start [DIR]  # start one in DIR (default: a new temporary directory)
+#                                   # and print PG_DIR=, PAYGATE_TEST_DATABASE= and
+#                                   # PAYGATE_TEST_DATABASE_CA= lines
+#   bash scripts/pg.sh stop DIR     # stop it and remove DIR
+#
+# Uses the newest PostgreSQL under /usr/lib/postgresql (Debian's postgresql-15; installed
+# when missing and running as root), or $PG_BIN. As root the server runs as the
+# `postgres` user, which PostgreSQL requires.
+set -euo pipefail
+
+pg_bin() {
+  if [ -n "${PG_BIN:-}" ]; then echo "$PG_BIN"; return; fi
+  local found
+  found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -z "$found" ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null
+    found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  fi
+  [ -n "$found" ] || { echo "pg.sh: PostgreSQL not found: apt-get install postgresql-15, or set PG_BIN" >&2; exit 1; }
+  echo "$found"
+}
+
+# as_owner CMD...: runs CMD as the user that owns the cluster.
+as_owner() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start() {
+  local dir=${1:-} bin port password
+  bin=$(pg_bin)
+  [ -n "$dir" ] || dir=$(mktemp -d /tmp/paygate-pg.XXXXXX)
+  mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+  chmod 700 "$dir"
+  password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+  printf '%s\n' "$password" > "$dir/password"
+  [ "$(id -u)" = 0 ] && chown postgres: "$dir/password"
+  as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --pwfile="$dir/password" -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; exit 1; }
+  # TLS as production runs it: a CA of its own, and a server certificate for 127.0.0.1
+  # only (so that connecting by another name fails sslmode=verify-full).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=paygate test CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -days 2 \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n') \
+    -out "$dir/server.crt" 2>/dev/null
+  chmod 600 "$dir/server.key" "$dir/ca.key"
+  [ "$(id -u)" = 0 ] && chown postgres: "$dir"/server.* "$dir"/ca.*
+  port=$(free_port)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+    -o "-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=200 -c synchronous_commit=on -c fsync=on -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" \
+    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+  # CREATEDB: tests give each case a database of its own.
+  as_owner "$bin/psql" -q -h "$dir" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -v password="$password" >/dev/null <<'SQL'
+CREATE ROLE paygate LOGIN CREATEDB PASSWORD :'password';
+CREATE DATABASE paygate OWNER paygate;
+SQL
+  echo "$port" > "$dir/port"
+  echo "PG_DIR=$dir"
+  echo "PAYGATE_TEST_DATABASE=postgres://paygate:$password@127.0.0.1:$port/paygate"
+  echo "PAYGATE_TEST_DATABASE_CA=$dir/ca.crt"
+}
+
+stop() {
+  local dir=$1 bin
+  [ -d "$dir/data" ] || { echo "pg.sh: no cluster in $dir" >&2; exit 1; }
+  bin=$(pg_bin)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+
+case "${1:-}" in
+  start) shift; start "${1:-}" ;;
+  stop) shift; stop "${1:?pg.sh stop DIR}" ;;
+  run)
+    shift
+    [ $# -gt 0 ] || { echo "usage: pg.sh run CMD..." >&2; exit 2; }
+    out=$(start)
+    dir=$(sed -n 's/^PG_DIR=//p' <<<"$out")
+    trap 'stop "$dir"' EXIT
+    export PAYGATE_TEST_DATABASE PAYGATE_TEST_DATABASE_CA
+    PAYGATE_TEST_DATABASE=$(sed -n 's/^PAYGATE_TEST_DATABASE=//p' <<<"$out")
+    PAYGATE_TEST_DATABASE_CA=$(sed -n 's/^PAYGATE_TEST_DATABASE_CA=//p' <<<"$out")
+    status=0
+    "$@" || status=$?
+    exit "$status"
+    ;;
+  *) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,343 @@
+//! The PostgreSQL backend's foundation against a real PostgreSQL server: connection
+//! strings, TLS as `sslmode` asks, migrations applied once by nodes starting together, and
+//! the change log's numbering.
+//!
+//! Needs `PAYGATE_TEST_DATABASE` (a URL of a role that may create databases) and
+//! `PAYGATE_TEST_DATABASE_CA`, which `bash scripts/pg.sh run cargo test` sets for a
+//! throwaway cluster it starts and removes (the README's test command). Each test works in
+//! a database of its own.
+
+use std::time::Duration;
+
+use paygate::store::postgres::{self, DatabaseUrl};
+use paygate::store::StoreError;
+use tokio_postgres::NoTls;
+
+/// The test cluster's URL, or a failure that says how to get one.
+fn base_url() -> String {
+    std::env::var("PAYGATE_TEST_DATABASE").expect(
+        "PAYGATE_TEST_DATABASE is not set: run the tests as `bash scripts/pg.sh run cargo test`, \
+         which starts a throwaway PostgreSQL for them",
+    )
+}
+
+fn ca_file() -> String {
+    std::env::var("PAYGATE_TEST_DATABASE_CA")
+        .expect("PAYGATE_TEST_DATABASE_CA is not set: run the tests through scripts/pg.sh")
+}
+
+/// A new, empty database on the test cluster; its URL.
+async fn fresh_database() -> String {
+    let base = base_url();
+    let (client, connection) = tokio_postgres::connect(&base, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+/// A plain connection for looking at what paygate wrote.
+async fn inspect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn parse(url: &str) -> DatabaseUrl {
+    DatabaseUrl::parse(url).unwrap()
+}
+
+#[tokio::test]
+async fn nodes_starting_together_apply_each_migration_once() {
+    let url = fresh_database().await;
+    let nodes = [parse(&url), parse(&url), parse(&url)];
+    let (a, b, c) = tokio::join!(
+        postgres::open_pool(&nodes[0], 2),
+        postgres::open_pool(&nodes[1], 2),
+        postgres::open_pool(&nodes[2], 2),
+    );
+    for pool in [a, b, c] {
+        pool.unwrap();
+    }
+    let db = inspect(&url).await;
+    let applied: Vec<i64> = db
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known: Vec<i64> = postgres::MIGRATIONS.iter().map(|m| m.0).collect();
+    assert_eq!(applied, known);
+    // And a restart finds nothing to do.
+    postgres::open_pool(&parse(&url), 1).await.unwrap();
+    let count: i64 = db
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, known.len() as i64);
+}
+
+#[tokio::test]
+async fn a_database_written_by_a_newer_paygate_is_refused() {
+    let url = fresh_database().await;
+    postgres::open_pool(&parse(&url), 1).await.unwrap();
+    inspect(&url)
+        .await
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let Err(StoreError::Startup(message)) = postgres::open_pool(&parse(&url), 1).await else {
+        panic!("a newer schema must be refused")
+    };
+    assert!(message.contains("newer paygate"), "{message}");
+    let password = base_url()
+        .split_once("paygate:")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(pw, _)| pw.to_owned())
+        .unwrap();
+    assert!(!message.contains(&password), "{message}");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_an_unreachable_server_fails_at_start_without_the_password() {
+    let url = fresh_database().await;
+    let wrong = "wrong-Pa55word-xyz";
+    let (before, after) = url.split_once('@').unwrap();
+    let (user, _) = before.rsplit_once(':').unwrap();
+    let bad = format!("{user}:{wrong}@{after}");
+    let Err(StoreError::Startup(message)) = postgres::open_pool(&parse(&bad), 1).await else {
+        panic!("a wrong password must fail")
+    };
+    assert!(
+        message.contains("password authentication failed"),
+        "{message}"
+    );
+    assert!(!message.contains(wrong), "{message}");
+
+    // Nothing listens on port 1: refused at once, the message names the server.
+    let nowhere = format!("postgres://paygate:{wrong}@127.0.0.1:1/paygate");
+    let Err(StoreError::Startup(message)) = postgres::open_pool(&parse(&nowhere), 1).await else {
+        panic!("an unreachable server must fail")
+    };
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains(wrong), "{message}");
+}
+
+/// Whether the pool's connection to `url` is encrypted, as the server sees it.
+async fn encrypted(url: &str) -> Result<bool, StoreError> {
+    let pool = postgres::open_pool(&parse(url), 1).await?;
+    let client = pool.get().await.unwrap();
+    Ok(client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0))
+}
+
+#[tokio::test]
+async fn tls_checks_what_sslmode_asks() {
+    let url = fresh_database().await;
+    let ca = ca_file();
+    assert!(!encrypted(&format!("{url}?sslmode=disable")).await.unwrap());
+    assert!(encrypted(&format!("{url}?sslmode=require")).await.unwrap());
+    assert!(
+        encrypted(&url).await.unwrap(),
+        "prefer uses TLS when offered"
+    );
+    assert!(
+        encrypted(&format!("{url}?sslmode=verify-full&sslrootcert={ca}"))
+            .await
+            .unwrap()
+    );
+
+    // The server's certificate names 127.0.0.1 only: by another name, verify-full refuses
+    // and verify-ca (which checks the signer, not the name) connects.
+    let by_name = url.replace("@127.0.0.1:", "@localhost:");
+    let Err(StoreError::Startup(message)) =
+        encrypted(&format!("{by_name}?sslmode=verify-full&sslrootcert={ca}")).await
+    else {
+        panic!("a certificate for another name must be refused")
+    };
+    assert!(message.contains("certificate"), "{message}");
+    assert!(
+        encrypted(&format!("{by_name}?sslmode=verify-ca&sslrootcert={ca}"))
+            .await
+            .unwrap()
+    );
+
+    // Signed by a CA the client does not trust: refused, whatever the name.
+    let other_ca =
+        std::env::temp_dir().join(format!("paygate-other-ca-{}.pem", uuid::Uuid::new_v4()));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    for mode in ["verify-ca", "verify-full"] {
+        let Err(StoreError::Startup(message)) = encrypted(&format!(
+            "{url}?sslmode={mode}&sslrootcert={}",
+            other_ca.display()
+        ))
+        .await
+        else {
+            panic!("{mode}: a server signed by an untrusted CA must be refused")
+        };
+        assert!(message.contains("certificate"), "{mode}: {message}");
+    }
+    std::fs::remove_file(other_ca).unwrap();
+
+    // A root certificate file that does not exist is named at start.
+    let Err(StoreError::Startup(message)) = encrypted(&format!(
+        "{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+    ))
+    .await
+    else {
+        panic!("a missing sslrootcert must be refused")
+    };
+    assert!(message.contains("/nonexistent/ca.pem"), "{message}");
+}
+
+/// Connects with a task that forwards the connection's notifications.
+async fn listener(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test]
+async fn the_change_log_numbers_changes_consecutively_in_commit_order() {
+    let url = fresh_database().await;
+    postgres::open_pool(&parse(&url), 1).await.unwrap();
+    let (watcher, mut notified) = listener(&url).await;
+    watcher
+        .batch_execute("LISTEN paygate_changes")
+        .await
+        .unwrap();
+    let mut a = inspect(&url).await;
+    let b = inspect(&url).await;
+    a.batch_execute(
+        "INSERT INTO users (username, password_hash, created_at) VALUES ('alice', 'x', 0), ('bob', 'x', 0);
+         INSERT INTO sessions (token_hash, user_id, amr, created_at, expires_at)
+           VALUES ('\\x0101010101010101010101010101010101010101010101010101010101010101', 1, 'pwd', 0, 1);",
+    )
+    .await
+    .unwrap();
+    let log = |rows: Vec<tokio_postgres::Row>| -> Vec<(i64, String, String)> {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    assert!(
+        log(b
+            .query("SELECT seq, kind, key FROM changes", &[])
+            .await
+            .unwrap())
+        .is_empty(),
+        "new rows log nothing"
+    );
+
+    // A rolled-back change gives its number back.
+    let tx = a.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE users SET disabled = true WHERE username = 'bob'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+
+    // A change waits for the one before it to end, so numbers follow commit order.
+    let tx = a.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE users SET disabled = true WHERE username = 'alice'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let second = tokio::spawn(async move {
+        b.execute(
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES ('j-1', 1)",
+            &[],
+        )
+        .await
+        .unwrap();
+        b
+    });
+    // Until the first commits, the second is blocked on the change log's head.
+    let observer = inspect(&url).await;
+    for attempt in 0.. {
+        assert!(
+            attempt < 3000,
+            "the second change never waited for the first"
+        );
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tx.commit().await.unwrap();
+    let b = second.await.unwrap();
+    a.execute("DELETE FROM sessions", &[]).await.unwrap();
+
+    let rows = log(b
+        .query("SELECT seq, kind, key FROM changes ORDER BY seq", &[])
+        .await
+        .unwrap());
+    assert_eq!(
+        rows,
+        [
+            (1, "user".into(), "1".into()),
+            (2, "jwt".into(), "j-1".into()),
+            (3, "session".into(), "01".repeat(32)),
+        ]
+    );
+    let head: i64 = b
+        .query_one("SELECT seq FROM changes_head", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(head, 3);
+    // Each committed change was announced once, in order; the rolled-back one never.
+    for expected in ["1", "2", "3"] {
+        let got = tokio::time::timeout(Duration::from_secs(30), notified.recv())
+            .await
+            .expect("a notification for each committed change")
+            .unwrap();
+        assert_eq!(got, expected);
+    }
+}
