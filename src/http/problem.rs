@@ -91,7 +91,7 @@ impl From<Invalid> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Busy => ApiError::Unavailable,
+            StoreError::Busy | StoreError::Unreachable(_) => ApiError::Unavailable,
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -68,6 +68,11 @@ pub enum StoreError {
     Startup(String),
     /// A row holds a value paygate never writes (hand-edited or corrupt database).
     Corrupt(String),
+    /// The database server could not be reached, or the connection broke: fail fast, and
+    /// retry later. The message is for the log.
+    Unreachable(String),
+    /// The database server refused a statement (a bug, or a schema changed by hand).
+    Database(String),
 }
 
 impl fmt::Display for StoreError {
@@ -79,6 +84,8 @@ impl fmt::Display for StoreError {
             StoreError::CommitFailed(cause) => write!(f, "commit failed: {cause}"),
             StoreError::Startup(msg) => f.write_str(msg),
             StoreError::Corrupt(msg) => write!(f, "corrupt row: {msg}"),
+            StoreError::Unreachable(msg) => write!(f, "database unreachable: {msg}"),
+            StoreError::Database(msg) => write!(f, "database error: {msg}"),
         }
     }
 }

@@ -50,7 +50,10 @@ fn row_to_user(row: &rusqlite::Row<'_>) -> rusqlite::Result<(User, Option<String
 }
 
 /// A stored role column as a [`Role`].
-pub(super) fn role_of(user_id: i64, stored: Option<&str>) -> Result<Option<Role>, StoreError> {
+pub(in crate::store) fn role_of(
+    user_id: i64,
+    stored: Option<&str>,
+) -> Result<Option<Role>, StoreError> {
     stored
         .map(|raw| {
             Role::parse(raw).ok_or_else(|| {

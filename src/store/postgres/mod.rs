@@ -4,12 +4,14 @@
 //! tokio-postgres is async end to end: queries run on the worker's runtime, pipelined on
 //! one connection when a request makes several, with no blocking pool in between.
 
+mod store;
 pub mod tls;
 pub mod url;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use store::PgStore;
 pub use url::{is_postgres, DatabaseUrl, Verify};
 
 use super::StoreError;
