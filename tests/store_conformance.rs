@@ -7,10 +7,10 @@
 //! "Nodes" are separate store handles on one database (for SQLite, on one data
 //! directory): what one writes, the other must see and respect.
 //!
-//! Covered so far: users, opaque sessions, JWT revocation and TOTP state.
+//! Covered so far: users, opaque sessions, JWT revocation, TOTP state, accounts and grants.
 
-use paygate::domain::{Role, Username};
-use paygate::store::{NewUser, UserInsert};
+use paygate::domain::{Currency, Perm, Perms, Role, Username};
+use paygate::store::{MemberRemoval, MemberUpsert, NewUser, Refusal, UserInsert};
 
 fn new_user(name: &str, role: Option<Role>) -> NewUser {
     NewUser {
@@ -18,6 +18,24 @@ fn new_user(name: &str, role: Option<Role>) -> NewUser {
         password_hash: format!("$argon2id$dummy-{name}"),
         role,
     }
+}
+
+fn perms(letters: &str) -> Perms {
+    Perms::parse("perms", letters).unwrap()
+}
+
+fn eur() -> Currency {
+    Currency::parse("currency", "EUR").unwrap()
+}
+
+/// Creates the user `name` through `store` and returns their id.
+macro_rules! user {
+    ($store:expr, $name:expr) => {
+        match $store.create_user(new_user($name, None)).await.unwrap() {
+            UserInsert::Created(user) => user.id,
+            UserInsert::UsernameTaken => panic!("{} exists", $name),
+        }
+    };
 }
 
 /// An hour from now, in milliseconds.
@@ -231,5 +249,124 @@ conformance! {
         // The same new step offered to two nodes at once: exactly one accepts it.
         let (x, y) = tokio::join!(a.use_totp_step(id, 102), b.use_totp_step(id, 102));
         assert_eq!([x.unwrap(), y.unwrap()].iter().filter(|ok| **ok).count(), 1);
+    }
+
+    async fn accounts_list_newest_first_a_page_at_a_time(backend) {
+        let store = backend.node().await;
+        let alice = user!(store, "alice");
+        let carol = user!(store, "carol");
+        let mut ids = Vec::new();
+        for name in ["one", "two", "three"] {
+            let account = store.create_account(alice, name.into(), eur()).await.unwrap();
+            assert_eq!((account.name.as_str(), account.currency.as_str()), (name, "EUR"));
+            ids.push(account.id);
+        }
+        let first = store.memberships(alice, false, 2, None).await.unwrap();
+        let names: Vec<_> = first.items.iter().map(|m| m.account.name.as_str()).collect();
+        assert_eq!(names, ["three", "two"]);
+        assert!(first.items.iter().all(|m| m.perms == Perms::ALL), "the creator manages");
+        let next = first.next_seq.expect("a third account follows");
+        let rest = store.memberships(alice, false, 2, Some(next)).await.unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].account.id, ids[0]);
+        assert_eq!(rest.next_seq, None);
+
+        assert!(store.memberships(carol, false, 10, None).await.unwrap().items.is_empty());
+        let every = store.memberships(carol, true, 10, None).await.unwrap();
+        assert_eq!(every.items.len(), 3, "every account, for an auditor's listing");
+        assert!(every.items.iter().all(|m| m.perms == Perms::READ_ONLY));
+
+        let membership = store.membership(alice, ids[1]).await.unwrap().unwrap();
+        assert_eq!(membership.account.name, "two");
+        assert!(store.membership(carol, ids[1]).await.unwrap().is_none());
+        let account = store.account(ids[2]).await.unwrap().unwrap();
+        assert_eq!(account.name, "three");
+        assert!(store.account(uuid::Uuid::now_v7()).await.unwrap().is_none());
+    }
+
+    async fn grants_follow_the_managers_rules_on_every_node(backend) {
+        let (a, b) = (backend.node().await, backend.node().await);
+        let alice = user!(a, "alice");
+        let bob = user!(a, "bob");
+        user!(a, "carol");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+
+        assert!(matches!(
+            b.upsert_member(account, "carol".into(), perms("r"), bob).await.unwrap(),
+            MemberUpsert::Refused(Refusal::NotManager(p)) if p == Perms::NONE
+        ));
+        assert!(matches!(
+            b.upsert_member(account, "nobody".into(), perms("r"), alice).await.unwrap(),
+            MemberUpsert::UnknownUser
+        ));
+        assert!(matches!(
+            b.upsert_member(account, "bob".into(), perms("rwa"), alice).await.unwrap(),
+            MemberUpsert::Created
+        ));
+        assert!(matches!(
+            a.upsert_member(account, "carol".into(), perms("rwd"), bob).await.unwrap(),
+            MemberUpsert::Refused(Refusal::BeyondOwn { .. })
+        ));
+        assert!(matches!(
+            a.upsert_member(account, "carol".into(), perms("rw"), bob).await.unwrap(),
+            MemberUpsert::Created
+        ));
+        assert!(matches!(
+            a.upsert_member(account, "carol".into(), perms("r"), bob).await.unwrap(),
+            MemberUpsert::Updated
+        ));
+        assert!(matches!(
+            b.upsert_member(account, "alice".into(), perms("r"), bob).await.unwrap(),
+            MemberUpsert::Refused(Refusal::MorePrivileged { .. })
+        ));
+        let carol_sees = b.membership(b.user_by_name("carol".into()).await.unwrap().unwrap().id, account).await.unwrap();
+        assert_eq!(carol_sees.unwrap().perms, perms("r"));
+
+        assert!(matches!(
+            a.remove_member(account, "nobody".into(), alice).await.unwrap(),
+            MemberRemoval::NotMember
+        ));
+        assert!(matches!(
+            a.remove_member(account, "carol".into(), alice).await.unwrap(),
+            MemberRemoval::Removed
+        ));
+        assert!(b.membership(b.user_by_name("carol".into()).await.unwrap().unwrap().id, account).await.unwrap().is_none());
+        assert!(matches!(
+            b.remove_member(account, "alice".into(), bob).await.unwrap(),
+            MemberRemoval::Refused(Refusal::MorePrivileged { .. })
+        ));
+        assert!(matches!(
+            a.remove_member(account, "bob".into(), alice).await.unwrap(),
+            MemberRemoval::Removed
+        ));
+        assert!(matches!(
+            a.remove_member(account, "alice".into(), alice).await.unwrap(),
+            MemberRemoval::LastManager
+        ));
+    }
+
+    async fn two_managers_removing_each_other_at_once_leave_one(backend) {
+        for round in 0..5 {
+            let (a, b) = (backend.node().await, backend.node().await);
+            let alice = user!(a, &format!("alice{round}"));
+            let bob = user!(a, &format!("bob{round}"));
+            let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+            a.upsert_member(account, format!("bob{round}"), Perms::ALL, alice).await.unwrap();
+            let (x, y) = tokio::join!(
+                a.remove_member(account, format!("bob{round}"), alice),
+                b.remove_member(account, format!("alice{round}"), bob),
+            );
+            let removed = [x.unwrap(), y.unwrap()]
+                .iter()
+                .filter(|r| matches!(r, MemberRemoval::Removed))
+                .count();
+            assert_eq!(removed, 1, "round {round}");
+            let left = a.membership(alice, account).await.unwrap().map(|m| m.perms)
+                .into_iter()
+                .chain(a.membership(bob, account).await.unwrap().map(|m| m.perms))
+                .filter(|p| p.contains(Perm::Admin))
+                .count();
+            assert_eq!(left, 1, "round {round}: one manager remains");
+        }
     }
 }

@@ -96,7 +96,7 @@ pub(super) fn parse_uuid(raw: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(raw).map_err(|_| StoreError::Corrupt(format!("bad uuid {raw:?}")))
 }
 
-pub(super) fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
+pub(in crate::store) fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
     Perms::parse("perms", raw).map_err(|_| StoreError::Corrupt(format!("bad perms {raw:?}")))
 }
 

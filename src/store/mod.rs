@@ -362,7 +362,7 @@ pub struct Page<T> {
 }
 
 /// Turns `limit + 1` rows into a page: the extra row only says whether more follow.
-fn into_page<T>(mut rows: Vec<(i64, T)>, limit: usize) -> Page<T> {
+pub(in crate::store) fn into_page<T>(mut rows: Vec<(i64, T)>, limit: usize) -> Page<T> {
     let more = rows.len() > limit;
     rows.truncate(limit);
     let next_seq = if more {

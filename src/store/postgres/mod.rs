@@ -4,6 +4,7 @@
 //! tokio-postgres is async end to end: queries run on the worker's runtime, pipelined on
 //! one connection when a request makes several, with no blocking pool in between.
 
+mod accounts;
 mod store;
 pub mod tls;
 pub mod url;

@@ -2,7 +2,7 @@
 //! run on the worker's runtime through the pool. Checked against the SQLite store by the
 //! conformance suite (`tests/store_conformance.rs`).
 //!
-//! Covered so far: users, opaque sessions, JWT revocation and TOTP state.
+//! Users, sessions, revocations and TOTP state here; accounts and grants in `accounts`.
 
 use std::sync::Arc;
 
@@ -56,10 +56,10 @@ impl From<PoolError> for StoreError {
 /// Users, sessions, revocations and TOTP state in PostgreSQL; cheap to clone.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: Pool,
+    pub(super) pool: Pool,
     /// The keys TOTP secrets are sealed under: never stored in the database.
     totp_keys: Arc<TotpKeys>,
-    clock: Clock,
+    pub(super) clock: Clock,
 }
 
 fn subject(row: &Row, first: usize) -> Result<Subject, StoreError> {
@@ -88,7 +88,7 @@ impl PgStore {
         })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }
 
