@@ -7,10 +7,14 @@
 //! "Nodes" are separate store handles on one database (for SQLite, on one data
 //! directory): what one writes, the other must see and respect.
 //!
-//! Covered so far: users, opaque sessions, JWT revocation, TOTP state, accounts and grants.
+//! Covered so far: users, opaque sessions, JWT revocation, TOTP state, accounts and
+//! grants, payments and idempotency keys.
 
 use paygate::domain::{Currency, Perm, Perms, Role, Username};
-use paygate::store::{MemberRemoval, MemberUpsert, NewUser, Refusal, UserInsert};
+use paygate::store::{
+    CancelOutcome, EarlierUse, KeyedRequest, MemberRemoval, MemberUpsert, NewUser, Payment,
+    PaymentCreation, PaymentStatus, Refusal, StoreError, StoredResponse, UserInsert,
+};
 
 fn new_user(name: &str, role: Option<Role>) -> NewUser {
     NewUser {
@@ -36,6 +40,40 @@ macro_rules! user {
             UserInsert::UsernameTaken => panic!("{} exists", $name),
         }
     };
+}
+
+/// A payment of `amount` on `account`, as a handler hands it to the store (id and time
+/// are the store's to assign).
+fn payment(account: uuid::Uuid, amount: i64) -> Payment {
+    Payment {
+        id: uuid::Uuid::nil(),
+        account_id: account,
+        payee: "ACME".into(),
+        amount_minor: amount,
+        currency: "EUR".into(),
+        reference: format!("invoice {amount}"),
+        status: PaymentStatus::Pending,
+        created_by: String::new(),
+        created_at: 0,
+        cancelled_at: None,
+    }
+}
+
+/// The response a key replays: here, the payment's id and time.
+fn answer(payment: &Payment) -> Result<StoredResponse, StoreError> {
+    Ok(StoredResponse {
+        status: 201,
+        body: format!("{} {}", payment.id, payment.created_at),
+        location: Some(format!("/payments/{}", payment.id)),
+    })
+}
+
+fn keyed(user: i64, key: &str, hash: u8) -> Option<KeyedRequest> {
+    Some(KeyedRequest {
+        user,
+        key: key.into(),
+        request_hash: [hash; 32],
+    })
 }
 
 /// An hour from now, in milliseconds.
@@ -368,5 +406,123 @@ conformance! {
                 .count();
             assert_eq!(left, 1, "round {round}: one manager remains");
         }
+    }
+
+    async fn payments_are_created_listed_and_cancelled_once(backend) {
+        let store = backend.node().await;
+        let alice = user!(store, "alice");
+        let account = store.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let other = store.create_account(alice, "Other".into(), eur()).await.unwrap().id;
+        let mut created = Vec::new();
+        for amount in [100, 200, 300] {
+            let PaymentCreation::Created(response) =
+                store.create_payment(payment(account, amount), alice, None, answer).await.unwrap()
+            else {
+                panic!("no key, no earlier use")
+            };
+            let (id, at) = response.body.split_once(' ').unwrap();
+            created.push((id.parse::<uuid::Uuid>().unwrap(), at.parse::<i64>().unwrap()));
+        }
+        assert!(created.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+        let page = store.payments(account, 2, None).await.unwrap();
+        let ids: Vec<_> = page.items.iter().map(|p| p.id).collect();
+        assert_eq!(ids, [created[2].0, created[1].0], "newest first");
+        let rest = store.payments(account, 2, page.next_seq).await.unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.next_seq, None);
+        let first = store.payment(account, created[0].0).await.unwrap().unwrap();
+        assert_eq!(
+            (first.amount_minor, first.created_by.as_str(), first.status, first.created_at),
+            (100, "alice", PaymentStatus::Pending, created[0].1)
+        );
+        assert!(store.payment(other, created[0].0).await.unwrap().is_none());
+        assert!(store.payment_exists(account, created[0].0).await.unwrap());
+        assert!(!store.payment_exists(other, created[0].0).await.unwrap());
+
+        let CancelOutcome::Cancelled(cancelled) =
+            store.cancel_payment(account, created[0].0).await.unwrap()
+        else {
+            panic!("a pending payment is cancelled")
+        };
+        assert_eq!(cancelled.status, PaymentStatus::Cancelled);
+        assert!(cancelled.cancelled_at.is_some());
+        assert!(matches!(
+            store.cancel_payment(account, created[0].0).await.unwrap(),
+            CancelOutcome::NotPending(_)
+        ));
+        assert!(matches!(
+            store.cancel_payment(other, created[0].0).await.unwrap(),
+            CancelOutcome::NotFound
+        ));
+    }
+
+    async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_payment(backend) {
+        let (a, b) = (backend.node().await, backend.node().await);
+        let alice = user!(a, "alice");
+        let bob = user!(a, "bob");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        a.upsert_member(account, "bob".into(), perms("rw"), alice).await.unwrap();
+        let send = |node: u8| {
+            let store = if node == 0 { &a } else { &b };
+            store.create_payment(payment(account, 500), alice, keyed(alice, "k-1", 1), answer)
+        };
+        let (r0, r1, r2, r3, r4, r5) = tokio::join!(send(0), send(1), send(0), send(1), send(0), send(1));
+        let mut bodies = Vec::new();
+        let mut created = 0;
+        for outcome in [r0, r1, r2, r3, r4, r5] {
+            match outcome.unwrap() {
+                PaymentCreation::Created(response) => {
+                    created += 1;
+                    bodies.push(response.body);
+                }
+                PaymentCreation::Earlier(EarlierUse::Replay(response)) => {
+                    assert_eq!(response.status, 201);
+                    bodies.push(response.body);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(created, 1, "one payment for one key");
+        assert!(bodies.windows(2).all(|w| w[0] == w[1]), "every answer is the first one");
+        assert_eq!(b.payments(account, 10, None).await.unwrap().items.len(), 1);
+
+        // The same key with another request: refused, on either node.
+        assert!(matches!(
+            b.create_payment(payment(account, 999), alice, keyed(alice, "k-1", 2), answer)
+                .await
+                .unwrap(),
+            PaymentCreation::Earlier(EarlierUse::Mismatch)
+        ));
+        // Keys belong to their user: bob's "k-1" is another key.
+        assert!(matches!(
+            b.create_payment(payment(account, 500), bob, keyed(bob, "k-1", 1), answer)
+                .await
+                .unwrap(),
+            PaymentCreation::Created(_)
+        ));
+        assert_eq!(a.payments(account, 10, None).await.unwrap().items.len(), 2);
+    }
+
+    async fn payments_from_two_nodes_at_once_all_commit_in_one_order(backend) {
+        let (a, b) = (backend.node().await, backend.node().await);
+        let alice = user!(a, "alice");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                store.create_payment(payment(account, 1 + i), alice, None, answer).await
+            }));
+        }
+        for task in tasks {
+            assert!(matches!(task.await.unwrap().unwrap(), PaymentCreation::Created(_)));
+        }
+        let listed = a.payments(account, 100, None).await.unwrap().items;
+        assert_eq!(listed.len(), 40);
+        // Listed newest first by commit position: ids and times descend with it.
+        assert!(listed.windows(2).all(|w| w[0].id > w[1].id && w[0].created_at >= w[1].created_at));
+        let mut amounts: Vec<_> = listed.iter().map(|p| p.amount_minor).collect();
+        amounts.sort();
+        assert_eq!(amounts, (1..=40).collect::<Vec<_>>());
     }
 }

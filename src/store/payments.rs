@@ -118,8 +118,17 @@ fn stamp(conn: &Connection, now: i64) -> Result<(Uuid, i64), StoreError> {
         .prepare_cached("SELECT id, created_at FROM payments ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let newest = newest
+        .map(|(id, at)| Ok::<_, StoreError>((parse_uuid(&id)?, at)))
+        .transpose()?;
+    Ok(next_stamp(newest, now))
+}
+
+/// The id and `created_at` of the payment committed after `newest` (id and time): never
+/// earlier, and an id greater than its, so that ids and times follow commit order.
+pub(in crate::store) fn next_stamp(newest: Option<(Uuid, i64)>, now: i64) -> (Uuid, i64) {
     let (last_id, last_at) = match newest {
-        Some((id, at)) => (Some(parse_uuid(&id)?), at),
+        Some((id, at)) => (Some(id), at),
         None => (None, i64::MIN),
     };
     let created_at = now.max(last_at);
@@ -134,10 +143,9 @@ fn stamp(conn: &Connection, now: i64) -> Result<(Uuid, i64), StoreError> {
             uuid_v7_at(created_at + 1)
         };
     }
-    Ok((id, created_at))
+    (id, created_at)
 }
 
-/// A UUIDv7 for the Unix millisecond `ms`.
 fn uuid_v7_at(ms: i64) -> Uuid {
     let ms = u64::try_from(ms).unwrap_or(0);
     let at = uuid::Timestamp::from_unix(

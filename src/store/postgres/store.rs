@@ -2,7 +2,8 @@
 //! run on the worker's runtime through the pool. Checked against the SQLite store by the
 //! conformance suite (`tests/store_conformance.rs`).
 //!
-//! Users, sessions, revocations and TOTP state here; accounts and grants in `accounts`.
+//! Users, sessions, revocations and TOTP state here; accounts and grants in `accounts`,
+//! payments and idempotency keys in `payments`.
 
 use std::sync::Arc;
 
@@ -60,6 +61,8 @@ pub struct PgStore {
     /// The keys TOTP secrets are sealed under: never stored in the database.
     totp_keys: Arc<TotpKeys>,
     pub(super) clock: Clock,
+    /// The node's group-commit queue for payment creation.
+    pub(super) payments: super::payments::Queue,
 }
 
 fn subject(row: &Row, first: usize) -> Result<Subject, StoreError> {
@@ -81,10 +84,16 @@ impl PgStore {
         totp_keys: Arc<TotpKeys>,
         clock: Clock,
     ) -> Result<PgStore, StoreError> {
+        let pool = open_pool(url, pool_size).await?;
+        let payments = Arc::new(super::payments::PaymentQueue::start(
+            pool.clone(),
+            clock.clone(),
+        ));
         Ok(PgStore {
-            pool: open_pool(url, pool_size).await?,
+            pool,
             totp_keys,
             clock,
+            payments,
         })
     }
 
