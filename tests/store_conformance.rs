@@ -8,12 +8,13 @@
 //! directory): what one writes, the other must see and respect.
 //!
 //! Covered so far: users, opaque sessions, JWT revocation, TOTP state, accounts and
-//! grants, payments and idempotency keys.
+//! grants, payments and idempotency keys, capabilities, the sweeps.
 
 use paygate::domain::{Currency, Perm, Perms, Role, Username};
 use paygate::store::{
-    CancelOutcome, EarlierUse, KeyedRequest, MemberRemoval, MemberUpsert, NewUser, Payment,
-    PaymentCreation, PaymentStatus, Refusal, StoreError, StoredResponse, UserInsert,
+    CancelOutcome, CapabilityInsert, EarlierUse, KeyedRequest, MemberRemoval, MemberUpsert,
+    NewCapability, NewUser, Payment, PaymentCreation, PaymentStatus, Refusal, StoreError,
+    StoredResponse, UserInsert, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
 };
 
 fn new_user(name: &str, role: Option<Role>) -> NewUser {
@@ -74,6 +75,56 @@ fn keyed(user: i64, key: &str, hash: u8) -> Option<KeyedRequest> {
         key: key.into(),
         request_hash: [hash; 32],
     })
+}
+
+/// A capability on `payment` minted by `minter`, derived from `parent` if given.
+fn capability(
+    hash: u8,
+    account: uuid::Uuid,
+    payment: uuid::Uuid,
+    minter: i64,
+    parent: Option<uuid::Uuid>,
+    expires_at: i64,
+) -> NewCapability {
+    NewCapability {
+        token_hash: [hash; 32],
+        account_id: account,
+        payment_id: payment,
+        perms: Perms::READ_ONLY,
+        minted_by: minter,
+        parent_id: parent,
+        expires_at,
+    }
+}
+
+/// Creates a payment through `store` and returns its id.
+macro_rules! new_payment {
+    ($store:expr, $account:expr, $user:expr) => {
+        match $store
+            .create_payment(payment($account, 100), $user, None, answer)
+            .await
+            .unwrap()
+        {
+            PaymentCreation::Created(response) => response
+                .body
+                .split_once(' ')
+                .unwrap()
+                .0
+                .parse::<uuid::Uuid>()
+                .unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+}
+
+/// Mints `new` through `store`, which must accept it; its id.
+macro_rules! mint {
+    ($store:expr, $new:expr) => {
+        match $store.create_capability($new).await.unwrap() {
+            CapabilityInsert::Created(created) => created.id,
+            other => panic!("{other:?}"),
+        }
+    };
 }
 
 /// An hour from now, in milliseconds.
@@ -524,5 +575,107 @@ conformance! {
         let mut amounts: Vec<_> = listed.iter().map(|p| p.amount_minor).collect();
         amounts.sort();
         assert_eq!(amounts, (1..=40).collect::<Vec<_>>());
+    }
+
+    async fn capabilities_derive_within_limits_and_revoke_with_their_tree(backend) {
+        let (a, b) = (backend.node().await, backend.node().await);
+        let alice = user!(a, "alice");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let pay = new_payment!(a, account, alice);
+        let root = mint!(a, capability(1, account, pay, alice, None, later()));
+        let child = mint!(b, capability(2, account, pay, alice, Some(root), later()));
+        let grandchild = mint!(a, capability(3, account, pay, alice, Some(child), later()));
+
+        let state = b.capability_by_hash([3; 32]).await.unwrap().unwrap();
+        assert_eq!(state.capability.id, grandchild);
+        assert_eq!(state.capability.parent_id, Some(child));
+        assert!(!state.minter_disabled && !state.ancestor_revoked);
+        assert_eq!(state.minter_perms, Some(Perms::ALL));
+        assert!(b.capability_by_hash([9; 32]).await.unwrap().is_none());
+        assert_eq!(a.capability(root).await.unwrap().unwrap().perms, Perms::READ_ONLY);
+
+        assert_eq!(b.revoke_capability(child).await.unwrap(), 2, "the child and its own");
+        assert_eq!(a.revoke_capability(child).await.unwrap(), 0, "once");
+        assert!(a.capability_by_hash([3; 32]).await.unwrap().unwrap().capability.revoked_at.is_some());
+        assert!(a.capability_by_hash([1; 32]).await.unwrap().unwrap().capability.revoked_at.is_none());
+        let live = a.live_capabilities(account, 10, None).await.unwrap();
+        assert_eq!(live.items.iter().map(|c| c.id).collect::<Vec<_>>(), [root]);
+        assert!(matches!(
+            a.create_capability(capability(4, account, pay, alice, Some(grandchild), later()))
+                .await
+                .unwrap(),
+            CapabilityInsert::ParentUnusable
+        ));
+        assert!(matches!(
+            a.create_capability(capability(5, account, pay, alice, Some(uuid::Uuid::new_v4()), later()))
+                .await
+                .unwrap(),
+            CapabilityInsert::ParentUnusable
+        ));
+
+        // A chain no deeper than the limit.
+        let mut parent = root;
+        for depth in 1..=MAX_DERIVATION_DEPTH {
+            parent = mint!(a, capability(10 + depth as u8, account, pay, alice, Some(parent), later()));
+        }
+        assert!(matches!(
+            b.create_capability(capability(99, account, pay, alice, Some(parent), later()))
+                .await
+                .unwrap(),
+            CapabilityInsert::TooDeep
+        ));
+
+        // A disabled minter disables what they minted.
+        a.disable_user("alice".into()).await.unwrap();
+        assert!(b.capability_by_hash([1; 32]).await.unwrap().unwrap().minter_disabled);
+    }
+
+    async fn a_tree_holds_at_most_its_share_even_when_two_nodes_derive_at_once(backend) {
+        let (a, b) = (backend.node().await, backend.node().await);
+        let alice = user!(a, "alice");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let pay = new_payment!(a, account, alice);
+        let root = mint!(a, capability(0, account, pay, alice, None, later()));
+        // The root counts; fill the tree to one short of the limit.
+        let mut hash = [0u8; 32];
+        for n in 1..MAX_PER_ROOT - 1 {
+            hash[..8].copy_from_slice(&n.to_be_bytes());
+            let mut new = capability(0, account, pay, alice, Some(root), later());
+            new.token_hash = hash;
+            mint!(a, new);
+        }
+        // Two nodes derive the last place at once: one gets it.
+        let mut x = capability(0, account, pay, alice, Some(root), later());
+        x.token_hash = [0xAA; 32];
+        let mut y = capability(0, account, pay, alice, Some(root), later());
+        y.token_hash = [0xBB; 32];
+        let (x, y) = tokio::join!(a.create_capability(x), b.create_capability(y));
+        let outcomes = [x.unwrap(), y.unwrap()];
+        assert_eq!(
+            outcomes.iter().filter(|o| matches!(o, CapabilityInsert::Created(_))).count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert!(outcomes.iter().any(|o| matches!(o, CapabilityInsert::TooMany)));
+    }
+
+    async fn the_sweep_removes_only_what_expired(backend) {
+        let store = backend.node().await;
+        let alice = user!(store, "alice");
+        let now = paygate::time::now_millis();
+        store.create_session([1; 32], alice, "pwd".into(), now - 1).await.unwrap();
+        store.create_session([2; 32], alice, "pwd".into(), now + 60_000).await.unwrap();
+        store.revoke_jti("old".into(), now / 1000 - 1).await.unwrap();
+        store.revoke_jti("new".into(), now / 1000 + 60).await.unwrap();
+        let account = store.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let pay = new_payment!(store, account, alice);
+        let root = mint!(store, capability(1, account, pay, alice, None, now + 60_000));
+        mint!(store, capability(2, account, pay, alice, Some(root), now + 60_000));
+        assert_eq!(store.sweep_expired().await.unwrap(), 2, "a session and a revocation");
+        assert!(store.session([2; 32]).await.unwrap().is_some());
+        let (_, revoked) = store.jwt_subject("alice".into(), "new".into()).await.unwrap().unwrap();
+        assert!(revoked);
+        assert!(store.capability_by_hash([2; 32]).await.unwrap().is_some(), "not expired yet");
+        assert_eq!(store.sweep_idempotency_keys().await.unwrap(), 0);
     }
 }

@@ -81,6 +81,8 @@ CREATE TABLE revoked_tokens (
 CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens (expires_at);
 
 CREATE TABLE capabilities (
+    -- Listing order (SQLite's rowid).
+    seq        bigint  GENERATED ALWAYS AS IDENTITY UNIQUE,
     id         uuid    PRIMARY KEY,
     token_hash bytea   NOT NULL UNIQUE CHECK (length(token_hash) = 32),
     account_id uuid    NOT NULL REFERENCES accounts (id),

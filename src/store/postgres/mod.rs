@@ -5,6 +5,7 @@
 //! one connection when a request makes several, with no blocking pool in between.
 
 mod accounts;
+mod capabilities;
 mod payments;
 mod store;
 pub mod tls;
