@@ -341,3 +341,92 @@ async fn the_change_log_numbers_changes_consecutively_in_commit_order() {
         assert_eq!(got, expected);
     }
 }
+
+#[tokio::test]
+async fn rate_limit_steps_from_many_nodes_never_spend_more_than_the_burst() {
+    use paygate::store::postgres::PgRateStore;
+    use paygate::token_bucket::Limit;
+    let url = fresh_database().await;
+    let limit = Limit {
+        burst: 20,
+        interval_ns: 3_600_000_000_000,
+    };
+    let now = 1_000_000_000_000_i64;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(PgRateStore::open(&parse(&url), 4).await.unwrap());
+    }
+    // Every node asks for up to 3 tokens at a time, 10 times, all at once: 120 asked, 20
+    // in the bucket.
+    let mut steps = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for _ in 0..10 {
+            let node = node.clone();
+            steps.push(tokio::spawn(async move {
+                node.step(
+                    "r",
+                    "k",
+                    None,
+                    &format!("node-{n}"),
+                    now,
+                    now + 1,
+                    |bucket, _| {
+                        let taken = bucket.take_up_to(limit, now, 3);
+                        (taken, taken)
+                    },
+                )
+                .await
+                .unwrap()
+            }));
+        }
+    }
+    let mut granted = 0;
+    for step in steps {
+        granted += step.await.unwrap();
+    }
+    assert_eq!(granted, 20, "exactly the burst, across four nodes");
+
+    // A key without a bucket draws from the overflow bucket when one stands in.
+    let take_one = |node: &PgRateStore, key: &'static str| {
+        let node = node.clone();
+        async move {
+            node.step(
+                "r",
+                key,
+                Some("overflow"),
+                "node-0",
+                now,
+                now,
+                |bucket, _| (0, bucket.take_up_to(Limit { burst: 2, ..limit }, now, 1)),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(take_one(&nodes[0], "a").await, 1);
+    assert_eq!(take_one(&nodes[1], "b").await, 1);
+    assert_eq!(
+        take_one(&nodes[2], "c").await,
+        0,
+        "the shared overflow bucket is spent"
+    );
+    let db = inspect(&url).await;
+    let rows: i64 = db
+        .query_one(
+            "SELECT count(*) FROM buckets WHERE key IN ('a', 'b', 'c')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "new keys under overflow add no rows");
+
+    // The sweep keeps buckets that are not full yet and drops expired leases.
+    assert_eq!(nodes[0].sweep(now + 2).await.unwrap(), 2);
+    let leases: i64 = db
+        .query_one("SELECT count(*) FROM leases", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leases, 0);
+}

@@ -7,6 +7,7 @@
 mod accounts;
 mod capabilities;
 mod payments;
+mod ratelimit;
 mod store;
 pub mod tls;
 pub mod url;
@@ -14,6 +15,7 @@ pub mod url;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use ratelimit::PgRateStore;
 pub use store::PgStore;
 pub use url::{is_postgres, DatabaseUrl, Verify};
 
