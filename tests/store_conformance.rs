@@ -8,13 +8,13 @@
 //! directory): what one writes, the other must see and respect.
 //!
 //! Covered so far: users, opaque sessions, JWT revocation, TOTP state, accounts and
-//! grants, payments and idempotency keys, capabilities, the sweeps.
+//! grants, payments and idempotency keys, capabilities, the sweeps, the change log.
 
 use paygate::domain::{Currency, Perm, Perms, Role, Username};
 use paygate::store::{
-    CancelOutcome, CapabilityInsert, EarlierUse, KeyedRequest, MemberRemoval, MemberUpsert,
-    NewCapability, NewUser, Payment, PaymentCreation, PaymentStatus, Refusal, StoreError,
-    StoredResponse, UserInsert, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
+    CancelOutcome, CapabilityInsert, Change, ChangesSince, EarlierUse, KeyedRequest, MemberRemoval,
+    MemberUpsert, NewCapability, NewUser, Payment, PaymentCreation, PaymentStatus, Refusal,
+    StoreError, StoredResponse, UserInsert, MAX_DERIVATION_DEPTH, MAX_PER_ROOT,
 };
 
 fn new_user(name: &str, role: Option<Role>) -> NewUser {
@@ -152,6 +152,22 @@ macro_rules! conformance {
                 async fn node(&self) -> Store {
                     Store::open(&self.0).unwrap()
                 }
+
+                /// The change log after `seen`, as a worker's cache reads it.
+                async fn changes(&self, seen: i64) -> paygate::store::ChangesSince {
+                    paygate::store::DataVersion::open(&self.0)
+                        .unwrap()
+                        .changes_since(seen)
+                        .unwrap()
+                }
+
+                /// Deletes the change log's rows up to `upto`, as the sweep does.
+                async fn prune_changes(&self, upto: i64) {
+                    rusqlite::Connection::open(self.0.join("paygate.db"))
+                        .unwrap()
+                        .execute("DELETE FROM changes WHERE seq <= ?1", [upto])
+                        .unwrap();
+                }
             }
 
             impl Drop for Backend {
@@ -211,6 +227,22 @@ macro_rules! conformance {
                     PgStore::open(&url, 4, keys, paygate::time::Clock::system())
                         .await
                         .unwrap()
+                }
+
+                /// The change log after `seen`, as a node's cache reads it.
+                async fn changes(&self, seen: i64) -> paygate::store::ChangesSince {
+                    self.node().await.changes_since(seen).await.unwrap()
+                }
+
+                /// Deletes the change log's rows up to `upto`, as the sweep does.
+                async fn prune_changes(&self, upto: i64) {
+                    let (client, connection) =
+                        tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(connection);
+                    client
+                        .execute("DELETE FROM changes WHERE seq <= $1", &[&upto])
+                        .await
+                        .unwrap();
                 }
             }
 
@@ -677,5 +709,61 @@ conformance! {
         assert!(revoked);
         assert!(store.capability_by_hash([2; 32]).await.unwrap().is_some(), "not expired yet");
         assert_eq!(store.sweep_idempotency_keys().await.unwrap(), 0);
+    }
+
+    async fn every_change_a_cache_depends_on_is_logged_alike(backend) {
+        let store = backend.node().await;
+        let alice = user!(store, "alice");
+        let bob = user!(store, "bob");
+        let ChangesSince::Changes(none, start) = backend.changes(0).await else {
+            panic!("nothing pruned")
+        };
+        assert!(none.is_empty());
+        // A new account gives its creator a grant: logged, as every grant given is.
+        let account = store.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        let start = start + 1;
+        assert_eq!(
+            backend.changes(start - 1).await,
+            ChangesSince::Changes(vec![Change::Membership { user: alice, account }], start)
+        );
+        // Other new rows log nothing: nothing absent is ever cached.
+        let pay = new_payment!(store, account, alice);
+        store.create_session([1; 32], alice, "pwd".into(), later()).await.unwrap();
+        store.create_session([2; 32], alice, "pwd".into(), later()).await.unwrap();
+        let root = mint!(store, capability(1, account, pay, alice, None, later()));
+        mint!(store, capability(2, account, pay, alice, Some(root), later()));
+        assert_eq!(backend.changes(start).await, ChangesSince::Changes(vec![], start));
+
+        store.end_session([1; 32]).await.unwrap();
+        store.revoke_jti("j-1".into(), later()).await.unwrap();
+        store.upsert_member(account, "bob".into(), perms("r"), alice).await.unwrap();
+        store.upsert_member(account, "bob".into(), perms("rw"), alice).await.unwrap();
+        store.remove_member(account, "bob".into(), alice).await.unwrap();
+        store.revoke_capability(root).await.unwrap();
+        store.cancel_payment(account, pay).await.unwrap();
+        store.disable_user("alice".into()).await.unwrap();
+        let membership = Change::Membership { user: bob, account };
+        let expected = vec![
+            Change::Session([1; 32]),
+            Change::Jwt("j-1".into()),
+            membership.clone(),
+            membership.clone(),
+            membership,
+            Change::Capability { account },
+            Change::Capability { account },
+            Change::Payment { account, payment: pay },
+            Change::User(alice),
+            Change::Session([2; 32]),
+        ];
+        let last = start + expected.len() as i64;
+        assert_eq!(backend.changes(start).await, ChangesSince::Changes(expected, last));
+        assert_eq!(backend.changes(last).await, ChangesSince::Changes(vec![], last));
+
+        // A reader whose next rows were pruned is told it fell behind.
+        backend.prune_changes(start + 2).await;
+        assert_eq!(backend.changes(start).await, ChangesSince::FellBehind(last));
+        assert!(matches!(backend.changes(start + 2).await, ChangesSince::Changes(c, l) if c.len() == 8 && l == last));
+        backend.prune_changes(last).await;
+        assert_eq!(backend.changes(start + 5).await, ChangesSince::FellBehind(last));
     }
 }

@@ -206,7 +206,8 @@ pub enum Change {
 }
 
 impl Change {
-    fn parse(kind: &str, key: &str) -> Change {
+    /// A row of the change log (an unknown kind or a malformed key: [`Change::Unknown`]).
+    pub(in crate::store) fn parse(kind: &str, key: &str) -> Change {
         let pair = || key.split_once(' ');
         let parsed = match kind {
             "user" => key.parse().ok().map(Change::User),

@@ -6,6 +6,7 @@
 
 mod accounts;
 mod capabilities;
+mod changes;
 mod payments;
 mod ratelimit;
 mod store;
