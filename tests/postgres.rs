@@ -430,3 +430,69 @@ async fn rate_limit_steps_from_many_nodes_never_spend_more_than_the_burst() {
         .get(0);
     assert_eq!(leases, 0);
 }
+
+/// A store node on `url` whose sealing key is the one in `keys_dir`.
+async fn node(url: &str, keys_dir: &std::path::Path) -> paygate::store::postgres::PgStore {
+    use paygate::store::sealing::TotpKeys;
+    let keys = std::sync::Arc::new(TotpKeys::load_or_create(keys_dir).unwrap());
+    paygate::store::postgres::PgStore::open(&parse(url), 2, keys, paygate::time::Clock::system())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
+    let url = fresh_database().await;
+    let keys_dir = std::env::temp_dir().join(format!("paygate-pg-keys-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let (a, b) = (node(&url, &keys_dir).await, node(&url, &keys_dir).await);
+    let secret = [0x5Au8; 32];
+    let (x, y) = tokio::join!(
+        a.ensure_jwt_key("k1", &secret, 1000),
+        b.ensure_jwt_key("k2", &[0x6B; 32], 1000)
+    );
+    assert_eq!(
+        [x.unwrap(), y.unwrap()].iter().filter(|c| **c).count(),
+        1,
+        "one first key"
+    );
+    let first = b.jwt_keys().await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first,
+        a.jwt_keys().await.unwrap(),
+        "every node holds the same set"
+    );
+
+    // What the database holds opens only with the sealing key.
+    let db = inspect(&url).await;
+    for row in db.query("SELECT sealed FROM jwt_keys", &[]).await.unwrap() {
+        let sealed: Vec<u8> = row.get(0);
+        assert!(
+            !sealed.windows(8).any(|w| w == &first[0].secret[..8]),
+            "never plain"
+        );
+    }
+
+    // Rotations on two nodes at once: both happen, one after the other; one key current.
+    let (x, y) = tokio::join!(
+        a.rotate_jwt_key("k3", &[3; 32], 2000),
+        b.rotate_jwt_key("k4", &[4; 32], 2000)
+    );
+    x.unwrap();
+    y.unwrap();
+    let keys = a.jwt_keys().await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys.iter().filter(|k| k.retired_at.is_none()).count(), 1);
+    assert_eq!(b.prune_jwt_keys(2001).await.unwrap(), 2, "the retired ones");
+
+    // A node holding another sealing key cannot open them, and says which key.
+    let other_dir = keys_dir.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let stranger = node(&url, &other_dir).await;
+    let Err(StoreError::Corrupt(message)) = stranger.jwt_keys().await else {
+        panic!("another sealing key must not open the keys")
+    };
+    assert!(message.contains("JWT signing key"), "{message}");
+    std::fs::remove_dir_all(keys_dir).unwrap();
+}

@@ -101,6 +101,19 @@ CREATE INDEX capabilities_by_parent ON capabilities (parent_id);
 CREATE INDEX capabilities_by_expiry ON capabilities (expires_at);
 CREATE INDEX capabilities_by_root ON capabilities (root_id, expires_at);
 
+-- JWT signing keys, shared by every node so that a token issued by one verifies on all
+-- (on SQLite they are the file jwt-keys.json). Each secret is sealed with AES-256-GCM
+-- under the sealing key every node holds in its data directory (totp.key), bound to its
+-- kid: the database alone, or a backup of it, reveals no key. Times in Unix seconds.
+CREATE TABLE jwt_keys (
+    kid        text   PRIMARY KEY,
+    sealed     bytea  NOT NULL,
+    created_at bigint NOT NULL,
+    retired_at bigint
+);
+-- One current key, always.
+CREATE UNIQUE INDEX jwt_keys_one_current ON jwt_keys ((true)) WHERE retired_at IS NULL;
+
 -- Rate limits: the shared buckets and the leases nodes hold on them (ratelimit_001).
 CREATE TABLE buckets (
     rule    text   NOT NULL,

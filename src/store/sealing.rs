@@ -97,10 +97,18 @@ fn aead_key(key: &[u8; 32]) -> Result<LessSafeKey, StoreError> {
         .map_err(|_| StoreError::Corrupt("an unusable TOTP sealing key".into()))
 }
 
-fn aad(user_id: i64) -> [u8; 23] {
-    let mut out = [0u8; 23];
-    out[..15].copy_from_slice(b"paygate totp v1");
-    out[15..].copy_from_slice(&user_id.to_be_bytes());
+fn aad(user_id: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(23);
+    out.extend_from_slice(b"paygate totp v1");
+    out.extend_from_slice(&user_id.to_be_bytes());
+    out
+}
+
+/// What a sealed JWT signing key is bound to: its `kid` (a sealed key moved to another
+/// `kid`'s row does not open), apart from every TOTP secret.
+fn jwt_aad(kid: &str) -> Vec<u8> {
+    let mut out = b"paygate jwt-key v1 ".to_vec();
+    out.extend_from_slice(kid.as_bytes());
     out
 }
 
@@ -167,6 +175,29 @@ impl TotpKeys {
 
     /// Seals `secret` for user `user_id` under the current key.
     pub fn seal(&self, user_id: i64, secret: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.seal_with(&aad(user_id), secret)
+    }
+
+    /// Opens what [`TotpKeys::seal`] made for `user_id`.
+    pub fn unseal(&self, user_id: i64, blob: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.unseal_with(
+            &aad(user_id),
+            blob,
+            &format!("TOTP secret of user {user_id}"),
+        )
+    }
+
+    /// Seals the secret of the JWT signing key `kid` (kept in a shared database).
+    pub fn seal_jwt_key(&self, kid: &str, secret: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.seal_with(&jwt_aad(kid), secret)
+    }
+
+    /// Opens what [`TotpKeys::seal_jwt_key`] made for `kid`.
+    pub fn unseal_jwt_key(&self, kid: &str, blob: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.unseal_with(&jwt_aad(kid), blob, &format!("JWT signing key {kid}"))
+    }
+
+    fn seal_with(&self, aad: &[u8], secret: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.refresh()?;
         let (id, key) = self
             .key(None)
@@ -180,18 +211,16 @@ impl TotpKeys {
         aead_key(&key)?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(user_id)),
+                Aad::from(aad),
                 &mut body,
             )
-            .map_err(|_| StoreError::Corrupt("sealing a TOTP secret failed".into()))?;
+            .map_err(|_| StoreError::Corrupt("sealing a secret failed".into()))?;
         out.extend_from_slice(&body);
         Ok(out)
     }
 
-    /// Opens what [`TotpKeys::seal`] made for `user_id`.
-    pub fn unseal(&self, user_id: i64, blob: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let corrupt =
-            |why: &str| StoreError::Corrupt(format!("TOTP secret of user {user_id}: {why}"));
+    fn unseal_with(&self, aad: &[u8], blob: &[u8], what: &str) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |why: &str| StoreError::Corrupt(format!("{what}: {why}"));
         if blob.len() < HEADER + 16 || blob[0] != VERSION {
             return Err(corrupt("not a sealed secret"));
         }
@@ -216,10 +245,10 @@ impl TotpKeys {
         let plain = aead_key(&key)?
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(user_id)),
+                Aad::from(aad),
                 &mut body,
             )
-            .map_err(|_| corrupt("does not open (edited, or moved from another user)"))?;
+            .map_err(|_| corrupt("does not open (edited, or moved from another row)"))?;
         Ok(plain.to_vec())
     }
 

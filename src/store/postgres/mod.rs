@@ -7,6 +7,7 @@
 mod accounts;
 mod capabilities;
 mod changes;
+mod jwt_keys;
 mod payments;
 mod ratelimit;
 mod store;
@@ -16,6 +17,7 @@ pub mod url;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use jwt_keys::JwtKeyRow;
 pub use ratelimit::PgRateStore;
 pub use store::PgStore;
 pub use url::{is_postgres, DatabaseUrl, Verify};

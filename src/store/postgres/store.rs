@@ -59,7 +59,7 @@ impl From<PoolError> for StoreError {
 pub struct PgStore {
     pub(super) pool: Pool,
     /// The keys TOTP secrets are sealed under: never stored in the database.
-    totp_keys: Arc<TotpKeys>,
+    pub(super) totp_keys: Arc<TotpKeys>,
     pub(super) clock: Clock,
     /// The node's group-commit queue for payment creation.
     pub(super) payments: super::payments::Queue,
