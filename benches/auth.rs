@@ -40,7 +40,10 @@ fn bench_auth(c: &mut Criterion) {
         password_hash: hash_blocking("bench password 1").expect("hash"),
         role: None,
     };
-    let UserInsert::Created(user) = store.create_user_blocking(&new).expect("user") else {
+    let UserInsert::Created(user) = runtime
+        .block_on(store.create_user(new.clone()))
+        .expect("user")
+    else {
         panic!("fresh store")
     };
     let now = paygate::time::now_millis() / 1000;

@@ -74,7 +74,13 @@ fn bench_chain(c: &mut Criterion) {
         password_hash: hash_blocking("bench password 1").expect("hash"),
         role: None,
     };
-    let UserInsert::Created(user) = app.store.create_user_blocking(&new).expect("user") else {
+    let UserInsert::Created(user) = app
+        .store
+        .sqlite()
+        .expect("SQLite")
+        .create_user_blocking(&new)
+        .expect("user")
+    else {
         panic!("fresh store")
     };
     let (account, payment) = runtime.block_on(async {

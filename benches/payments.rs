@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use paygate::domain::{Currency, Username};
 use paygate::passwords::hash_blocking;
 use paygate::store::{
-    KeyedRequest, NewUser, Payment, PaymentCreation, PaymentStatus, Store, StoreError,
+    KeyedRequest, NewUser, Payment, PaymentCreation, PaymentStatus, SqliteStore, StoreError,
     StoredResponse, UserInsert,
 };
 
@@ -58,7 +58,7 @@ fn bench_payments(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("paygate-bench-pay-{}", uuid::Uuid::new_v4()));
-    let store = Arc::new(Store::open(&dir).expect("store"));
+    let store = Arc::new(SqliteStore::open(&dir).expect("store"));
     let new = NewUser {
         username: Username::parse("username", "bench").expect("name"),
         password_hash: hash_blocking("bench password 1").expect("hash"),

@@ -459,13 +459,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_commit_by_another_connection_is_seen_by_the_next_lookup() {
-        let (store, dir) = temp_store();
+        let (sqlite, dir) = temp_store();
+        let store = Store::Sqlite(sqlite.clone());
         let new = NewUser {
             username: Username::parse("username", "alice").unwrap(),
             password_hash: "$argon2id$dummy".into(),
             role: None,
         };
-        let UserInsert::Created(alice) = store.create_user_blocking(&new).unwrap() else {
+        let UserInsert::Created(alice) = sqlite.create_user_blocking(&new).unwrap() else {
             unreachable!()
         };
         let cache = StateCache::open(&dir, Default::default()).unwrap();
@@ -498,7 +499,8 @@ mod tests {
 
     #[tokio::test]
     async fn entries_are_served_from_memory_while_nothing_changes() {
-        let (store, dir) = temp_store();
+        let (sqlite, dir) = temp_store();
+        let store = Store::Sqlite(sqlite.clone());
         let cache = StateCache::open(&dir, Default::default()).unwrap();
         assert!(cache
             .jwt_subject(&store, "ghost", "j")
@@ -547,8 +549,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_evicts_what_it_names_and_nothing_else() {
-        let (store, dir) = temp_store();
-        let (alice, bob) = (user(&store, "alice"), user(&store, "bob"));
+        let (sqlite, dir) = temp_store();
+        let store = Store::Sqlite(sqlite.clone());
+        let (alice, bob) = (user(&sqlite, "alice"), user(&sqlite, "bob"));
         let counters = Arc::new(CacheMetrics::default());
         let cache = StateCache::open(&dir, counters.clone()).unwrap();
         let far = crate::time::now_millis() + 60_000;
@@ -562,7 +565,7 @@ mod tests {
         let fetched = || counters.fetches.load(Ordering::Relaxed);
         assert_eq!(fetched(), 2);
         // Commits that change nothing cached: a new user, a new session.
-        user(&store, "carol");
+        user(&sqlite, "carol");
         store
             .create_session([3; 32], bob, "pwd".into(), far)
             .await
@@ -585,8 +588,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_behind_the_pruned_change_log_drops_everything_and_stays_right() {
-        let (store, dir) = temp_store();
-        let alice = user(&store, "alice");
+        let (sqlite, dir) = temp_store();
+        let store = Store::Sqlite(sqlite.clone());
+        let alice = user(&sqlite, "alice");
         let counters = Arc::new(CacheMetrics::default());
         let cache = StateCache::open(&dir, counters.clone()).unwrap();
         let far = crate::time::now_millis() + 60_000;
@@ -597,7 +601,7 @@ mod tests {
         assert!(cache.session(&store, [1; 32]).await.unwrap().is_some());
         // While this worker looks away: the session ends, and the log is pruned past it.
         assert!(store.end_session([1; 32]).await.unwrap());
-        store
+        sqlite
             .run_blocking(|conn| {
                 conn.execute_batch(
                     "UPDATE users SET role = 'auditor' WHERE id = 1;
@@ -613,7 +617,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_misses_for_one_key_share_one_read() {
-        let (store, dir) = temp_store();
+        let (sqlite, dir) = temp_store();
+        let store = Store::Sqlite(sqlite.clone());
         let counters = Arc::new(CacheMetrics::default());
         let cache = StateCache::open(&dir, counters.clone()).unwrap();
         let version = cache.version().await.unwrap();

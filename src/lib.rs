@@ -13,7 +13,7 @@
 //!   (validated values: usernames, permissions, amounts, ...), [`secret_file`] (private
 //!   files, written atomically), [`client_ip`], [`token_bucket`] (the bucket arithmetic),
 //!   [`systemd`] (`sd_notify`), [`signals`] (the stop signal).
-//! - [`store`]: all SQL, behind the [`store::Store`] type; [`metrics`]: per-worker counters
+//! - [`store`]: all SQL, behind the [`store::Store`] seam over SQLite and PostgreSQL; [`metrics`]: per-worker counters
 //!   and `GET /metrics`; [`cli`]: the command-line grammar.
 //! - [`cache`]: this worker's exact cache of what it read from the store.
 //! - The mechanisms' machinery: [`tokens`] (JWTs and their keys, opaque sessions, TOTP,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use paygate::cli::{self, CommandName, Invocation};
 use paygate::config::{ServeConfig, Sources};
 use paygate::domain::{check_password, Role, Username};
-use paygate::store::{NewUser, Store, UserInsert};
+use paygate::store::{NewUser, SqliteStore, UserInsert};
 use paygate::tokens::keys;
 
 type Failure = Box<dyn std::error::Error>;
@@ -113,7 +113,7 @@ fn user_add(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure>
         .unwrap_or(&line);
     check_password(&username, password).map_err(|e| format!("{e} (read from stdin)"))?;
     let password_hash = paygate::passwords::hash_blocking(password)?;
-    let store = Store::open(&sources.data_dir())?;
+    let store = SqliteStore::open(&sources.data_dir())?;
     let new = NewUser {
         username,
         password_hash,
@@ -137,7 +137,7 @@ fn user_disable(sources: &Sources<'_>, positional: &[String]) -> Result<(), Fail
     let [name] = positional else {
         return Err("`paygate user disable` takes exactly one user name".into());
     };
-    let store = Store::open(&sources.data_dir())?;
+    let store = SqliteStore::open(&sources.data_dir())?;
     if store.disable_user_blocking(name)? {
         println!("disabled user {name}; their sessions and tokens no longer work");
         Ok(())
@@ -192,7 +192,7 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
 fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
     let dir = sources.data_dir();
-    let store = Store::open(&dir)?;
+    let store = SqliteStore::open(&dir)?;
     let (id, resealed) = store.run_blocking(|conn| paygate::store::sealing::rotate(&dir, conn))?;
     println!(
         "new TOTP sealing key {id:08x}; {resealed} user(s) re-sealed; the previous key stays \

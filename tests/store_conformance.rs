@@ -1,5 +1,6 @@
-//! One suite, both backends: every test below runs against the SQLite store (a data
-//! directory) and the PostgreSQL store (a database of its own on the cluster
+//! One suite, both backends: every test below runs, through the `Store` seam the server
+//! uses, against the SQLite store (a data directory) and the PostgreSQL store (a database
+//! of its own on the cluster
 //! `PAYGATE_TEST_DATABASE` names; `bash scripts/pg.sh run cargo test` provides one). The
 //! body of each test is written once and expanded for each backend, so a difference in
 //! answers between them is a failure.
@@ -189,6 +190,7 @@ macro_rules! conformance {
             use super::*;
             use paygate::store::postgres::{DatabaseUrl, PgStore};
             use paygate::store::sealing::TotpKeys;
+            use paygate::store::Store;
             use std::sync::Arc;
 
             /// A database the nodes share, and the sealing key they all hold.
@@ -221,7 +223,12 @@ macro_rules! conformance {
                     }
                 }
 
-                async fn node(&self) -> PgStore {
+                /// A node, through the seam the server uses.
+                async fn node(&self) -> Store {
+                    Store::Postgres(self.pg_node().await)
+                }
+
+                async fn pg_node(&self) -> PgStore {
                     let keys = Arc::new(TotpKeys::load_or_create(&self.keys).unwrap());
                     let url = DatabaseUrl::parse(&self.url).unwrap();
                     PgStore::open(&url, 4, keys, paygate::time::Clock::system())
@@ -231,7 +238,7 @@ macro_rules! conformance {
 
                 /// The change log after `seen`, as a node's cache reads it.
                 async fn changes(&self, seen: i64) -> paygate::store::ChangesSince {
-                    self.node().await.changes_since(seen).await.unwrap()
+                    self.pg_node().await.changes_since(seen).await.unwrap()
                 }
 
                 /// Deletes the change log's rows up to `upto`, as the sweep does.

@@ -179,7 +179,11 @@ mod tests {
             password_hash: hash_blocking("alice password 1").unwrap(),
             role: None,
         };
-        app.store.create_user_blocking(&user).unwrap();
+        app.store
+            .sqlite()
+            .expect("a SQLite store")
+            .create_user_blocking(&user)
+            .unwrap();
         Fixture { app, dir }
     }
 

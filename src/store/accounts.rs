@@ -3,7 +3,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
-use super::{into_page, Page, Store, StoreError};
+use super::{into_page, Page, SqliteStore, StoreError};
 use crate::domain::{Currency, Perm, Perms};
 
 /// An account as clients see it.
@@ -100,7 +100,7 @@ pub(in crate::store) fn parse_perms(raw: &str) -> Result<Perms, StoreError> {
     Perms::parse("perms", raw).map_err(|_| StoreError::Corrupt(format!("bad perms {raw:?}")))
 }
 
-impl Store {
+impl SqliteStore {
     /// Creates an account; its creator gets every permission on it.
     pub async fn create_account(
         &self,

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
 use super::accounts::{parse_perms, parse_uuid};
-use super::{into_page, Page, Store, StoreError};
+use super::{into_page, Page, SqliteStore, StoreError};
 use crate::domain::Perms;
 
 /// A capability as stored (never its token).
@@ -100,7 +100,7 @@ pub enum CapabilityInsert {
     TooMany,
 }
 
-impl Store {
+impl SqliteStore {
     /// Stores a new capability: a minted one, or one derived from `new.parent_id` — then
     /// only while the parent and all its ancestors are unrevoked and unexpired, and within
     /// the tree's depth and size limits, all checked in the inserting transaction.

@@ -328,7 +328,7 @@ mod tests {
     use crate::store::test_support::temp_store;
     use crate::store::NewUser;
 
-    fn commit(store: &crate::store::Store, name: &str) {
+    fn commit(store: &crate::store::SqliteStore, name: &str) {
         let new = NewUser {
             username: Username::parse("username", name).unwrap(),
             password_hash: "$argon2id$dummy".into(),

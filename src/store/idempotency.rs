@@ -11,7 +11,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 
 /// How long answered keys are kept (at least; the sweeper runs periodically).
 pub const RETENTION_MS: i64 = 24 * 3600 * 1000;
@@ -115,7 +115,7 @@ pub(super) fn store_answer(
     Ok(())
 }
 
-impl Store {
+impl SqliteStore {
     /// Deletes keys older than the retention period; returns how many.
     pub async fn sweep_idempotency_keys(&self) -> Result<usize, StoreError> {
         let clock = self.clock.clone();

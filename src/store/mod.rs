@@ -11,6 +11,7 @@
 
 mod accounts;
 mod audit;
+mod backend;
 mod capabilities;
 mod commits;
 mod data_version;
@@ -36,6 +37,7 @@ use crate::time::Clock;
 
 pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
+pub use backend::{PaymentAnswer, Store};
 pub use capabilities::{
     Capability, CapabilityInsert, CapabilityState, NewCapability, MAX_DERIVATION_DEPTH,
     MAX_PER_ROOT,
@@ -257,7 +259,7 @@ fn open_pool(
 
 /// The handle every part of the server shares; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     pool: Pool,
     /// The group-commit thread for payment creation (see `commits`).
     commits: std::sync::Arc<commits::CommitQueue>,
@@ -267,16 +269,16 @@ pub struct Store {
     clock: Clock,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the databases in `data_dir` and applies migrations.
     /// Fails with a message naming the path when the directory is unusable or the database
     /// was written by a newer paygate.
-    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
         Self::open_with_clock(data_dir, Clock::system())
     }
 
     /// [`Store::open`] reading the time from `clock`.
-    pub fn open_with_clock(data_dir: &Path, clock: Clock) -> Result<Store, StoreError> {
+    pub fn open_with_clock(data_dir: &Path, clock: Clock) -> Result<SqliteStore, StoreError> {
         ensure_data_dir(data_dir)?;
         let path = data_dir.join(MAIN_DB);
         let pool = open_pool(&path, Durability::Full, migrate::MAIN, 8)?;
@@ -297,7 +299,7 @@ impl Store {
             log::info!("sealed the TOTP secrets of {sealed} user(s) under totp.key");
         }
         drop(conn);
-        Ok(Store {
+        Ok(SqliteStore {
             pool,
             commits,
             totp_keys,
@@ -381,13 +383,13 @@ pub(crate) mod test_support {
     use super::*;
 
     /// A store in a fresh temporary directory.
-    pub fn temp_store() -> (Store, PathBuf) {
+    pub fn temp_store() -> (SqliteStore, PathBuf) {
         let dir = std::env::temp_dir().join(format!("paygate-store-{}", uuid::Uuid::new_v4()));
-        (Store::open(&dir).unwrap(), dir)
+        (SqliteStore::open(&dir).unwrap(), dir)
     }
 
     /// Creates the user `name` (with a dummy hash) and returns its id.
-    pub fn user(store: &Store, name: &str) -> i64 {
+    pub fn user(store: &SqliteStore, name: &str) -> i64 {
         let new = NewUser {
             username: crate::domain::Username::parse("username", name).unwrap(),
             password_hash: "$argon2id$dummy".into(),
@@ -420,7 +422,7 @@ mod tests {
             .unwrap();
         assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
         drop(store);
-        Store::open(&dir).unwrap();
+        SqliteStore::open(&dir).unwrap();
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -428,7 +430,9 @@ mod tests {
     fn an_unusable_data_directory_is_refused_with_its_path() {
         let file = std::env::temp_dir().join(format!("paygate-notadir-{}", uuid::Uuid::new_v4()));
         fs::write(&file, b"").unwrap();
-        let err = Store::open(&file).err().expect("a file is not a directory");
+        let err = SqliteStore::open(&file)
+            .err()
+            .expect("a file is not a directory");
         assert!(
             err.to_string().contains(&file.display().to_string()),
             "{err}"

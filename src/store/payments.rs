@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::accounts::parse_uuid;
 use super::idempotency::{self, EarlierUse, KeyedRequest, StoredResponse};
-use super::{into_page, Page, Store, StoreError};
+use super::{into_page, Page, SqliteStore, StoreError};
 
 /// Where a payment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,7 @@ fn uuid_v7_at(ms: i64) -> Uuid {
     Uuid::new_v7(at)
 }
 
-impl Store {
+impl SqliteStore {
     /// Inserts `payment` (its `id` and `created_at` are assigned here, in commit order)
     /// and, when it was made under an Idempotency-Key, the answer `answer` renders for it —
     /// in one transaction, so either both are durable or neither is, and only if the key

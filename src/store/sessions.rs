@@ -3,7 +3,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 use crate::domain::Role;
 
 /// The user a token speaks for, as the database has them now.
@@ -42,7 +42,7 @@ fn with_role((mut subject, role): (Subject, Option<String>)) -> Result<Subject, 
     Ok(subject)
 }
 
-impl Store {
+impl SqliteStore {
     /// Stores a new opaque session.
     pub async fn create_session(
         &self,

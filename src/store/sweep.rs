@@ -4,13 +4,13 @@
 
 use rusqlite::TransactionBehavior;
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 
 /// Rows of the change log kept by the sweep: what workers read when the data version moves.
 /// One that has not looked for this many changes drops its whole cache instead.
 pub const CHANGES_KEPT: i64 = 100_000;
 
-impl Store {
+impl SqliteStore {
     /// Deletes expired sessions, JWT revocations and capabilities; returns how many rows
     /// went. (A capability's descendants never outlive it, so one statement removes whole
     /// expired trees and the parent references stay intact.)

@@ -3,7 +3,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 
 /// A user's TOTP enrolment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,7 +13,7 @@ pub struct TotpState {
     pub last_step: Option<i64>,
 }
 
-impl Store {
+impl SqliteStore {
     /// A user's TOTP enrolment (secrets unsealed).
     pub async fn totp_state(&self, user_id: i64) -> Result<TotpState, StoreError> {
         let keys = self.totp_keys.clone();

@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 use crate::domain::{Role, Username};
 
 /// A user as authentication needs it.
@@ -131,7 +131,7 @@ fn disable(conn: &mut Connection, username: &str) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-impl Store {
+impl SqliteStore {
     /// Creates a user unless the name is taken.
     pub async fn create_user(&self, new: NewUser) -> Result<UserInsert, StoreError> {
         let now = self.clock.now_millis();

@@ -208,7 +208,7 @@ impl TestServer {
     /// Creates a user with a global role, as an operator would (`paygate user add --role`).
     pub fn staff(&self, username: &str, password: &str, role: paygate::domain::Role) -> Creds {
         let creds = Creds::new(username, password);
-        paygate::store::Store::open(&self.data_dir())
+        paygate::store::SqliteStore::open(&self.data_dir())
             .unwrap()
             .create_user_blocking(&paygate::store::NewUser {
                 username: paygate::domain::Username::parse("username", &creds.user).unwrap(),
