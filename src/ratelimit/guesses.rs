@@ -248,15 +248,15 @@ impl GuessBudget {
         let in_flight = self.in_flight.clone();
         let now = self.clock.now_ns();
         let expires_at = now.saturating_add(RESERVATION_TTL_NS);
-        tokio::task::spawn_blocking(move || {
-            store.step(
-                GUESS_POLICY,
-                &key,
+        store
+            .step(
+                GUESS_POLICY.to_owned(),
+                key.clone(),
                 overflow,
-                &holder,
+                holder,
                 now,
                 expires_at,
-                |bucket, others| {
+                move |bucket, others| {
                     let mut counts = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
                     let mine = counts.entry(key.clone()).or_default();
                     let result = change(bucket, others, mine);
@@ -267,9 +267,7 @@ impl GuessBudget {
                     (hold, result)
                 },
             )
-        })
-        .await
-        .map_err(|_| StoreError::TaskFailed)?
+            .await
     }
 }
 

@@ -245,7 +245,7 @@ impl Limiter {
             .then_some(OVERFLOW_KEY)
     }
 
-    /// Runs one [`RateStore::step`] for this process on the blocking pool.
+    /// Runs one [`RateStore::step`] for this process.
     async fn step<T: Send + 'static>(
         &self,
         rule: String,
@@ -257,11 +257,9 @@ impl Limiter {
         let holder = self.holder.clone();
         let now = self.clock.now_ns();
         let expires_at = now.saturating_add(LEASE_TTL_NS);
-        tokio::task::spawn_blocking(move || {
-            store.step(&rule, &key, overflow, &holder, now, expires_at, change)
-        })
-        .await
-        .map_err(|_| StoreError::TaskFailed)?
+        store
+            .step(rule, key, overflow, holder, now, expires_at, change)
+            .await
     }
 
     /// Decides a request. `claimed_user` is the username the request claims (unverified).

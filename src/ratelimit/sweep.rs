@@ -11,9 +11,7 @@ impl Limiter {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let store = self.store.clone();
         let now = self.clock.now_ns();
-        let rows = tokio::task::spawn_blocking(move || store.sweep(now))
-            .await
-            .map_err(|_| StoreError::TaskFailed)??;
+        let rows = store.sweep(now).await?;
         let overflowing = rows > MAX_ROWS;
         if overflowing != self.overflow.swap(overflowing, Ordering::Relaxed) {
             if overflowing {

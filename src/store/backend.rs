@@ -12,15 +12,16 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use super::postgres::PgStore;
+use super::postgres::{PgRateStore, PgStore};
 use super::{
     Account, CancelOutcome, Capability, CapabilityInsert, CapabilityState, KeyedRequest,
     MemberRemoval, MemberUpsert, Membership, NewCapability, NewUser, Page, Payment,
-    PaymentCreation, SessionRow, SqliteStore, StoreError, StoredResponse, Subject, TotpState, User,
-    UserInsert,
+    PaymentCreation, SessionRow, SqliteRateStore, SqliteStore, StoreError, StoredResponse, Subject,
+    TotpState, User, UserInsert,
 };
 use crate::domain::{Currency, Perms};
 use crate::time::Clock;
+use crate::token_bucket::TokenBucket;
 
 /// What turns a created payment into the response its idempotency key replays.
 pub type PaymentAnswer = fn(&Payment) -> Result<StoredResponse, StoreError>;
@@ -103,4 +104,64 @@ delegate! {
     fn live_capabilities(account: Uuid, limit: usize, before: Option<i64>) -> Page<Capability>;
     fn sweep_expired() -> usize;
     fn sweep_idempotency_keys() -> usize;
+}
+
+/// Rate-limit buckets and leases, shared by every process (SQLite: of this machine;
+/// PostgreSQL: of every node); cheap to clone.
+#[derive(Clone)]
+pub enum RateStore {
+    /// `ratelimit.db` in the data directory.
+    Sqlite(SqliteRateStore),
+    /// The shared database's `buckets` and `leases`.
+    Postgres(PgRateStore),
+}
+
+impl RateStore {
+    /// Opens (creating if needed) `ratelimit.db` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<RateStore, StoreError> {
+        SqliteRateStore::open(data_dir).map(RateStore::Sqlite)
+    }
+
+    /// One atomic step on bucket `key` of `rule` (see [`SqliteRateStore::step`]): on SQLite
+    /// on the blocking pool, on PostgreSQL on this runtime.
+    #[allow(clippy::too_many_arguments)] // each argument is one named part of the step
+    pub async fn step<T: Send + 'static>(
+        &self,
+        rule: String,
+        key: String,
+        overflow_key: Option<&'static str>,
+        holder: String,
+        now: i64,
+        expires_at: i64,
+        change: impl FnOnce(&mut TokenBucket, u32) -> (u32, T) + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match self {
+            RateStore::Sqlite(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.step(&rule, &key, overflow_key, &holder, now, expires_at, change)
+                })
+                .await
+                .map_err(|_| StoreError::TaskFailed)?
+            }
+            RateStore::Postgres(store) => {
+                store
+                    .step(&rule, &key, overflow_key, &holder, now, expires_at, change)
+                    .await
+            }
+        }
+    }
+
+    /// Deletes full buckets and expired leases; how many buckets remain.
+    pub async fn sweep(&self, now_ns: i64) -> Result<u64, StoreError> {
+        match self {
+            RateStore::Sqlite(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.sweep(now_ns))
+                    .await
+                    .map_err(|_| StoreError::TaskFailed)?
+            }
+            RateStore::Postgres(store) => store.sweep(now_ns).await,
+        }
+    }
 }

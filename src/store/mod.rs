@@ -37,7 +37,7 @@ use crate::time::Clock;
 
 pub use accounts::{Account, MemberRemoval, MemberUpsert, Membership, Refusal};
 pub use audit::{Checkpoint, Checkpoints, CHECKPOINTS_DB};
-pub use backend::{PaymentAnswer, Store};
+pub use backend::{PaymentAnswer, RateStore, Store};
 pub use capabilities::{
     Capability, CapabilityInsert, CapabilityState, NewCapability, MAX_DERIVATION_DEPTH,
     MAX_PER_ROOT,
@@ -45,7 +45,7 @@ pub use capabilities::{
 pub use data_version::{Change, ChangesSince, DataVersion};
 pub use idempotency::{EarlierUse, KeyedRequest, StoredResponse};
 pub use payments::{CancelOutcome, Payment, PaymentCreation, PaymentStatus};
-pub use ratelimit::RateStore;
+pub use ratelimit::SqliteRateStore;
 pub use sessions::{SessionRow, Subject};
 pub use totp::TotpState;
 pub use users::{NewUser, User, UserInsert};

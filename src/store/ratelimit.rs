@@ -19,12 +19,12 @@ pub const RATELIMIT_DB: &str = "ratelimit.db";
 
 /// Shared bucket storage; cheap to clone.
 #[derive(Clone)]
-pub struct RateStore {
+pub struct SqliteRateStore {
     pool: Pool,
 }
 
-impl RateStore {
-    pub fn open(data_dir: &Path) -> Result<RateStore, StoreError> {
+impl SqliteRateStore {
+    pub fn open(data_dir: &Path) -> Result<SqliteRateStore, StoreError> {
         ensure_data_dir(data_dir)?;
         let pool = open_pool(
             &data_dir.join(RATELIMIT_DB),
@@ -32,7 +32,7 @@ impl RateStore {
             migrate::RATELIMIT,
             4,
         )?;
-        Ok(RateStore { pool })
+        Ok(SqliteRateStore { pool })
     }
 
     /// One atomic step on the bucket `(rule, key)` for the lease holder `holder`: the
@@ -133,7 +133,7 @@ mod tests {
     };
     const NOW: i64 = 1_000_000_000_000;
 
-    fn take(store: &RateStore, key: &str, overflow: Option<&str>) -> Take {
+    fn take(store: &SqliteRateStore, key: &str, overflow: Option<&str>) -> Take {
         store
             .step("r", key, overflow, "me", NOW, NOW, |b, _| {
                 (0, b.take(L, NOW, 0))
@@ -144,12 +144,12 @@ mod tests {
     #[test]
     fn buckets_persist_across_handles_and_overflow_is_shared() {
         let dir = temp_dir();
-        let store = RateStore::open(&dir).unwrap();
+        let store = SqliteRateStore::open(&dir).unwrap();
         for _ in 0..2 {
             assert!(matches!(take(&store, "k", None), Take::Granted { .. }));
         }
         drop(store);
-        let store = RateStore::open(&dir).unwrap();
+        let store = SqliteRateStore::open(&dir).unwrap();
         assert!(
             matches!(take(&store, "k", None), Take::Denied { .. }),
             "a reopened store remembers"
@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn leases_are_seen_by_others_and_end_with_their_holder() {
         let dir = temp_dir();
-        let store = RateStore::open(&dir).unwrap();
+        let store = SqliteRateStore::open(&dir).unwrap();
         let expires = NOW + 1_000;
         let lease = |holder: &str, now: i64, hold: u32| {
             store
@@ -205,10 +205,10 @@ mod tests {
             burst: 1_000_000,
             interval_ns: 1_000_000_000,
         };
-        RateStore::open(&dir).unwrap();
+        SqliteRateStore::open(&dir).unwrap();
         let workers: Vec<_> = (0..2)
             .map(|i| {
-                let store = RateStore::open(&dir).unwrap();
+                let store = SqliteRateStore::open(&dir).unwrap();
                 std::thread::spawn(move || {
                     let holder = format!("writer{i}");
                     let mut worst = Duration::ZERO;
@@ -228,7 +228,7 @@ mod tests {
             .collect();
         let results: Vec<(u32, Duration)> =
             workers.into_iter().map(|w| w.join().unwrap()).collect();
-        let store = RateStore::open(&dir).unwrap();
+        let store = SqliteRateStore::open(&dir).unwrap();
         let left = store
             .step("r", "hot", None, "reader", NOW, NOW, |b, _| {
                 (0, b.whole_tokens(big, NOW))
