@@ -14,6 +14,11 @@
 //! change takes effect for the very next request in every worker, and a steady mixed load
 //! keeps what did not change. A worker that fell behind the pruned log drops everything.
 //!
+//! On PostgreSQL, shared by several nodes, there is no shared-memory header to read: the
+//! version is the change log's head (`changes_head`), read once per decision, which moves
+//! exactly when the log does; the log is read the same way. One small query per decision
+//! keeps "the very next request" exact on every node.
+//!
 //! When an entry must be read from the database, concurrent requests for the same key wait
 //! for one read instead of each starting their own.
 //!
@@ -28,10 +33,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 use uuid::Uuid;
 
 use crate::metrics::CacheMetrics;
+use crate::store::postgres::PgStore;
 use crate::store::{
     CapabilityState, Change, ChangesSince, DataVersion, Membership, Payment, SessionRow, Store,
     StoreError, Subject,
 };
+
+/// How this worker learns what other processes (or nodes) changed.
+enum Feed {
+    /// SQLite: the WAL-index header, and the change log read on the watch's connection.
+    Sqlite(Arc<Mutex<DataVersion>>),
+    /// PostgreSQL: the change log's head and the log, read through the store's pool.
+    Postgres(PgStore),
+}
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
 /// active token).
@@ -116,7 +130,7 @@ fn evict(map: &mut HashMap<Key, Entry>, change: &Change) -> usize {
 }
 
 pub struct StateCache {
-    watch: Arc<Mutex<DataVersion>>,
+    feed: Feed,
     entries: Mutex<Entries>,
     /// One catch-up with the change log at a time; the others wait for it.
     catching_up: tokio::sync::Mutex<()>,
@@ -131,8 +145,25 @@ impl StateCache {
     pub fn open(data_dir: &Path, counters: Arc<CacheMetrics>) -> Result<StateCache, StoreError> {
         let watch = DataVersion::open(data_dir)?;
         let seen = watch.newest_change()?;
-        Ok(StateCache {
-            watch: Arc::new(Mutex::new(watch)),
+        Ok(Self::with_feed(
+            Feed::Sqlite(Arc::new(Mutex::new(watch))),
+            seen,
+            counters,
+        ))
+    }
+
+    /// The cache of a node on PostgreSQL, following the shared change log from its head.
+    pub async fn over_postgres(
+        store: PgStore,
+        counters: Arc<CacheMetrics>,
+    ) -> Result<StateCache, StoreError> {
+        let seen = store.newest_change().await?;
+        Ok(Self::with_feed(Feed::Postgres(store), seen, counters))
+    }
+
+    fn with_feed(feed: Feed, seen: i64, counters: Arc<CacheMetrics>) -> StateCache {
+        StateCache {
+            feed,
             entries: Mutex::new(Entries {
                 version: i64::MIN,
                 seen,
@@ -141,17 +172,21 @@ impl StateCache {
             catching_up: tokio::sync::Mutex::new(()),
             fetching: Mutex::new(HashMap::new()),
             counters,
-        })
+        }
     }
 
     /// The database's change counter now. Read inline when the watch connection is free
     /// (it is a shared-memory read); when another task holds it, on the blocking pool
     /// rather than wait on the reactor.
     async fn version(&self) -> Result<i64, StoreError> {
-        if let Ok(mut watch) = self.watch.try_lock() {
+        let watch = match &self.feed {
+            Feed::Sqlite(watch) => watch,
+            Feed::Postgres(store) => return store.newest_change().await,
+        };
+        if let Ok(mut watch) = watch.try_lock() {
             return watch.read();
         }
-        let watch = self.watch.clone();
+        let watch = watch.clone();
         tokio::task::spawn_blocking(move || {
             watch.lock().unwrap_or_else(PoisonError::into_inner).read()
         })
@@ -178,26 +213,7 @@ impl StateCache {
             }
             entries.seen
         };
-        // Inline when it needs no wait: every request of this worker waits for the catch-up
-        // anyway, and a hop to the blocking pool would cost them a thread's wake-up per commit.
-        let now = match self.watch.try_lock() {
-            Ok(watch) => watch.changes_since_now(seen)?,
-            Err(_) => None,
-        };
-        let since = match now {
-            Some(since) => since,
-            None => {
-                let watch = self.watch.clone();
-                tokio::task::spawn_blocking(move || {
-                    watch
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .changes_since(seen)
-                })
-                .await
-                .map_err(|_| StoreError::TaskFailed)??
-            }
-        };
+        let since = self.read_changes(seen).await?;
         let mut entries = self.lock();
         match since {
             ChangesSince::Changes(changes, last) => {
@@ -216,6 +232,33 @@ impl StateCache {
         }
         entries.version = entries.version.max(version);
         Ok(())
+    }
+
+    /// The change log after position `seen`. On SQLite inline when that needs no wait
+    /// (every request of this worker waits for the catch-up anyway, and a hop to the
+    /// blocking pool would cost them a thread's wake-up per commit), else on the blocking
+    /// pool; on PostgreSQL through the store's pool.
+    async fn read_changes(&self, seen: i64) -> Result<ChangesSince, StoreError> {
+        let watch = match &self.feed {
+            Feed::Sqlite(watch) => watch,
+            Feed::Postgres(store) => return store.changes_since(seen).await,
+        };
+        let now = match watch.try_lock() {
+            Ok(watch) => watch.changes_since_now(seen)?,
+            Err(_) => None,
+        };
+        if let Some(since) = now {
+            return Ok(since);
+        }
+        let watch = watch.clone();
+        tokio::task::spawn_blocking(move || {
+            watch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .changes_since(seen)
+        })
+        .await
+        .map_err(|_| StoreError::TaskFailed)?
     }
 
     /// The entry for `key` if it is current as of `version` (after [`Self::catch_up`]).

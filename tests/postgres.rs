@@ -496,3 +496,92 @@ async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
     assert!(message.contains("JWT signing key"), "{message}");
     std::fs::remove_dir_all(keys_dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest() {
+    use paygate::cache::StateCache;
+    use paygate::domain::{Currency, Username};
+    use paygate::metrics::CacheMetrics;
+    use paygate::store::{NewUser, PaymentCreation, PaymentStatus, Store, UserInsert};
+    use std::sync::atomic::Ordering;
+    let url = fresh_database().await;
+    let keys_dir = std::env::temp_dir().join(format!("paygate-pg-cache-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let a = Store::Postgres(node(&url, &keys_dir).await);
+    let b_store = node(&url, &keys_dir).await;
+    let counters = std::sync::Arc::new(CacheMetrics::default());
+    let cache = StateCache::over_postgres(b_store.clone(), counters.clone())
+        .await
+        .unwrap();
+    let b = Store::Postgres(b_store);
+
+    let UserInsert::Created(alice) = a
+        .create_user(NewUser {
+            username: Username::parse("username", "alice").unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("alice is new")
+    };
+    let later = paygate::time::now_millis() + 3_600_000;
+    a.create_session([1; 32], alice.id, "pwd".into(), later)
+        .await
+        .unwrap();
+    let account = a
+        .create_account(alice.id, "Ops".into(), Currency::parse("c", "EUR").unwrap())
+        .await
+        .unwrap()
+        .id;
+
+    assert!(cache.session(&b, [1; 32]).await.unwrap().is_some());
+    assert!(cache.session(&b, [1; 32]).await.unwrap().is_some());
+    let fetched = counters.fetches.load(Ordering::Relaxed);
+    assert_eq!(
+        counters.hits.load(Ordering::Relaxed),
+        1,
+        "the second from memory"
+    );
+
+    // An unrelated commit on node a (a payment) evicts nothing on node b.
+    let created = a
+        .create_payment(
+            paygate::store::Payment {
+                id: uuid::Uuid::nil(),
+                account_id: account,
+                payee: "ACME".into(),
+                amount_minor: 100,
+                currency: "EUR".into(),
+                reference: String::new(),
+                status: PaymentStatus::Pending,
+                created_by: String::new(),
+                created_at: 0,
+                cancelled_at: None,
+            },
+            alice.id,
+            None,
+            |_| {
+                Ok(paygate::store::StoredResponse {
+                    status: 201,
+                    body: String::new(),
+                    location: None,
+                })
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(created, PaymentCreation::Created(_)));
+    assert!(cache.session(&b, [1; 32]).await.unwrap().is_some());
+    assert_eq!(
+        counters.fetches.load(Ordering::Relaxed),
+        fetched,
+        "still cached"
+    );
+
+    // A logout on node a: node b's very next lookup refuses the session.
+    assert!(a.end_session([1; 32]).await.unwrap());
+    assert!(cache.session(&b, [1; 32]).await.unwrap().is_none());
+    std::fs::remove_dir_all(keys_dir).unwrap();
+}
