@@ -68,13 +68,11 @@ impl Running {
     /// SIGHUP: re-reads the TLS certificate and key (new connections use them; on any
     /// error the old pair stays and the error is returned) and the JWT signing keys.
     pub async fn reload(&self) -> Result<(), String> {
-        let (certificate, app) = (self.certificate.clone(), self.app.clone());
-        tokio::task::spawn_blocking(move || {
-            app.tokens.keyring.reload_if_changed();
-            certificate.reload().map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| format!("reloading failed: {e}"))?
+        self.app.tokens.keyring.refresh().await;
+        let certificate = self.certificate.clone();
+        tokio::task::spawn_blocking(move || certificate.reload().map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| format!("reloading failed: {e}"))?
     }
 
     /// The state the server's requests share (for tests that inspect or inject faults).
@@ -538,13 +536,11 @@ async fn sweep_expired(app: Arc<App>) {
     }
 }
 
-/// Looks at the JWT key file, so `paygate keys rotate` reaches every worker within
-/// [`KEY_WATCH_INTERVAL`] without a restart.
+/// Looks at the JWT keys' source (the key file, or the shared database's table), so
+/// `paygate keys rotate` reaches every worker within [`KEY_WATCH_INTERVAL`] without a
+/// restart.
 async fn watch_signing_keys(app: Arc<App>) {
-    let keyring = app.tokens.keyring.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || keyring.reload_if_changed()).await {
-        log::warn!("re-reading the signing keys failed: {e}");
-    }
+    app.tokens.keyring.refresh().await;
 }
 
 /// Deletes answered Idempotency-Keys past their retention.

@@ -585,3 +585,60 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
     assert!(cache.session(&b, [1; 32]).await.unwrap().is_none());
     std::fs::remove_dir_all(keys_dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_token_signed_on_one_node_verifies_on_another_and_a_rotation_reaches_it() {
+    use paygate::tokens::jwt::JwtRejection;
+    use paygate::tokens::keys::Keyring;
+    use paygate::tokens::{TokenFormat, Tokens};
+    use std::sync::Arc;
+    let url = fresh_database().await;
+    let keys_dir = std::env::temp_dir().join(format!("paygate-pg-ring-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let (a, b) = (node(&url, &keys_dir).await, node(&url, &keys_dir).await);
+    let (ring_a, ring_b) = tokio::join!(
+        Keyring::open_shared(a.clone(), 1000),
+        Keyring::open_shared(b.clone(), 1000)
+    );
+    let (ring_a, ring_b) = (Arc::new(ring_a.unwrap()), Arc::new(ring_b.unwrap()));
+    assert_eq!(ring_a.keys().all().len(), 1, "one first key between them");
+    assert_eq!(ring_a.keys().current().kid, ring_b.keys().current().kid);
+    assert!(!ring_b.refresh().await, "nothing changed");
+
+    let tokens_a = Tokens::with_keyring(ring_a.clone(), TokenFormat::Jwt, 600);
+    let tokens_b = Tokens::with_keyring(ring_b.clone(), TokenFormat::Jwt, 600);
+    let now = paygate::time::now_millis() / 1000;
+    let issued = tokens_a.sign_jwt("alice", &["pwd"], now);
+    assert_eq!(
+        tokens_b.verify_jwt(&issued.token, now).unwrap().sub,
+        "alice"
+    );
+
+    // A rotation made on node a: its next token names a key node b does not hold yet, which
+    // makes b read the table again.
+    let before = ring_b.keys().current().kid.clone();
+    a.rotate_jwt_key("rotated", &[9; 32], 2000).await.unwrap();
+    assert!(ring_a.refresh().await);
+    let rotated = tokens_a.sign_jwt("alice", &["pwd"], now);
+    assert_eq!(
+        tokens_b.verify_jwt(&rotated.token, now).unwrap_err(),
+        JwtRejection::UnknownKey
+    );
+    assert!(ring_b.refresh_for_unknown_kid().await);
+    assert_eq!(
+        tokens_b.verify_jwt(&rotated.token, now).unwrap().sub,
+        "alice"
+    );
+    assert!(
+        tokens_b.verify_jwt(&issued.token, now).is_ok(),
+        "the retired key still verifies"
+    );
+    let keys = ring_b.keys();
+    assert_eq!(keys.current().kid, "rotated");
+    assert_eq!(keys.find(&before).unwrap().retired_at, Some(2000));
+    assert!(
+        !ring_b.refresh_for_unknown_kid().await,
+        "at most once a second"
+    );
+    std::fs::remove_dir_all(keys_dir).unwrap();
+}

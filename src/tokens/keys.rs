@@ -7,8 +7,14 @@
 //!
 //! The file is only ever replaced whole (write a temporary file, fsync, rename, fsync the
 //! directory), so a reader sees the old set or the new one, never half of either. A running
-//! worker notices a replaced file within a second ([`Keyring::reload_if_changed`], polled by
+//! worker notices a replaced file within a second ([`Keyring::refresh`], polled by
 //! the server) and at once when a token names a `kid` it does not know.
+//!
+//! Nodes sharing a PostgreSQL database share one key set instead: the `jwt_keys` table,
+//! each secret sealed under the sealing key every node holds ([`Keyring::open_shared`]).
+//! A node reads the table again on the same poll and for an unknown `kid`, so a token
+//! issued by any node verifies on every node, and a rotation on one reaches all within
+//! the poll interval.
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
@@ -23,6 +29,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::secret_file::{read_private, write_private};
+use crate::store::postgres::{JwtKeyRow, PgStore};
+use crate::store::StoreError;
 
 /// File name of the key set inside the data directory.
 pub const KEYS_FILE: &str = "jwt-keys.json";
@@ -316,12 +324,60 @@ fn stamp(path: &Path) -> std::io::Result<FileStamp> {
     })
 }
 
-/// A worker's view of the key set: read by every request, replaced when the file changes.
+impl KeySet {
+    /// The set a shared database holds (oldest first, as [`PgStore::jwt_keys`] lists it).
+    pub fn from_rows(rows: Vec<JwtKeyRow>) -> Result<KeySet, KeyError> {
+        if rows.is_empty() {
+            return Err(KeyError("the database holds no JWT signing key".into()));
+        }
+        let keys = rows
+            .into_iter()
+            .map(|row| {
+                let secret: [u8; KEY_BYTES] = row.secret.as_slice().try_into().map_err(|_| {
+                    KeyError(format!(
+                        "JWT signing key {} is not {KEY_BYTES} bytes",
+                        row.kid
+                    ))
+                })?;
+                Ok(SigningKey::from_parts(
+                    row.kid,
+                    secret,
+                    row.created_at,
+                    row.retired_at,
+                ))
+            })
+            .collect::<Result<Vec<_>, KeyError>>()?;
+        let mut set = KeySet { keys };
+        // The current key last, whatever the times say.
+        set.keys
+            .sort_by_key(|k| (k.retired_at.is_none(), k.created_at));
+        Ok(set)
+    }
+
+    /// What tells two sets apart: each key's kid and whether it is retired.
+    fn shape(&self) -> Vec<(&str, Option<i64>)> {
+        self.keys
+            .iter()
+            .map(|k| (k.kid.as_str(), k.retired_at))
+            .collect()
+    }
+}
+
+/// Where a worker's keys come from.
+enum Source {
+    /// `jwt-keys.json` in the data directory, with the file version `keys` was read from.
+    File {
+        path: PathBuf,
+        stamp: Mutex<Option<FileStamp>>,
+    },
+    /// The `jwt_keys` table every node shares.
+    Database(PgStore),
+}
+
+/// A worker's view of the key set: read by every request, replaced when its source changes.
 pub struct Keyring {
-    path: PathBuf,
+    source: Source,
     keys: RwLock<Arc<KeySet>>,
-    /// The file version `keys` was read from.
-    stamp: Mutex<Option<FileStamp>>,
     /// When an unknown `kid` last forced a re-read; such re-reads happen at most once a
     /// second, so tokens with made-up kids cannot turn into a flood of file reads.
     forced_at: Mutex<Option<Instant>>,
@@ -333,11 +389,84 @@ impl Keyring {
         let path = data_dir.join(KEYS_FILE);
         let keys = load_or_create(data_dir, crate::time::now_millis() / 1000)?;
         Ok(Keyring {
-            stamp: Mutex::new(stamp(&path).ok()),
-            path,
+            source: Source::File {
+                stamp: Mutex::new(stamp(&path).ok()),
+                path,
+            },
             keys: RwLock::new(Arc::new(keys)),
             forced_at: Mutex::new(None),
         })
+    }
+
+    /// Loads the key set a shared database holds, creating the first key when there is
+    /// none (nodes starting together create one between them).
+    pub async fn open_shared(store: PgStore, now_s: i64) -> Result<Keyring, KeyError> {
+        let failed = |e: StoreError| KeyError(format!("JWT signing keys: {e}"));
+        let first = KeySet::generate(&SystemRandom::new(), now_s)?;
+        let key = first.current();
+        store
+            .ensure_jwt_key(&key.kid, &key.secret, now_s)
+            .await
+            .map_err(failed)?;
+        let keys = KeySet::from_rows(store.jwt_keys().await.map_err(failed)?)?;
+        Ok(Keyring {
+            source: Source::Database(store),
+            keys: RwLock::new(Arc::new(keys)),
+            forced_at: Mutex::new(None),
+        })
+    }
+
+    /// Reads the source again if it changed (the file on this machine, the table on a
+    /// shared database). A source that became unreadable or invalid is reported and the
+    /// keys in memory stay in use. Returns whether new keys were loaded.
+    pub async fn refresh(self: &Arc<Self>) -> bool {
+        match &self.source {
+            Source::File { .. } => {
+                let keyring = self.clone();
+                tokio::task::spawn_blocking(move || keyring.reload_if_changed())
+                    .await
+                    .unwrap_or(false)
+            }
+            Source::Database(store) => {
+                let loaded = match store.jwt_keys().await {
+                    Ok(rows) => KeySet::from_rows(rows),
+                    Err(e) => Err(KeyError(format!("JWT signing keys: {e}"))),
+                };
+                match loaded {
+                    Ok(set) if set.shape() != self.keys().shape() => {
+                        log::info!(
+                            "JWT keys reloaded from the database: current kid {}, {} key(s)",
+                            set.current().kid,
+                            set.all().len()
+                        );
+                        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(e) => {
+                        log::error!("keeping the JWT keys in memory: {e}");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Called when a token names a `kid` this worker does not know: reads the source again,
+    /// at most once a second (tokens with made-up kids cannot turn into a flood of reads).
+    /// Returns whether new keys were loaded.
+    pub async fn refresh_for_unknown_kid(self: &Arc<Self>) -> bool {
+        {
+            let mut forced = self
+                .forced_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if forced.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return false;
+            }
+            *forced = Some(Instant::now());
+        }
+        self.refresh().await
     }
 
     /// The keys as of now.
@@ -352,16 +481,19 @@ impl Keyring {
     /// when it changed). A file that became unreadable or invalid is reported and the keys
     /// in memory stay in use.
     pub fn reload_if_changed(&self) -> bool {
-        let mut last = self.stamp.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = stamp(&self.path).ok();
+        let Source::File { path, stamp: last } = &self.source else {
+            return false;
+        };
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = stamp(path).ok();
         if now.is_none() || now == *last {
             return false;
         }
-        match load(&self.path) {
+        match load(path) {
             Ok(set) => {
                 log::info!(
                     "JWT keys reloaded from {}: current kid {}, {} key(s)",
-                    self.path.display(),
+                    path.display(),
                     set.current().kid,
                     set.all().len()
                 );
@@ -375,22 +507,6 @@ impl Keyring {
                 false
             }
         }
-    }
-
-    /// Called when a token names a `kid` this worker does not know: re-reads the file if it
-    /// changed, at most once a second. Blocking. Returns whether new keys were loaded.
-    pub fn reload_for_unknown_kid(&self) -> bool {
-        {
-            let mut forced = self
-                .forced_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if forced.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-                return false;
-            }
-            *forced = Some(Instant::now());
-        }
-        self.reload_if_changed()
     }
 }
 

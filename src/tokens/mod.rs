@@ -77,12 +77,21 @@ impl Tokens {
         format: TokenFormat,
         ttl_s: i64,
     ) -> Result<Tokens, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Tokens {
-            keyring: Arc::new(Keyring::open(data_dir)?),
+        Ok(Tokens::with_keyring(
+            Arc::new(Keyring::open(data_dir)?),
+            format,
+            ttl_s,
+        ))
+    }
+
+    /// Issues and checks tokens with `keyring` (a node's view of a shared key set).
+    pub fn with_keyring(keyring: Arc<Keyring>, format: TokenFormat, ttl_s: i64) -> Tokens {
+        Tokens {
+            keyring,
             format,
             ttl_s,
             rng: SystemRandom::new(),
-        })
+        }
     }
 
     /// A signed JWT for `username`, valid from `now_s` for the configured lifetime.

@@ -87,12 +87,10 @@ async fn resolve_capability(app: &App, hash: [u8; 32]) -> Identity {
     }
 }
 
-/// A token named a `kid` this worker does not know: re-read the key file (at most once a
+/// A token named a `kid` this worker does not know: re-read the keys (at most once a
 /// second) and verify again.
 async fn reverify_after_key_reload(app: &App, token: String) -> Result<Claims, JwtRejection> {
-    let keyring = app.tokens.keyring.clone();
-    let reloaded = tokio::task::spawn_blocking(move || keyring.reload_for_unknown_kid()).await;
-    if !reloaded.unwrap_or(false) {
+    if !app.tokens.keyring.refresh_for_unknown_kid().await {
         return Err(JwtRejection::UnknownKey);
     }
     app.tokens.verify_jwt(&token, app.clock.now_s())
