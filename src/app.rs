@@ -6,8 +6,11 @@ use crate::config::ServeConfig;
 use crate::metrics::Metrics;
 use crate::passwords::Passwords;
 use crate::ratelimit::Limiter;
+use crate::store::postgres::PgStore;
+use crate::store::sealing::TotpKeys;
 use crate::store::{RateStore, Store};
 use crate::time::Clock;
+use crate::tokens::keys::Keyring;
 use crate::tokens::Tokens;
 
 /// Shared, read-mostly state; one per worker, behind an `Arc`.
@@ -28,6 +31,79 @@ pub struct App {
 }
 
 impl App {
+    /// Opens the store `config` names — the shared PostgreSQL database, or SQLite in the
+    /// data directory — and everything else a worker needs.
+    pub async fn start(
+        config: ServeConfig,
+        clock: Clock,
+    ) -> Result<App, Box<dyn std::error::Error + Send + Sync>> {
+        if config.database.is_none() {
+            return tokio::task::spawn_blocking(move || App::open(config, clock)).await?;
+        }
+        App::open_shared(config, clock).await
+    }
+
+    /// A node of several on one PostgreSQL database: users, tokens' state, grants, payments,
+    /// rate limits and JWT keys in the database; the audit log, the TLS files and the
+    /// sealing key (`totp.key`, the same on every node) in the data directory.
+    async fn open_shared(
+        config: ServeConfig,
+        clock: Clock,
+    ) -> Result<App, Box<dyn std::error::Error + Send + Sync>> {
+        let url = config
+            .database
+            .clone()
+            .ok_or("no database to share was configured")?;
+        let local = config.clone();
+        let (sealing, passwords, audit) = tokio::task::spawn_blocking(move || {
+            crate::store::ensure_data_dir(&local.data_dir)?;
+            let sealing = TotpKeys::load_or_create(&local.data_dir)?;
+            let passwords = Passwords::new(local.password_queue)?;
+            let audit = AuditLog::open(
+                &local.data_dir,
+                local.instance.as_deref(),
+                local.audit_rotate_bytes,
+                local.audit,
+            )?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sealing, passwords, audit))
+        })
+        .await??;
+        let store = PgStore::open(
+            &url,
+            config.database_pool_size,
+            std::sync::Arc::new(sealing),
+            clock.clone(),
+        )
+        .await?;
+        log::info!("storage: PostgreSQL at {}", url.describe());
+        let keyring = Keyring::open_shared(store.clone(), clock.now_s()).await?;
+        let tokens = Tokens::with_keyring(
+            std::sync::Arc::new(keyring),
+            config.token_format,
+            config.token_ttl_s,
+        );
+        let limiter = Limiter::new(
+            config.rate_limits.clone(),
+            config.guess_limit,
+            config.password_check_limit.clone(),
+            RateStore::Postgres(store.rate_store()),
+            clock.clone(),
+        );
+        let metrics = Metrics::new(&audit.instance);
+        let cache = StateCache::over_postgres(store.clone(), metrics.cache()).await?;
+        Ok(App {
+            clock,
+            cache,
+            metrics,
+            config,
+            store: Store::Postgres(store),
+            passwords,
+            limiter,
+            tokens,
+            audit,
+        })
+    }
+
     /// Opens the databases in the data directory and prepares password hashing. Blocking
     /// (file I/O and one Argon2id hash): call it from a blocking context.
     pub fn open(

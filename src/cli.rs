@@ -182,6 +182,28 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "database",
+        env: Some("PAYGATE_DATABASE"),
+        value: "URL",
+        default: "SQLite in --data-dir",
+        help: "PostgreSQL shared by several nodes: a postgres:// URL or a key=value string \
+               (several hosts with target_session_attrs=read-write; sslmode=verify-full with \
+               sslrootcert=FILE for TLS that checks the server). Unset: SQLite, one machine.",
+        internal: false,
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "database-pool-size",
+        env: Some("PAYGATE_DATABASE_POOL_SIZE"),
+        value: "N",
+        default: "16",
+        help: "PostgreSQL connections each worker process keeps at most.",
+        internal: false,
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "workers",
         env: Some("PAYGATE_WORKERS"),
         value: "N",

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::cli::OPTIONS;
 use crate::client_ip::Cidr;
 use crate::ratelimit::rules::{self, Rule};
+use crate::store::postgres::{is_postgres, DatabaseUrl};
 use crate::token_bucket::Limit;
 use crate::tokens::{TokenFormat, MAX_TOKEN_TTL_S};
 
@@ -50,6 +51,10 @@ pub struct TlsFiles {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The PostgreSQL database nodes share; `None`: SQLite in `data_dir`.
+    pub database: Option<DatabaseUrl>,
+    /// PostgreSQL connections per worker process.
+    pub database_pool_size: usize,
     pub tls: TlsFiles,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
@@ -332,7 +337,29 @@ impl ServeConfig {
                 "--capability-max-ttl: at most 31622400 s (366 days)".into(),
             ));
         }
+        let database = match sources.get("database") {
+            None => None,
+            Some((value, source)) if is_postgres(&value) => Some(
+                DatabaseUrl::parse(&value)
+                    .map_err(|e| ConfigError(e.replacen("--database", &source, 1)))?,
+            ),
+            Some((_, source)) => {
+                return Err(ConfigError(format!(
+                    "{source}: expected a postgres:// URL or a key=value connection string \
+                     (host=... user=... dbname=...); leave it unset for SQLite in --data-dir"
+                )))
+            }
+        };
+        let database_pool_size =
+            sources.positive("database-pool-size", 16, "a number of connections")?;
+        if database_pool_size > 1000 {
+            return Err(ConfigError(
+                "--database-pool-size: at most 1000 connections per worker".into(),
+            ));
+        }
         Ok(ServeConfig {
+            database,
+            database_pool_size: usize::try_from(database_pool_size).unwrap_or(16),
             workers: u32::try_from(workers).unwrap_or(1),
             supervised,
             worker_threads,

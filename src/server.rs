@@ -104,9 +104,8 @@ pub async fn start_with_clock(config: ServeConfig, clock: Clock) -> Result<Runni
         crate::tls::server_config(&config.tls).map_err(|e| StartError(e.to_string()))?;
     let listen = config.listen;
     let data_dir = config.data_dir.clone();
-    let app = tokio::task::spawn_blocking(move || App::open(config, clock))
+    let app = App::start(config, clock)
         .await
-        .map_err(|e| StartError(format!("opening the data directory failed: {e}")))?
         .map_err(|e| StartError(e.to_string()))?;
     // Before binding: a port shared with another deployment would split its clients.
     let claim =

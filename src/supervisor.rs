@@ -158,11 +158,18 @@ impl Launcher {
 }
 
 /// Creates (or migrates) the databases and keys of the data directory before any worker
-/// starts, so the workers only open what exists.
-fn prepare_data_dir(data_dir: &std::path::Path) -> Result<(), Failure> {
-    crate::store::Store::open(data_dir)?;
-    crate::store::RateStore::open(data_dir)?;
-    crate::tokens::keys::load_or_create(data_dir, crate::time::now_millis() / 1000)?;
+/// starts, so the workers only open what exists. With a shared PostgreSQL database
+/// (`shared`), only what stays per node: the sealing key and the audit log's files (each
+/// worker connects, and the first one migrates the database).
+fn prepare_data_dir(data_dir: &std::path::Path, shared: bool) -> Result<(), Failure> {
+    if shared {
+        crate::store::ensure_data_dir(data_dir)?;
+        crate::store::sealing::TotpKeys::load_or_create(data_dir)?;
+    } else {
+        crate::store::Store::open(data_dir)?;
+        crate::store::RateStore::open(data_dir)?;
+        crate::tokens::keys::load_or_create(data_dir, crate::time::now_millis() / 1000)?;
+    }
     crate::audit::load_or_create_key(data_dir)?;
     let audit_dir = data_dir.join(crate::audit::AUDIT_DIR);
     crate::secret_file::create_private_dir(&audit_dir)?;
@@ -210,7 +217,7 @@ pub fn run(args: Vec<String>, config: &crate::config::ServeConfig) -> Result<(),
     // Once, here: workers starting together must not all generate a certificate, create
     // the databases and keys at the same moment.
     crate::tls::ensure_certificate(&config.tls)?;
-    prepare_data_dir(&config.data_dir)?;
+    prepare_data_dir(&config.data_dir, config.database.is_some())?;
     let listen = shared_address(config.listen)?;
     let exe = std::env::current_exe()?;
     let runtime = tokio::runtime::Builder::new_current_thread()

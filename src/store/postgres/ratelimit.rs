@@ -46,6 +46,11 @@ async fn full_at(tx: &Transaction<'_>, rule: &str, key: &str) -> Result<Option<i
 }
 
 impl PgRateStore {
+    /// Works through `pool` (a store's).
+    pub fn from_pool(pool: Pool) -> PgRateStore {
+        PgRateStore { pool }
+    }
+
     /// Connects with up to `pool_size` connections (the schema is the main migrations').
     pub async fn open(url: &DatabaseUrl, pool_size: usize) -> Result<PgRateStore, StoreError> {
         Ok(PgRateStore {

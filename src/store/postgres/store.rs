@@ -97,6 +97,11 @@ impl PgStore {
         })
     }
 
+    /// The rate-limit store on this store's pool.
+    pub fn rate_store(&self) -> super::PgRateStore {
+        super::PgRateStore::from_pool(self.pool.clone())
+    }
+
     pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }

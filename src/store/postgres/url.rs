@@ -38,6 +38,7 @@ pub enum Verify {
 }
 
 /// A parsed `--database` value.
+#[derive(Clone)]
 pub struct DatabaseUrl {
     /// Hosts, ports, user, password, database, `target_session_attrs`, timeouts.
     pub config: tokio_postgres::Config,
