@@ -11,6 +11,8 @@
 #                                   # and print PG_DIR=, PAYGATE_TEST_DATABASE= and
 #                                   # PAYGATE_TEST_DATABASE_CA= lines
 #   bash scripts/pg.sh stop DIR     # stop it and remove DIR
+#   bash scripts/pg.sh down DIR     # stop its server, keeping everything (a crash, an
+#   bash scripts/pg.sh up DIR       # outage), and start it again on the same port
 #
 # Uses the newest PostgreSQL under /usr/lib/postgresql (Debian's postgresql-15; installed
 # when missing and running as root), or $PG_BIN. As root the server runs as the
@@ -63,9 +65,8 @@ start() {
   chmod 600 "$dir/server.key" "$dir/ca.key"
   [ "$(id -u)" = 0 ] && chown postgres: "$dir"/server.* "$dir"/ca.*
   port=$(free_port)
-  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=200 -c synchronous_commit=on -c fsync=on -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" \
-    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+  echo "-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=200 -c synchronous_commit=on -c fsync=on -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" > "$dir/options"
+  up "$dir"
   # CREATEDB: tests give each case a database of its own.
   as_owner "$bin/psql" -q -h "$dir" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
     -v password="$password" >/dev/null <<'SQL'
@@ -76,6 +77,20 @@ SQL
   echo "PG_DIR=$dir"
   echo "PAYGATE_TEST_DATABASE=postgres://paygate:$password@127.0.0.1:$port/paygate"
   echo "PAYGATE_TEST_DATABASE_CA=$dir/ca.crt"
+}
+
+# up DIR / down DIR: start or stop the server of an existing cluster (same port, same data).
+up() {
+  local dir=$1 bin
+  bin=$(pg_bin)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$(cat "$dir/options")" \
+    start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+}
+
+down() {
+  local dir=$1 bin
+  bin=$(pg_bin)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
 }
 
 stop() {
@@ -89,6 +104,8 @@ stop() {
 case "${1:-}" in
   start) shift; start "${1:-}" ;;
   stop) shift; stop "${1:?pg.sh stop DIR}" ;;
+  up) shift; up "${1:?pg.sh up DIR}" ;;
+  down) shift; down "${1:?pg.sh down DIR}" ;;
   run)
     shift
     [ $# -gt 0 ] || { echo "usage: pg.sh run CMD..." >&2; exit 2; }

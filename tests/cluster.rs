@@ -40,6 +40,17 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A test that failed half-way leaves no server running (it would hold the test
+    /// runner's output open).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Starts `count` nodes on `database` with `extra` options. The first creates the sealing
 /// key; the others get a copy before they start, as an operator would distribute it.
 fn cluster(database: &str, count: usize, extra: &[&str]) -> Vec<Node> {
@@ -174,6 +185,112 @@ async fn a_rate_limit_holds_across_all_nodes_together() {
     assert!(admitted <= 6, "{admitted} admitted");
     assert!(admitted >= 1);
     assert_eq!(admitted + refused, 15);
+    for node in nodes {
+        node.stop();
+    }
+}
+
+/// A PostgreSQL cluster of this test's own (it is stopped and started), removed on drop.
+struct OwnCluster {
+    dir: String,
+    url: String,
+}
+
+impl OwnCluster {
+    fn start() -> OwnCluster {
+        let out = pg_script(&["start"]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {out}"))
+                .to_owned()
+        };
+        OwnCluster {
+            dir: field("PG_DIR="),
+            url: field("PAYGATE_TEST_DATABASE="),
+        }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        pg_script(&["stop", &self.dir]);
+    }
+}
+
+/// Runs `scripts/pg.sh` with `args`; its standard output.
+fn pg_script(args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg.sh");
+    let output = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "pg.sh {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn while_the_database_is_down_a_node_answers_503_and_recovers_with_nothing_lost() {
+    let cluster = OwnCluster::start();
+    let nodes = self::cluster(&cluster.url, 1, &["--password-check-limit", "none"]);
+    let a = &nodes[0].client;
+    let status = a.get("/apiStatus").send().await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json()["database"], "reachable");
+    let alice = a.register("alice").await;
+    let account = a.account(&alice, "EUR").await;
+    let token = a.login(&alice).await;
+
+    pg_script(&["down", &cluster.dir]);
+    let status = a.get("/apiStatus").send().await;
+    assert_eq!(status.status, 503, "{}", status.text());
+    assert!(
+        status.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("database-unavailable"),
+        "{}",
+        status.text()
+    );
+    assert_eq!(status.header("retry-after"), Some("2"));
+    // Requests that need the database fail fast with the same answer, never a 500.
+    let payments = format!("/accounts/{account}/payments");
+    let refused = a
+        .post(&payments)
+        .bearer(&token)
+        .header("Idempotency-Key", "during-outage")
+        .json(&json!({"payee": "ACME", "amount_minor": 100, "currency": "EUR"}))
+        .send()
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(a.post("/sessions").basic(&alice).send().await.status, 503);
+
+    pg_script(&["up", &cluster.dir]);
+    // Back by itself: the pool reconnects on the next request.
+    let mut back = false;
+    for _ in 0..100 {
+        if a.get("/apiStatus").send().await.status == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(back, "the node did not recover");
+    // Nothing lost: the user, the account and the token are as they were.
+    assert_eq!(a.get(&payments).bearer(&token).send().await.status, 200);
+    let retried = a
+        .post(&payments)
+        .bearer(&token)
+        .header("Idempotency-Key", "during-outage")
+        .json(&json!({"payee": "ACME", "amount_minor": 100, "currency": "EUR"}))
+        .send()
+        .await;
+    assert_eq!(retried.status, 201, "the refused payment was never made");
     for node in nodes {
         node.stop();
     }

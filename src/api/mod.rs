@@ -33,7 +33,7 @@ pub async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     match (route, grant) {
         (Route::Reject(error), _) => Err(error),
-        (Route::ApiStatus, _) => status::get(),
+        (Route::ApiStatus, _) => status::get(app).await,
         (Route::Metrics, _) => metrics::get(app).await,
         (Route::OpenApi, _) => openapi::get(),
         (Route::CreateUser, _) => users::create(app, request).await,

@@ -78,6 +78,9 @@ pub enum ApiError {
     AuditUnavailable,
     /// 503: too many password checks wait for a hashing slot; this one was not made.
     PasswordChecksBusy,
+    /// 503: the shared database cannot be reached (or the connection broke); the string
+    /// is for the log only. Nothing was decided from stale state.
+    DatabaseUnavailable(String),
     /// 500: a bug or an environment failure; the string is for the log only.
     Internal(String),
 }
@@ -91,7 +94,8 @@ impl From<Invalid> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Busy | StoreError::Unreachable(_) => ApiError::Unavailable,
+            StoreError::Busy => ApiError::Unavailable,
+            StoreError::Unreachable(cause) => ApiError::DatabaseUnavailable(cause),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -264,6 +268,12 @@ impl ApiError {
                     .into(),
                 none,
             ),
+            DatabaseUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database-unavailable",
+                "the database cannot be reached, so nothing was decided; retry shortly".into(),
+                none,
+            ),
             AuditUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit-unavailable",
@@ -301,6 +311,7 @@ impl ApiError {
             RateLimited { .. } => "rate limited".into(),
             Unavailable => "unavailable".into(),
             AuditUnavailable => "audit log unavailable".into(),
+            DatabaseUnavailable(_) => "database unavailable".into(),
             PasswordChecksBusy => "password checks busy".into(),
             Internal(_) => "internal error".into(),
         }
@@ -313,8 +324,12 @@ impl ApiError {
 
     /// The problem+json response, carrying `request_id`.
     pub fn into_response(self, request_id: Uuid) -> http::Response<Body> {
-        if let ApiError::Internal(cause) = &self {
-            log::error!("request {request_id} failed: {cause}");
+        match &self {
+            ApiError::Internal(cause) => log::error!("request {request_id} failed: {cause}"),
+            ApiError::DatabaseUnavailable(cause) => {
+                log::warn!("request {request_id}: database unreachable: {cause}")
+            }
+            _ => {}
         }
         let (status, slug, detail, extra) = self.parts();
         let problem_type = if slug.is_empty() {
@@ -371,6 +386,9 @@ impl ApiError {
             }
             ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::PasswordChecksBusy => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::DatabaseUnavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
             }
             ApiError::RateLimited {
                 quota,

@@ -48,7 +48,13 @@ impl From<PoolError> for StoreError {
     fn from(e: PoolError) -> Self {
         match e {
             PoolError::Backend(e) => e.into(),
-            PoolError::Timeout(_) => StoreError::Busy,
+            // Every connection in use and none freed in time: overload, worth a retry.
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => StoreError::Busy,
+            // A new connection (or the check of an old one) got no answer in time: the
+            // server is down, starting, or cut off.
+            PoolError::Timeout(_) => {
+                StoreError::Unreachable("the database did not answer in time".into())
+            }
             other => StoreError::Unreachable(other.to_string()),
         }
     }
@@ -95,6 +101,12 @@ impl PgStore {
             clock,
             payments,
         })
+    }
+
+    /// Whether the database answers: one round trip on a pooled connection.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("").await?;
+        Ok(())
     }
 
     /// The rate-limit store on this store's pool.
