@@ -6,25 +6,8 @@
 
 mod common;
 
-use common::{serve, signal, wait_exit, Client, Creds, TempDir};
+use common::{fresh_database, serve, signal, wait_exit, Client, Creds, TempDir};
 use serde_json::json;
-use tokio_postgres::NoTls;
-
-/// A new, empty database on the test cluster; its URL.
-async fn fresh_database() -> String {
-    let base = std::env::var("PAYGATE_TEST_DATABASE").expect(
-        "PAYGATE_TEST_DATABASE is not set: run the tests as `bash scripts/pg.sh run cargo test`",
-    );
-    let (client, connection) = tokio_postgres::connect(&base, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let name = format!("n_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
 
 /// One node: a process, its directory and a client that trusts its certificate.
 struct Node {
@@ -79,7 +62,7 @@ fn cluster(database: &str, count: usize, extra: &[&str]) -> Vec<Node> {
 
 #[tokio::test]
 async fn three_nodes_keep_every_guarantee_together() {
-    let database = fresh_database().await;
+    let database = fresh_database("n").await;
     let nodes = cluster(
         &database,
         3,
@@ -155,7 +138,7 @@ async fn three_nodes_keep_every_guarantee_together() {
 
 #[tokio::test]
 async fn a_rate_limit_holds_across_all_nodes_together() {
-    let database = fresh_database().await;
+    let database = fresh_database("n").await;
     let nodes = cluster(
         &database,
         3,

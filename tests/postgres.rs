@@ -9,6 +9,9 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::fresh_database;
 use paygate::store::postgres::{self, DatabaseUrl};
 use paygate::store::StoreError;
 use tokio_postgres::NoTls;
@@ -26,20 +29,6 @@ fn ca_file() -> String {
         .expect("PAYGATE_TEST_DATABASE_CA is not set: run the tests through scripts/pg.sh")
 }
 
-/// A new, empty database on the test cluster; its URL.
-async fn fresh_database() -> String {
-    let base = base_url();
-    let (client, connection) = tokio_postgres::connect(&base, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
-
 /// A plain connection for looking at what paygate wrote.
 async fn inspect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
@@ -53,7 +42,7 @@ fn parse(url: &str) -> DatabaseUrl {
 
 #[tokio::test]
 async fn nodes_starting_together_apply_each_migration_once() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let nodes = [parse(&url), parse(&url), parse(&url)];
     let (a, b, c) = tokio::join!(
         postgres::open_pool(&nodes[0], 2),
@@ -88,7 +77,7 @@ async fn nodes_starting_together_apply_each_migration_once() {
 
 #[tokio::test]
 async fn a_database_written_by_a_newer_paygate_is_refused() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     postgres::open_pool(&parse(&url), 1).await.unwrap();
     inspect(&url)
         .await
@@ -112,7 +101,7 @@ async fn a_database_written_by_a_newer_paygate_is_refused() {
 
 #[tokio::test]
 async fn a_wrong_password_or_an_unreachable_server_fails_at_start_without_the_password() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let wrong = "wrong-Pa55word-xyz";
     let (before, after) = url.split_once('@').unwrap();
     let (user, _) = before.rsplit_once(':').unwrap();
@@ -151,7 +140,7 @@ async fn encrypted(url: &str) -> Result<bool, StoreError> {
 
 #[tokio::test]
 async fn tls_checks_what_sslmode_asks() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let ca = ca_file();
     assert!(!encrypted(&format!("{url}?sslmode=disable")).await.unwrap());
     assert!(encrypted(&format!("{url}?sslmode=require")).await.unwrap());
@@ -232,7 +221,7 @@ async fn listener(
 
 #[tokio::test]
 async fn the_change_log_numbers_changes_consecutively_in_commit_order() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     postgres::open_pool(&parse(&url), 1).await.unwrap();
     let (watcher, mut notified) = listener(&url).await;
     watcher
@@ -346,7 +335,7 @@ async fn the_change_log_numbers_changes_consecutively_in_commit_order() {
 async fn rate_limit_steps_from_many_nodes_never_spend_more_than_the_burst() {
     use paygate::store::postgres::PgRateStore;
     use paygate::token_bucket::Limit;
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let limit = Limit {
         burst: 20,
         interval_ns: 3_600_000_000_000,
@@ -442,7 +431,7 @@ async fn node(url: &str, keys_dir: &std::path::Path) -> paygate::store::postgres
 
 #[tokio::test]
 async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let keys_dir = std::env::temp_dir().join(format!("paygate-pg-keys-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&keys_dir).unwrap();
     let (a, b) = (node(&url, &keys_dir).await, node(&url, &keys_dir).await);
@@ -504,7 +493,7 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
     use paygate::metrics::CacheMetrics;
     use paygate::store::{NewUser, PaymentCreation, PaymentStatus, Store, UserInsert};
     use std::sync::atomic::Ordering;
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let keys_dir = std::env::temp_dir().join(format!("paygate-pg-cache-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&keys_dir).unwrap();
     let a = Store::Postgres(node(&url, &keys_dir).await);
@@ -592,7 +581,7 @@ async fn a_token_signed_on_one_node_verifies_on_another_and_a_rotation_reaches_i
     use paygate::tokens::keys::Keyring;
     use paygate::tokens::{TokenFormat, Tokens};
     use std::sync::Arc;
-    let url = fresh_database().await;
+    let url = fresh_database("t").await;
     let keys_dir = std::env::temp_dir().join(format!("paygate-pg-ring-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&keys_dir).unwrap();
     let (a, b) = (node(&url, &keys_dir).await, node(&url, &keys_dir).await);

@@ -748,3 +748,24 @@ impl Drop for StopOnDrop {
         }
     }
 }
+
+/// A new, empty database on the PostgreSQL cluster `PAYGATE_TEST_DATABASE` names (a role
+/// that may create databases; `bash scripts/pg.sh run cargo test` provides one), named
+/// `{tag}_<random>`; its URL.
+pub async fn fresh_database(tag: &str) -> String {
+    let base = std::env::var("PAYGATE_TEST_DATABASE").expect(
+        "PAYGATE_TEST_DATABASE is not set: run the tests as `bash scripts/pg.sh run cargo test`, \
+         which starts a throwaway PostgreSQL for them",
+    );
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let name = format!("{tag}_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
