@@ -111,7 +111,11 @@ impl From<Refusal> for ApiError {
                 quota,
                 retry_after_s,
             },
-            // Refuse rather than go unlimited; the operator hears why.
+            // Refuse rather than go unlimited; an unreachable database answers as it does
+            // everywhere, anything else is logged here.
+            Refusal::Undecided(StoreError::Unreachable(cause)) => {
+                ApiError::DatabaseUnavailable(cause)
+            }
             Refusal::Undecided(e) => {
                 log::error!("rate limiter unavailable, refusing requests: {e}");
                 ApiError::Unavailable

@@ -18,6 +18,27 @@ use crate::token_bucket::TokenBucket;
 pub const RATELIMIT_DB: &str = "ratelimit.db";
 
 /// Shared bucket storage; cheap to clone.
+/// What one step decides, on either backend: the bucket (`full_at`, or full when it has
+/// no row) after `change` spent from it knowing the tokens others' live leases hold, the
+/// tokens `holder` keeps leased, and `change`'s answer.
+pub(in crate::store) fn decide<T>(
+    full_at: Option<i64>,
+    leases: &[(String, i64, i64)],
+    holder: &str,
+    now: i64,
+    change: impl FnOnce(&mut TokenBucket, u32) -> (u32, T),
+) -> (TokenBucket, u32, T) {
+    let held_by_others: i64 = leases
+        .iter()
+        .filter(|(who, _, expires)| who != holder && *expires > now)
+        .map(|(_, tokens, _)| tokens)
+        .sum();
+    let held_by_others = u32::try_from(held_by_others).unwrap_or(u32::MAX);
+    let mut bucket = full_at.map_or(TokenBucket::FULL, |full_at| TokenBucket { full_at });
+    let (hold, result) = change(&mut bucket, held_by_others);
+    (bucket, hold, result)
+}
+
 #[derive(Clone)]
 pub struct SqliteRateStore {
     pool: Pool,
@@ -74,14 +95,7 @@ impl SqliteRateStore {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?
             .collect::<Result<_, _>>()?;
-        let held_by_others: i64 = leases
-            .iter()
-            .filter(|(who, _, expires)| who != holder && *expires > now)
-            .map(|(_, tokens, _)| tokens)
-            .sum();
-        let held_by_others = u32::try_from(held_by_others).unwrap_or(u32::MAX);
-        let mut bucket = full_at.map_or(TokenBucket::FULL, |full_at| TokenBucket { full_at });
-        let (hold, result) = change(&mut bucket, held_by_others);
+        let (bucket, hold, result) = decide(full_at, &leases, holder, now, change);
         if Some(bucket.full_at) != full_at {
             tx.prepare_cached(
                 "INSERT INTO buckets (rule, key, full_at) VALUES (?1, ?2, ?3)

@@ -14,6 +14,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Transaction;
 
 use super::{open_pool, DatabaseUrl};
+use crate::store::ratelimit::decide;
 use crate::store::StoreError;
 use crate::token_bucket::TokenBucket;
 
@@ -92,14 +93,7 @@ impl PgRateStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
             .collect::<Result<_, StoreError>>()?;
-        let held_by_others: i64 = leases
-            .iter()
-            .filter(|(who, _, expires)| who != holder && *expires > now)
-            .map(|(_, tokens, _)| tokens)
-            .sum();
-        let held_by_others = u32::try_from(held_by_others).unwrap_or(u32::MAX);
-        let mut bucket = full_at.map_or(TokenBucket::FULL, |full_at| TokenBucket { full_at });
-        let (hold, result) = change(&mut bucket, held_by_others);
+        let (bucket, hold, result) = decide(full_at, &leases, holder, now, change);
         if Some(bucket.full_at) != full_at {
             tx.execute(
                 "INSERT INTO buckets (rule, key, full_at) VALUES ($1, $2, $3)
