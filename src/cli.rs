@@ -190,7 +190,15 @@ pub const OPTIONS: &[OptionSpec] = &[
                (several hosts with target_session_attrs=read-write; sslmode=verify-full with \
                sslrootcert=FILE for TLS that checks the server). Unset: SQLite, one machine.",
         internal: false,
-        commands: &[Serve],
+        commands: &[
+            Serve,
+            UserAdd,
+            UserDisable,
+            KeysRotate,
+            KeysPrune,
+            KeysExport,
+            KeysRotateTotp,
+        ],
         list_separator: None,
     },
     OptionSpec {

@@ -197,6 +197,23 @@ impl<'a> Sources<'a> {
         Ok(i64::try_from(ttl).unwrap_or(i64::MAX))
     }
 
+    /// `--database`: `None` for SQLite in the data directory, else the PostgreSQL the
+    /// nodes share (`serve` and the commands that change users and keys).
+    pub fn database(&self) -> Result<Option<DatabaseUrl>, ConfigError> {
+        match self.get("database") {
+            None => Ok(None),
+            Some((value, source)) if is_postgres(&value) => {
+                Ok(Some(DatabaseUrl::parse(&value).map_err(|e| {
+                    ConfigError(e.replacen("--database", &source, 1))
+                })?))
+            }
+            Some((_, source)) => Err(ConfigError(format!(
+                "{source}: expected a postgres:// URL or a key=value connection string \
+                 (host=... user=... dbname=...); leave it unset for SQLite in --data-dir"
+            ))),
+        }
+    }
+
     /// A switch such as `--force`.
     pub fn flag(&self, name: &str) -> bool {
         self.options.contains_key(name)
@@ -337,19 +354,7 @@ impl ServeConfig {
                 "--capability-max-ttl: at most 31622400 s (366 days)".into(),
             ));
         }
-        let database = match sources.get("database") {
-            None => None,
-            Some((value, source)) if is_postgres(&value) => Some(
-                DatabaseUrl::parse(&value)
-                    .map_err(|e| ConfigError(e.replacen("--database", &source, 1)))?,
-            ),
-            Some((_, source)) => {
-                return Err(ConfigError(format!(
-                    "{source}: expected a postgres:// URL or a key=value connection string \
-                     (host=... user=... dbname=...); leave it unset for SQLite in --data-dir"
-                )))
-            }
-        };
+        let database = sources.database()?;
         let database_pool_size =
             sources.positive("database-pool-size", 16, "a number of connections")?;
         if database_pool_size > 1000 {

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use paygate::cli::{self, CommandName, Invocation};
 use paygate::config::{ServeConfig, Sources};
 use paygate::domain::{check_password, Role, Username};
-use paygate::store::{NewUser, SqliteStore, UserInsert};
+use paygate::store::postgres::PgStore;
+use paygate::store::sealing::TotpKeys;
+use paygate::store::{NewUser, SqliteStore, StoreError, UserInsert};
 use paygate::tokens::keys;
 
 type Failure = Box<dyn std::error::Error>;
@@ -113,13 +115,16 @@ fn user_add(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure>
         .unwrap_or(&line);
     check_password(&username, password).map_err(|e| format!("{e} (read from stdin)"))?;
     let password_hash = paygate::passwords::hash_blocking(password)?;
-    let store = SqliteStore::open(&sources.data_dir())?;
     let new = NewUser {
         username,
         password_hash,
         role,
     };
-    match store.create_user_blocking(&new)? {
+    let inserted = match Shared::open(sources, Sealing::LoadOrCreate)? {
+        Some(shared) => shared.run(shared.store.create_user(new.clone()))?,
+        None => SqliteStore::open(&sources.data_dir())?.create_user_blocking(&new)?,
+    };
+    match inserted {
         UserInsert::Created(user) => {
             println!(
                 "created user {}{}",
@@ -137,12 +142,64 @@ fn user_disable(sources: &Sources<'_>, positional: &[String]) -> Result<(), Fail
     let [name] = positional else {
         return Err("`paygate user disable` takes exactly one user name".into());
     };
-    let store = SqliteStore::open(&sources.data_dir())?;
-    if store.disable_user_blocking(name)? {
+    let disabled = match Shared::open(sources, Sealing::LoadOrCreate)? {
+        Some(shared) => shared.run(shared.store.disable_user(name.clone()))?,
+        None => SqliteStore::open(&sources.data_dir())?.disable_user_blocking(name)?,
+    };
+    if disabled {
         println!("disabled user {name}; their sessions and tokens no longer work");
         Ok(())
     } else {
         Err(format!("no user is named {name:?}").into())
+    }
+}
+
+/// Where the sealing key comes from for a command on the shared database.
+enum Sealing {
+    /// The data directory's, created if missing (as the first node does): for commands
+    /// that seal nothing.
+    LoadOrCreate,
+    /// The data directory's, which must exist: for commands that seal what running nodes
+    /// must open, where a fresh key would lock them out.
+    Load,
+}
+
+/// The PostgreSQL database `--database` names, for the commands that change users and keys
+/// of every node at once.
+struct Shared {
+    runtime: tokio::runtime::Runtime,
+    store: PgStore,
+}
+
+impl Shared {
+    /// `None` when no database is configured (SQLite in the data directory).
+    fn open(sources: &Sources<'_>, sealing: Sealing) -> Result<Option<Shared>, Failure> {
+        let Some(url) = sources.database()? else {
+            return Ok(None);
+        };
+        let dir = sources.data_dir();
+        let keys = match sealing {
+            Sealing::LoadOrCreate => {
+                paygate::store::ensure_data_dir(&dir)?;
+                TotpKeys::load_or_create(&dir)?
+            }
+            Sealing::Load => TotpKeys::load(&dir)?,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let store = runtime.block_on(PgStore::open(
+            &url,
+            2,
+            std::sync::Arc::new(keys),
+            paygate::time::Clock::system(),
+        ))?;
+        log::info!("PostgreSQL at {}", url.describe());
+        Ok(Some(Shared { runtime, store }))
+    }
+
+    fn run<T, E>(&self, work: impl std::future::Future<Output = Result<T, E>>) -> Result<T, E> {
+        self.runtime.block_on(work)
     }
 }
 
@@ -152,6 +209,17 @@ fn now_s() -> i64 {
 
 fn keys_rotate(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
+    if let Some(shared) = Shared::open(sources, Sealing::Load)? {
+        let now = now_s();
+        let set = shared.run(keys::rotate_shared(&shared.store, now))?;
+        println!(
+            "new current signing key {}; {} key(s) in the database; every node switches \
+             within a second",
+            set.current().kid,
+            set.all().len()
+        );
+        return Ok(());
+    }
     let dir = sources.data_dir();
     paygate::store::ensure_data_dir(&dir)?;
     let now = now_s();
@@ -173,7 +241,19 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
     paygate::store::ensure_data_dir(&dir)?;
     let ttl = sources.token_ttl()?;
     let now = now_s();
-    let (set, removed) = keys::update(&dir, now, |set| Ok(set.pruned(now, ttl)))?;
+    let (left, removed) = match Shared::open(sources, Sealing::Load)? {
+        Some(shared) => shared.run(async {
+            let removed = shared
+                .store
+                .prune_jwt_keys(now - ttl - keys::PRUNE_MARGIN_S + 1)
+                .await?;
+            Ok::<_, StoreError>((shared.store.jwt_keys().await?.len(), removed))
+        })?,
+        None => {
+            let (set, removed) = keys::update(&dir, now, |set| Ok(set.pruned(now, ttl)))?;
+            (set.all().len(), removed)
+        }
+    };
     if removed.is_empty() {
         println!(
             "no key to prune: every retired key may still have live tokens (token ttl {ttl} s)"
@@ -183,7 +263,7 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
             "pruned {} key(s): {}; {} key(s) left",
             removed.len(),
             removed.join(", "),
-            set.all().len()
+            left
         );
     }
     Ok(())
@@ -191,6 +271,15 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
 
 fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
+    if sources.database()?.is_some() {
+        return Err(
+            "`keys rotate-totp` re-seals a single machine's SQLite data only: on a \
+                    shared PostgreSQL database every node must hold the new sealing key \
+                    before anything is sealed under it, which this command cannot arrange \
+                    (docs/several-nodes.md, \"Users and keys from the command line\")"
+                .into(),
+        );
+    }
     let dir = sources.data_dir();
     let store = SqliteStore::open(&dir)?;
     let (id, resealed) = store.run_blocking(|conn| paygate::store::sealing::rotate(&dir, conn))?;
@@ -204,9 +293,14 @@ fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), 
 
 fn keys_export(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
-    let dir = sources.data_dir();
-    paygate::store::ensure_data_dir(&dir)?;
-    let set = keys::load_or_create(&dir, now_s())?;
+    let set = match Shared::open(sources, Sealing::Load)? {
+        Some(shared) => keys::KeySet::from_rows(shared.run(shared.store.jwt_keys())?)?,
+        None => {
+            let dir = sources.data_dir();
+            paygate::store::ensure_data_dir(&dir)?;
+            keys::load_or_create(&dir, now_s())?
+        }
+    };
     println!("{}", serde_json::to_string_pretty(&set.jwks())?);
     Ok(())
 }

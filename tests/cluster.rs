@@ -278,3 +278,164 @@ async fn while_the_database_is_down_a_node_answers_503_and_recovers_with_nothing
         node.stop();
     }
 }
+
+/// The `kid` a JWT's header names.
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+/// Runs `paygate ARGS` in `dir` (its data directory `./data`) with `stdin`.
+fn paygate_in(dir: &TempDir, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = common::paygate_command(dir)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn the_command_line_changes_users_and_keys_for_every_node() {
+    let database = fresh_database("n").await;
+    let nodes = cluster(
+        &database,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
+    );
+    let (a, b) = (&nodes[0].client, &nodes[1].client);
+    // An operator's shell on the first node: its data directory, the shared database.
+    let password = database
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(user, _)| user.split_once(':'))
+        .map(|(_, password)| password)
+        .expect("a password in the test database URL");
+    let on_node = |args: &[&str], stdin: &str| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--database", &database]);
+        let out = paygate_in(&nodes[0]._dir, &all, stdin);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "paygate {args:?}: {stdout}{stderr}");
+        assert!(
+            !stderr.contains(password),
+            "the database password in {stderr}"
+        );
+        stdout
+    };
+    let alice = a.register("alice").await;
+    let alice_token = a.login(&alice).await;
+
+    // A global admin, created from the command line, acts on every node.
+    let created = on_node(
+        &["user", "add", "root.admin", "--role", "admin"],
+        "admin passphrase 1\n",
+    );
+    assert!(
+        created.contains("created user root.admin with role admin"),
+        "{created}"
+    );
+    assert_eq!(
+        b.get("/users/root.admin")
+            .bearer(&alice_token)
+            .send()
+            .await
+            .status,
+        404
+    );
+    let admin = b
+        .login(&Creds::new("root.admin", "admin passphrase 1"))
+        .await;
+    assert_eq!(
+        b.get("/users/alice").bearer(&admin).send().await.status,
+        200
+    );
+
+    // `keys rotate` on one machine: every node signs with the new key within a second,
+    // and tokens signed by the old one still verify.
+    let old_kid = kid_of(&admin);
+    let rotated = on_node(&["keys", "rotate"], "");
+    assert!(rotated.contains("2 key(s) in the database"), "{rotated}");
+    let mut new_kid = None;
+    for _ in 0..50 {
+        let kid = kid_of(&b.login(&alice).await);
+        if kid != old_kid {
+            new_kid = Some(kid);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let new_kid = new_kid.expect("node b never switched to the rotated key");
+    assert!(rotated.contains(&new_kid), "{rotated}");
+    assert_eq!(
+        a.get("/users/alice").bearer(&admin).send().await.status,
+        200
+    );
+    let exported: serde_json::Value =
+        serde_json::from_str(&on_node(&["keys", "export"], "")).unwrap();
+    let kids: Vec<&str> = exported["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kids,
+        [new_kid.as_str(), old_kid.as_str()],
+        "current key first"
+    );
+    let pruned = on_node(&["keys", "prune"], "");
+    assert!(pruned.contains("no key to prune"), "{pruned}");
+
+    // `user disable` from the command line: refused on both nodes at once.
+    on_node(&["user", "disable", "alice"], "");
+    for node in [a, b] {
+        let refused = node.get("/users/me").bearer(&alice_token).send().await;
+        assert_eq!(refused.status, 401, "{}", refused.text());
+    }
+
+    // A machine without the nodes' sealing key cannot add a key they could not open.
+    let elsewhere = TempDir::new("elsewhere");
+    let args = ["keys", "rotate", "--database", &database];
+    let refused = paygate_in(&elsewhere, &args, "");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no sealing key"), "{stderr}");
+    // Nor one with a sealing key of its own.
+    paygate::store::ensure_data_dir(&elsewhere.0.join("data")).unwrap();
+    paygate::store::sealing::TotpKeys::load_or_create(&elsewhere.0.join("data")).unwrap();
+    let refused = paygate_in(&elsewhere, &args, "");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("does not hold"), "{stderr}");
+    let exported = on_node(&["keys", "export"], "");
+    assert_eq!(exported.matches("\"kid\"").count(), 2, "nothing was added");
+    // Re-sealing TOTP secrets on a shared database is refused with the reason.
+    let refused = paygate_in(
+        &nodes[0]._dir,
+        &["keys", "rotate-totp", "--database", &database],
+        "",
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("every node must hold"), "{stderr}");
+
+    for node in nodes {
+        node.stop();
+    }
+}

@@ -473,7 +473,11 @@ async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
     let keys = a.jwt_keys().await.unwrap();
     assert_eq!(keys.len(), 3);
     assert_eq!(keys.iter().filter(|k| k.retired_at.is_none()).count(), 1);
-    assert_eq!(b.prune_jwt_keys(2001).await.unwrap(), 2, "the retired ones");
+    assert_eq!(
+        b.prune_jwt_keys(2001).await.unwrap().len(),
+        2,
+        "the retired ones"
+    );
 
     // A node holding another sealing key cannot open them, and says which key.
     let other_dir = keys_dir.join("other");

@@ -132,6 +132,20 @@ impl TotpKeys {
                 Err(e) => return Err(fail(format!("cannot create {}: {e}", path.display()))),
             }
         }
+        TotpKeys::load(data_dir)
+    }
+
+    /// Reads the keys of `data_dir`, which must have them: for commands that seal what
+    /// running nodes must open, where a fresh key would lock them out.
+    pub fn load(data_dir: &Path) -> Result<TotpKeys, StoreError> {
+        let path = data_dir.join(TOTP_KEY_FILE);
+        if !path.exists() {
+            return Err(fail(format!(
+                "no sealing key at {}: run this where a node keeps its data directory \
+                 (--data-dir), or copy that node's {TOTP_KEY_FILE} here (mode 0600)",
+                path.display()
+            )));
+        }
         let keys = TotpKeys {
             path,
             ring: Mutex::new(Keyring {

@@ -363,6 +363,21 @@ impl KeySet {
     }
 }
 
+/// `keys rotate` on a shared database: a new current key, which every node picks up within
+/// a second; the set after. The keys there must open with `store`'s sealing key first, so
+/// that a node with another sealing key cannot add a key nobody else can read.
+pub async fn rotate_shared(store: &PgStore, now_s: i64) -> Result<KeySet, KeyError> {
+    let failed = |e: StoreError| KeyError(format!("JWT signing keys: {e}"));
+    store.jwt_keys().await.map_err(failed)?;
+    let fresh = KeySet::generate(&SystemRandom::new(), now_s)?;
+    let key = fresh.current();
+    store
+        .rotate_jwt_key(&key.kid, &key.secret, now_s)
+        .await
+        .map_err(failed)?;
+    KeySet::from_rows(store.jwt_keys().await.map_err(failed)?)
+}
+
 /// Where a worker's keys come from.
 enum Source {
     /// `jwt-keys.json` in the data directory, with the file version `keys` was read from.

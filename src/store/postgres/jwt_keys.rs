@@ -99,14 +99,17 @@ impl PgStore {
         Ok(())
     }
 
-    /// Deletes keys retired before `retired_before` (Unix seconds); how many.
-    pub async fn prune_jwt_keys(&self, retired_before: i64) -> Result<u64, StoreError> {
+    /// Deletes keys retired before `retired_before` (Unix seconds); the kids deleted.
+    pub async fn prune_jwt_keys(&self, retired_before: i64) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
-        Ok(client
-            .execute(
-                "DELETE FROM jwt_keys WHERE retired_at < $1",
+        client
+            .query(
+                "DELETE FROM jwt_keys WHERE retired_at < $1 RETURNING kid",
                 &[&retired_before],
             )
-            .await?)
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get(0)?))
+            .collect()
     }
 }
