@@ -13,6 +13,14 @@
 #   bash scripts/pg.sh stop DIR     # stop it and remove DIR
 #   bash scripts/pg.sh down DIR     # stop its server, keeping everything (a crash, an
 #   bash scripts/pg.sh up DIR       # outage), and start it again on the same port
+#   bash scripts/pg.sh standby PRIMARY [DIR]
+#                                   # a streaming standby of the cluster in PRIMARY, made
+#                                   # synchronous (the primary's synchronous_standby_names
+#                                   # names it), in DIR (default: a new temporary
+#                                   # directory); prints the same lines as start once the
+#                                   # primary reports it in sync
+#   bash scripts/pg.sh kill DIR     # SIGKILL the server's postmaster (a machine lost)
+#   bash scripts/pg.sh promote DIR  # promote a standby to primary
 #
 # Uses the newest PostgreSQL under /usr/lib/postgresql (Debian's postgresql-15; installed
 # when missing and running as root), or $PG_BIN. As root the server runs as the
@@ -79,6 +87,59 @@ SQL
   echo "PAYGATE_TEST_DATABASE_CA=$dir/ca.crt"
 }
 
+# standby PRIMARY [DIR]: a synchronous streaming standby of PRIMARY's cluster.
+standby() {
+  local primary=$1 dir=${2:-} bin port primary_port
+  bin=$(pg_bin)
+  [ -f "$primary/port" ] || { echo "pg.sh: no cluster in $primary" >&2; exit 1; }
+  primary_port=$(cat "$primary/port")
+  [ -n "$dir" ] || dir=$(mktemp -d /tmp/paygate-pg.XXXXXX)
+  mkdir -p "$dir"
+  cp "$primary"/password "$primary"/ca.crt "$primary"/ca.key "$primary"/server.crt \
+    "$primary"/server.key "$dir"/
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$dir"
+  chmod 700 "$dir"
+  # -R: the standby follows the primary (standby.signal and primary_conninfo), under the
+  # name synchronous_standby_names gives below.
+  as_owner "$bin/pg_basebackup" -D "$dir/data" -R -X stream -c fast \
+    -d "host=$primary port=$primary_port user=postgres application_name=paygate_standby" \
+    >"$dir/basebackup.log" 2>&1 || { cat "$dir/basebackup.log" >&2; exit 1; }
+  port=$(free_port)
+  sed "s/-c port=[0-9]*/-c port=$port/; s|$primary|$dir|g" "$primary/options" > "$dir/options"
+  [ "$(id -u)" = 0 ] && chown postgres: "$dir/options"
+  up "$dir"
+  echo "$port" > "$dir/port"
+  as_owner "$bin/psql" -q -h "$primary" -p "$primary_port" -U postgres -d postgres \
+    -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+ALTER SYSTEM SET synchronous_standby_names = 'paygate_standby';
+SELECT pg_reload_conf();
+SQL
+  local state="" i
+  for i in $(seq 1 300); do
+    state=$(as_owner "$bin/psql" -At -h "$primary" -p "$primary_port" -U postgres -d postgres \
+      -c "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'paygate_standby'")
+    [ "$state" = sync ] && break
+    sleep 0.1
+  done
+  [ "$state" = sync ] || { echo "pg.sh: the standby in $dir is not in sync (${state:-absent})" >&2; exit 1; }
+  echo "PG_DIR=$dir"
+  echo "PAYGATE_TEST_DATABASE=postgres://paygate:$(cat "$dir/password")@127.0.0.1:$port/paygate"
+  echo "PAYGATE_TEST_DATABASE_CA=$dir/ca.crt"
+}
+
+# kill DIR: what losing the machine looks like to the database's clients.
+kill_server() {
+  local dir=$1 pid
+  pid=$(head -n 1 "$dir/data/postmaster.pid")
+  kill -KILL "$pid"
+}
+
+promote() {
+  local dir=$1 bin
+  bin=$(pg_bin)
+  as_owner "$bin/pg_ctl" -D "$dir/data" -w -t 60 promote >/dev/null
+}
+
 # up DIR / down DIR: start or stop the server of an existing cluster (same port, same data).
 up() {
   local dir=$1 bin
@@ -106,6 +167,9 @@ case "${1:-}" in
   stop) shift; stop "${1:?pg.sh stop DIR}" ;;
   up) shift; up "${1:?pg.sh up DIR}" ;;
   down) shift; down "${1:?pg.sh down DIR}" ;;
+  standby) shift; standby "${1:?pg.sh standby PRIMARY [DIR]}" "${2:-}" ;;
+  kill) shift; kill_server "${1:?pg.sh kill DIR}" ;;
+  promote) shift; promote "${1:?pg.sh promote DIR}" ;;
   run)
     shift
     [ $# -gt 0 ] || { echo "usage: pg.sh run CMD..." >&2; exit 2; }

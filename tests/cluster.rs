@@ -195,6 +195,29 @@ impl OwnCluster {
     }
 }
 
+impl OwnCluster {
+    /// A synchronous streaming standby of this cluster (`pg.sh standby`).
+    fn standby(&self) -> OwnCluster {
+        let out = pg_script(&["standby", &self.dir]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {out}"))
+                .to_owned()
+        };
+        OwnCluster {
+            dir: field("PG_DIR="),
+            url: field("PAYGATE_TEST_DATABASE="),
+        }
+    }
+
+    /// `host:port` of its server.
+    fn host_port(&self) -> String {
+        let (_, rest) = self.url.split_once('@').unwrap();
+        rest.split_once('/').unwrap().0.to_owned()
+    }
+}
+
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         pg_script(&["stop", &self.dir]);
@@ -438,4 +461,261 @@ async fn the_command_line_changes_users_and_keys_for_every_node() {
     for node in nodes {
         node.stop();
     }
+}
+
+/// What one writer saw: each Idempotency-Key it sent with the payment id acknowledged for
+/// it, and how many attempts were refused (503, or no connection) on the way.
+type Acknowledged = (Vec<(String, String)>, usize);
+
+/// Sends `count` payments with keys `{name}-{i}`, each retried with the same key (on the
+/// other node) until it is acknowledged: a client that never gives up on a payment. Any
+/// answer but 201 and 503 fails the test.
+async fn keep_paying(
+    nodes: [Client; 2],
+    token: String,
+    path: String,
+    name: String,
+    count: usize,
+    acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Acknowledged {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..count {
+        let key = format!("{name}-{i}");
+        for attempt in 0.. {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} never acknowledged"
+            );
+            let answer = nodes[attempt % 2]
+                .post(&path)
+                .bearer(&token)
+                .header("Idempotency-Key", &key)
+                .json(&json!({"payee": "ACME", "amount_minor": 100 + i, "currency": "EUR"}))
+                .try_send()
+                .await;
+            match answer {
+                Some(r) if r.status == 201 => {
+                    acknowledged.push((key, r.json()["id"].as_str().unwrap().to_owned()));
+                    acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+                Some(r) if r.status == 503 => {
+                    assert!(r.header("retry-after").is_some());
+                }
+                Some(r) => panic!("{key}: {} {}", r.status, r.text()),
+                None => {}
+            }
+            refused += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    (acknowledged, refused)
+}
+
+#[tokio::test]
+async fn a_primary_lost_under_load_fails_over_to_its_synchronous_standby_losing_nothing() {
+    let primary = OwnCluster::start();
+    let standby = primary.standby();
+    let (_, tail) = primary.url.split_once('@').unwrap();
+    let (_, database) = tail.split_once('/').unwrap();
+    let (head, _) = primary.url.split_once('@').unwrap();
+    let both = format!(
+        "{head}@{},{}/{database}?target_session_attrs=read-write",
+        primary.host_port(),
+        standby.host_port()
+    );
+    let nodes = cluster(
+        &both,
+        2,
+        &[
+            "--password-check-limit",
+            "none",
+            "--rate-limit",
+            "GET /apiStatus 5/hour burst=5 key=ip",
+        ],
+    );
+    let clients = [nodes[0].client.clone(), nodes[1].client.clone()];
+    let alice = clients[0].register("alice").await;
+    let account = clients[0].account(&alice, "EUR").await;
+    let token = clients[1].login(&alice).await;
+    let path = format!("/accounts/{account}/payments");
+
+    // Three of the five requests the rate limit allows, before the failover.
+    for _ in 0..3 {
+        assert_eq!(clients[0].get("/apiStatus").send().await.status, 200);
+    }
+
+    // Four clients paying without pause; the primary's machine is lost mid-way.
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            tokio::spawn(keep_paying(
+                [clients[w % 2].clone(), clients[(w + 1) % 2].clone()],
+                token.clone(),
+                path.clone(),
+                format!("w{w}"),
+                40,
+                acks.clone(),
+            ))
+        })
+        .collect();
+    while acks.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    pg_script(&["kill", &primary.dir]);
+    let at_kill = acks.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    pg_script(&["promote", &standby.dir]);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for writer in writers {
+        let (acks, refusals) = writer.await.unwrap();
+        acknowledged.extend(acks);
+        refused += refusals;
+    }
+    assert_eq!(acknowledged.len(), 160);
+    assert!(
+        refused > 0,
+        "no payment was refused: the outage went unseen"
+    );
+    assert!(
+        at_kill < 160,
+        "the load was over before the primary was lost"
+    );
+
+    // On the new primary: every acknowledged payment, and one payment per key.
+    let (db, connection) = tokio_postgres::connect(&standby.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM payments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        160,
+        "one payment per Idempotency-Key, no more"
+    );
+    for (key, id) in &acknowledged {
+        assert!(
+            stored.contains(id),
+            "acknowledged payment {id} ({key}) lost"
+        );
+    }
+    // Every answer replays on either node, now served by the new primary.
+    for (key, id) in acknowledged.iter().step_by(20) {
+        let i: usize = key.rsplit_once('-').unwrap().1.parse().unwrap();
+        for client in &clients {
+            let replay = client
+                .post(&path)
+                .bearer(&token)
+                .header("Idempotency-Key", key)
+                .json(&json!({"payee": "ACME", "amount_minor": 100 + i, "currency": "EUR"}))
+                .send()
+                .await;
+            assert_eq!(replay.status, 201, "{key}: {}", replay.text());
+            assert_eq!(replay.json()["id"], id.as_str(), "{key}");
+        }
+    }
+    // The rate limit still holds: two of its five requests were left.
+    let mut admitted = 0;
+    for n in 0..4 {
+        let r = clients[n % 2].get("/apiStatus").send().await;
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert!(admitted <= 2, "{admitted} admitted after the failover");
+    for node in nodes {
+        node.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_node_killed_and_the_database_restarted_under_load_lose_nothing_acknowledged() {
+    let cluster = OwnCluster::start();
+    let mut nodes = self::cluster(
+        &cluster.url,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
+    );
+    let clients = [nodes[0].client.clone(), nodes[1].client.clone()];
+    let alice = clients[0].register("alice").await;
+    let account = clients[0].account(&alice, "EUR").await;
+    let token = clients[1].login(&alice).await;
+    let path = format!("/accounts/{account}/payments");
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            tokio::spawn(keep_paying(
+                [clients[w % 2].clone(), clients[(w + 1) % 2].clone()],
+                token.clone(),
+                path.clone(),
+                format!("w{w}"),
+                40,
+                acks.clone(),
+            ))
+        })
+        .collect();
+    let reached = |n: usize| {
+        let acks = acks.clone();
+        async move {
+            while acks.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // A node lost mid-payment (kill -9): its clients go on with the other node.
+    reached(30).await;
+    signal(&nodes[0].child, "KILL");
+    let _ = nodes[0].child.wait();
+    // Then the database restarts under the surviving node's load.
+    reached(70).await;
+    pg_script(&["down", &cluster.dir]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    pg_script(&["up", &cluster.dir]);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for writer in writers {
+        let (acks, refusals) = writer.await.unwrap();
+        acknowledged.extend(acks);
+        refused += refusals;
+    }
+    assert_eq!(acknowledged.len(), 160);
+    assert!(
+        refused > 0,
+        "no payment was refused: the outages went unseen"
+    );
+
+    let (db, connection) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM payments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        160,
+        "one payment per Idempotency-Key, no more"
+    );
+    for (key, id) in &acknowledged {
+        assert!(
+            stored.contains(id),
+            "acknowledged payment {id} ({key}) lost"
+        );
+    }
+    nodes.remove(1).stop();
 }
