@@ -14,6 +14,11 @@
 #   AB=flood bash scripts/loadtest.sh
 #                     # only token reads, quiet and while another client floods Basic
 #                     # requests with fresh usernames, $ROUNDS rounds
+#   AB=postgres bash scripts/loadtest.sh
+#                     # only the JWT read and payment creation on SQLite and on a local
+#                     # PostgreSQL (scripts/pg.sh), beside the bare responder, $ROUNDS
+#                     # rounds; PG_OPTIONS=sslmode=disable adds URL options, PG_POOL=N
+#                     # sets --database-pool-size
 #   AB=mixed bash scripts/loadtest.sh
 #                     # only the JWT read alone and while 1 or 4 connections create
 #                     # payments (on another account, on the read one, or on a second
@@ -92,12 +97,13 @@ start() {
 # Stops the server `start` started last (each holds an audit instance of the data dir).
 stop_server() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; }
 
-# prepare [DATA_DIR]: the data every scenario reads — a user, an account, a payment and a
+# prepare [DATA_DIR [ARGS...]]: the data every scenario reads — a user, an account, a payment and a
 # JWT — in DATA_DIR (default ./data), made by $binary (default this build); sets $api,
 # $account, $payment, $read_path, $jwt and leaves that server running.
 prepare() {
   local dir_args=(); [ -n "${1:-}" ] && dir_args=(--data-dir "$1")
-  start setup --rate-limit none "${dir_args[@]}"
+  [ $# -gt 0 ] && shift
+  start setup --rate-limit none "${dir_args[@]}" "$@"
   api="https://127.0.0.1:$port"
   curl -sS --cacert "$ca" -X POST "$api/users" -H 'Content-Type: application/json' \
     -d "{\"username\":\"$user\",\"password\":\"$pass\"}" >/dev/null
@@ -444,6 +450,59 @@ if [ "${AB:-}" = mixed ]; then
       done
     done
   } | tee "${OUT%.md}-mixed.md"
+  exit 0
+fi
+
+# The JWT read and payment creation on the two storage backends, beside the bare
+# responder, in $ROUNDS rounds: SQLite in the data directory, and a PostgreSQL 15 that
+# scripts/pg.sh starts on this machine (TLS on loopback, synchronous_commit=on).
+if [ "${AB:-}" = postgres ]; then
+  pg_out=$(bash "$root/scripts/pg.sh" start)
+  pg_dir=$(sed -n 's/^PG_DIR=//p' <<<"$pg_out")
+  pg_url=$(sed -n 's/^PAYGATE_TEST_DATABASE=//p' <<<"$pg_out")
+  trap 'cleanup; bash "$root/scripts/pg.sh" stop "$pg_dir"' EXIT
+  sqlite_read=$read_path sqlite_jwt=$jwt
+  prepare "$work/data-pg" --database "$pg_url${PG_OPTIONS:+?$PG_OPTIONS}"
+  stop_server
+  pg_read=$read_path pg_jwt=$jwt
+  create_script "$work/create-pg.lua" "$account" "$jwt"
+  "$bare" 127.0.0.1:0 certs/server.crt certs/server.key "$read_bytes" 2>"$work/bare-pg.log" &
+  pids+=("$!"); sleep 0.5
+  bport=$(sed -n 's/.*listening on https:\/\/127.0.0.1://p' "$work/bare-pg.log")
+  limits=(--rate-limit '* / 1000000/s burst=1000000 key=user')
+  for round in $(seq 1 "$ROUNDS"); do
+    order="sqlite postgres"; [ $((round % 2)) = 0 ] && order="postgres sqlite"
+    measure "bare-read-$round" "https://127.0.0.1:$bport/"
+    for side in $order; do
+      if [ "$side" = sqlite ]; then
+        start "pg-ab-sqlite-$round" "${limits[@]}"
+        measure "jwt-read-sqlite-$round" "https://127.0.0.1:$port$sqlite_read" "Authorization: Bearer $sqlite_jwt"
+        SCRIPT=$work/create.lua measure "create-sqlite-$round" "https://127.0.0.1:$port/"
+      else
+        start "pg-ab-postgres-$round" "${limits[@]}" --data-dir "$work/data-pg" \
+          --database "$pg_url${PG_OPTIONS:+?$PG_OPTIONS}" ${PG_POOL:+--database-pool-size "$PG_POOL"}
+        measure "jwt-read-postgres-$round" "https://127.0.0.1:$port$pg_read" "Authorization: Bearer $pg_jwt"
+        SCRIPT=$work/create-pg.lua measure "create-postgres-$round" "https://127.0.0.1:$port/"
+      fi
+      stop_server
+    done
+  done
+  {
+    echo "# SQLite and PostgreSQL side by side, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; one worker process; $ROUNDS rounds, the order of the backends alternating. PostgreSQL 15 on this machine (scripts/pg.sh: TLS on loopback, synchronous_commit=on, fsync=on)${PG_OPTIONS:+, URL options $PG_OPTIONS}${PG_POOL:+, pool $PG_POOL}."
+    echo
+    echo "| round | bare read req/s | JWT read SQLite (p50 / p99 ms) | JWT read PostgreSQL (p50 / p99 ms) | PG / SQLite | payments/s SQLite (p99 ms) | payments/s PostgreSQL (p99 ms) |"
+    echo "|---|---|---|---|---|---|---|"
+    reads=() creates=()
+    for round in $(seq 1 "$ROUNDS"); do
+      sq="jwt-read-sqlite-$round" pg="jwt-read-postgres-$round"
+      reads+=("$(ratio "$pg" "$sq")")
+      echo "| $round | $(rps_of "bare-read-$round") | $(rps_of "$sq") ($(field_of "$sq" 3) / $(field_of "$sq" 4)) | $(rps_of "$pg") ($(field_of "$pg" 3) / $(field_of "$pg" 4)) | $(ratio "$pg" "$sq") | $(rps_of "create-sqlite-$round") ($(field_of "create-sqlite-$round" 4)) | $(rps_of "create-postgres-$round") ($(field_of "create-postgres-$round" 4)) |"
+    done
+    echo
+    echo "Median JWT read PostgreSQL / SQLite: **$(median "${reads[@]}")**; median payments/s: SQLite $(median $(for r in $(seq 1 "$ROUNDS"); do rps_of "create-sqlite-$r"; done)), PostgreSQL $(median $(for r in $(seq 1 "$ROUNDS"); do rps_of "create-postgres-$r"; done)); non-2xx answers: $(printf '%s\n' "${results[@]}" | awk '{n += $5} END {print n + 0}')."
+  } | tee "${OUT%.md}-postgres.md"
   exit 0
 fi
 

@@ -29,22 +29,37 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use uuid::Uuid;
 
 use crate::metrics::CacheMetrics;
-use crate::store::postgres::PgStore;
+use crate::store::postgres::{HeadReads, PgStore};
 use crate::store::{
     CapabilityState, Change, ChangesSince, DataVersion, Membership, Payment, SessionRow, Store,
     StoreError, Subject,
 };
 
+tokio::task_local! {
+    /// When the request being served began (see [`serving`]).
+    static REQUEST_STARTED: Instant;
+}
+
+/// Runs `work`, one request's way through the chain, as a request that began at
+/// `started`: on PostgreSQL its decisions may share a read of the change log's head sent
+/// after that moment, which is all "every request that starts after a change sees it"
+/// asks for. Outside it, every decision reads a head sent after the decision began.
+pub async fn serving<F: std::future::Future>(started: Instant, work: F) -> F::Output {
+    REQUEST_STARTED.scope(started, work).await
+}
+
 /// How this worker learns what other processes (or nodes) changed.
 enum Feed {
     /// SQLite: the WAL-index header, and the change log read on the watch's connection.
     Sqlite(Arc<Mutex<DataVersion>>),
-    /// PostgreSQL: the change log's head and the log, read through the store's pool.
-    Postgres(PgStore),
+    /// PostgreSQL: the change log's head (reads shared by concurrent callers) and the log,
+    /// read through the store's pool.
+    Postgres(PgStore, Arc<HeadReads>),
 }
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
@@ -158,7 +173,12 @@ impl StateCache {
         counters: Arc<CacheMetrics>,
     ) -> Result<StateCache, StoreError> {
         let seen = store.newest_change().await?;
-        Ok(Self::with_feed(Feed::Postgres(store), seen, counters))
+        let heads = HeadReads::new(store.clone());
+        Ok(Self::with_feed(
+            Feed::Postgres(store, heads),
+            seen,
+            counters,
+        ))
     }
 
     fn with_feed(feed: Feed, seen: i64, counters: Arc<CacheMetrics>) -> StateCache {
@@ -181,7 +201,10 @@ impl StateCache {
     async fn version(&self) -> Result<i64, StoreError> {
         let watch = match &self.feed {
             Feed::Sqlite(watch) => watch,
-            Feed::Postgres(store) => return store.newest_change().await,
+            Feed::Postgres(_, heads) => {
+                let since = REQUEST_STARTED.try_with(|started| *started).ok();
+                return heads.newest(since).await;
+            }
         };
         if let Ok(mut watch) = watch.try_lock() {
             return watch.read();
@@ -241,7 +264,7 @@ impl StateCache {
     async fn read_changes(&self, seen: i64) -> Result<ChangesSince, StoreError> {
         let watch = match &self.feed {
             Feed::Sqlite(watch) => watch,
-            Feed::Postgres(store) => return store.changes_since(seen).await,
+            Feed::Postgres(store, _) => return store.changes_since(seen).await,
         };
         let now = match watch.try_lock() {
             Ok(watch) => watch.changes_since_now(seen)?,

@@ -635,3 +635,60 @@ async fn a_token_signed_on_one_node_verifies_on_another_and_a_rotation_reaches_i
     );
     std::fs::remove_dir_all(keys_dir).unwrap();
 }
+
+#[tokio::test]
+async fn head_reads_are_shared_yet_never_older_than_the_moment_asked_for() {
+    use paygate::store::postgres::HeadReads;
+    use std::time::Instant;
+    let url = fresh_database("t").await;
+    let keys_dir = std::env::temp_dir().join(format!("paygate-pg-heads-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let writer = node(&url, &keys_dir).await;
+    let heads = HeadReads::new(node(&url, &keys_dir).await);
+    let db = inspect(&url).await;
+    // A change: a user disabled moves the head.
+    let change = || async {
+        db.execute(
+            "INSERT INTO users (username, password_hash, created_at) VALUES ($1, 'x', 0)",
+            &[&uuid::Uuid::new_v4().simple().to_string()],
+        )
+        .await
+        .unwrap();
+        db.execute("UPDATE users SET disabled = true WHERE NOT disabled", &[])
+            .await
+            .unwrap();
+        writer.newest_change().await.unwrap()
+    };
+
+    // Every caller sees every change committed before it asked.
+    let first = change().await;
+    assert_eq!(heads.newest(None).await.unwrap(), first);
+    let second = change().await;
+    assert!(second > first);
+    assert_eq!(heads.newest(None).await.unwrap(), second);
+
+    // Callers asking together share queries: far fewer than one each.
+    let before = heads.queries();
+    let asked: Vec<_> = (0..200)
+        .map(|_| {
+            let heads = heads.clone();
+            tokio::spawn(async move { heads.newest(None).await.unwrap() })
+        })
+        .collect();
+    for answer in asked {
+        assert_eq!(answer.await.unwrap(), second);
+    }
+    let sent = heads.queries() - before;
+    assert!((1..200).contains(&sent), "{sent} queries for 200 callers");
+
+    // A request that began before a change may reuse a head read after it began; one
+    // that begins after the change may not.
+    let began = Instant::now();
+    assert_eq!(heads.newest(Some(began)).await.unwrap(), second);
+    let third = change().await;
+    let before = heads.queries();
+    assert_eq!(heads.newest(Some(began)).await.unwrap(), second);
+    assert_eq!(heads.queries(), before, "reused, no query");
+    assert_eq!(heads.newest(Some(Instant::now())).await.unwrap(), third);
+    assert_eq!(heads.newest(None).await.unwrap(), third);
+}

@@ -616,6 +616,37 @@ conformance! {
         assert_eq!(amounts, (1..=40).collect::<Vec<_>>());
     }
 
+    async fn a_payment_the_database_refuses_fails_alone_and_its_batch_commits(backend) {
+        let a = backend.node().await;
+        let alice = user!(a, "alice");
+        let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
+        // Sent together, so that they share batches: one names an account that does not
+        // exist, which the database refuses.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = a.clone();
+            let target = if i == 7 { uuid::Uuid::new_v4() } else { account };
+            tasks.push(tokio::spawn(async move {
+                store.create_payment(payment(target, 1 + i), alice, None, answer).await
+            }));
+        }
+        let mut refused = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(PaymentCreation::Created(_)) => {}
+                Err(StoreError::Database(_) | StoreError::Sqlite(_) | StoreError::CommitFailed(_)) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(refused, 1);
+        assert_eq!(a.payments(account, 100, None).await.unwrap().items.len(), 19);
+        // Nothing was left half done: the next payment commits.
+        assert!(matches!(
+            a.create_payment(payment(account, 99), alice, None, answer).await.unwrap(),
+            PaymentCreation::Created(_)
+        ));
+    }
+
     async fn capabilities_derive_within_limits_and_revoke_with_their_tree(backend) {
         let (a, b) = (backend.node().await, backend.node().await);
         let alice = user!(a, "alice");

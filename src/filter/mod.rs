@@ -37,6 +37,15 @@ pub async fn handle(
     request: Request<impl RequestBody>,
 ) -> Response<Body> {
     let started = Instant::now();
+    crate::cache::serving(started, chain(app, peer, request, started)).await
+}
+
+async fn chain(
+    app: &App,
+    peer: SocketAddr,
+    request: Request<impl RequestBody>,
+    started: Instant,
+) -> Response<Body> {
     // Every response, error or not, carries this id in X-Request-Id (and the audit log).
     let request_id = Uuid::new_v4();
     // The client: the TCP peer, or what a trusted proxy says in X-Forwarded-For.

@@ -77,6 +77,23 @@ pub enum StoreError {
     Database(String),
 }
 
+impl StoreError {
+    /// The same error for another caller (one answer shared by several): the kinds that
+    /// decide the HTTP answer kept, the rest as their message.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Busy => StoreError::Busy,
+            StoreError::TaskFailed => StoreError::TaskFailed,
+            StoreError::CommitFailed(m) => StoreError::CommitFailed(m.clone()),
+            StoreError::Startup(m) => StoreError::Startup(m.clone()),
+            StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+            StoreError::Unreachable(m) => StoreError::Unreachable(m.clone()),
+            StoreError::Database(m) => StoreError::Database(m.clone()),
+            StoreError::Sqlite(e) => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -3,8 +3,103 @@
 //! `store::DataVersion::changes_since` on SQLite; the log's head row stands in for
 //! `sqlite_sequence`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
 use super::PgStore;
 use crate::store::{Change, ChangesSince, StoreError};
+
+/// Reads of the change log's head, shared by the callers that ask at the same time. Each
+/// caller gets a value read by a query sent after a moment it names (when it asked, or
+/// when the request it serves began), so it sees every commit that returned before that
+/// moment — exact, as one query per caller would be. Callers that ask while a query is out
+/// share the next one, and a request's later decisions reuse a value read after it began:
+/// under load a node sends one such query per round trip, not one per decision.
+pub struct HeadReads {
+    store: PgStore,
+    round: Mutex<Round>,
+    /// Queries sent so far.
+    sent: AtomicU64,
+}
+
+#[derive(Default)]
+struct Round {
+    /// Whether a query is out (a task is running rounds).
+    running: bool,
+    /// Callers waiting for a query sent after they asked.
+    waiting: Vec<oneshot::Sender<Result<i64, StoreError>>>,
+    /// The newest head read, and when its query was sent.
+    latest: Option<(Instant, i64)>,
+}
+
+impl HeadReads {
+    pub fn new(store: PgStore) -> Arc<HeadReads> {
+        Arc::new(HeadReads {
+            store,
+            round: Mutex::new(Round::default()),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// How many queries of the head this node sent: against the decisions they served,
+    /// how much sharing saved.
+    pub fn queries(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The change log's head, read by a query sent after `since` (default: now).
+    pub async fn newest(self: &Arc<Self>, since: Option<Instant>) -> Result<i64, StoreError> {
+        let (answer, wait) = oneshot::channel();
+        let start = {
+            let mut round = self.round.lock().unwrap_or_else(PoisonError::into_inner);
+            if let (Some(since), Some((sent, head))) = (since, round.latest) {
+                if sent >= since {
+                    return Ok(head);
+                }
+            }
+            round.waiting.push(answer);
+            !std::mem::replace(&mut round.running, true)
+        };
+        if start {
+            tokio::spawn(self.clone().rounds());
+        }
+        wait.await.map_err(|_| StoreError::TaskFailed)?
+    }
+
+    /// Sends one query for everyone waiting, answers them, and goes on while more wait.
+    async fn rounds(self: Arc<Self>) {
+        loop {
+            let waiting = {
+                let mut round = self.round.lock().unwrap_or_else(PoisonError::into_inner);
+                if round.waiting.is_empty() {
+                    round.running = false;
+                    return;
+                }
+                std::mem::take(&mut round.waiting)
+            };
+            // Every caller in `waiting` asked before this query is sent.
+            let sent = Instant::now();
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            let head = self.store.newest_change().await;
+            if let Ok(seq) = head {
+                // Rounds run one after another: this is the newest value.
+                self.round
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .latest = Some((sent, seq));
+            }
+            for answer in waiting {
+                let _ = answer.send(match &head {
+                    Ok(seq) => Ok(*seq),
+                    Err(e) => Err(e.duplicate()),
+                });
+            }
+        }
+    }
+}
 
 impl PgStore {
     /// The change log's newest position (0 before the first change).

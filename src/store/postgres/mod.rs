@@ -17,6 +17,7 @@ pub mod url;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub use changes::HeadReads;
 pub use jwt_keys::JwtKeyRow;
 pub use ratelimit::PgRateStore;
 pub use store::PgStore;

@@ -3,10 +3,10 @@
 //! Creation is group-committed as on SQLite, and for the same reasons: a node's queue
 //! takes every payment waiting and writes them in one transaction (one commit, one WAL
 //! flush with `synchronous_commit=on`), in a fixed number of round trips however many
-//! there are: take the cluster-wide payment lock, read the newest payment and every
-//! idempotency key the batch names (one statement), decide each payment in memory, insert
-//! the payments and the keys' answers (one statement each), commit. No payment is
-//! acknowledged before its COMMIT returned.
+//! there are (two, each a pipeline of statements): take the cluster-wide payment lock,
+//! read the newest payment and every idempotency key the batch names; decide each payment
+//! in memory; insert the payments and the keys' answers (one statement each) and commit.
+//! No payment is acknowledged before its COMMIT returned.
 //!
 //! The lock (`pg_advisory_xact_lock`) makes batches from all nodes commit one after the
 //! other, which is what keeps SQLite's guarantees here: ids, `created_at` and `seq` follow
@@ -35,6 +35,9 @@ const PAYMENTS_LOCK: i64 = 0x7061_7967_6174_6502;
 
 /// At most this many payments share one transaction.
 const MAX_BATCH: usize = 256;
+
+/// A statement parameter.
+type Param = dyn tokio_postgres::types::ToSql + Sync;
 
 /// What turns a created payment into the response its key will replay.
 type Answer = fn(&Payment) -> Result<StoredResponse, StoreError>;
@@ -149,39 +152,76 @@ async fn commit(
     clock: &Clock,
     inputs: &[Input],
 ) -> Result<Vec<Result<PaymentCreation, StoreError>>, StoreError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PAYMENTS_LOCK])
-        .await?;
-    let now = clock.now_millis();
-    let mut newest: Option<(Uuid, i64)> = tx
-        .query_opt(
-            "SELECT id, created_at FROM payments ORDER BY seq DESC LIMIT 1",
-            &[],
-        )
-        .await?
-        .map(|r| Ok::<_, StoreError>((r.try_get(0)?, r.try_get(1)?)))
-        .transpose()?;
+    let client = pool.get().await?;
+    let outcome = commit_on(&client, clock, inputs).await;
+    if outcome.is_err() {
+        // Whatever was begun ends here; a broken connection is dropped by the pool.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    outcome
+}
 
+/// The statements of a batch, prepared once per connection.
+const LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+const NEWEST: &str = "SELECT id, created_at FROM payments ORDER BY seq DESC LIMIT 1";
+const KEYS: &str = "SELECT k.user_id, k.key, k.request_hash, k.lease_expires_at, k.status,
+        k.response_body, k.location
+ FROM idempotency_keys k
+ JOIN unnest($1::bigint[], $2::text[]) AS wanted (user_id, key)
+   ON k.user_id = wanted.user_id AND k.key = wanted.key";
+const DELETE_KEYS: &str = "DELETE FROM idempotency_keys k
+ USING unnest($1::bigint[], $2::text[]) AS gone (user_id, key)
+ WHERE k.user_id = gone.user_id AND k.key = gone.key";
+const INSERT_PAYMENTS: &str = "INSERT INTO payments (id, account_id, payee, amount_minor,
+        currency, reference, status, created_by, created_at)
+ SELECT id, account_id, payee, amount_minor, currency, reference, status, created_by,
+        created_at
+ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+             $7::text[], $8::bigint[], $9::bigint[])
+      WITH ORDINALITY AS p (id, account_id, payee, amount_minor, currency, reference,
+                            status, created_by, created_at, n)
+ ORDER BY n";
+const INSERT_KEYS: &str = "INSERT INTO idempotency_keys
+   (user_id, key, request_hash, status, response_body, location, created_at)
+ SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::integer[], $5::text[],
+                      $6::text[], $7::bigint[])";
+
+/// The batch in two round trips, each a pipeline: BEGIN, the lock, the newest payment and
+/// the batch's keys; then the writes and COMMIT. The node waits for the server twice per
+/// batch whatever its size (statements are prepared once per connection), and holds the
+/// cluster-wide lock for one round trip plus the commit. A statement that fails aborts the
+/// transaction, so the COMMIT sent behind it rolls back, and the batch is reported failed.
+async fn commit_on(
+    client: &deadpool_postgres::Client,
+    clock: &Clock,
+    inputs: &[Input],
+) -> Result<Vec<Result<PaymentCreation, StoreError>>, StoreError> {
+    let (lock, newest_payment, key_rows, delete_keys, insert_payments, insert_keys) = tokio::try_join!(
+        client.prepare_cached(LOCK),
+        client.prepare_cached(NEWEST),
+        client.prepare_cached(KEYS),
+        client.prepare_cached(DELETE_KEYS),
+        client.prepare_cached(INSERT_PAYMENTS),
+        client.prepare_cached(INSERT_KEYS),
+    )?;
     let (users, keys): (Vec<i64>, Vec<String>) = inputs
         .iter()
         .filter_map(|(_, _, keyed, _)| keyed.as_ref().map(|k| (k.user, k.key.clone())))
         .unzip();
+    let wanted: [&Param; 2] = [&users, &keys];
+    let (_, _, newest, found) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.execute(&lock, &[&PAYMENTS_LOCK]),
+        client.query_opt(&newest_payment, &[]),
+        client.query(&key_rows, &wanted),
+    )?;
+    let now = clock.now_millis();
+    let mut newest: Option<(Uuid, i64)> = newest
+        .map(|r| Ok::<_, StoreError>((r.try_get(0)?, r.try_get(1)?)))
+        .transpose()?;
     let mut known: HashMap<(i64, String), KeyRow> = HashMap::new();
-    if !users.is_empty() {
-        for r in tx
-            .query(
-                "SELECT k.user_id, k.key, k.request_hash, k.lease_expires_at, k.status,
-                        k.response_body, k.location
-                 FROM idempotency_keys k
-                 JOIN unnest($1::bigint[], $2::text[]) AS wanted (user_id, key)
-                   ON k.user_id = wanted.user_id AND k.key = wanted.key",
-                &[&users, &keys],
-            )
-            .await?
-        {
-            known.insert((r.try_get(0)?, r.try_get(1)?), key_row(&r)?);
-        }
+    for r in &found {
+        known.insert((r.try_get(0)?, r.try_get(1)?), key_row(r)?);
     }
 
     let mut outcomes = Vec::with_capacity(inputs.len());
@@ -224,59 +264,35 @@ async fn commit(
         outcomes.push(Ok(PaymentCreation::Created(response)));
     }
 
-    if !stale.0.is_empty() {
-        tx.execute(
-            "DELETE FROM idempotency_keys k
-             USING unnest($1::bigint[], $2::text[]) AS gone (user_id, key)
-             WHERE k.user_id = gone.user_id AND k.key = gone.key",
-            &[&stale.0, &stale.1],
-        )
-        .await?;
-    }
-    if !rows.ids.is_empty() {
-        tx.execute(
-            "INSERT INTO payments (id, account_id, payee, amount_minor, currency, reference,
-                                   status, created_by, created_at)
-             SELECT id, account_id, payee, amount_minor, currency, reference, status,
-                    created_by, created_at
-             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
-                         $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-                  WITH ORDINALITY AS p (id, account_id, payee, amount_minor, currency,
-                                        reference, status, created_by, created_at, n)
-             ORDER BY n",
-            &[
-                &rows.ids,
-                &rows.accounts,
-                &rows.payees,
-                &rows.amounts,
-                &rows.currencies,
-                &rows.references,
-                &rows.statuses,
-                &rows.created_by,
-                &rows.created_at,
-            ],
-        )
-        .await?;
-    }
-    if !rows.key_users.is_empty() {
-        tx.execute(
-            "INSERT INTO idempotency_keys
-               (user_id, key, request_hash, status, response_body, location, created_at)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::integer[],
-                                  $5::text[], $6::text[], $7::bigint[])",
-            &[
-                &rows.key_users,
-                &rows.keys,
-                &rows.hashes,
-                &rows.statuses_http,
-                &rows.bodies,
-                &rows.locations,
-                &rows.key_times,
-            ],
-        )
-        .await?;
-    }
-    tx.commit().await?;
+    // Statements with nothing to write still run (on empty arrays they change nothing):
+    // one pipeline shape for every batch.
+    let gone: [&Param; 2] = [&stale.0, &stale.1];
+    let payments: [&Param; 9] = [
+        &rows.ids,
+        &rows.accounts,
+        &rows.payees,
+        &rows.amounts,
+        &rows.currencies,
+        &rows.references,
+        &rows.statuses,
+        &rows.created_by,
+        &rows.created_at,
+    ];
+    let answers: [&Param; 7] = [
+        &rows.key_users,
+        &rows.keys,
+        &rows.hashes,
+        &rows.statuses_http,
+        &rows.bodies,
+        &rows.locations,
+        &rows.key_times,
+    ];
+    tokio::try_join!(
+        client.execute(&delete_keys, &gone),
+        client.execute(&insert_payments, &payments),
+        client.execute(&insert_keys, &answers),
+        client.batch_execute("COMMIT"),
+    )?;
     Ok(outcomes)
 }
 
