@@ -15,9 +15,12 @@
 //! keeps what did not change. A worker that fell behind the pruned log drops everything.
 //!
 //! On PostgreSQL, shared by several nodes, there is no shared-memory header to read: the
-//! version is the change log's head (`changes_head`), read once per decision, which moves
-//! exactly when the log does; the log is read the same way. One small query per decision
-//! keeps "the very next request" exact on every node.
+//! version is the change log's head (`changes_head`), which moves exactly when the log
+//! does, read by a query sent after the request began ([`HeadReads`]): decisions asking at
+//! the same moment share one query, and a request's later decisions reuse it. That keeps
+//! "the very next request" exact on every node at about one small query per round trip
+//! to the database, however many requests are under way; the log is read when the head
+//! moved.
 //!
 //! When an entry must be read from the database, concurrent requests for the same key wait
 //! for one read instead of each starting their own.
