@@ -41,7 +41,9 @@ pg_bin() {
 
 # as_owner CMD...: runs CMD as the user that owns the cluster.
 as_owner() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  # From /, which the owner can always enter (the caller's directory may be private);
+  # every path given is absolute.
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 free_port() {
@@ -53,6 +55,7 @@ start() {
   bin=$(pg_bin)
   [ -n "$dir" ] || dir=$(mktemp -d /tmp/paygate-pg.XXXXXX)
   mkdir -p "$dir"
+  dir=$(realpath "$dir")
   [ "$(id -u)" = 0 ] && chown postgres: "$dir"
   chmod 700 "$dir"
   password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
@@ -89,12 +92,14 @@ SQL
 
 # standby PRIMARY [DIR]: a synchronous streaming standby of PRIMARY's cluster.
 standby() {
-  local primary=$1 dir=${2:-} bin port primary_port
+  local primary dir=${2:-} bin port primary_port
+  primary=$(realpath "$1")
   bin=$(pg_bin)
   [ -f "$primary/port" ] || { echo "pg.sh: no cluster in $primary" >&2; exit 1; }
   primary_port=$(cat "$primary/port")
   [ -n "$dir" ] || dir=$(mktemp -d /tmp/paygate-pg.XXXXXX)
   mkdir -p "$dir"
+  dir=$(realpath "$dir")
   cp "$primary"/password "$primary"/ca.crt "$primary"/ca.key "$primary"/server.crt \
     "$primary"/server.key "$dir"/
   [ "$(id -u)" = 0 ] && chown -R postgres: "$dir"
