@@ -142,7 +142,8 @@ async fn jwt_login_use_and_logout() {
 
 #[tokio::test]
 async fn opaque_tokens_are_stored_only_as_hashes() {
-    let server = TestServer::start_with(&[("token-format", "opaque")]).await;
+    // What SQLite's file holds (tests/store_conformance.rs covers both backends' rows).
+    let server = TestServer::start_on_sqlite_with(&[("token-format", "opaque")]).await;
     let alice = server.register("alice").await;
     let token = server.login(&alice).await;
     assert_eq!(token.len(), 43);
@@ -215,7 +216,8 @@ async fn logout_takes_effect_at_once_in_every_worker() {
 
 #[tokio::test]
 async fn crafted_tokens_are_refused() {
-    let server = TestServer::start().await;
+    // Signs with the key file of the data directory (SQLite's key store).
+    let server = TestServer::start_on_sqlite().await;
     let alice = server.register("alice").await;
     let good = server.login(&alice).await;
     assert_eq!(me(&server, &good).await.status, 200);
@@ -403,8 +405,7 @@ fn run_keys(server: &TestServer, args: &[&str]) -> String {
     let output = paygate_command(&dir)
         .arg("keys")
         .args(args)
-        .arg("--data-dir")
-        .arg(server.data_dir())
+        .args(server.store_args())
         .output()
         .unwrap();
     assert!(
@@ -427,7 +428,8 @@ fn kid_of(token: &str) -> String {
 
 #[tokio::test]
 async fn rotation_keeps_old_tokens_until_their_key_is_pruned() {
-    let server = TestServer::start().await;
+    // The key file of the data directory; on PostgreSQL, tests/cluster.rs rotates.
+    let server = TestServer::start_on_sqlite().await;
     let alice = server.register("alice").await;
     let old = server.login(&alice).await;
     let old_kid = kid_of(&old);
@@ -521,8 +523,8 @@ async fn disabling_a_user_ends_every_kind_of_credential_at_once() {
 
     let dir = TempDir::new("disable-cli");
     let status = paygate_command(&dir)
-        .args(["user", "disable", "alice", "--data-dir"])
-        .arg(jwt_server.data_dir())
+        .args(["user", "disable", "alice"])
+        .args(jwt_server.store_args())
         .status()
         .unwrap();
     assert!(status.success());

@@ -302,7 +302,8 @@ fn stored_secret(data: &std::path::Path, user: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_sealed_at_rest_rotated_and_sealed_when_found_plain() {
-    let server = TestServer::start().await;
+    // SQLite's file and `keys rotate-totp`, which is for a single machine.
+    let server = TestServer::start_on_sqlite().await;
     fresh_step(&server, 20);
     let data = server.data_dir();
     let (alice, secret) = enrolled(&server, "alice").await;

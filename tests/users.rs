@@ -259,10 +259,13 @@ async fn a_disable_stops_requests_whose_password_check_is_still_queued() {
         assert_eq!(request.await.unwrap(), 401);
     }
     // No payment was made.
-    let db = rusqlite::Connection::open(server.data_dir().join("paygate.db")).unwrap();
-    let payments: i64 = db
-        .query_row("SELECT count(*) FROM payments", [], |r| r.get(0))
+    let account = account.parse().unwrap();
+    let payments = server
+        .app()
+        .store
+        .payments(account, 10, None)
+        .await
         .unwrap();
-    assert_eq!(payments, 0);
+    assert!(payments.items.is_empty());
     server.shutdown().await;
 }

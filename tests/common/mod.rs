@@ -56,8 +56,25 @@ impl TestServer {
         Self::start_with(&[("client-timeout", "2")]).await
     }
 
-    /// Starts a server with extra `serve` options (flag name → value).
+    /// Starts a server with extra `serve` options (flag name → value), on the backend
+    /// the run asks for (see [`on_postgres`]).
     pub async fn start_with(extra: &[(&'static str, &str)]) -> Self {
+        Self::start_on(extra, on_postgres()).await
+    }
+
+    /// Starts a server on SQLite whatever the run asks for: for tests of what SQLite's
+    /// files and the data directory hold (their PostgreSQL counterparts are in
+    /// `tests/postgres.rs` and `tests/store_conformance.rs`).
+    pub async fn start_on_sqlite() -> Self {
+        Self::start_on_sqlite_with(&[("client-timeout", "2")]).await
+    }
+
+    /// [`TestServer::start_on_sqlite`] with extra `serve` options.
+    pub async fn start_on_sqlite_with(extra: &[(&'static str, &str)]) -> Self {
+        Self::start_on(extra, false).await
+    }
+
+    async fn start_on(extra: &[(&'static str, &str)], postgres: bool) -> Self {
         let dir = TempDir::new("it");
         let files = TlsFiles {
             cert: dir.0.join("server.crt"),
@@ -90,6 +107,9 @@ impl TestServer {
         }
         for (name, value) in extra {
             options.entry(name).or_default().push(value.to_string());
+        }
+        if postgres && !options.contains_key("database") {
+            options.insert("database", vec![fresh_database("it").await]);
         }
         Self::launch(dir, options).await
     }
@@ -170,6 +190,27 @@ impl TestServer {
         self.running.as_ref().expect("running").app()
     }
 
+    /// The options that point a `paygate` command at this server's data: its data
+    /// directory, and its database when it runs on PostgreSQL.
+    pub fn store_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--data-dir".to_owned(),
+            self.data_dir().display().to_string(),
+        ];
+        if let Some(url) = self.options.get("database") {
+            args.extend(["--database".to_owned(), url[0].clone()]);
+        }
+        args
+    }
+
+    /// The server's SQLite database, to look at what it stored; `None` on PostgreSQL.
+    pub fn sqlite(&self) -> Option<rusqlite::Connection> {
+        if self.options.contains_key("database") {
+            return None;
+        }
+        Some(rusqlite::Connection::open(self.data_dir().join("paygate.db")).unwrap())
+    }
+
     /// The data directory the server uses.
     pub fn data_dir(&self) -> PathBuf {
         PathBuf::from(&self.options["data-dir"][0])
@@ -208,14 +249,44 @@ impl TestServer {
     /// Creates a user with a global role, as an operator would (`paygate user add --role`).
     pub fn staff(&self, username: &str, password: &str, role: paygate::domain::Role) -> Creds {
         let creds = Creds::new(username, password);
-        paygate::store::SqliteStore::open(&self.data_dir())
-            .unwrap()
-            .create_user_blocking(&paygate::store::NewUser {
-                username: paygate::domain::Username::parse("username", &creds.user).unwrap(),
-                password_hash: paygate::passwords::hash_blocking(&creds.password).unwrap(),
-                role: Some(role),
-            })
-            .unwrap();
+        let new = paygate::store::NewUser {
+            username: paygate::domain::Username::parse("username", &creds.user).unwrap(),
+            password_hash: paygate::passwords::hash_blocking(&creds.password).unwrap(),
+            role: Some(role),
+        };
+        match self.options.get("database") {
+            None => {
+                paygate::store::SqliteStore::open(&self.data_dir())
+                    .unwrap()
+                    .create_user_blocking(&new)
+                    .unwrap();
+            }
+            // The test's runtime is busy running this test: a connection of its own, on a
+            // runtime of its own.
+            Some(url) => {
+                let url = paygate::store::postgres::DatabaseUrl::parse(&url[0]).unwrap();
+                let keys = paygate::store::sealing::TotpKeys::load(&self.data_dir()).unwrap();
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        runtime.block_on(async {
+                            let store = paygate::store::postgres::PgStore::open(
+                                &url,
+                                1,
+                                Arc::new(keys),
+                                paygate::time::Clock::system(),
+                            )
+                            .await
+                            .unwrap();
+                            store.create_user(new).await.unwrap();
+                        });
+                    });
+                });
+            }
+        }
         creds
     }
 }
@@ -752,6 +823,17 @@ impl Drop for StopOnDrop {
 /// A new, empty database on the PostgreSQL cluster `PAYGATE_TEST_DATABASE` names (a role
 /// that may create databases; `bash scripts/pg.sh run cargo test` provides one), named
 /// `{tag}_<random>`; its URL.
+/// Whether the tests that speak to one server run it on PostgreSQL
+/// (`PAYGATE_TEST_BACKEND=postgres`, with `PAYGATE_TEST_DATABASE` as for the PostgreSQL
+/// tests) rather than SQLite in its data directory.
+pub fn on_postgres() -> bool {
+    match std::env::var("PAYGATE_TEST_BACKEND").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("PAYGATE_TEST_BACKEND={other}: expected sqlite or postgres"),
+    }
+}
+
 pub async fn fresh_database(tag: &str) -> String {
     let base = std::env::var("PAYGATE_TEST_DATABASE").expect(
         "PAYGATE_TEST_DATABASE is not set: run the tests as `bash scripts/pg.sh run cargo test`, \
