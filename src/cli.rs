@@ -43,6 +43,7 @@ pub enum CommandName {
     KeysRotateTotp,
     AuditVerify,
     AuditSeal,
+    MigrateStore,
 }
 
 impl CommandName {
@@ -67,6 +68,9 @@ impl CommandName {
             CommandName::KeysRotateTotp => "paygate keys rotate-totp [OPTIONS]",
             CommandName::AuditVerify => "paygate audit verify [DIR] [OPTIONS]",
             CommandName::AuditSeal => "paygate audit seal --reason TEXT [OPTIONS]",
+            CommandName::MigrateStore => {
+                "paygate migrate-store --from sqlite:DIR --to postgres://USER@HOST/DATABASE"
+            }
         }
     }
 
@@ -113,6 +117,12 @@ impl CommandName {
                  under it. The key before it stays in the file until the next rotation (run \
                  it twice to retire a key entirely); running workers pick the new one up."
             }
+            CommandName::MigrateStore => {
+                "Copy a single machine's data (the SQLite databases and the JWT signing keys \
+                 of its data directory) into a new, empty PostgreSQL database, in one \
+                 transaction, keeping every id, and check that every table's count matches. \
+                 Stop the server first; then give every node the data directory's totp.key."
+            }
             CommandName::KeysExport => {
                 "Print every JWT signing key as a JSON Web Key Set, current key first, so other \
                  services can verify paygate's tokens. The output is SECRET: anyone holding it \
@@ -123,8 +133,8 @@ impl CommandName {
 }
 
 use CommandName::{
-    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, KeysRotateTotp, Serve,
-    UserAdd, UserDisable,
+    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, KeysRotateTotp,
+    MigrateStore, Serve, UserAdd, UserDisable,
 };
 
 /// Every option paygate accepts. Order is the order of `--help`.
@@ -433,6 +443,26 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "from",
+        env: None,
+        value: "sqlite:DIR",
+        default: "none (required)",
+        help: "The data directory of the single machine to copy (its --data-dir).",
+        internal: false,
+        commands: &[MigrateStore],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "to",
+        env: None,
+        value: "URL",
+        default: "none (required)",
+        help: "The new, empty PostgreSQL database the nodes will share (as --database).",
+        internal: false,
+        commands: &[MigrateStore],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "reason",
         env: None,
         value: "TEXT",
@@ -505,6 +535,7 @@ where
         Some("--version" | "-V") => return Ok(Invocation::Version),
         Some("serve") => Serve,
         Some("dev-cert") => DevCert,
+        Some("migrate-store") => MigrateStore,
         Some("user") => match args.pop().as_deref() {
             Some("add") => UserAdd,
             Some("disable") => UserDisable,
@@ -542,7 +573,7 @@ where
             return Err(UsageError(format!(
                 "unknown command `{other}`; commands are: serve, dev-cert, user add, \
                  user disable, keys rotate, keys prune, keys export, keys rotate-totp, audit \
-                 verify, audit seal"
+                 verify, audit seal, migrate-store"
             )))
         }
     };
@@ -619,6 +650,8 @@ fn main_help() -> String {
          paygate keys rotate-totp         new key for the sealed TOTP secrets\n  \
          paygate audit verify [DIR]       check every audit chain\n  \
          paygate audit seal --reason TEXT continue a damaged audit log, recording the break\n  \
+         paygate migrate-store --from sqlite:DIR --to URL\n                                   \
+         copy a single machine's data into PostgreSQL\n  \
          paygate <command> --help         options of one command\n  \
          paygate --version\n\n\
          Every option can also be set through its environment variable; flags win over the \

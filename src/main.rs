@@ -52,6 +52,7 @@ fn main() -> ExitCode {
                 CommandName::KeysRotateTotp => done(keys_rotate_totp(&sources, &positional)),
                 CommandName::AuditVerify => audit_verify(&sources, &positional),
                 CommandName::AuditSeal => done(audit_seal(&sources, &positional)),
+                CommandName::MigrateStore => done(migrate_store(&sources, &positional)),
             }
         }
     };
@@ -381,5 +382,38 @@ fn audit_seal(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
             ),
         }
     }
+    Ok(())
+}
+
+fn migrate_store(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let from = sources
+        .string("from")
+        .ok_or("`paygate migrate-store` needs --from sqlite:DIR, the data directory to copy")?;
+    let dir = std::path::PathBuf::from(from.strip_prefix("sqlite:").unwrap_or(&from));
+    let to = sources
+        .string("to")
+        .ok_or("`paygate migrate-store` needs --to URL, the PostgreSQL database to fill")?;
+    if !paygate::store::postgres::is_postgres(&to) {
+        return Err("--to: expected a postgres:// URL or a key=value connection string".into());
+    }
+    let url = paygate::store::postgres::DatabaseUrl::parse(&to)
+        .map_err(|e| e.replacen("--database", "--to", 1))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let copied = runtime.block_on(paygate::store::postgres::import_sqlite(&dir, &url))?;
+    println!("copied {} into {}:", dir.display(), url.describe());
+    for table in &copied {
+        println!(
+            "  {:<17} {:>9} rows (SQLite {})",
+            table.table, table.postgres, table.sqlite
+        );
+    }
+    println!(
+        "every count matches. Give every node a copy of {} (mode 0600): it seals the TOTP \
+         secrets and signing keys now in the database.",
+        dir.join(paygate::store::sealing::TOTP_KEY_FILE).display()
+    );
     Ok(())
 }

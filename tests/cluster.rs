@@ -719,3 +719,133 @@ async fn a_node_killed_and_the_database_restarted_under_load_lose_nothing_acknow
     }
     nodes.remove(1).stop();
 }
+
+#[tokio::test]
+async fn a_single_machine_moves_to_postgres_with_everything_it_held() {
+    let database = fresh_database("m").await;
+    let dir = TempDir::new("single");
+    let options = ["--password-check-limit", "none", "--rate-limit", "none"];
+    // A single machine on SQLite, with some history.
+    let (mut child, addr) = serve(&dir, &options);
+    let single = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let alice = single.register("alice").await;
+    let bob = single.register("bob").await;
+    let token = single.login(&alice).await;
+    let gone = single.login(&alice).await;
+    let bob_token = single.login(&bob).await;
+    let account = single.account(&alice, "EUR").await;
+    let path = format!("/accounts/{account}/payments");
+    let body = json!({"payee": "ACME", "amount_minor": 1250, "currency": "EUR"});
+    let paid = single
+        .post(&path)
+        .bearer(&token)
+        .header("Idempotency-Key", "invoice-1")
+        .json(&body)
+        .send()
+        .await;
+    assert_eq!(paid.status, 201);
+    let payment = paid.json()["id"].as_str().unwrap().to_owned();
+    let granted = single
+        .post(&format!("/accounts/{account}/members"))
+        .bearer(&token)
+        .json(&json!({"username": "bob", "perms": "r"}))
+        .send()
+        .await;
+    assert!(granted.status == 200 || granted.status == 201);
+    let minted = single
+        .post(&format!("{path}/{payment}/capabilities"))
+        .bearer(&token)
+        .json(&json!({"perms": "r", "expires_in": 3600}))
+        .send()
+        .await;
+    assert_eq!(minted.status, 201, "{}", minted.text());
+    let link = minted.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        single.delete("/sessions").bearer(&gone).send().await.status,
+        204
+    );
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child).success());
+
+    // The move.
+    let to = ["migrate-store", "--from", "sqlite:data", "--to", &database];
+    let moved = paygate_in(&dir, &to, "");
+    let stdout = String::from_utf8_lossy(&moved.stdout);
+    assert!(
+        moved.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(stdout.contains("every count matches"), "{stdout}");
+    for (table, rows) in [
+        ("users", 2),
+        ("payments", 1),
+        ("capabilities", 1),
+        ("jwt_keys", 1),
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().take(2).eq([table, &rows.to_string()])),
+            "{table}: {stdout}"
+        );
+    }
+    // Into a database that holds data: refused, nothing touched.
+    let again = paygate_in(&dir, &to, "");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+
+    // The same data directory (its sealing key, its audit log) now a node on PostgreSQL.
+    let mut args = vec!["--database", database.as_str()];
+    args.extend_from_slice(&options);
+    let (child, addr) = serve(&dir, &args);
+    let node = Node {
+        child,
+        client: Client::new(addr, &dir.0.join("certs/server.crt")),
+        _dir: TempDir::new("unused"),
+    };
+    let c = &node.client;
+    // Tokens issued before the move verify; the one logged out stays logged out.
+    assert_eq!(c.get(&path).bearer(&token).send().await.status, 200);
+    assert_eq!(c.get(&path).bearer(&gone).send().await.status, 401);
+    // The grant and the capability link still work.
+    assert_eq!(c.get(&path).bearer(&bob_token).send().await.status, 200);
+    let by_link = c
+        .get(&format!("{path}/{payment}"))
+        .bearer(&link)
+        .send()
+        .await;
+    assert_eq!(by_link.status, 200, "{}", by_link.text());
+    // The Idempotency-Key replays the payment made before the move.
+    let replay = c
+        .post(&path)
+        .bearer(&token)
+        .header("Idempotency-Key", "invoice-1")
+        .json(&body)
+        .send()
+        .await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.json()["id"], payment.as_str());
+    // New payments list after the old ones; passwords work.
+    let fresh = c.login(&alice).await;
+    let second = c
+        .post(&path)
+        .bearer(&fresh)
+        .header("Idempotency-Key", "invoice-2")
+        .json(&body)
+        .send()
+        .await;
+    assert_eq!(second.status, 201);
+    let listed = c.get(&path).bearer(&fresh).send().await.json();
+    let ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [second.json()["id"].as_str().unwrap(), payment.as_str()]
+    );
+    node.stop();
+}

@@ -354,6 +354,19 @@ impl KeySet {
         Ok(set)
     }
 
+    /// The keys as rows for a shared database (the inverse of [`KeySet::from_rows`]).
+    pub fn rows(&self) -> Vec<JwtKeyRow> {
+        self.keys
+            .iter()
+            .map(|k| JwtKeyRow {
+                kid: k.kid.clone(),
+                secret: k.secret.to_vec(),
+                created_at: k.created_at,
+                retired_at: k.retired_at,
+            })
+            .collect()
+    }
+
     /// What tells two sets apart: each key's kid and whether it is retired.
     fn shape(&self) -> Vec<(&str, Option<i64>)> {
         self.keys

@@ -7,6 +7,7 @@
 mod accounts;
 mod capabilities;
 mod changes;
+mod import;
 mod jwt_keys;
 mod payments;
 mod ratelimit;
@@ -18,6 +19,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use changes::HeadReads;
+pub use import::{import_sqlite, Copied};
 pub use jwt_keys::JwtKeyRow;
 pub use ratelimit::PgRateStore;
 pub use store::PgStore;
