@@ -402,7 +402,16 @@ fn migrate_store(sources: &Sources<'_>, positional: &[String]) -> Result<(), Fai
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let copied = runtime.block_on(paygate::store::postgres::import_sqlite(&dir, &url))?;
+    // The signing keys of a single machine are a file of its data directory.
+    let keys_file = dir.join(keys::KEYS_FILE);
+    let jwt_keys = if keys_file.exists() {
+        keys::load(&keys_file)?.rows()
+    } else {
+        Vec::new()
+    };
+    let copied = runtime.block_on(paygate::store::postgres::import_sqlite(
+        &dir, &jwt_keys, &url,
+    ))?;
     println!("copied {} into {}:", dir.display(), url.describe());
     for table in &copied {
         println!(

@@ -246,10 +246,15 @@ pub struct Copied {
     pub postgres: i64,
 }
 
-/// Copies the SQLite data of `data_dir` into the new database at `url` and counts both
-/// sides; an error when the target already holds data, or when a count differs. Nothing
-/// may write to `data_dir` meanwhile (stop its server first).
-pub async fn import_sqlite(data_dir: &Path, url: &DatabaseUrl) -> Result<Vec<Copied>, StoreError> {
+/// Copies the SQLite data of `data_dir`, and `jwt_keys` (its signing keys, sealed here
+/// under its sealing key), into the new database at `url` and counts both sides; an error
+/// when the target already holds data, or when a count differs. Nothing may write to
+/// `data_dir` meanwhile (stop its server first).
+pub async fn import_sqlite(
+    data_dir: &Path,
+    jwt_keys: &[JwtKeyRow],
+    url: &DatabaseUrl,
+) -> Result<Vec<Copied>, StoreError> {
     let main = data_dir.join(crate::store::MAIN_DB);
     if !main.is_file() {
         return Err(StoreError::Startup(format!(
@@ -262,14 +267,6 @@ pub async fn import_sqlite(data_dir: &Path, url: &DatabaseUrl) -> Result<Vec<Cop
     // version left in plaintext, so that none reaches PostgreSQL.
     SqliteStore::open(data_dir)?;
     let sealing = TotpKeys::load(data_dir)?;
-    let keys_file = data_dir.join(crate::tokens::keys::KEYS_FILE);
-    let jwt_keys: Vec<JwtKeyRow> = if keys_file.exists() {
-        crate::tokens::keys::load(&keys_file)
-            .map_err(|e| StoreError::Startup(e.to_string()))?
-            .rows()
-    } else {
-        Vec::new()
-    };
     let mut source =
         rusqlite::Connection::open_with_flags(&main, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     // One snapshot of every table.
@@ -340,7 +337,7 @@ pub async fn import_sqlite(data_dir: &Path, url: &DatabaseUrl) -> Result<Vec<Cop
         )
         .await?;
     }
-    for key in &jwt_keys {
+    for key in jwt_keys {
         tx.execute(
             "INSERT INTO jwt_keys (kid, sealed, created_at, retired_at) VALUES ($1, $2, $3, $4)",
             &[
