@@ -154,6 +154,11 @@ macro_rules! conformance {
                     Store::open(&self.0).unwrap()
                 }
 
+                /// Another process's view of the rate-limit buckets.
+                async fn rate_node(&self) -> paygate::store::RateStore {
+                    paygate::store::RateStore::open(&self.0).unwrap()
+                }
+
                 /// The change log after `seen`, as a worker's cache reads it.
                 async fn changes(&self, seen: i64) -> paygate::store::ChangesSince {
                     paygate::store::DataVersion::open(&self.0)
@@ -226,6 +231,14 @@ macro_rules! conformance {
                 /// A node, through the seam the server uses.
                 async fn node(&self) -> Store {
                     Store::Postgres(self.pg_node().await)
+                }
+
+                /// Another node's view of the rate-limit buckets.
+                async fn rate_node(&self) -> paygate::store::RateStore {
+                    let url = DatabaseUrl::parse(&self.url).unwrap();
+                    paygate::store::RateStore::Postgres(
+                        paygate::store::postgres::PgRateStore::open(&url, 4).await.unwrap(),
+                    )
                 }
 
                 async fn pg_node(&self) -> PgStore {
@@ -645,6 +658,88 @@ conformance! {
             a.create_payment(payment(account, 99), alice, None, answer).await.unwrap(),
             PaymentCreation::Created(_)
         ));
+    }
+
+    async fn rate_limit_steps_from_many_nodes_never_spend_more_than_the_burst(backend) {
+        use paygate::token_bucket::Limit;
+        let limit = Limit { burst: 20, interval_ns: 3_600_000_000_000 };
+        let now = 1_000_000_000_000_i64;
+        let mut nodes = Vec::new();
+        for _ in 0..4 {
+            nodes.push(backend.rate_node().await);
+        }
+        // Every node asks for up to 3 tokens at a time, 10 times, all at once: 120 asked,
+        // 20 in the bucket.
+        let mut steps = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for _ in 0..10 {
+                let node = node.clone();
+                steps.push(tokio::spawn(async move {
+                    let change = move |bucket: &mut paygate::token_bucket::TokenBucket, _| {
+                        let taken = bucket.take_up_to(limit, now, 3);
+                        (taken, taken)
+                    };
+                    node.step("r".into(), "k".into(), None, format!("node-{n}"), now, now + 1, change)
+                        .await
+                        .unwrap()
+                }));
+            }
+        }
+        let mut granted = 0;
+        for step in steps {
+            granted += step.await.unwrap();
+        }
+        assert_eq!(granted, 20, "exactly the burst, across four nodes");
+        // A key without a bucket draws from the overflow bucket when one stands in.
+        let take_one = |node: &paygate::store::RateStore, key: &'static str| {
+            let node = node.clone();
+            async move {
+                let change = move |bucket: &mut paygate::token_bucket::TokenBucket, _| {
+                    (0, bucket.take_up_to(Limit { burst: 2, ..limit }, now, 1))
+                };
+                node.step("r".into(), key.into(), Some("overflow"), "node-0".into(), now, now, change)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(take_one(&nodes[0], "a").await, 1);
+        assert_eq!(take_one(&nodes[1], "b").await, 1);
+        assert_eq!(take_one(&nodes[2], "c").await, 0, "the shared overflow bucket is spent");
+        // The sweep keeps the buckets that are not full yet ("k" and the overflow).
+        assert_eq!(nodes[3].sweep(now + 2).await.unwrap(), 2);
+    }
+
+    async fn password_guess_budgets_are_shared_by_every_node(backend) {
+        use paygate::ratelimit::{Limiter, Refusal};
+        use paygate::token_bucket::Limit;
+        let clock = paygate::time::Clock::manual(1_000_000_000_000_000);
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            nodes.push(Limiter::new(
+                Vec::new(),
+                Some(Limit::new(3, 60_000_000_000, 3)),
+                None,
+                backend.rate_node().await,
+                clock.clone(),
+            ));
+        }
+        // Correct passwords give their guess back, whichever node checked them.
+        for n in 0..6 {
+            let ticket = nodes[n % 2].reserve_guess("alice").await.unwrap().unwrap();
+            nodes[n % 2].refund_guess(ticket).await.unwrap();
+        }
+        // Three wrong ones, on alternating nodes, spend the budget of both.
+        for n in 0..3 {
+            let ticket = nodes[n % 2].reserve_guess("alice").await.unwrap().unwrap();
+            nodes[n % 2].release_guess(ticket).await.unwrap();
+        }
+        for node in &nodes {
+            assert!(
+                matches!(node.reserve_guess("alice").await, Err(Refusal::Limited { .. })),
+                "the budget is spent on every node"
+            );
+        }
+        assert!(nodes[1].reserve_guess("bob").await.is_ok(), "per username");
     }
 
     async fn capabilities_derive_within_limits_and_revoke_with_their_tree(backend) {
