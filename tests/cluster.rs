@@ -514,6 +514,90 @@ async fn keep_paying(
     (acknowledged, refused)
 }
 
+/// Four clients paying through two nodes without pause ([`keep_paying`]), 40 payments
+/// each, while a test breaks something.
+struct Load {
+    acks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    writers: Vec<tokio::task::JoinHandle<Acknowledged>>,
+}
+
+impl Load {
+    const PAYMENTS: usize = 160;
+
+    fn start(clients: &[Client; 2], token: &str, path: &str) -> Load {
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writers = (0..4)
+            .map(|w| {
+                tokio::spawn(keep_paying(
+                    [clients[w % 2].clone(), clients[(w + 1) % 2].clone()],
+                    token.to_owned(),
+                    path.to_owned(),
+                    format!("w{w}"),
+                    Self::PAYMENTS / 4,
+                    acks.clone(),
+                ))
+            })
+            .collect();
+        Load { acks, writers }
+    }
+
+    /// Returns once `n` payments were acknowledged.
+    async fn reached(&self, n: usize) {
+        while self.acks.load(std::sync::atomic::Ordering::SeqCst) < n {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Every payment acknowledged (key and id), once all were; the outage must have been
+    /// seen (some attempt refused) while payments were still under way.
+    async fn finish(self) -> Vec<(String, String)> {
+        let under_way = self.acks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            under_way < Self::PAYMENTS,
+            "the load was over before the outage"
+        );
+        let mut acknowledged = Vec::new();
+        let mut refused = 0;
+        for writer in self.writers {
+            let (acks, refusals) = writer.await.unwrap();
+            acknowledged.extend(acks);
+            refused += refusals;
+        }
+        assert_eq!(acknowledged.len(), Self::PAYMENTS);
+        assert!(
+            refused > 0,
+            "no payment was refused: the outage went unseen"
+        );
+        acknowledged
+    }
+}
+
+/// The database at `url` holds every acknowledged payment, and one payment per key.
+async fn assert_stored_once(url: &str, acknowledged: &[(String, String)]) {
+    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT id::text FROM payments", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        acknowledged.len(),
+        "one payment per Idempotency-Key"
+    );
+    for (key, id) in acknowledged {
+        assert!(
+            stored.contains(id),
+            "acknowledged payment {id} ({key}) lost"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_primary_lost_under_load_fails_over_to_its_synchronous_standby_losing_nothing() {
     let primary = OwnCluster::start();
@@ -548,66 +632,14 @@ async fn a_primary_lost_under_load_fails_over_to_its_synchronous_standby_losing_
     }
 
     // Four clients paying without pause; the primary's machine is lost mid-way.
-    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            tokio::spawn(keep_paying(
-                [clients[w % 2].clone(), clients[(w + 1) % 2].clone()],
-                token.clone(),
-                path.clone(),
-                format!("w{w}"),
-                40,
-                acks.clone(),
-            ))
-        })
-        .collect();
-    while acks.load(std::sync::atomic::Ordering::SeqCst) < 40 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let load = Load::start(&clients, &token, &path);
+    load.reached(40).await;
     pg_script(&["kill", &primary.dir]);
-    let at_kill = acks.load(std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     pg_script(&["promote", &standby.dir]);
-    let mut acknowledged = Vec::new();
-    let mut refused = 0;
-    for writer in writers {
-        let (acks, refusals) = writer.await.unwrap();
-        acknowledged.extend(acks);
-        refused += refusals;
-    }
-    assert_eq!(acknowledged.len(), 160);
-    assert!(
-        refused > 0,
-        "no payment was refused: the outage went unseen"
-    );
-    assert!(
-        at_kill < 160,
-        "the load was over before the primary was lost"
-    );
-
+    let acknowledged = load.finish().await;
     // On the new primary: every acknowledged payment, and one payment per key.
-    let (db, connection) = tokio_postgres::connect(&standby.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let stored: std::collections::HashSet<String> = db
-        .query("SELECT id::text FROM payments", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        stored.len(),
-        160,
-        "one payment per Idempotency-Key, no more"
-    );
-    for (key, id) in &acknowledged {
-        assert!(
-            stored.contains(id),
-            "acknowledged payment {id} ({key}) lost"
-        );
-    }
+    assert_stored_once(&standby.url, &acknowledged).await;
     // Every answer replays on either node, now served by the new primary.
     for (key, id) in acknowledged.iter().step_by(20) {
         let i: usize = key.rsplit_once('-').unwrap().1.parse().unwrap();
@@ -652,71 +684,18 @@ async fn a_node_killed_and_the_database_restarted_under_load_lose_nothing_acknow
     let account = clients[0].account(&alice, "EUR").await;
     let token = clients[1].login(&alice).await;
     let path = format!("/accounts/{account}/payments");
-    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            tokio::spawn(keep_paying(
-                [clients[w % 2].clone(), clients[(w + 1) % 2].clone()],
-                token.clone(),
-                path.clone(),
-                format!("w{w}"),
-                40,
-                acks.clone(),
-            ))
-        })
-        .collect();
-    let reached = |n: usize| {
-        let acks = acks.clone();
-        async move {
-            while acks.load(std::sync::atomic::Ordering::SeqCst) < n {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let load = Load::start(&clients, &token, &path);
     // A node lost mid-payment (kill -9): its clients go on with the other node.
-    reached(30).await;
+    load.reached(30).await;
     signal(&nodes[0].child, "KILL");
     let _ = nodes[0].child.wait();
     // Then the database restarts under the surviving node's load.
-    reached(70).await;
+    load.reached(70).await;
     pg_script(&["down", &cluster.dir]);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     pg_script(&["up", &cluster.dir]);
-    let mut acknowledged = Vec::new();
-    let mut refused = 0;
-    for writer in writers {
-        let (acks, refusals) = writer.await.unwrap();
-        acknowledged.extend(acks);
-        refused += refusals;
-    }
-    assert_eq!(acknowledged.len(), 160);
-    assert!(
-        refused > 0,
-        "no payment was refused: the outages went unseen"
-    );
-
-    let (db, connection) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let stored: std::collections::HashSet<String> = db
-        .query("SELECT id::text FROM payments", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        stored.len(),
-        160,
-        "one payment per Idempotency-Key, no more"
-    );
-    for (key, id) in &acknowledged {
-        assert!(
-            stored.contains(id),
-            "acknowledged payment {id} ({key}) lost"
-        );
-    }
+    let acknowledged = load.finish().await;
+    assert_stored_once(&cluster.url, &acknowledged).await;
     nodes.remove(1).stop();
 }
 
