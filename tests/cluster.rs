@@ -181,24 +181,17 @@ struct OwnCluster {
 
 impl OwnCluster {
     fn start() -> OwnCluster {
-        let out = pg_script(&["start"]);
-        let field = |name: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {out}"))
-                .to_owned()
-        };
-        OwnCluster {
-            dir: field("PG_DIR="),
-            url: field("PAYGATE_TEST_DATABASE="),
-        }
+        OwnCluster::from_script(&["start"])
     }
-}
 
-impl OwnCluster {
     /// A synchronous streaming standby of this cluster (`pg.sh standby`).
     fn standby(&self) -> OwnCluster {
-        let out = pg_script(&["standby", &self.dir]);
+        OwnCluster::from_script(&["standby", &self.dir])
+    }
+
+    /// The cluster `pg.sh ARGS` started, from the lines it printed.
+    fn from_script(args: &[&str]) -> OwnCluster {
+        let out = pg_script(args);
         let field = |name: &str| {
             out.lines()
                 .find_map(|l| l.strip_prefix(name))
