@@ -90,7 +90,8 @@ impl App {
             clock.clone(),
         );
         let metrics = Metrics::new(&audit.instance);
-        let cache = StateCache::over_postgres(store.clone(), metrics.cache()).await?;
+        let cache =
+            StateCache::over_postgres(store.clone(), &audit.instance, metrics.cache()).await?;
         Ok(App {
             clock,
             cache,

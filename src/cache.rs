@@ -16,11 +16,14 @@
 //!
 //! On PostgreSQL, shared by several nodes, there is no shared-memory header to read: the
 //! version is the change log's head (`changes_head`), which moves exactly when the log
-//! does, read by a query sent after the request began ([`HeadReads`]): decisions asking at
-//! the same moment share one query, and a request's later decisions reuse it. That keeps
-//! "the very next request" exact on every node at about one small query per round trip
-//! to the database, however many requests are under way; the log is read when the head
-//! moved.
+//! does. Each worker holds a *cache lease* (`store::postgres::leases`): it renews it every
+//! 200 ms and on every change notification, applying the log up to the head each time, and
+//! while its last renewal was sent less than 900 ms ago it decides from memory without a
+//! query. Writers of changes wait until every worker has applied them (or its lease has
+//! lapsed), so "the very next request" stays exact on every node. When the lease has
+//! lapsed (the database slow or cut off), each decision reads the head by a query sent
+//! after the request began ([`HeadReads`]; decisions asking at the same moment share one
+//! query, and a request's later decisions reuse it).
 //!
 //! When an entry must be read from the database, concurrent requests for the same key wait
 //! for one read instead of each starting their own.
@@ -31,13 +34,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use uuid::Uuid;
 
 use crate::metrics::CacheMetrics;
-use crate::store::postgres::{HeadReads, PgStore};
+use crate::store::postgres::{ChangeFeed, HeadReads, PgStore, RENEW_EVERY, TRUSTED_FOR};
 use crate::store::{
     CapabilityState, Change, ChangesSince, DataVersion, Membership, Payment, SessionRow, Store,
     StoreError, Subject,
@@ -60,9 +65,57 @@ pub async fn serving<F: std::future::Future>(started: Instant, work: F) -> F::Ou
 enum Feed {
     /// SQLite: the WAL-index header, and the change log read on the watch's connection.
     Sqlite(Arc<Mutex<DataVersion>>),
-    /// PostgreSQL: the change log's head (reads shared by concurrent callers) and the log,
-    /// read through the store's pool.
-    Postgres(PgStore, Arc<HeadReads>),
+    /// PostgreSQL: the worker's cache lease, the change log's head when the lease has
+    /// lapsed (reads shared by concurrent callers), and the log, read through the store's
+    /// pool.
+    Postgres(PgStore, Arc<Lease>, Arc<HeadReads>),
+}
+
+/// A worker's cache lease on PostgreSQL (see `store::postgres::leases`).
+struct Lease {
+    /// This worker's row in `cache_leases`.
+    holder: Uuid,
+    /// The node's name, shown to operators in that row.
+    node: String,
+    /// Until when the cache may decide without a query (`None`: never renewed).
+    trusted_until: Mutex<Option<Instant>>,
+}
+
+impl Lease {
+    fn trusted(&self) -> bool {
+        let until = *self
+            .trusted_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn trust_until(&self, until: Instant) {
+        let mut trusted = self
+            .trusted_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *trusted = Some(trusted.map_or(until, |before| before.max(until)));
+    }
+}
+
+/// The tasks that keep a worker's lease on PostgreSQL: renewals, and the listener that
+/// starts one at each change notification. Stopped, and the lease given up, when dropped.
+struct Following {
+    renewals: tokio::task::JoinHandle<()>,
+    _notifications: ChangeFeed,
+    store: PgStore,
+    holder: Uuid,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.renewals.abort();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, holder) = (self.store.clone(), self.holder);
+            runtime.spawn(async move { store.end_lease(holder).await });
+        }
+    }
 }
 
 /// Entries kept at most; the cache empties itself when full (it refills in one lookup per
@@ -147,7 +200,22 @@ fn evict(map: &mut HashMap<Key, Entry>, change: &Change) -> usize {
     before - map.len()
 }
 
+/// A worker's exact cache; what it holds is shared with the tasks that keep its lease.
 pub struct StateCache {
+    inner: Arc<Inner>,
+    _following: Option<Following>,
+}
+
+impl std::ops::Deref for StateCache {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// What a [`StateCache`] holds.
+pub struct Inner {
     feed: Feed,
     entries: Mutex<Entries>,
     /// One catch-up with the change log at a time; the others wait for it.
@@ -170,22 +238,39 @@ impl StateCache {
         ))
     }
 
-    /// The cache of a node on PostgreSQL, following the shared change log from its head.
+    /// The cache of a worker of `node` on PostgreSQL, following the shared change log
+    /// from its head; its lease is kept by tasks on the current runtime.
     pub async fn over_postgres(
         store: PgStore,
+        node: &str,
         counters: Arc<CacheMetrics>,
     ) -> Result<StateCache, StoreError> {
         let seen = store.newest_change().await?;
         let heads = HeadReads::new(store.clone());
-        Ok(Self::with_feed(
-            Feed::Postgres(store, heads),
+        let lease = Arc::new(Lease {
+            holder: Uuid::new_v4(),
+            node: node.to_owned(),
+            trusted_until: Mutex::new(None),
+        });
+        let mut cache = Self::with_feed(
+            Feed::Postgres(store.clone(), lease.clone(), heads),
             seen,
             counters,
-        ))
+        );
+        // Registered and current before the first request.
+        cache.renew().await?;
+        let wake = Arc::new(Notify::new());
+        cache._following = Some(Following {
+            renewals: tokio::spawn(keep_lease(Arc::downgrade(&cache.inner), wake.clone())),
+            _notifications: store.follow_changes(wake),
+            store,
+            holder: lease.holder,
+        });
+        Ok(cache)
     }
 
     fn with_feed(feed: Feed, seen: i64, counters: Arc<CacheMetrics>) -> StateCache {
-        StateCache {
+        let inner = Inner {
             feed,
             entries: Mutex::new(Entries {
                 version: i64::MIN,
@@ -195,7 +280,64 @@ impl StateCache {
             catching_up: tokio::sync::Mutex::new(()),
             fetching: Mutex::new(HashMap::new()),
             counters,
+        };
+        StateCache {
+            inner: Arc::new(inner),
+            _following: None,
         }
+    }
+}
+
+/// Renews the lease every [`RENEW_EVERY`], and at once when `wake` is notified (a change
+/// was committed, or the listener reconnected), until the cache is gone.
+async fn keep_lease(cache: Weak<Inner>, wake: Arc<Notify>) {
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = wake.notified() => {}
+        }
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        match cache.renew().await {
+            Ok(()) if failing => {
+                log::info!("cache lease renewed: decisions are taken from memory again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                log::warn!(
+                    "cannot renew this worker's cache lease ({e}): each decision reads the \
+                     change log's head until it can"
+                );
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl Inner {
+    /// One renewal of the lease: the head as of a statement sent now, the log applied up
+    /// to it, the cache trusted until [`TRUSTED_FOR`] after the sending, and what was
+    /// applied recorded for the writers waiting on it.
+    async fn renew(&self) -> Result<(), StoreError> {
+        let Feed::Postgres(store, lease, _) = &self.feed else {
+            return Ok(());
+        };
+        let sent = Instant::now();
+        let seen = self.lock().seen;
+        let head = store.renew_lease(lease.holder, &lease.node, seen).await?;
+        self.catch_up(head).await?;
+        lease.trust_until(sent + TRUSTED_FOR);
+        let applied = self.lock().seen;
+        if applied > seen {
+            store.record_applied(lease.holder, applied).await?;
+        }
+        Ok(())
     }
 
     /// The database's change counter now. Read inline when the watch connection is free
@@ -204,7 +346,8 @@ impl StateCache {
     async fn version(&self) -> Result<i64, StoreError> {
         let watch = match &self.feed {
             Feed::Sqlite(watch) => watch,
-            Feed::Postgres(_, heads) => {
+            Feed::Postgres(_, lease, _) if lease.trusted() => return Ok(self.lock().version),
+            Feed::Postgres(_, _, heads) => {
                 let since = REQUEST_STARTED.try_with(|started| *started).ok();
                 return heads.newest(since).await;
             }
@@ -267,7 +410,7 @@ impl StateCache {
     async fn read_changes(&self, seen: i64) -> Result<ChangesSince, StoreError> {
         let watch = match &self.feed {
             Feed::Sqlite(watch) => watch,
-            Feed::Postgres(store, _) => return store.changes_since(seen).await,
+            Feed::Postgres(store, _, _) => return store.changes_since(seen).await,
         };
         let now = match watch.try_lock() {
             Ok(watch) => watch.changes_since_now(seen)?,

@@ -136,6 +136,105 @@ async fn three_nodes_keep_every_guarantee_together() {
     }
 }
 
+/// A user with an account, logged in on node `a`: their bearer token and the account's
+/// payments path, read once on node `b` so that `b` holds the token in its cache.
+async fn logged_in_and_cached(a: &Client, b: &Client, alice: &Creds, path: &str) -> String {
+    let token = a.login(alice).await;
+    assert_eq!(b.get(path).bearer(&token).send().await.status, 200);
+    assert_eq!(b.get(path).bearer(&token).send().await.status, 200);
+    token
+}
+
+#[tokio::test]
+async fn with_change_notifications_cut_a_logout_is_still_refused_everywhere_at_once() {
+    let database = fresh_database("n").await;
+    let nodes = cluster(
+        &database,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
+    );
+    let (a, b) = (&nodes[0].client, &nodes[1].client);
+    let alice = a.register("alice").await;
+    let path = format!("/accounts/{}/payments", a.account(&alice, "EUR").await);
+
+    // Every node's listening connection cut again and again while the logouts happen:
+    // nodes learn of changes only by renewing their leases.
+    let (db, connection) = tokio_postgres::connect(&database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cutting = tokio::spawn({
+        let cut = cut.clone();
+        async move {
+            loop {
+                let ended = db
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                          WHERE application_name = 'paygate-changes'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                cut.fetch_add(ended.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    });
+    for _ in 0..5 {
+        let token = logged_in_and_cached(a, b, &alice, &path).await;
+        assert_eq!(
+            a.delete("/sessions").bearer(&token).send().await.status,
+            204
+        );
+        assert_eq!(b.get(&path).bearer(&token).send().await.status, 401);
+        assert_eq!(a.get(&path).bearer(&token).send().await.status, 401);
+    }
+    cutting.abort();
+    assert!(
+        cut.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no listening connection was cut"
+    );
+    for node in nodes {
+        node.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_node_paused_through_a_logout_refuses_the_token_when_it_resumes() {
+    let database = fresh_database("n").await;
+    let nodes = cluster(
+        &database,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
+    );
+    let (a, b) = (&nodes[0].client, &nodes[1].client);
+    let alice = a.register("alice").await;
+    let path = format!("/accounts/{}/payments", a.account(&alice, "EUR").await);
+    let token = logged_in_and_cached(a, b, &alice, &path).await;
+
+    // Node b cannot apply the logout while stopped: node a answers once b's lease has
+    // lapsed, and b, resumed, must not decide from what it held before.
+    signal(&nodes[1].child, "STOP");
+    let logout = a.delete("/sessions").bearer(&token).send().await;
+    signal(&nodes[1].child, "CONT");
+    assert_eq!(logout.status, 204);
+    assert_eq!(b.get(&path).bearer(&token).send().await.status, 401);
+
+    // A node that stopped for good (its row no longer renewed) is waited for only until
+    // its lease lapses, and then not at all: logouts keep working.
+    let token = logged_in_and_cached(a, b, &alice, &path).await;
+    let mut nodes = nodes;
+    nodes.pop().unwrap().stop();
+    let a = &nodes[0].client;
+    assert_eq!(
+        a.delete("/sessions").bearer(&token).send().await.status,
+        204
+    );
+    assert_eq!(a.get(&path).bearer(&token).send().await.status, 401);
+    nodes.pop().unwrap().stop();
+}
+
 #[tokio::test]
 async fn a_rate_limit_holds_across_all_nodes_together() {
     let database = fresh_database("n").await;

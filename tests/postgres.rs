@@ -503,7 +503,7 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
     let a = Store::Postgres(node(&url, &keys_dir).await);
     let b_store = node(&url, &keys_dir).await;
     let counters = std::sync::Arc::new(CacheMetrics::default());
-    let cache = StateCache::over_postgres(b_store.clone(), counters.clone())
+    let cache = StateCache::over_postgres(b_store.clone(), "b", counters.clone())
         .await
         .unwrap();
     let b = Store::Postgres(b_store);
@@ -529,6 +529,11 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
         .unwrap()
         .id;
 
+    // A change made on node a returns only once node b has applied the change log
+    // (the new account's grant included), so what b reads next stays cached.
+    a.revoke_jti("unrelated".into(), later / 1000)
+        .await
+        .unwrap();
     assert!(cache.session(&b, [1; 32]).await.unwrap().is_some());
     assert!(cache.session(&b, [1; 32]).await.unwrap().is_some());
     let fetched = counters.fetches.load(Ordering::Relaxed);

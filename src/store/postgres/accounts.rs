@@ -239,6 +239,8 @@ impl PgStore {
         )
         .await?;
         tx.commit().await?;
+        drop(client);
+        self.applied_everywhere().await;
         Ok(if existing.is_some() {
             MemberUpsert::Updated
         } else {
@@ -291,6 +293,8 @@ impl PgStore {
         )
         .await?;
         tx.commit().await?;
+        drop(client);
+        self.applied_everywhere().await;
         Ok(MemberRemoval::Removed)
     }
 }

@@ -199,6 +199,10 @@ impl PgStore {
                 &[&id, &self.clock.now_millis()],
             )
             .await?;
+        drop(client);
+        if revoked > 0 {
+            self.applied_everywhere().await;
+        }
         Ok(revoked as usize)
     }
 
@@ -262,6 +266,8 @@ impl PgStore {
         )
         .await?;
         tx.commit().await?;
+        drop(client);
+        self.sweep_dead_leases().await?;
         Ok((sessions + revoked + capabilities) as usize)
     }
 

@@ -9,6 +9,7 @@ mod capabilities;
 mod changes;
 mod import;
 mod jwt_keys;
+mod leases;
 mod payments;
 mod ratelimit;
 mod store;
@@ -21,6 +22,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub use changes::HeadReads;
 pub use import::{import_sqlite, Copied};
 pub use jwt_keys::JwtKeyRow;
+pub use leases::{ChangeFeed, RENEW_EVERY, TRUSTED_FOR};
 pub use ratelimit::PgRateStore;
 pub use store::PgStore;
 pub use url::{is_postgres, DatabaseUrl, Verify};
@@ -28,11 +30,18 @@ pub use url::{is_postgres, DatabaseUrl, Verify};
 use super::StoreError;
 
 /// `(version, name, sql)`, in order. Never edit a released migration; add a new one.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "postgres/001_init.sql",
-    include_str!("../../../sql/postgres/001_init.sql"),
-)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "postgres/001_init.sql",
+        include_str!("../../../sql/postgres/001_init.sql"),
+    ),
+    (
+        2,
+        "postgres/002_cache_leases.sql",
+        include_str!("../../../sql/postgres/002_cache_leases.sql"),
+    ),
+];
 
 /// The advisory lock nodes take to migrate one at a time (any constant of paygate's own).
 const MIGRATION_LOCK: i64 = 0x7061_7967_6174_6501;

@@ -474,6 +474,10 @@ impl PgStore {
             (_, Some(payment)) => CancelOutcome::NotPending(payment),
         };
         tx.commit().await?;
+        drop(client);
+        if matches!(outcome, CancelOutcome::Cancelled(_)) {
+            self.applied_everywhere().await;
+        }
         Ok(outcome)
     }
 }

@@ -69,6 +69,8 @@ pub struct PgStore {
     pub(super) clock: Clock,
     /// The node's group-commit queue for payment creation.
     pub(super) payments: super::payments::Queue,
+    /// Where the database is, for connections outside the pool (change notifications).
+    pub(super) url: Arc<DatabaseUrl>,
 }
 
 fn subject(row: &Row, first: usize) -> Result<Subject, StoreError> {
@@ -100,6 +102,7 @@ impl PgStore {
             totp_keys,
             clock,
             payments,
+            url: Arc::new(url.clone()),
         })
     }
 
@@ -170,6 +173,8 @@ impl PgStore {
         tx.execute("DELETE FROM sessions WHERE user_id = $1", &[&id])
             .await?;
         tx.commit().await?;
+        drop(client);
+        self.applied_everywhere().await;
         Ok(true)
     }
 
@@ -234,7 +239,12 @@ impl PgStore {
         let statement = client
             .prepare_cached("DELETE FROM sessions WHERE token_hash = $1")
             .await?;
-        Ok(client.execute(&statement, &[&&token_hash[..]]).await? > 0)
+        let ended = client.execute(&statement, &[&&token_hash[..]]).await? > 0;
+        drop(client);
+        if ended {
+            self.applied_everywhere().await;
+        }
+        Ok(ended)
     }
 
     pub async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRow>, StoreError> {
@@ -265,6 +275,8 @@ impl PgStore {
             )
             .await?;
         client.execute(&statement, &[&jti, &expires_at]).await?;
+        drop(client);
+        self.applied_everywhere().await;
         Ok(())
     }
 
