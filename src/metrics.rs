@@ -2,9 +2,10 @@
 //!
 //! Every counter is a relaxed atomic or a short `Mutex<HashMap>` update (~100 ns) on the
 //! request path; nothing here does I/O while a request waits. Each worker counts its own
-//! requests and labels every series with its instance. Because SO_REUSEPORT hands a scrape
-//! to any one worker, each worker also writes a snapshot of its series to
-//! `<data-dir>/metrics/<instance>.json` every [`SNAPSHOT_EVERY`], and `GET /metrics`
+//! requests and labels every series with `worker`, its instance name (not `instance`, which
+//! Prometheus reserves for the scrape target and would rename to `exported_instance`).
+//! Because SO_REUSEPORT hands a scrape to any one worker, each worker also writes a snapshot
+//! of its series to `<data-dir>/metrics/<instance>.json` every [`SNAPSHOT_EVERY`], and `GET /metrics`
 //! answers with its own live series plus every sibling's snapshot younger than
 //! [`SNAPSHOT_STALE`]: one scrape shows all workers, at most a few seconds behind.
 //! A worker removes its snapshot when it stops cleanly; a crashed one's goes stale.
@@ -29,6 +30,32 @@ pub const METRICS_DIR: &str = "metrics";
 const FSYNC_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
+
+/// Upper bounds (seconds) of the request duration histogram's buckets: OpenTelemetry's
+/// advice for `http.server.request.duration`, with three finer buckets below 5 ms, where
+/// most of paygate's answers fall.
+const DURATION_BUCKETS: [f64; 17] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0,
+];
+
+/// One request duration histogram series: per-bucket counts (the last is +Inf), sum in ns.
+#[derive(Default)]
+struct Durations {
+    buckets: [u64; DURATION_BUCKETS.len() + 1],
+    sum_ns: u64,
+}
+
+/// The label of a status code's class: `2xx`, `4xx`, …
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
 
 /// The audit writer's figures, updated by its thread.
 #[derive(Default)]
@@ -80,6 +107,8 @@ pub struct Metrics {
     started_s: f64,
     /// Requests answered, by route label and status.
     requests: Mutex<HashMap<(&'static str, u16), u64>>,
+    /// How long requests took, by route label and status class.
+    durations: Mutex<HashMap<(&'static str, &'static str), Durations>>,
     /// Requests refused by the rate limiter, by rule (policy name).
     rate_limited: Mutex<HashMap<String, u64>>,
     /// Failed authentication attempts, by method (`basic`, `bearer-jwt`, …).
@@ -103,6 +132,7 @@ impl Metrics {
             instance: instance.to_owned(),
             started_s: crate::time::now_millis() as f64 / 1000.0,
             requests: Mutex::default(),
+            durations: Mutex::default(),
             rate_limited: Mutex::default(),
             auth_failures: Mutex::default(),
             open_connections: AtomicI64::new(0),
@@ -124,8 +154,20 @@ impl Metrics {
         &self.instance
     }
 
-    pub fn request(&self, route: &'static str, status: u16) {
+    /// Counts an answered request and how long it took, from its first byte read to its
+    /// response handed to hyper.
+    pub fn request(&self, route: &'static str, status: u16, took: Duration) {
         count(&self.requests, (route, status));
+        let seconds = took.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let mut map = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        let series = map.entry((route, status_class(status))).or_default();
+        series.buckets[bucket] += 1;
+        series.sum_ns = series.sum_ns.saturating_add(ns);
     }
 
     pub fn rate_limited(&self, rule: &str) {
@@ -150,14 +192,14 @@ impl Metrics {
 
     /// This worker's series, as samples.
     pub fn snapshot(&self, audit: Option<&AuditMetrics>) -> Vec<Sample> {
-        let instance = || vec![("instance".to_owned(), self.instance.clone())];
+        let worker = || vec![("worker".to_owned(), self.instance.clone())];
         let with = |name: &str, value: &str| {
-            let mut labels = instance();
+            let mut labels = worker();
             labels.push((name.to_owned(), value.to_owned()));
             labels
         };
         let mut samples = Vec::new();
-        let mut push = |family: &'static str, labels, value: f64| {
+        let push = |samples: &mut Vec<Sample>, family: &'static str, labels, value: f64| {
             samples.push(Sample {
                 family,
                 suffix: "",
@@ -170,82 +212,141 @@ impl Metrics {
             for ((route, status), n) in requests.iter() {
                 let mut labels = with("route", route);
                 labels.push(("status".to_owned(), status.to_string()));
-                push("paygate_requests_total", labels, *n as f64);
+                push(&mut samples, "paygate_requests_total", labels, *n as f64);
+            }
+        }
+        {
+            let durations = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+            for ((route, class), series) in durations.iter() {
+                let mut labels = with("route", route);
+                labels.push(("status_class".to_owned(), (*class).to_owned()));
+                let histogram = Histogram {
+                    family: "paygate_http_server_request_duration_seconds",
+                    labels,
+                    bounds: &DURATION_BUCKETS,
+                    counts: &series.buckets,
+                    sum_ns: series.sum_ns,
+                };
+                histogram.push_to(&mut samples);
             }
         }
         {
             let limited = self.rate_limited.lock().unwrap_or_else(|p| p.into_inner());
             for (rule, n) in limited.iter() {
-                push("paygate_rate_limited_total", with("rule", rule), *n as f64);
+                let labels = with("rule", rule);
+                push(
+                    &mut samples,
+                    "paygate_rate_limited_total",
+                    labels,
+                    *n as f64,
+                );
             }
         }
         {
             let failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
             for (method, n) in failures.iter() {
+                let labels = with("method", method);
                 push(
+                    &mut samples,
                     "paygate_auth_failures_total",
-                    with("method", method),
+                    labels,
                     *n as f64,
                 );
             }
         }
+        let open = self.open_connections.load(Ordering::Relaxed) as f64;
+        push(&mut samples, "paygate_open_connections", worker(), open);
+        let refused = self.refused_connections.load(Ordering::Relaxed) as f64;
         push(
-            "paygate_open_connections",
-            instance(),
-            self.open_connections.load(Ordering::Relaxed) as f64,
-        );
-        push(
+            &mut samples,
             "paygate_connections_refused_total",
-            instance(),
-            self.refused_connections.load(Ordering::Relaxed) as f64,
+            worker(),
+            refused,
         );
+        let started = self.started_s;
         push(
+            &mut samples,
             "paygate_worker_start_time_seconds",
-            instance(),
-            self.started_s,
+            worker(),
+            started,
         );
         let cache = &self.cache;
         for (result, n) in [("hit", &cache.hits), ("fetched", &cache.fetches)] {
             let n = n.load(Ordering::Relaxed) as f64;
-            push("paygate_cache_lookups_total", with("result", result), n);
+            let labels = with("result", result);
+            push(&mut samples, "paygate_cache_lookups_total", labels, n);
         }
         for (reason, n) in [("change", &cache.evicted), ("all", &cache.dropped)] {
             let n = n.load(Ordering::Relaxed) as f64;
-            push("paygate_cache_evictions_total", with("reason", reason), n);
+            let labels = with("reason", reason);
+            push(&mut samples, "paygate_cache_evictions_total", labels, n);
         }
         if let Some(audit) = audit {
+            let records = audit.records.load(Ordering::Relaxed) as f64;
             push(
+                &mut samples,
                 "paygate_audit_records_total",
-                instance(),
-                audit.records.load(Ordering::Relaxed) as f64,
+                worker(),
+                records,
             );
-            let mut cumulative = 0;
-            for (i, bucket) in audit.fsync_buckets.iter().enumerate() {
-                cumulative += bucket.load(Ordering::Relaxed);
-                let le = FSYNC_BUCKETS
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-                samples.push(Sample {
-                    family: "paygate_audit_fsync_seconds",
-                    suffix: "_bucket",
-                    labels: with("le", &le),
-                    value: cumulative as f64,
-                });
-            }
-            samples.push(Sample {
+            let counts = audit
+                .fsync_buckets
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed));
+            let histogram = Histogram {
                 family: "paygate_audit_fsync_seconds",
-                suffix: "_sum",
-                labels: instance(),
-                value: audit.fsync_sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            });
+                labels: worker(),
+                bounds: &FSYNC_BUCKETS,
+                counts: &counts,
+                sum_ns: audit.fsync_sum_ns.load(Ordering::Relaxed),
+            };
+            histogram.push_to(&mut samples);
+        }
+        samples
+    }
+}
+
+/// One histogram series, ready to become its `_bucket`, `_sum` and `_count` samples.
+struct Histogram<'a> {
+    family: &'static str,
+    labels: Vec<(String, String)>,
+    /// The buckets' upper bounds; `counts` has one more, for +Inf.
+    bounds: &'a [f64],
+    /// Observations per bucket (not cumulative).
+    counts: &'a [u64],
+    sum_ns: u64,
+}
+
+impl Histogram<'_> {
+    fn push_to(self, samples: &mut Vec<Sample>) {
+        let mut cumulative = 0;
+        for (i, n) in self.counts.iter().enumerate() {
+            cumulative += n;
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let mut labels = self.labels.clone();
+            labels.push(("le".to_owned(), le));
             samples.push(Sample {
-                family: "paygate_audit_fsync_seconds",
-                suffix: "_count",
-                labels: instance(),
+                family: self.family,
+                suffix: "_bucket",
+                labels,
                 value: cumulative as f64,
             });
         }
-        samples
+        samples.push(Sample {
+            family: self.family,
+            suffix: "_sum",
+            labels: self.labels.clone(),
+            value: self.sum_ns as f64 / 1e9,
+        });
+        samples.push(Sample {
+            family: self.family,
+            suffix: "_count",
+            labels: self.labels,
+            value: cumulative as f64,
+        });
     }
 }
 
@@ -268,11 +369,16 @@ pub struct Sample {
 }
 
 /// Every family, in the order they are rendered: name, type, help.
-const FAMILIES: [(&str, &str, &str); 10] = [
+const FAMILIES: [(&str, &str, &str); 11] = [
     (
         "paygate_requests_total",
         "counter",
         "Requests answered, by route and status.",
+    ),
+    (
+        "paygate_http_server_request_duration_seconds",
+        "histogram",
+        "Time from a request's arrival to its response, by route and status class.",
     ),
     (
         "paygate_rate_limited_total",
@@ -438,7 +544,8 @@ fn parse_sample(row: &Value) -> Option<Sample> {
         .map(|pair| match pair.as_array()?.as_slice() {
             [name, value] => {
                 let name = name.as_str()?;
-                let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase());
+                let plain =
+                    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
                 plain.then_some((name.to_owned(), value.as_str()?.to_owned()))
             }
             _ => None,
@@ -459,8 +566,9 @@ mod tests {
     #[test]
     fn renders_each_family_once_with_escaped_labels() {
         let metrics = Metrics::new("w\"1");
-        metrics.request("GET /apiStatus", 200);
-        metrics.request("GET /apiStatus", 200);
+        metrics.request("GET /apiStatus", 200, Duration::from_micros(300));
+        metrics.request("GET /apiStatus", 200, Duration::from_millis(3));
+        metrics.request("GET /apiStatus", 404, Duration::from_secs(20));
         metrics.rate_limited("default");
         metrics.auth_failure("basic");
         let audit = AuditMetrics::default();
@@ -469,20 +577,58 @@ mod tests {
         audit.record_fsync(Duration::from_secs(1));
         let text = render(&metrics.snapshot(Some(&audit)));
         assert!(text.contains(
-            "paygate_requests_total{instance=\"w\\\"1\",route=\"GET /apiStatus\",status=\"200\"} 2\n"
+            "paygate_requests_total{worker=\"w\\\"1\",route=\"GET /apiStatus\",status=\"200\"} 2\n"
         ));
+        assert!(text.contains("paygate_rate_limited_total{worker=\"w\\\"1\",rule=\"default\"} 1\n"));
+        let durations = "paygate_http_server_request_duration_seconds";
+        let series = |suffix: &str, rest: &str| {
+            format!("{durations}{suffix}{{worker=\"w\\\"1\",route=\"GET /apiStatus\",{rest}")
+        };
+        for (class, le, n) in [
+            ("2xx", "0.0005", 1),
+            ("2xx", "0.0025", 1),
+            ("2xx", "0.005", 2),
+            ("2xx", "+Inf", 2),
+            ("4xx", "10", 0),
+            ("4xx", "+Inf", 1),
+        ] {
+            let line = series(
+                "_bucket",
+                &format!("status_class=\"{class}\",le=\"{le}\"}} {n}\n"),
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&series("_count", "status_class=\"2xx\"} 2\n")));
+        assert!(text.contains(&series("_sum", "status_class=\"2xx\"} 0.0033\n")));
+        let series = |suffix: &str, rest: &str| {
+            format!(
+                "paygate_http_server_request_duration_seconds{suffix}\
+                 {{worker=\"w\\\"1\",route=\"GET /apiStatus\",{rest}"
+            )
+        };
+        for (class, le, n) in [
+            ("2xx", "0.0005", 1),
+            ("2xx", "0.0025", 1),
+            ("2xx", "0.005", 2),
+            ("2xx", "+Inf", 2),
+            ("4xx", "10", 0),
+            ("4xx", "+Inf", 1),
+        ] {
+            let rest = format!("status_class=\"{class}\",le=\"{le}\"}} {n}\n");
+            let line = series("_bucket", &rest);
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&series("_count", "status_class=\"2xx\"} 2\n")));
+        assert!(text.contains(&series("_sum", "status_class=\"2xx\"} 0.0033\n")));
+        assert!(text.contains("paygate_audit_records_total{worker=\"w\\\"1\"} 3\n"));
+        assert!(text
+            .contains("paygate_audit_fsync_seconds_bucket{worker=\"w\\\"1\",le=\"0.00005\"} 0\n"));
+        assert!(text
+            .contains("paygate_audit_fsync_seconds_bucket{worker=\"w\\\"1\",le=\"0.0001\"} 1\n"));
         assert!(
-            text.contains("paygate_rate_limited_total{instance=\"w\\\"1\",rule=\"default\"} 1\n")
+            text.contains("paygate_audit_fsync_seconds_bucket{worker=\"w\\\"1\",le=\"+Inf\"} 2\n")
         );
-        assert!(text.contains("paygate_audit_records_total{instance=\"w\\\"1\"} 3\n"));
-        assert!(text.contains(
-            "paygate_audit_fsync_seconds_bucket{instance=\"w\\\"1\",le=\"0.00005\"} 0\n"
-        ));
-        assert!(text
-            .contains("paygate_audit_fsync_seconds_bucket{instance=\"w\\\"1\",le=\"0.0001\"} 1\n"));
-        assert!(text
-            .contains("paygate_audit_fsync_seconds_bucket{instance=\"w\\\"1\",le=\"+Inf\"} 2\n"));
-        assert!(text.contains("paygate_audit_fsync_seconds_count{instance=\"w\\\"1\"} 2\n"));
+        assert!(text.contains("paygate_audit_fsync_seconds_count{worker=\"w\\\"1\"} 2\n"));
         assert_eq!(
             text.matches("# TYPE paygate_requests_total counter")
                 .count(),
@@ -490,33 +636,33 @@ mod tests {
         );
         let connection = metrics.connection();
         assert!(render(&metrics.snapshot(None))
-            .contains("paygate_open_connections{instance=\"w\\\"1\"} 1\n"));
+            .contains("paygate_open_connections{worker=\"w\\\"1\"} 1\n"));
         drop(connection);
         assert!(render(&metrics.snapshot(None))
-            .contains("paygate_open_connections{instance=\"w\\\"1\"} 0\n"));
+            .contains("paygate_open_connections{worker=\"w\\\"1\"} 0\n"));
     }
 
     #[test]
     fn siblings_snapshots_merge_and_stale_or_forged_ones_do_not() {
         let dir = std::env::temp_dir().join(format!("paygate-metrics-{}", uuid::Uuid::new_v4()));
         let one = Metrics::new("1");
-        one.request("GET /apiStatus", 200);
+        one.request("GET /apiStatus", 200, Duration::ZERO);
         let two = Metrics::new("2");
-        two.request("GET /apiStatus", 429);
+        two.request("GET /apiStatus", 429, Duration::ZERO);
         write_snapshot(&dir, "1", &one.snapshot(None)).unwrap();
         write_snapshot(&dir, "2", &two.snapshot(None)).unwrap();
         // A snapshot naming an unknown family is ignored row by row.
         std::fs::write(
             dir.join(METRICS_DIR).join("3.json"),
-            r#"[["evil_total\n","",[],1],["paygate_open_connections","",[["instance","3"]],4]]"#,
+            r#"[["evil_total\n","",[],1],["paygate_open_connections","",[["worker","3"]],4]]"#,
         )
         .unwrap();
         let mut samples = one.snapshot(None);
         samples.extend(sibling_samples(&dir, "1"));
         let text = render(&samples);
-        assert!(text.contains("{instance=\"1\",route=\"GET /apiStatus\",status=\"200\"} 1\n"));
-        assert!(text.contains("{instance=\"2\",route=\"GET /apiStatus\",status=\"429\"} 1\n"));
-        assert!(text.contains("paygate_open_connections{instance=\"3\"} 4\n"));
+        assert!(text.contains("{worker=\"1\",route=\"GET /apiStatus\",status=\"200\"} 1\n"));
+        assert!(text.contains("{worker=\"2\",route=\"GET /apiStatus\",status=\"429\"} 1\n"));
+        assert!(text.contains("paygate_open_connections{worker=\"3\"} 4\n"));
         assert!(!text.contains("evil"));
         assert_eq!(text.matches("# HELP paygate_requests_total").count(), 1);
         // A worker that stopped writing (crashed) drops out once its snapshot is stale.
@@ -526,9 +672,9 @@ mod tests {
             .open(dir.join(METRICS_DIR).join("3.json"))
             .and_then(|f| f.set_modified(old))
             .unwrap();
-        assert!(!render(&sibling_samples(&dir, "1")).contains("instance=\"3\""));
+        assert!(!render(&sibling_samples(&dir, "1")).contains("worker=\"3\""));
         remove_snapshot(&dir, "2");
-        assert!(!render(&sibling_samples(&dir, "1")).contains("instance=\"2\""));
+        assert!(!render(&sibling_samples(&dir, "1")).contains("worker=\"2\""));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

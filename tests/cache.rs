@@ -41,7 +41,7 @@ impl Worker {
     /// This worker's cache counter `family{result|reason=label}`, from its own `/metrics`.
     async fn counter(&self, family: &str, label: &str) -> f64 {
         let text = self.client.get("/metrics").send().await.text();
-        let instance = format!("instance=\"{}\"", self.name);
+        let instance = format!("worker=\"{}\"", self.name);
         text.lines()
             .filter(|l| l.starts_with(family) && l.contains(&instance) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

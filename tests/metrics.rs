@@ -51,7 +51,7 @@ async fn a_local_scrape_counts_requests_refusals_failures_and_audit_syncs() {
     );
     let text = response.text();
     let instance = server.app().metrics.instance().to_owned();
-    let series = |rest: &str| format!("{{instance=\"{instance}\"{rest}}}");
+    let series = |rest: &str| format!("{{worker=\"{instance}\"{rest}}}");
     let get = |name: &str, rest: &str| value(&text, &format!("{name}{}", series(rest)));
     assert_eq!(
         get(
@@ -75,6 +75,17 @@ async fn a_local_scrape_counts_requests_refusals_failures_and_audit_syncs() {
         ),
         Some(2.0)
     );
+    // Every answer is timed, by route and status class, whichever stage gave it.
+    let durations = "paygate_http_server_request_duration_seconds";
+    let apistatus = ",route=\"GET /apiStatus\",status_class";
+    let count = format!("{durations}_count");
+    assert_eq!(get(&count, &format!("{apistatus}=\"2xx\"")), Some(3.0));
+    assert_eq!(get(&count, &format!("{apistatus}=\"4xx\"")), Some(2.0));
+    let bucket = format!("{durations}_bucket");
+    let all = format!("{apistatus}=\"2xx\",le=\"+Inf\"");
+    assert_eq!(get(&bucket, &all), Some(3.0), "{text}");
+    let sum = get(&format!("{durations}_sum"), &format!("{apistatus}=\"2xx\""));
+    assert!(sum.is_some_and(|s| s > 0.0), "{text}");
     // Rules are named after their method and path (the RateLimit-Policy name).
     assert_eq!(
         get("paygate_rate_limited_total", ",rule=\"get-apistatus\""),
@@ -186,16 +197,16 @@ async fn one_scrape_shows_every_worker() {
     for _ in 0..60 {
         client.get("/apiStatus").send().await;
         seen = client.get("/metrics").send().await.text();
-        if seen.contains("paygate_worker_start_time_seconds{instance=\"1\"}")
-            && seen.contains("paygate_worker_start_time_seconds{instance=\"2\"}")
+        if seen.contains("paygate_worker_start_time_seconds{worker=\"1\"}")
+            && seen.contains("paygate_worker_start_time_seconds{worker=\"2\"}")
         {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
-        seen.contains("paygate_worker_start_time_seconds{instance=\"1\"}")
-            && seen.contains("paygate_worker_start_time_seconds{instance=\"2\"}"),
+        seen.contains("paygate_worker_start_time_seconds{worker=\"1\"}")
+            && seen.contains("paygate_worker_start_time_seconds{worker=\"2\"}"),
         "{seen}"
     );
     assert_eq!(

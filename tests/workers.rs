@@ -98,7 +98,7 @@ async fn a_rate_limit_holds_across_four_workers() {
         let answering = (1..=4)
             .filter(|i| {
                 metrics.contains(&format!(
-                    "paygate_requests_total{{instance=\"{i}\",route=\"GET /apiStatus\""
+                    "paygate_requests_total{{worker=\"{i}\",route=\"GET /apiStatus\""
                 ))
             })
             .count();

@@ -63,7 +63,15 @@ async fn chain(
     let admitted = rate_limit::admit(app, client, method, path, user.as_deref(), password_user);
     let mut admission = match admitted.await {
         Ok(admission) => admission,
-        Err(refusal) => return answer(app, route.label(), Err(refusal), request_id, None),
+        Err(refusal) => {
+            return answer(
+                app,
+                route.label(),
+                Err(refusal),
+                (request_id, started),
+                None,
+            )
+        }
     };
     drop(user);
     // Authenticate: label the request with who it proves to be; never rejects.
@@ -87,7 +95,7 @@ async fn chain(
                 app,
                 route.label(),
                 Err(refusal),
-                request_id,
+                (request_id, started),
                 Some(&admission),
             )
         }
@@ -115,7 +123,7 @@ async fn chain(
         Err(e) => e.status(),
     };
     audited.record_response(app, status.as_u16(), reason);
-    answer(app, label, result, request_id, Some(&admission))
+    answer(app, label, result, (request_id, started), Some(&admission))
 }
 
 /// Turns the chain's outcome into the response, counting it: every request ends here,
@@ -125,18 +133,20 @@ fn answer(
     app: &App,
     label: &'static str,
     result: Result<Response<Body>, ApiError>,
-    request_id: Uuid,
+    (request_id, started): (Uuid, Instant),
     admission: Option<&rate_limit::Admission>,
 ) -> Response<Body> {
-    match &result {
-        Ok(response) => app.metrics.request(label, response.status().as_u16()),
+    let status = match &result {
+        Ok(response) => response.status(),
         Err(refusal) => {
             if let ApiError::RateLimited { quota, .. } = refusal {
                 app.metrics.rate_limited(&quota.name);
             }
-            app.metrics.request(label, refusal.status().as_u16());
+            refusal.status()
         }
-    }
+    };
+    app.metrics
+        .request(label, status.as_u16(), started.elapsed());
     let mut response = finish(result, request_id);
     if let Some(admission) = admission {
         admission.decorate(&mut response);
