@@ -222,6 +222,17 @@ pub const OPTIONS: &[OptionSpec] = &[
         list_separator: None,
     },
     OptionSpec {
+        name: "log-format",
+        env: Some("PAYGATE_LOG_FORMAT"),
+        value: "FORMAT",
+        default: "text",
+        help: "The operational log on stderr: `text` for people, `json` (one object per line) \
+               for a log pipeline. Under systemd, each line carries its journald priority.",
+        internal: false,
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
         name: "workers",
         env: Some("PAYGATE_WORKERS"),
         value: "N",

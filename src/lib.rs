@@ -12,7 +12,8 @@
 //! - Leaves: [`time`] (the one [`time::Clock`] and timestamps), [`decimal`], [`domain`]
 //!   (validated values: usernames, permissions, amounts, ...), [`secret_file`] (private
 //!   files, written atomically), [`client_ip`], [`token_bucket`] (the bucket arithmetic),
-//!   [`systemd`] (`sd_notify`), [`signals`] (the stop signal).
+//!   [`systemd`] (`sd_notify`), [`signals`] (the stop signal), [`logging`] (the
+//!   operational log's text and JSON lines).
 //! - [`store`]: all SQL, behind the [`store::Store`] seam over SQLite and PostgreSQL; [`metrics`]: per-worker counters
 //!   and `GET /metrics`; [`cli`]: the command-line grammar.
 //! - [`cache`]: this worker's exact cache of what it read from the store.
@@ -50,6 +51,7 @@ pub mod domain;
 pub mod filter;
 pub mod http;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod passwords;
 pub mod ratelimit;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use paygate::cli::{self, CommandName, Invocation};
 use paygate::config::{ServeConfig, Sources};
 use paygate::domain::{check_password, Role, Username};
+use paygate::logging::LogFormat;
 use paygate::store::postgres::PgStore;
 use paygate::store::sealing::TotpKeys;
 use paygate::store::{NewUser, SqliteStore, StoreError, UserInsert};
@@ -16,7 +17,6 @@ use paygate::tokens::keys;
 type Failure = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let invocation = match cli::parse(std::env::args().skip(1)) {
         Ok(invocation) => invocation,
         Err(usage) => {
@@ -24,6 +24,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let format = match &invocation {
+        Invocation::Run { options, .. } => {
+            let env = |name: &str| std::env::var(name).ok();
+            let format = Sources::new(options, &env).string("log-format");
+            LogFormat::parse(format.as_deref().unwrap_or("text"))
+        }
+        _ => Ok(LogFormat::Text),
+    };
+    match format {
+        Ok(format) => paygate::logging::init(format),
+        Err(usage) => {
+            eprintln!("paygate: {usage}");
+            return ExitCode::from(2);
+        }
+    }
     let result: Result<ExitCode, Failure> = match invocation {
         Invocation::Help(text) => {
             print!("{text}");

@@ -119,6 +119,7 @@ pub async fn start_with_clock(config: ServeConfig, clock: Clock) -> Result<Runni
         .local_addr()
         .map_err(|e| StartError(format!("cannot read the listening address: {e}")))?;
 
+    crate::logging::set_worker(app.metrics.instance());
     let app = Arc::new(app);
     let (stop, stopped) = watch::channel(false);
     let acceptor = TlsAcceptor::from(tls);

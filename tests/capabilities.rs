@@ -527,9 +527,37 @@ async fn capability_use_is_audited_by_id_and_the_token_is_never_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
+async fn no_secret_reaches_the_text_operational_log_even_at_debug_level() {
+    let log = secrets_through_a_server_logging("text").await;
+    assert!(log.contains("paygate stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_json_operational_log_and_every_line_is_an_object() {
+    let log = secrets_through_a_server_logging("json").await;
+    let mut stopped = None;
+    for line in log.lines() {
+        let object: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["time", "level", "target", "message"] {
+            assert!(object[key].is_string(), "no {key} in {line}");
+        }
+        if object["message"] == "paygate stopped" {
+            stopped = Some(object);
+        }
+    }
+    // Once the process is a worker, its lines name it.
+    let stopped = stopped.unwrap_or_else(|| panic!("no stop line in {log}"));
+    assert_eq!(stopped["level"], "info");
+    assert!(stopped["worker"].is_string(), "{stopped}");
+}
+
+/// Runs a server at debug level in `format` through logins, tokens, capabilities and a
+/// forged token, and checks that none of their secrets is in its operational log, which it
+/// returns.
+async fn secrets_through_a_server_logging(format: &str) -> String {
     let dir = common::TempDir::new("oplog");
-    let (mut child, addr, log) = common::serve_logging(&dir, &["--rate-limit", "none"], "debug");
+    let args = ["--rate-limit", "none", "--log-format", format];
+    let (mut child, addr, log) = common::serve_logging(&dir, &args, "debug");
     let client = common::Client::new(addr, &dir.0.join("certs/server.crt"));
     let alice = client.register("alice").await;
     let account = client.account(&alice, "EUR").await;
@@ -568,7 +596,6 @@ async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
     common::signal(&child, "TERM");
     child.wait().unwrap();
     let log = log.complete();
-    assert!(log.contains("paygate stopped"), "{log}");
     for (kind, secret) in [
         ("password", alice.password.as_str()),
         ("Basic value", alice.header().trim_start_matches("Basic ")),
@@ -577,6 +604,7 @@ async fn no_secret_reaches_the_operational_log_even_at_debug_level() {
     ] {
         assert!(!log.contains(secret), "{kind} found in the operational log");
     }
+    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
         "token_bucket",
         "systemd",
         "signals",
+        "logging",
     ],
     // All SQL; per-worker counters; the command-line grammar.
     &["store", "metrics", "cli"],

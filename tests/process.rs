@@ -109,6 +109,67 @@ fn readiness_and_stopping_are_sent_to_notify_socket() {
     }
 }
 
+#[test]
+fn under_journald_each_line_carries_its_priority_in_both_formats() {
+    use std::os::unix::fs::MetadataExt as _;
+    // systemd connects stderr to the journal and names that stream in JOURNAL_STREAM
+    // (device:inode); here the stream is a file, which paygate cannot tell apart.
+    for format in ["text", "json"] {
+        let dir = TempDir::new("journal");
+        let path = dir.0.join("stderr");
+        // Appending, so that each run after the truncation below writes from the start.
+        let stderr = std::fs::File::options()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        let metadata = stderr.metadata().unwrap();
+        let stream = format!("{}:{}", metadata.dev(), metadata.ino());
+        for (journal_stream, journal) in [(stream.as_str(), true), ("1:2", false)] {
+            let child = paygate_command(&dir)
+                .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
+                .args(["--log-format", format])
+                .env("JOURNAL_STREAM", journal_stream)
+                .stdin(std::process::Stdio::null())
+                .stderr(stderr.try_clone().unwrap())
+                .spawn()
+                .unwrap();
+            let mut child = common::StopOnDrop(child);
+            let read = || std::fs::read_to_string(&path).unwrap();
+            for _ in 0..400 {
+                if read().contains("listening on https://") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            signal(&child.0, "TERM");
+            assert_eq!(wait_exit(&mut child.0).code(), Some(0));
+            let log = read();
+            stderr.set_len(0).unwrap();
+            assert!(log.contains("paygate stopped"), "{format}: {log}");
+            for line in log.lines() {
+                if !journal {
+                    assert!(!line.starts_with('<'), "{format}: {line}");
+                    continue;
+                }
+                let (priority, rest) = line[1..].split_once('>').expect(line);
+                assert!(["3", "4", "6", "7"].contains(&priority), "{line}");
+                if format == "json" {
+                    let object: serde_json::Value = serde_json::from_str(rest).expect(line);
+                    let level = object["level"].as_str().unwrap();
+                    let expected = match level {
+                        "error" => "3",
+                        "warn" => "4",
+                        "info" => "6",
+                        _ => "7",
+                    };
+                    assert_eq!(priority, expected, "{line}");
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_serve_one_port_and_one_can_die() {
     let dir = TempDir::new("reuseport");

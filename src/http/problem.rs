@@ -329,9 +329,11 @@ impl ApiError {
     /// The problem+json response, carrying `request_id`.
     pub fn into_response(self, request_id: Uuid) -> http::Response<Body> {
         match &self {
-            ApiError::Internal(cause) => log::error!("request {request_id} failed: {cause}"),
+            ApiError::Internal(cause) => {
+                log::error!(request_id:% = request_id; "request failed: {cause}")
+            }
             ApiError::DatabaseUnavailable(cause) => {
-                log::warn!("request {request_id}: database unreachable: {cause}")
+                log::warn!(request_id:% = request_id; "database unreachable: {cause}")
             }
             _ => {}
         }

@@ -737,7 +737,11 @@ pub fn serve_logging(
                 text,
                 reader: std::sync::Mutex::new(Some(reader)),
             };
-            return (child, addr.trim().parse().unwrap(), log);
+            // In JSON lines the address is followed by the rest of the object.
+            let end = addr
+                .find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c)))
+                .unwrap_or(addr.len());
+            return (child, addr[..end].parse().unwrap(), log);
         }
     }
     panic!("server exited before listening:\n{}", text.lock().unwrap());
