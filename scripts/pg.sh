@@ -178,6 +178,11 @@ case "${1:-}" in
   run)
     shift
     [ $# -gt 0 ] || { echo "usage: pg.sh run CMD..." >&2; exit 2; }
+    # The test suite's other real server: tests/prometheus.rs scrapes paygate with Debian's
+    # Prometheus, installed here like PostgreSQL when missing and running as root.
+    if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    fi
     out=$(start)
     dir=$(sed -n 's/^PG_DIR=//p' <<<"$out")
     trap 'stop "$dir"' EXIT
