@@ -1,7 +1,8 @@
 //! The operational log on stderr, as people and log pipelines read it.
 //!
 //! Two formats (`--log-format`, `PAYGATE_LOG_FORMAT`):
-//! - `text`: `[time LEVEL target] message key=value …`, for a terminal;
+//! - `text`: `[time LEVEL target] message key=value …`, for a terminal (the worker is not
+//!   repeated on every line: systemd's identifier, or the supervisor's lines, name it);
 //! - `json`: one JSON object per line with `time` (RFC 3339, UTC, µs), `level`, `target`,
 //!   `message`, `worker` once the process is a worker, and the record's structured fields
 //!   (`request_id`, …), for Vector, Fluent Bit, Loki and the like.
@@ -115,9 +116,6 @@ fn text_line(record: &Record<'_>, journal: bool, time: &str) -> String {
     };
     line.push(' ');
     line.push_str(&record.args().to_string());
-    if let Some(worker) = WORKER.get() {
-        line.push_str(&format!(" worker={worker}"));
-    }
     for (key, value) in fields(record) {
         line.push_str(&format!(" {key}={value}"));
     }
