@@ -269,6 +269,24 @@ impl StateCache {
         Ok(cache)
     }
 
+    /// Gives up this worker's lease on PostgreSQL, for a clean stop once no request is
+    /// served any more: writers stop waiting for this worker at once, instead of until its
+    /// row is 10 s old. From then on the cache decides nothing from memory (each decision
+    /// reads the head, as when the lease lapses). Nothing to do on SQLite.
+    pub async fn end_lease(&self) {
+        let (Some(following), Feed::Postgres(_, lease, _)) = (&self._following, &self.feed) else {
+            return;
+        };
+        following.renewals.abort();
+        *lease
+            .trusted_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        if let Err(e) = following.store.end_lease(following.holder).await {
+            log::warn!("could not end this worker's cache lease (it lapses in 10 s): {e}");
+        }
+    }
+
     fn with_feed(feed: Feed, seen: i64, counters: Arc<CacheMetrics>) -> StateCache {
         let inner = Inner {
             feed,

@@ -313,6 +313,8 @@ async fn serve(
     // ended here, and awaited: no request can reach the audit log once it is closed.
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+    // No request is served any more: writers on other nodes need not wait for this one.
+    app.cache.end_lease().await;
     // Every record queued by the drained requests is written and synced before exit.
     let flushing = app.clone();
     let flushed = tokio::task::spawn_blocking(move || {

@@ -138,6 +138,21 @@ async fn three_nodes_keep_every_guarantee_together() {
 
 /// A user with an account, logged in on node `a`: their bearer token and the account's
 /// payments path, read once on node `b` so that `b` holds the token in its cache.
+/// Two nodes on a fresh database (unlimited, so that the tests' logins are never refused),
+/// and alice with an account whose payments list is at the path returned.
+async fn two_nodes_with_alice() -> (String, Vec<Node>, Creds, String) {
+    let database = fresh_database("n").await;
+    let nodes = cluster(
+        &database,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
+    );
+    let a = &nodes[0].client;
+    let alice = a.register("alice").await;
+    let path = format!("/accounts/{}/payments", a.account(&alice, "EUR").await);
+    (database, nodes, alice, path)
+}
+
 async fn logged_in_and_cached(a: &Client, b: &Client, alice: &Creds, path: &str) -> String {
     let token = a.login(alice).await;
     assert_eq!(b.get(path).bearer(&token).send().await.status, 200);
@@ -147,15 +162,8 @@ async fn logged_in_and_cached(a: &Client, b: &Client, alice: &Creds, path: &str)
 
 #[tokio::test]
 async fn with_change_notifications_cut_a_logout_is_still_refused_everywhere_at_once() {
-    let database = fresh_database("n").await;
-    let nodes = cluster(
-        &database,
-        2,
-        &["--password-check-limit", "none", "--rate-limit", "none"],
-    );
+    let (database, nodes, alice, path) = two_nodes_with_alice().await;
     let (a, b) = (&nodes[0].client, &nodes[1].client);
-    let alice = a.register("alice").await;
-    let path = format!("/accounts/{}/payments", a.account(&alice, "EUR").await);
 
     // Every node's listening connection cut again and again while the logouts happen:
     // nodes learn of changes only by renewing their leases.
@@ -202,15 +210,8 @@ async fn with_change_notifications_cut_a_logout_is_still_refused_everywhere_at_o
 
 #[tokio::test]
 async fn a_node_paused_through_a_logout_refuses_the_token_when_it_resumes() {
-    let database = fresh_database("n").await;
-    let nodes = cluster(
-        &database,
-        2,
-        &["--password-check-limit", "none", "--rate-limit", "none"],
-    );
+    let (database, nodes, alice, path) = two_nodes_with_alice().await;
     let (a, b) = (&nodes[0].client, &nodes[1].client);
-    let alice = a.register("alice").await;
-    let path = format!("/accounts/{}/payments", a.account(&alice, "EUR").await);
     let token = logged_in_and_cached(a, b, &alice, &path).await;
 
     // Node b cannot apply the logout while stopped: node a answers once b's lease has
@@ -221,11 +222,21 @@ async fn a_node_paused_through_a_logout_refuses_the_token_when_it_resumes() {
     assert_eq!(logout.status, 204);
     assert_eq!(b.get(&path).bearer(&token).send().await.status, 401);
 
-    // A node that stopped for good (its row no longer renewed) is waited for only until
-    // its lease lapses, and then not at all: logouts keep working.
+    // A node that stops cleanly gives its lease up (its row is gone), so writers stop
+    // waiting for it at once; and logouts keep working.
     let token = logged_in_and_cached(a, b, &alice, &path).await;
     let mut nodes = nodes;
     nodes.pop().unwrap().stop();
+    let (db, connection) = tokio_postgres::connect(&database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let leases: i64 = db
+        .query_one("SELECT count(*) FROM cache_leases", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leases, 1, "the stopped node's lease is still there");
     let a = &nodes[0].client;
     assert_eq!(
         a.delete("/sessions").bearer(&token).send().await.status,
