@@ -60,6 +60,34 @@ fn current_file(audit_dir: &Path) -> PathBuf {
 }
 
 #[tokio::test]
+async fn a_reader_of_the_live_file_sees_only_complete_json_lines() {
+    // What `jq`, `tail -F` or a log shipper reads while the server runs: no preallocated
+    // zeros, no partial line, every line a record.
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    for _ in 0..20 {
+        server.client.get("/users/me").basic(&alice).send().await;
+    }
+    let file = current_file(&audit_dir(&server));
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(!bytes.contains(&0), "NUL bytes in {}", file.display());
+    assert_eq!(bytes.last(), Some(&b'\n'));
+    let text = String::from_utf8(bytes).unwrap();
+    let seqs: Vec<u64> = text
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(seqs.len() >= 40, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), text.len() as u64);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn every_request_has_both_records_and_failures_say_why() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;

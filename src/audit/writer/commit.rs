@@ -97,7 +97,6 @@ impl Writer {
                         if self.checkpoint_pending {
                             self.checkpoint();
                         }
-                        self.trim();
                         let (records, commits) = self.committed;
                         log::info!(
                             "audit log closed: {records} records in {commits} commits \
@@ -208,14 +207,6 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops the preallocated zeros at a clean stop: a closed file ends with its last
-    /// record.
-    pub(super) fn trim(&mut self) {
-        if let Err(e) = self.file.cut_to_records() {
-            log::warn!("could not trim the audit file: {e}");
-        }
-    }
-
     /// Starts the next file when this batch would push the current one past the limit.
     pub(super) fn rotate_if_full(&mut self) -> std::io::Result<()> {
         let size = self.file.size();
@@ -226,7 +217,7 @@ impl Writer {
         self.file.cut_to_records()?;
         let next = self.number + 1;
         let path = self.dir.join(file_name(next));
-        let file = AuditFile::open(&path, true, 0, 0, &[])?;
+        let file = AuditFile::open(&path, true, 0)?;
         sync_dir(&self.dir)?;
         self.file = file;
         self.number = next;

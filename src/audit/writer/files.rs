@@ -53,7 +53,8 @@ pub(super) struct Opened {
 /// out against its checkpoint ([`check_before_append`]): a worker never appends to a
 /// chain that does not verify. A torn last line after the checkpointed records (left by a
 /// crash mid-write) is moved to `<file>.<ms>.torn` and cut off, so the chain continues
-/// from the last whole record; zeros after it are preallocated space and stay.
+/// from the last whole record; zeros after it (space an earlier version preallocated) are
+/// cut off, so the file ends with its last record.
 pub(super) fn open_instance(
     dir: &Path,
     instance: &str,
@@ -84,7 +85,7 @@ pub(super) fn open_instance(
                 .map_err(|e| fail("cannot record the audit chain's first checkpoint", &e))?;
         }
         let path = dir.join(file_name(1));
-        let file = AuditFile::open(&path, true, 0, 0, &[])
+        let file = AuditFile::open(&path, true, 0)
             .map_err(|e| fail("cannot create the first audit file", &e))?;
         sync_dir(dir).map_err(|e| fail("cannot sync", &e))?;
         return Ok(Opened {
@@ -93,7 +94,6 @@ pub(super) fn open_instance(
             head: point.head,
         });
     };
-    let mut allocated = last.bytes.len() as u64;
     if last.torn.is_some() {
         // Keep what was written, without the preallocated zeros after it.
         let tail = &last.bytes[last.good..];
@@ -117,7 +117,6 @@ pub(super) fn open_instance(
             })
             .and_then(|()| sync_dir(dir))
             .map_err(|e| fail("cannot set a torn audit tail aside", &e))?;
-        allocated = last.good as u64;
         log::warn!(
             "audit file {} ended in a torn record ({written} bytes, left by a crash after the \
              last checkpointed record); moved it to {} and continued the chain from the last \
@@ -126,14 +125,8 @@ pub(super) fn open_instance(
             torn.display()
         );
     }
-    let file = AuditFile::open(
-        &last.path,
-        false,
-        last.good as u64,
-        allocated,
-        &last.bytes[..last.good],
-    )
-    .map_err(|e| fail("cannot open the audit file", &e))?;
+    let file = AuditFile::open(&last.path, false, last.good as u64)
+        .map_err(|e| fail("cannot open the audit file", &e))?;
     Ok(Opened {
         file,
         number: last.number,

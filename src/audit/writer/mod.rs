@@ -79,12 +79,6 @@ impl AuditWriter {
             )
         })?;
         let opened = open_instance(dir, instance, &key, &checkpoints)?;
-        if !opened.file.is_direct() {
-            log::info!(
-                "audit log {} is written through the page cache (no direct I/O here)",
-                dir.display()
-            );
-        }
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
