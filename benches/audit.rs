@@ -17,7 +17,15 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use paygate::audit::record::{body_of, seal, RequestRecord, GENESIS};
-use paygate::audit::AuditLog;
+use paygate::audit::{AuditLog, Rotation};
+
+/// A log that never rotates while measured.
+fn unbounded() -> Rotation {
+    Rotation {
+        bytes: 1 << 40,
+        interval: std::time::Duration::from_secs(1 << 30),
+    }
+}
 
 fn sample(time: &str) -> RequestRecord<'_> {
     RequestRecord {
@@ -57,7 +65,7 @@ fn bench_audit(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = std::env::temp_dir().join(format!("paygate-bench-audit-{}", uuid::Uuid::new_v4()));
-    let log = Arc::new(AuditLog::open(&dir, Some("bench"), 1 << 40, true).expect("audit log"));
+    let log = Arc::new(AuditLog::open(&dir, Some("bench"), unbounded(), true).expect("audit log"));
     let mut group = c.benchmark_group("audit_durable");
     group.sample_size(20);
     for writers in [1u64, 16, 64] {
@@ -142,7 +150,7 @@ fn bench_start(c: &mut Criterion) {
         let data = chain_on_disk(files, each);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let log = AuditLog::open(&data, Some("1"), 1 << 40, true).expect("open");
+                let log = AuditLog::open(&data, Some("1"), unbounded(), true).expect("open");
                 log.close();
             })
         });

@@ -62,7 +62,7 @@ impl App {
             let audit = AuditLog::open(
                 &local.data_dir,
                 local.instance.as_deref(),
-                local.audit_rotate_bytes,
+                local.audit_rotation,
                 local.audit,
             )?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sealing, passwords, audit))
@@ -118,7 +118,7 @@ impl App {
         let audit = AuditLog::open(
             &config.data_dir,
             config.instance.as_deref(),
-            config.audit_rotate_bytes,
+            config.audit_rotation,
             config.audit,
         )?;
         let limiter = Limiter::new(

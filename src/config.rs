@@ -87,8 +87,8 @@ pub struct ServeConfig {
     pub instance: Option<String>,
     /// Whether requests are audited (off only to measure the audit log's cost).
     pub audit: bool,
-    /// Size at which an audit file is rotated.
-    pub audit_rotate_bytes: u64,
+    /// When an audit file is sealed and the chain continues in the next.
+    pub audit_rotation: crate::audit::Rotation,
     /// Longest lifetime a capability may be minted or derived with, in seconds.
     pub capability_max_ttl_s: u64,
     /// Worker processes: 1 serves in this process; more start a supervisor.
@@ -342,11 +342,18 @@ impl ServeConfig {
                 _ => return Err(ConfigError(format!("{source}: `{raw}` is not on or off"))),
             },
         };
-        let audit_rotate_bytes = sources.positive(
-            "audit-rotate-bytes",
-            crate::audit::DEFAULT_ROTATE_BYTES,
-            "a size in bytes",
-        )?;
+        let audit_rotation = crate::audit::Rotation {
+            bytes: sources.positive(
+                "audit-rotate-bytes",
+                crate::audit::DEFAULT_ROTATE_BYTES,
+                "a size in bytes",
+            )?,
+            interval: Duration::from_secs(sources.positive(
+                "audit-rotate-interval",
+                crate::audit::DEFAULT_ROTATE_INTERVAL.as_secs(),
+                "a number of seconds",
+            )?),
+        };
         let capability_max_ttl_s =
             sources.positive("capability-max-ttl", 86_400, "a number of seconds")?;
         if capability_max_ttl_s > 366 * 86_400 {
@@ -371,7 +378,7 @@ impl ServeConfig {
             capability_max_ttl_s,
             instance,
             audit,
-            audit_rotate_bytes,
+            audit_rotation,
             token_format,
             token_ttl_s: sources.token_ttl()?,
             step_up_amount: step_up_amount.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
@@ -548,7 +555,8 @@ mod tests {
         let defaults = resolve(&[], &[]).unwrap();
         assert!(defaults.audit);
         assert_eq!(defaults.instance, None);
-        assert_eq!(defaults.audit_rotate_bytes, 64 * 1024 * 1024);
+        assert_eq!(defaults.audit_rotation.bytes, 64 * 1024 * 1024);
+        assert_eq!(defaults.audit_rotation.interval, Duration::from_secs(3600));
         assert_eq!(defaults.capability_max_ttl_s, 86_400);
         assert!(resolve(&[("capability-max-ttl", "0")], &[]).is_err());
         let set = resolve(
@@ -565,7 +573,7 @@ mod tests {
             let refusal = off.unwrap_err().to_string();
             assert!(refusal.contains("audit-off"), "{refusal}");
         }
-        assert_eq!(set.audit_rotate_bytes, 1000);
+        assert_eq!(set.audit_rotation.bytes, 1000);
         assert!(resolve(&[("instance", "../etc")], &[]).is_err());
         assert!(resolve(&[("instance", ".hidden")], &[]).is_err());
         assert!(resolve(&[("audit", "maybe")], &[]).is_err());

@@ -52,6 +52,27 @@ pub const AUDIT_DIR: &str = "audit";
 pub const KEY_FILE: &str = "audit.key";
 /// Default size at which a file is rotated.
 pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default age at which a file holding records is rotated, however small.
+pub const DEFAULT_ROTATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// When the file being written is sealed and the chain continues in the next: when a batch
+/// would take it past `bytes`, or once its first record is `interval` old (checked even
+/// while no request comes, so a quiet node seals its segments too). An empty file is never
+/// sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub bytes: u64,
+    pub interval: std::time::Duration,
+}
+
+impl Default for Rotation {
+    fn default() -> Rotation {
+        Rotation {
+            bytes: DEFAULT_ROTATE_BYTES,
+            interval: DEFAULT_ROTATE_INTERVAL,
+        }
+    }
+}
 
 /// Reads the audit key.
 pub fn load_key(path: &Path) -> Result<hmac::Key, String> {
@@ -148,7 +169,7 @@ impl AuditLog {
     pub fn open(
         data_dir: &Path,
         instance: Option<&str>,
-        rotate_bytes: u64,
+        rotation: Rotation,
         enabled: bool,
     ) -> Result<AuditLog, String> {
         let pid = std::process::id();
@@ -184,14 +205,8 @@ impl AuditLog {
         };
         let dir = audit_dir.join(&instance);
         let metrics = Arc::new(AuditMetrics::default());
-        let writer = AuditWriter::start(
-            &audit_dir,
-            &dir,
-            &instance,
-            key,
-            rotate_bytes,
-            metrics.clone(),
-        )?;
+        let writer =
+            AuditWriter::start(&audit_dir, &dir, &instance, key, rotation, metrics.clone())?;
         log::info!("audit log: {}", dir.display());
         Ok(AuditLog {
             instance,

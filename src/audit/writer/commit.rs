@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use ring::hmac;
 
@@ -13,6 +14,7 @@ use super::queue::{Batch, Done, Shared, CHECKPOINT_EVERY, UNWAITED_FLUSH};
 use super::{AuditUnavailable, Head};
 use crate::audit::file::AuditFile;
 use crate::audit::record::seal;
+use crate::audit::Rotation;
 use crate::metrics::AuditMetrics;
 use crate::secret_file::sync_dir;
 use crate::store::Checkpoints;
@@ -25,7 +27,9 @@ pub(super) struct Writer {
     pub(super) file: AuditFile,
     pub(super) number: u32,
     pub(super) head: Head,
-    pub(super) rotate_bytes: u64,
+    pub(super) rotation: Rotation,
+    /// When the current file's first record was written (`None`: the file is empty).
+    pub(super) segment_started: Option<Instant>,
     pub(super) checkpoints: Checkpoints,
     /// Records were committed after the last checkpoint.
     pub(super) checkpoint_pending: bool,
@@ -73,11 +77,24 @@ impl Writer {
                             continue;
                         }
                         queue.writer_sleeping = true;
-                        queue = shared
+                        let (next, waited) = shared
                             .wake
-                            .wait(queue)
+                            .wait_timeout(queue, self.until_rotation())
                             .unwrap_or_else(PoisonError::into_inner);
+                        queue = next;
                         queue.writer_sleeping = false;
+                        if waited.timed_out() && self.segment_is_old() {
+                            // Quiet: seal the segment by age all the same.
+                            drop(queue);
+                            if let Err(e) = self.rotate() {
+                                log::error!(
+                                    "sealing the audit file by age failed: {e}; refusing \
+                                     requests until it is writable"
+                                );
+                                self.broken = true;
+                            }
+                            queue = shared.lock();
+                        }
                         continue;
                     }
                     queue.writer_sleeping = true;
@@ -207,11 +224,47 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts the next file when this batch would push the current one past the limit.
+    /// Whether the current file holds records and the first is as old as the interval.
+    fn segment_is_old(&self) -> bool {
+        self.file.size() > 0
+            && self
+                .segment_started
+                .is_some_and(|started| started.elapsed() >= self.rotation.interval)
+    }
+
+    /// How long the writer may sleep before the current file is due for sealing by age.
+    fn until_rotation(&self) -> Duration {
+        match self.segment_started {
+            Some(started) if self.file.size() > 0 => self
+                .rotation
+                .interval
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(1)),
+            // Nothing to seal: a record will wake the writer first.
+            _ => Duration::from_secs(3600),
+        }
+    }
+
+    /// Starts the next file when this batch would push the current one past the size
+    /// limit, or when the current one is due for sealing by age.
     pub(super) fn rotate_if_full(&mut self) -> std::io::Result<()> {
         let size = self.file.size();
-        if size == 0 || size + self.buffer.len() as u64 <= self.rotate_bytes {
-            return Ok(());
+        let full = size > 0 && size + self.buffer.len() as u64 > self.rotation.bytes;
+        if full || self.segment_is_old() {
+            self.rotate()?;
+        }
+        if self.file.size() == 0 {
+            self.segment_started = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Seals the current file (cut to its records and synced; never written again) and
+    /// continues the chain in the next.
+    pub(super) fn rotate(&mut self) -> std::io::Result<()> {
+        if self.broken {
+            self.repair()?;
+            self.broken = false;
         }
         self.fault()?;
         self.file.cut_to_records()?;
@@ -221,6 +274,7 @@ impl Writer {
         sync_dir(&self.dir)?;
         self.file = file;
         self.number = next;
+        self.segment_started = None;
         log::info!("audit log rotated to {}", path.display());
         Ok(())
     }

@@ -46,6 +46,8 @@ pub(super) struct Opened {
     pub(super) file: AuditFile,
     pub(super) number: u32,
     pub(super) head: Head,
+    /// How old the file's first record is (`None`: the file is empty), by its `time`.
+    pub(super) first_record_age: Option<std::time::Duration>,
 }
 
 /// Opens the newest file of an instance directory for appending, creating the first one
@@ -92,6 +94,7 @@ pub(super) fn open_instance(
             file,
             number: 1,
             head: point.head,
+            first_record_age: None,
         });
     };
     if last.torn.is_some() {
@@ -131,6 +134,7 @@ pub(super) fn open_instance(
         file,
         number: last.number,
         head: point.head,
+        first_record_age: first_record_age(&last.bytes[..last.good]),
     })
 }
 
@@ -152,4 +156,21 @@ pub(crate) fn save_checkpoint(
     } else {
         checkpoints.save(instance, &checkpoint)
     }
+}
+
+/// How long ago the first record of `records` (a file's content) was written, by its
+/// `time`; `None` for an empty file. A first line without a readable time counts as new:
+/// the file is then sealed one interval after this start at the latest.
+fn first_record_age(records: &[u8]) -> Option<std::time::Duration> {
+    let line = records
+        .split(|&b| b == b'\n')
+        .next()
+        .filter(|l| !l.is_empty())?;
+    let millis = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|record| crate::time::parse_rfc3339(record["time"].as_str()?));
+    let age = millis.map_or(0, |at| crate::time::now_millis().saturating_sub(at));
+    Some(std::time::Duration::from_millis(
+        u64::try_from(age).unwrap_or(0),
+    ))
 }

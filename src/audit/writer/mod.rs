@@ -41,6 +41,7 @@ pub use queue::Durable;
 use queue::{Answer, Batch, Done, Entry, Queue, Shared, Waiting};
 
 use super::record::Record;
+use super::Rotation;
 use crate::metrics::AuditMetrics;
 use crate::store::Checkpoints;
 
@@ -69,7 +70,7 @@ impl AuditWriter {
         dir: &Path,
         instance: &str,
         key: hmac::Key,
-        rotate_bytes: u64,
+        rotation: Rotation,
         metrics: Arc<AuditMetrics>,
     ) -> Result<AuditWriter, String> {
         let checkpoints = Checkpoints::open(audit_dir).map_err(|e| {
@@ -94,7 +95,11 @@ impl AuditWriter {
             file: opened.file,
             number: opened.number,
             head: opened.head,
-            rotate_bytes,
+            rotation,
+            segment_started: opened.first_record_age.map(|age| {
+                let now = std::time::Instant::now();
+                now.checked_sub(age).unwrap_or(now)
+            }),
             checkpoints,
             checkpoint_pending: false,
             checkpointed: std::time::Instant::now(),
@@ -216,17 +221,15 @@ mod tests {
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     }
 
-    #[test]
-    fn the_runtime_sleeps_once_no_request_waits_even_after_one_gave_up() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let audit_dir =
-            std::env::temp_dir().join(format!("paygate-keep-awake-{}", uuid::Uuid::new_v4()));
-        let dir = audit_dir.join("1");
-        fs::create_dir_all(&dir).unwrap();
-        let record = RequestRecord {
+    fn unbounded() -> Rotation {
+        Rotation {
+            bytes: 1 << 30,
+            interval: std::time::Duration::from_secs(1 << 30),
+        }
+    }
+
+    fn sample() -> RequestRecord<'static> {
+        RequestRecord {
             time: "2026-11-29T23:00:00.000Z",
             phase: "request",
             request_id: "0190f3a2-7c1e-7d2a-9b4e-1a2b3c4d5e6f",
@@ -242,11 +245,74 @@ mod tests {
             method: "GET",
             path: "/apiStatus",
             op: "R",
+        }
+    }
+
+    /// The number of records in each file of an instance directory.
+    fn records_per_file(dir: &Path) -> Vec<usize> {
+        log_files(dir)
+            .unwrap()
+            .iter()
+            .map(|(_, path)| fs::read_to_string(path).unwrap().lines().count())
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_writer_seals_its_file_by_age_and_never_an_empty_one() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let audit_dir =
+            std::env::temp_dir().join(format!("paygate-rotate-age-{}", uuid::Uuid::new_v4()));
+        let dir = audit_dir.join("1");
+        fs::create_dir_all(&dir).unwrap();
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
+        let rotation = Rotation {
+            bytes: 1 << 30,
+            interval: std::time::Duration::from_millis(300),
         };
+        let writer =
+            AuditWriter::start(&audit_dir, &dir, "1", key.clone(), rotation, Arc::default())
+                .unwrap();
+        let settle = || std::thread::sleep(std::time::Duration::from_millis(900));
+        runtime.block_on(async {
+            assert_eq!(writer.append_durably(&sample()).await, Ok(()));
+            assert_eq!(writer.append_durably(&sample()).await, Ok(()));
+        });
+        // No request comes: the file is sealed all the same, and the next one stays empty
+        // (and unsealed) however long nothing comes.
+        settle();
+        assert_eq!(records_per_file(&dir), [2, 0]);
+        settle();
+        assert_eq!(records_per_file(&dir), [2, 0]);
+        runtime.block_on(async {
+            assert_eq!(writer.append_durably(&sample()).await, Ok(()));
+        });
+        settle();
+        assert_eq!(records_per_file(&dir), [2, 1, 0]);
+        writer.close();
+        let report = crate::audit::verify::verify_dir(&audit_dir, &key).unwrap();
+        assert_eq!(report.records, 3);
+        let _ = fs::remove_dir_all(audit_dir);
+    }
+
+    #[test]
+    fn the_runtime_sleeps_once_no_request_waits_even_after_one_gave_up() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let audit_dir =
+            std::env::temp_dir().join(format!("paygate-keep-awake-{}", uuid::Uuid::new_v4()));
+        let dir = audit_dir.join("1");
+        fs::create_dir_all(&dir).unwrap();
+        let record = sample();
         runtime.block_on(async {
             let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
             let writer =
-                AuditWriter::start(&audit_dir, &dir, "1", key, 1 << 30, Arc::default()).unwrap();
+                AuditWriter::start(&audit_dir, &dir, "1", key, unbounded(), Arc::default())
+                    .unwrap();
             // A request whose client went away before its record was durable...
             drop(writer.append_durably(&record));
             // ...and one that waited for it.
