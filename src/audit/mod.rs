@@ -18,7 +18,7 @@
 //!
 //! - [`record`]: the line format and the chain.
 //! - [`writer`]: group commit, rotation, torn-tail recovery, failure handling.
-//! - `file`: one file's durable appends (direct I/O where the file system allows it).
+//! - `file`: one file's durable appends, the file holding exactly its records.
 //! - [`verify`]: checking a whole audit directory, and a chain before a worker appends.
 //! - [`seal`]: continuing a damaged log on purpose, with a record of the break.
 //! - [`read`]: recent records for `GET /audit`.

@@ -116,7 +116,8 @@ impl LinesBackwards {
     }
 }
 
-/// A line without its newline and without the zeros preallocated after the last record.
+/// A line without its newline and without zeros after the last record (preallocated by an
+/// earlier version, or sectors a crash never wrote).
 fn trim_newline(mut line: Vec<u8>) -> Vec<u8> {
     while matches!(line.last(), Some(b'\n' | 0)) {
         line.pop();

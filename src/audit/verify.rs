@@ -590,8 +590,9 @@ fn walk(
         if damage.is_none() {
             while offset < bytes.len() {
                 let Some(len) = bytes[offset..].iter().position(|&b| b == b'\n') else {
-                    // What follows the last newline: nothing, preallocated zeros in the
-                    // newest file, or a torn write.
+                    // What follows the last newline: nothing, zeros in the newest file
+                    // (an earlier version's preallocation, or sectors a crash never
+                    // wrote), or a torn write.
                     let rest = &bytes[offset..];
                     if rest.iter().all(|&b| b == 0) && newest {
                         break;
