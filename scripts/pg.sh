@@ -6,7 +6,9 @@
 #   bash scripts/pg.sh run CMD...   # start a cluster, run CMD with PAYGATE_TEST_DATABASE
 #                                   # set to its URL (and PAYGATE_TEST_DATABASE_CA to the
 #                                   # CA of its TLS certificate), then stop and remove it
-#                                   # whatever CMD's outcome; exits with CMD's status
+#                                   # whatever CMD's outcome; exits with CMD's status. CMD
+#                                   # runs under `scripts/s3.sh run` too, so the tests also
+#                                   # get a throwaway S3 service (PAYGATE_TEST_S3_*)
 #   bash scripts/pg.sh start [DIR]  # start one in DIR (default: a new temporary directory)
 #                                   # and print PG_DIR=, PAYGATE_TEST_DATABASE= and
 #                                   # PAYGATE_TEST_DATABASE_CA= lines
@@ -190,7 +192,8 @@ case "${1:-}" in
     PAYGATE_TEST_DATABASE=$(sed -n 's/^PAYGATE_TEST_DATABASE=//p' <<<"$out")
     PAYGATE_TEST_DATABASE_CA=$(sed -n 's/^PAYGATE_TEST_DATABASE_CA=//p' <<<"$out")
     status=0
-    "$@" || status=$?
+    # And a throwaway S3 service (SeaweedFS) for the audit archive's tests.
+    bash "$(dirname "$0")/s3.sh" run "$@" || status=$?
     exit "$status"
     ;;
   *) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0" >&2; exit 2 ;;

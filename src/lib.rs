@@ -15,7 +15,8 @@
 //!   [`systemd`] (`sd_notify`), [`signals`] (the stop signal), [`logging`] (the
 //!   operational log's text and JSON lines).
 //! - [`store`]: all SQL, behind the [`store::Store`] seam over SQLite and PostgreSQL; [`metrics`]: per-worker counters
-//!   and `GET /metrics`; [`cli`]: the command-line grammar.
+//!   and `GET /metrics`; [`cli`]: the command-line grammar; [`s3`]: the S3 client of the
+//!   audit archive.
 //! - [`cache`]: this worker's exact cache of what it read from the store.
 //! - The mechanisms' machinery: [`tokens`] (JWTs and their keys, opaque sessions, TOTP,
 //!   capabilities), [`passwords`] (Argon2id at bounded concurrency), [`audit`] (the
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod passwords;
 pub mod ratelimit;
 pub mod routes;
+pub mod s3;
 pub mod secret_file;
 pub mod server;
 pub mod signals;

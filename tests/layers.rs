@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "logging",
     ],
     // All SQL; per-worker counters; the command-line grammar.
-    &["store", "metrics", "cli"],
+    &["store", "metrics", "cli", "s3"],
     // The exact per-worker cache of what was read from the store.
     &["cache"],
     // The mechanisms' own machinery.
