@@ -43,6 +43,7 @@ pub enum CommandName {
     KeysRotateTotp,
     AuditVerify,
     AuditSeal,
+    AuditPublicKey,
     MigrateStore,
 }
 
@@ -68,6 +69,7 @@ impl CommandName {
             CommandName::KeysRotateTotp => "paygate keys rotate-totp [OPTIONS]",
             CommandName::AuditVerify => "paygate audit verify [DIR] [OPTIONS]",
             CommandName::AuditSeal => "paygate audit seal --reason TEXT [OPTIONS]",
+            CommandName::AuditPublicKey => "paygate audit public-key [OPTIONS]",
             CommandName::MigrateStore => {
                 "paygate migrate-store --from sqlite:DIR --to postgres://USER@HOST/DATABASE"
             }
@@ -112,6 +114,12 @@ impl CommandName {
                  damaged files stay as they are, as evidence. Stop every worker on the data \
                  directory first. From then on `audit verify` reports the break (exit 3)."
             }
+            CommandName::AuditPublicKey => {
+                "Print this node's audit signing public key (`ed25519:…`), creating the \
+                 key (audit-signing.key, mode 0600) if the data directory has none. Digests \
+                 of archived audit segments are signed with it; give it to auditors, who \
+                 verify the archive with public keys only."
+            }
             CommandName::KeysRotateTotp => {
                 "Add a new key for sealing TOTP secrets (totp.key) and re-seal every secret \
                  under it. The key before it stays in the file until the next rotation (run \
@@ -133,8 +141,8 @@ impl CommandName {
 }
 
 use CommandName::{
-    AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate, KeysRotateTotp,
-    MigrateStore, Serve, UserAdd, UserDisable,
+    AuditPublicKey, AuditSeal, AuditVerify, DevCert, KeysExport, KeysPrune, KeysRotate,
+    KeysRotateTotp, MigrateStore, Serve, UserAdd, UserDisable,
 };
 
 /// Every option paygate accepts. Order is the order of `--help`.
@@ -167,6 +175,7 @@ pub const OPTIONS: &[OptionSpec] = &[
             KeysRotateTotp,
             AuditVerify,
             AuditSeal,
+            AuditPublicKey,
         ],
         list_separator: None,
     },
@@ -584,10 +593,12 @@ where
         Some("audit") => match args.pop().as_deref() {
             Some("verify") => AuditVerify,
             Some("seal") => AuditSeal,
+            Some("public-key") => AuditPublicKey,
             Some("--help" | "-h") | None => return Ok(Invocation::Help(group_help("audit"))),
             Some(other) => {
                 return Err(UsageError(format!(
-                    "unknown command `audit {other}`; the audit command has: verify, seal"
+                    "unknown command `audit {other}`; the audit command has: verify, seal, \
+                     public-key"
                 )))
             }
         },
@@ -595,7 +606,7 @@ where
             return Err(UsageError(format!(
                 "unknown command `{other}`; commands are: serve, dev-cert, user add, \
                  user disable, keys rotate, keys prune, keys export, keys rotate-totp, audit \
-                 verify, audit seal, migrate-store"
+                 verify, audit seal, audit public-key, migrate-store"
             )))
         }
     };
@@ -672,6 +683,7 @@ fn main_help() -> String {
          paygate keys rotate-totp         new key for the sealed TOTP secrets\n  \
          paygate audit verify [DIR]       check every audit chain\n  \
          paygate audit seal --reason TEXT continue a damaged audit log, recording the break\n  \
+         paygate audit public-key         print this node's audit signing public key\n  \
          paygate migrate-store --from sqlite:DIR --to URL\n                                   \
          copy a single machine's data into PostgreSQL\n  \
          paygate <command> --help         options of one command\n  \

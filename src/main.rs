@@ -67,6 +67,7 @@ fn main() -> ExitCode {
                 CommandName::KeysRotateTotp => done(keys_rotate_totp(&sources, &positional)),
                 CommandName::AuditVerify => audit_verify(&sources, &positional),
                 CommandName::AuditSeal => done(audit_seal(&sources, &positional)),
+                CommandName::AuditPublicKey => done(audit_public_key(&sources, &positional)),
                 CommandName::MigrateStore => done(migrate_store(&sources, &positional)),
             }
         }
@@ -304,6 +305,15 @@ fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), 
          in {} until the next rotation",
         dir.join(paygate::store::sealing::TOTP_KEY_FILE).display()
     );
+    Ok(())
+}
+
+fn audit_public_key(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
+    no_positional(positional)?;
+    let dir = sources.data_dir();
+    paygate::store::ensure_data_dir(&dir)?;
+    let key = paygate::audit::signing::SigningKey::load_or_create(&dir)?;
+    println!("{}", key.public_key());
     Ok(())
 }
 

@@ -39,6 +39,26 @@ async fn defaults_generate_a_dev_certificate_serve_and_stop_cleanly_on_sigterm()
     signal(&child, "TERM");
     assert!(wait_exit(&mut child).success(), "SIGTERM exits 0");
 
+    // The node's audit signing key was made at its first start (private), and
+    // `audit public-key` prints its public half, the same every time.
+    let signing = dir.0.join("data/audit-signing.key");
+    assert_eq!(
+        std::fs::metadata(&signing).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let public = |dir: &TempDir| {
+        let output = run(paygate(dir).args(["audit", "public-key"]));
+        assert!(output.status.success(), "{}", stderr(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let printed = public(&dir);
+    assert!(
+        printed.starts_with("ed25519:") && printed.trim_end().len() == 8 + 43,
+        "{printed}"
+    );
+    assert_eq!(public(&dir), printed);
+    assert!(!printed.contains(std::fs::read_to_string(&signing).unwrap().trim()));
+
     // A second start reuses the certificate rather than generating another.
     let before = std::fs::read(dir.0.join("certs/server.crt")).unwrap();
     let (mut child, _) = serve(&dir, &[]);

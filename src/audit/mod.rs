@@ -27,6 +27,7 @@ mod file;
 pub mod read;
 pub mod record;
 pub mod seal;
+pub mod signing;
 pub mod verify;
 pub mod writer;
 
@@ -188,6 +189,9 @@ impl AuditLog {
         }
         create_dir_durably(data_dir)?;
         let key = load_or_create_key(data_dir)?;
+        // Every node has its signing key from its first start, so that its public key can
+        // be given to auditors before anything is archived.
+        signing::SigningKey::load_or_create(data_dir)?;
         let audit_dir = data_dir.join(AUDIT_DIR);
         create_dir_durably(&audit_dir)?;
         let (instance, lock) = match instance {
