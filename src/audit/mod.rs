@@ -23,6 +23,7 @@
 //! - [`seal`]: continuing a damaged log on purpose, with a record of the break.
 //! - [`read`]: recent records for `GET /audit`.
 
+pub mod digest;
 mod file;
 pub mod read;
 pub mod record;
