@@ -21,6 +21,8 @@ pub struct App {
     pub limiter: Limiter,
     pub tokens: Tokens,
     pub audit: AuditLog,
+    /// Ships this worker's sealed audit segments, when an archive is configured.
+    pub archive: Option<crate::audit::archive::Archiver>,
     /// What this worker knows of paygate.db (token state, grants, payments), kept exact.
     pub cache: StateCache,
     /// This worker's counters, for `GET /metrics`.
@@ -92,6 +94,10 @@ impl App {
         let metrics = Metrics::new(&audit.instance);
         let cache =
             StateCache::over_postgres(store.clone(), &audit.instance, metrics.cache()).await?;
+        let archive = match &config.audit_archive {
+            Some(settings) => audit.archiver(&config.data_dir, archive_target(settings)?)?,
+            None => None,
+        };
         Ok(App {
             clock,
             cache,
@@ -101,6 +107,7 @@ impl App {
             passwords,
             limiter,
             tokens,
+            archive,
             audit,
         })
     }
@@ -130,6 +137,10 @@ impl App {
         );
         let metrics = Metrics::new(&audit.instance);
         let cache = StateCache::open(&config.data_dir, metrics.cache())?;
+        let archive = match &config.audit_archive {
+            Some(settings) => audit.archiver(&config.data_dir, archive_target(settings)?)?,
+            None => None,
+        };
         Ok(App {
             clock,
             cache,
@@ -139,7 +150,28 @@ impl App {
             passwords,
             limiter,
             tokens,
+            archive,
             audit,
         })
     }
+}
+
+/// Where `settings` say the audit segments go.
+fn archive_target(
+    settings: &crate::config::ArchiveSettings,
+) -> Result<crate::audit::archive::ArchiveTarget, String> {
+    let bucket = crate::s3::Bucket::new(
+        &settings.endpoint,
+        &settings.region,
+        &settings.bucket,
+        settings.credentials.clone(),
+        &settings.ca_file,
+    )
+    .map_err(|e| format!("--audit-archive-endpoint: {e}"))?;
+    Ok(crate::audit::archive::ArchiveTarget {
+        bucket,
+        prefix: settings.prefix.clone(),
+        node: settings.node.clone(),
+        retention_days: settings.retention_days,
+    })
 }

@@ -89,6 +89,8 @@ pub struct ServeConfig {
     pub audit: bool,
     /// When an audit file is sealed and the chain continues in the next.
     pub audit_rotation: crate::audit::Rotation,
+    /// Where sealed audit segments are shipped, if anywhere.
+    pub audit_archive: Option<ArchiveSettings>,
     /// Longest lifetime a capability may be minted or derived with, in seconds.
     pub capability_max_ttl_s: u64,
     /// Worker processes: 1 serves in this process; more start a supervisor.
@@ -97,6 +99,113 @@ pub struct ServeConfig {
     pub supervised: bool,
     /// Threads of this process's async runtime (1: a current-thread runtime).
     pub worker_threads: usize,
+}
+
+/// The audit archive's settings, as given.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    pub bucket: String,
+    /// Without leading or trailing slashes; may be empty.
+    pub prefix: String,
+    pub endpoint: String,
+    pub region: String,
+    pub retention_days: u64,
+    pub credentials: crate::s3::Credentials,
+    pub ca_file: PathBuf,
+    pub node: String,
+}
+
+/// `--audit-archive` and its companions; `None` when there is no archive.
+fn archive_settings(sources: &Sources<'_>) -> Result<Option<ArchiveSettings>, ConfigError> {
+    let Some((url, source)) = sources.get("audit-archive") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ConfigError(format!(
+            "{source}: `{url}` is not s3://BUCKET or s3://BUCKET/PREFIX"
+        ))
+    };
+    let rest = url.trim().strip_prefix("s3://").ok_or_else(bad)?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(bad());
+    }
+    let region = sources
+        .string("audit-archive-region")
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let endpoint = sources
+        .string("audit-archive-endpoint")
+        .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+    let retention_days = sources.positive("audit-archive-retention", 400, "a number of days")?;
+    let credentials = archive_credentials(sources)?;
+    let node = match sources.string("audit-archive-node") {
+        Some(node) => node,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    if !crate::audit::valid_instance(&node) {
+        return Err(ConfigError(format!(
+            "--audit-archive-node: `{node}` cannot name a node in object keys (1–64 of \
+             A-Z a-z 0-9 . _ -); set it"
+        )));
+    }
+    Ok(Some(ArchiveSettings {
+        bucket: bucket.to_owned(),
+        prefix: prefix.trim_matches('/').to_owned(),
+        endpoint,
+        region,
+        retention_days,
+        credentials,
+        ca_file: sources.string("audit-archive-ca").map_or_else(
+            || PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            PathBuf::from,
+        ),
+        node,
+    }))
+}
+
+/// The archive's access key: from `--audit-archive-credentials FILE`, or from
+/// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. The secret is never shown.
+fn archive_credentials(sources: &Sources<'_>) -> Result<crate::s3::Credentials, ConfigError> {
+    let mut values: BTreeMap<String, String> = BTreeMap::new();
+    let origin = match sources.string("audit-archive-credentials") {
+        Some(path) => {
+            let text = crate::secret_file::read_private(std::path::Path::new(&path))
+                .map_err(|e| ConfigError(format!("--audit-archive-credentials: {e}")))?;
+            for line in String::from_utf8_lossy(&text).lines() {
+                if let Some((name, value)) = line.trim().split_once('=') {
+                    values.insert(name.trim().to_owned(), value.trim().to_owned());
+                }
+            }
+            path
+        }
+        None => {
+            for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+                if let Some(value) = (sources.env)(name).filter(|v| !v.is_empty()) {
+                    values.insert(name.to_owned(), value);
+                }
+            }
+            "the environment".to_owned()
+        }
+    };
+    match (
+        values.remove("AWS_ACCESS_KEY_ID"),
+        values.remove("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(access_key_id), Some(secret_access_key)) => Ok(crate::s3::Credentials {
+            access_key_id,
+            secret_access_key,
+        }),
+        _ => Err(ConfigError(format!(
+            "--audit-archive needs an access key: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+             in {origin} (or --audit-archive-credentials FILE)"
+        ))),
+    }
 }
 
 /// Reads option values with flag > environment > default precedence.
@@ -379,6 +488,7 @@ impl ServeConfig {
             instance,
             audit,
             audit_rotation,
+            audit_archive: archive_settings(sources)?,
             token_format,
             token_ttl_s: sources.token_ttl()?,
             step_up_amount: step_up_amount.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
@@ -426,6 +536,34 @@ mod tests {
             .collect();
         let lookup = move |name: &str| env.get(name).cloned();
         ServeConfig::resolve(&Sources::new(&options, &lookup))
+    }
+
+    #[test]
+    fn the_audit_archive_needs_a_bucket_url_and_an_access_key_and_never_shows_the_secret() {
+        assert!(resolve(&[], &[]).unwrap().audit_archive.is_none());
+        let keys = [
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-shown"),
+        ];
+        let flags = [
+            ("audit-archive", "s3://paygate-audit/prod/"),
+            ("audit-archive-node", "node-a"),
+        ];
+        let config = resolve(&flags, &keys).unwrap();
+        let archive = config.audit_archive.clone().unwrap();
+        assert_eq!(
+            (archive.bucket.as_str(), archive.prefix.as_str()),
+            ("paygate-audit", "prod")
+        );
+        assert_eq!(archive.endpoint, "https://s3.us-east-1.amazonaws.com");
+        assert_eq!(archive.retention_days, 400);
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        for bad in ["paygate-audit", "s3://", "s3://Upper/x", "s3://ab"] {
+            let err = resolve(&[("audit-archive", bad), flags[1]], &keys).unwrap_err();
+            assert!(err.to_string().contains("s3://BUCKET"), "{bad}: {err}");
+        }
+        let err = resolve(&flags, &keys[..1]).unwrap_err().to_string();
+        assert!(err.contains("AWS_SECRET_ACCESS_KEY"), "{err}");
     }
 
     #[test]

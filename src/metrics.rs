@@ -65,11 +65,36 @@ pub struct AuditMetrics {
     /// fdatasync latency: per-bucket counts (the last is +Inf), and the sum in ns.
     fsync_buckets: [AtomicU64; FSYNC_BUCKETS.len() + 1],
     fsync_sum_ns: AtomicU64,
+    /// The archive (see `audit::archive`): whether there is one, the sealed segments and
+    /// bytes waiting, the last confirmed upload (Unix ms, 0: none yet), failed attempts.
+    archive_on: std::sync::atomic::AtomicBool,
+    archive_backlog_segments: AtomicU64,
+    archive_backlog_bytes: AtomicU64,
+    archive_last_upload_ms: AtomicI64,
+    archive_failures: AtomicU64,
 }
 
 impl AuditMetrics {
     pub fn record_commit(&self, records: u64) {
         self.records.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// The sealed segments and bytes not archived yet.
+    pub fn archive_backlog(&self, segments: u64, bytes: u64) {
+        self.archive_on.store(true, Ordering::Relaxed);
+        self.archive_backlog_segments
+            .store(segments, Ordering::Relaxed);
+        self.archive_backlog_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A segment's upload was confirmed at `at_ms`.
+    pub fn archive_uploaded(&self, at_ms: i64) {
+        self.archive_last_upload_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// An upload attempt failed.
+    pub fn archive_failed(&self) {
+        self.archive_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_fsync(&self, took: Duration) {
@@ -301,6 +326,37 @@ impl Metrics {
                 sum_ns: audit.fsync_sum_ns.load(Ordering::Relaxed),
             };
             histogram.push_to(&mut samples);
+            if audit.archive_on.load(Ordering::Relaxed) {
+                let load = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64;
+                let backlog = load(&audit.archive_backlog_segments);
+                push(
+                    &mut samples,
+                    "paygate_audit_archive_backlog_segments",
+                    worker(),
+                    backlog,
+                );
+                let bytes = load(&audit.archive_backlog_bytes);
+                push(
+                    &mut samples,
+                    "paygate_audit_archive_backlog_bytes",
+                    worker(),
+                    bytes,
+                );
+                let last = audit.archive_last_upload_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+                push(
+                    &mut samples,
+                    "paygate_audit_archive_last_upload_time_seconds",
+                    worker(),
+                    last,
+                );
+                let failures = load(&audit.archive_failures);
+                push(
+                    &mut samples,
+                    "paygate_audit_archive_failures_total",
+                    worker(),
+                    failures,
+                );
+            }
         }
         samples
     }
@@ -369,7 +425,7 @@ pub struct Sample {
 }
 
 /// Every family, in the order they are rendered: name, type, help.
-const FAMILIES: [(&str, &str, &str); 11] = [
+const FAMILIES: [(&str, &str, &str); 15] = [
     (
         "paygate_requests_total",
         "counter",
@@ -399,6 +455,26 @@ const FAMILIES: [(&str, &str, &str); 11] = [
         "paygate_audit_fsync_seconds",
         "histogram",
         "Latency of the audit log's fdatasync per group commit.",
+    ),
+    (
+        "paygate_audit_archive_backlog_segments",
+        "gauge",
+        "Sealed audit segments not yet confirmed in the archive.",
+    ),
+    (
+        "paygate_audit_archive_backlog_bytes",
+        "gauge",
+        "Bytes of sealed audit segments not yet confirmed in the archive.",
+    ),
+    (
+        "paygate_audit_archive_last_upload_time_seconds",
+        "gauge",
+        "When the last audit segment upload was confirmed, in seconds since the Unix epoch (0: none since start).",
+    ),
+    (
+        "paygate_audit_archive_failures_total",
+        "counter",
+        "Audit segment uploads that failed (they are retried).",
     ),
     (
         "paygate_open_connections",

@@ -231,6 +231,14 @@ async fn serve(
         crate::metrics::SNAPSHOT_EVERY,
         publish_metrics,
     );
+    if app.archive.is_some() {
+        every(
+            &mut background,
+            &app,
+            crate::audit::archive::ARCHIVE_EVERY,
+            ship_audit_segments,
+        );
+    }
     // One task per client connection; finished ones are collected as the loop goes.
     let mut connections = JoinSet::new();
 
@@ -325,6 +333,13 @@ async fn serve(
     match flushed {
         Ok(()) => log::info!("audit log flushed"),
         Err(e) => log::error!("closing the audit log failed: {e}"),
+    }
+}
+
+/// Ships sealed audit segments to the archive (see `audit::archive`).
+async fn ship_audit_segments(app: Arc<App>) {
+    if let Some(archive) = &app.archive {
+        archive.ship().await;
     }
 }
 

@@ -23,6 +23,7 @@
 //! - [`seal`]: continuing a damaged log on purpose, with a record of the break.
 //! - [`read`]: recent records for `GET /audit`.
 
+pub mod archive;
 pub mod digest;
 mod file;
 pub mod read;
@@ -225,6 +226,20 @@ impl AuditLog {
     /// The writer's figures; `None` when auditing is off.
     pub fn metrics(&self) -> Option<&AuditMetrics> {
         self.writer.as_ref().map(|_| &*self.metrics)
+    }
+
+    /// The archiver of this worker's chain in `data_dir`, shipping to `target`; `None`
+    /// when auditing is off. Blocking.
+    pub fn archiver(
+        &self,
+        data_dir: &Path,
+        target: archive::ArchiveTarget,
+    ) -> Result<Option<archive::Archiver>, String> {
+        if self.writer.is_none() {
+            return Ok(None);
+        }
+        let dir = data_dir.join(AUDIT_DIR).join(&self.instance);
+        archive::Archiver::open(target, &dir, &self.instance, self.metrics.clone()).map(Some)
     }
 
     /// Queues a record now; the future resolves once it is on disk (at once when auditing
