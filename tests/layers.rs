@@ -56,7 +56,7 @@ fn uses(source: &str) -> BTreeSet<String> {
             rest = &rest[at + "crate::".len()..];
             let name: String = rest
                 .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
                 .collect();
             if !name.is_empty() {
                 found.insert(name);
@@ -68,7 +68,7 @@ fn uses(source: &str) -> BTreeSet<String> {
                 let name: String = part
                     .trim()
                     .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
                     .collect();
                 if !name.is_empty() {
                     found.insert(name);
