@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::digest::Segment;
 use super::writer::{file_name, log_files};
@@ -258,21 +258,13 @@ impl Archiver {
     }
 }
 
-/// The line `archived.jsonl` holds for one segment.
+/// The line `archived.jsonl` holds for one segment: its figures as a digest lists them,
+/// with the file's name and when it was archived.
 fn archived_line(number: u32, segment: &Segment) -> String {
-    format!(
-        "{}\n",
-        json!({
-            "file": file_name(number),
-            "key": segment.key,
-            "size": segment.size,
-            "sha256": segment.sha256,
-            "first_seq": segment.first_seq,
-            "last_seq": segment.last_seq,
-            "chain_head": segment.chain_head,
-            "archived_at": crate::time::format_rfc3339_millis(crate::time::now_millis()),
-        })
-    )
+    let mut line = segment.to_json();
+    line["file"] = file_name(number).into();
+    line["archived_at"] = crate::time::format_rfc3339_millis(crate::time::now_millis()).into();
+    format!("{line}\n")
 }
 
 /// What `archived.jsonl` says was archived, by file number. A torn last line (a crash
@@ -293,16 +285,7 @@ fn read_archived(path: &Path) -> Result<HashMap<u32, Segment>, String> {
             .as_str()
             .and_then(|f| f.strip_suffix(".jsonl"))
             .and_then(|n| n.parse::<u32>().ok());
-        let segment = (|| {
-            Some(Segment {
-                key: value["key"].as_str()?.to_owned(),
-                size: value["size"].as_u64()?,
-                sha256: value["sha256"].as_str()?.to_owned(),
-                first_seq: value["first_seq"].as_u64()?,
-                last_seq: value["last_seq"].as_u64()?,
-                chain_head: value["chain_head"].as_str()?.to_owned(),
-            })
-        })();
+        let segment = Segment::from_json(&value);
         if let (Some(number), Some(segment)) = (number, segment) {
             archived.insert(number, segment);
         }

@@ -62,7 +62,7 @@ impl Segment {
         })
     }
 
-    fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         json!({
             "key": self.key,
             "size": self.size,
@@ -73,7 +73,7 @@ impl Segment {
         })
     }
 
-    fn from_json(value: &Value) -> Option<Segment> {
+    pub(super) fn from_json(value: &Value) -> Option<Segment> {
         Some(Segment {
             key: value["key"].as_str()?.to_owned(),
             size: value["size"].as_u64()?,
