@@ -45,7 +45,8 @@ launch() {
     -master.port="$MASTER" -master.port.grpc="$MASTER_GRPC" \
     -volume.port="$VOLUME" -volume.port.grpc="$VOLUME_GRPC" \
     -filer.port="$FILER" -filer.port.grpc="$FILER_GRPC" \
-    -s3.port="$S3" -webdav.port="$WEBDAV" -admin.port="$ADMIN" -admin.port.grpc="$ADMIN_GRPC" \
+    -s3.port="$S3" -s3.port.grpc="$S3_GRPC" -s3.port.iceberg=0 -s3.port.lance=0 \
+    -webdav.port="$WEBDAV" -admin.port="$ADMIN" -admin.port.grpc="$ADMIN_GRPC" \
     -admin.ui=false -debug.port="$DEBUG" -s3.config="$dir/s3.json" \
     >"$dir/weed.log" 2>&1 & echo $! >"$dir/pid")
   for _ in $(seq 1 300); do
@@ -65,7 +66,7 @@ start() {
   local dir=${1:-$(mktemp -d /tmp/paygate-s3.XXXXXX)}
   mkdir -p "$dir/data"
   {
-    for name in MASTER MASTER_GRPC VOLUME VOLUME_GRPC FILER FILER_GRPC S3 WEBDAV ADMIN ADMIN_GRPC DEBUG; do
+    for name in MASTER MASTER_GRPC VOLUME VOLUME_GRPC FILER FILER_GRPC S3 S3_GRPC WEBDAV ADMIN ADMIN_GRPC DEBUG; do
       echo "$name=$(free_port)"
     done
   } >"$dir/ports"

@@ -173,5 +173,7 @@ fn archive_target(
         prefix: settings.prefix.clone(),
         node: settings.node.clone(),
         retention_days: settings.retention_days,
+        digest_interval: std::time::Duration::from_secs(settings.digest_interval_s),
+        local_retention: std::time::Duration::from_secs(settings.local_retention_days * 86_400),
     })
 }

@@ -104,7 +104,10 @@ impl CommandName {
                  with the audit key of its data directory (DIR/../audit.key). Exits 0 and \
                  prints the number of records checked; exits 3 when the log verifies except \
                  for breaks an operator acknowledged with `audit seal`, listing each; exits 1 \
-                 naming the first bad file and line and why."
+                 naming the first bad file and line and why. With --archive, checks the \
+                 archive instead, with public keys (and optionally audit keys): exits 0, 3 \
+                 or 1 the same way, naming every deleted, replaced or added object, missing \
+                 digest and segment left out of the digests."
             }
             CommandName::AuditSeal => {
                 "Acknowledge a damaged audit log so that workers can start again: for every \
@@ -468,7 +471,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "https://s3.REGION.amazonaws.com",
         help: "The S3-compatible service (http:// or https://).",
         internal: false,
-        commands: &[Serve],
+        commands: &[Serve, AuditVerify],
         list_separator: None,
     },
     OptionSpec {
@@ -478,7 +481,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "us-east-1",
         help: "The region requests are signed for.",
         internal: false,
-        commands: &[Serve],
+        commands: &[Serve, AuditVerify],
         list_separator: None,
     },
     OptionSpec {
@@ -486,7 +489,9 @@ pub const OPTIONS: &[OptionSpec] = &[
         env: Some("PAYGATE_AUDIT_ARCHIVE_RETENTION"),
         value: "DAYS",
         default: "400",
-        help: "Object Lock retention (COMPLIANCE mode) of each archived segment.",
+        help: "Object Lock retention (COMPLIANCE mode) of each archived segment and digest. \
+               0 sends none: for a bucket without Object Lock, or to let the bucket's default \
+               retention apply.",
         internal: false,
         commands: &[Serve],
         list_separator: None,
@@ -498,7 +503,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "the environment",
         help: "A file (mode 0600) of AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines. Unset: those two environment variables.",
         internal: false,
-        commands: &[Serve],
+        commands: &[Serve, AuditVerify],
         list_separator: None,
     },
     OptionSpec {
@@ -508,7 +513,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         default: "/etc/ssl/certs/ca-certificates.crt",
         help: "CA certificates (PEM) an https endpoint's certificate is checked against.",
         internal: false,
-        commands: &[Serve],
+        commands: &[Serve, AuditVerify],
         list_separator: None,
     },
     OptionSpec {
@@ -517,6 +522,29 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: "NAME",
         default: "the host name",
         help: "This node's name in the archive's object keys (PREFIX/NODE/INSTANCE/NNNNNN.jsonl).",
+        internal: false,
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "audit-digest-interval",
+        env: Some("PAYGATE_AUDIT_DIGEST_INTERVAL"),
+        value: "SECS",
+        default: "3600",
+        help: "How long each signed digest of archived segments covers: one is written per \
+               interval, with traffic or without, each starting where the last ended.",
+        internal: false,
+        commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "audit-local-retention",
+        env: Some("PAYGATE_AUDIT_LOCAL_RETENTION"),
+        value: "DAYS",
+        default: "7",
+        help: "How long a sealed audit file stays on local disk after its upload, once a \
+               confirmed digest lists it (0: delete it then). Without an archive, nothing \
+               is deleted.",
         internal: false,
         commands: &[Serve],
         list_separator: None,
@@ -541,6 +569,54 @@ pub const OPTIONS: &[OptionSpec] = &[
                stdin; its end means stop).",
         internal: true,
         commands: &[Serve],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "archive",
+        env: None,
+        value: "s3://BUCKET/PREFIX",
+        default: "none: verify the local audit directory",
+        help: "Verify the archive there instead (as --audit-archive of the nodes; reached with \
+               the --audit-archive-endpoint, -region, -ca and -credentials options): every \
+               digest's signature and their chain, every listed segment's hash, and with \
+               --audit-key every record.",
+        internal: false,
+        commands: &[AuditVerify],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "public-key",
+        env: None,
+        value: "KEY|FILE",
+        default: "none (required with --archive)",
+        help: "A node's audit signing public key as `paygate audit public-key` prints it \
+               (`ed25519:…`), or a file of such keys, one per line; repeat for several. \
+               Digests signed by any other key are refused.",
+        internal: false,
+        commands: &[AuditVerify],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "audit-key",
+        env: None,
+        value: "FILE",
+        default: "none: records are not checked",
+        help: "With --archive: a node's audit key file (its data directory's audit.key); \
+               repeat for several nodes. Each archived chain's records and HMAC chain are \
+               then checked with the key that verifies them.",
+        internal: false,
+        commands: &[AuditVerify],
+        list_separator: None,
+    },
+    OptionSpec {
+        name: "save",
+        env: None,
+        value: "DIR",
+        default: "none",
+        help: "With --archive: write every segment that matches its digest to \
+               DIR/NODE/INSTANCE/NNNNNN.jsonl (a node's log restored from the archive).",
+        internal: false,
+        commands: &[AuditVerify],
         list_separator: None,
     },
     OptionSpec {

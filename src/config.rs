@@ -113,11 +113,51 @@ pub struct ArchiveSettings {
     pub credentials: crate::s3::Credentials,
     pub ca_file: PathBuf,
     pub node: String,
+    /// How long each signed digest covers, in seconds.
+    pub digest_interval_s: u64,
+    /// How long a local copy is kept once archived, in days (0: until its digest).
+    pub local_retention_days: u64,
 }
 
 /// `--audit-archive` and its companions; `None` when there is no archive.
 fn archive_settings(sources: &Sources<'_>) -> Result<Option<ArchiveSettings>, ConfigError> {
-    let Some((url, source)) = sources.get("audit-archive") else {
+    let Some(mut settings) = archive_location(sources, "audit-archive")? else {
+        return Ok(None);
+    };
+    let node = match sources.string("audit-archive-node") {
+        Some(node) => node,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    if !crate::audit::valid_instance(&node) {
+        return Err(ConfigError(format!(
+            "--audit-archive-node: `{node}` cannot name a node in object keys (1–64 of \
+             A-Z a-z 0-9 . _ -); set it"
+        )));
+    }
+    settings.node = node;
+    settings.retention_days = sources.parse("audit-archive-retention", 400, "a number of days")?;
+    settings.digest_interval_s =
+        sources.positive("audit-digest-interval", 3600, "a number of seconds")?;
+    settings.local_retention_days =
+        sources.parse("audit-local-retention", 7, "a number of days")?;
+    Ok(Some(settings))
+}
+
+/// The archive `paygate audit verify --archive` reads, with the endpoint, region, CA and
+/// credentials options; `None` without `--archive`.
+pub fn archive_to_verify(sources: &Sources<'_>) -> Result<Option<ArchiveSettings>, ConfigError> {
+    archive_location(sources, "archive")
+}
+
+/// Where an archive is (the `s3://` URL in option `option`) and how to reach it; the
+/// uploader's own settings are left at their defaults.
+fn archive_location(
+    sources: &Sources<'_>,
+    option: &str,
+) -> Result<Option<ArchiveSettings>, ConfigError> {
+    let Some((url, source)) = sources.get(option) else {
         return Ok(None);
     };
     let bad = || {
@@ -140,38 +180,30 @@ fn archive_settings(sources: &Sources<'_>) -> Result<Option<ArchiveSettings>, Co
     let endpoint = sources
         .string("audit-archive-endpoint")
         .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-    let retention_days = sources.positive("audit-archive-retention", 400, "a number of days")?;
-    let credentials = archive_credentials(sources)?;
-    let node = match sources.string("audit-archive-node") {
-        Some(node) => node,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default(),
-    };
-    if !crate::audit::valid_instance(&node) {
-        return Err(ConfigError(format!(
-            "--audit-archive-node: `{node}` cannot name a node in object keys (1–64 of \
-             A-Z a-z 0-9 . _ -); set it"
-        )));
-    }
+    let credentials = archive_credentials(sources, &source)?;
     Ok(Some(ArchiveSettings {
         bucket: bucket.to_owned(),
         prefix: prefix.trim_matches('/').to_owned(),
         endpoint,
         region,
-        retention_days,
+        retention_days: 400,
         credentials,
         ca_file: sources.string("audit-archive-ca").map_or_else(
             || PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             PathBuf::from,
         ),
-        node,
+        node: String::new(),
+        digest_interval_s: 3600,
+        local_retention_days: 7,
     }))
 }
 
 /// The archive's access key: from `--audit-archive-credentials FILE`, or from
 /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. The secret is never shown.
-fn archive_credentials(sources: &Sources<'_>) -> Result<crate::s3::Credentials, ConfigError> {
+fn archive_credentials(
+    sources: &Sources<'_>,
+    needed_by: &str,
+) -> Result<crate::s3::Credentials, ConfigError> {
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     let origin = match sources.string("audit-archive-credentials") {
         Some(path) => {
@@ -202,7 +234,7 @@ fn archive_credentials(sources: &Sources<'_>) -> Result<crate::s3::Credentials, 
             secret_access_key,
         }),
         _ => Err(ConfigError(format!(
-            "--audit-archive needs an access key: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+            "{needed_by} needs an access key: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
              in {origin} (or --audit-archive-credentials FILE)"
         ))),
     }
@@ -277,7 +309,7 @@ impl<'a> Sources<'a> {
 
     /// Every value of a repeatable option: all flags if any were given, else the
     /// environment variable split at the option's separator.
-    fn list(&self, name: &str) -> Option<Vec<String>> {
+    pub fn list(&self, name: &str) -> Option<Vec<String>> {
         if let Some(values) = self.options.get(name) {
             return Some(values.clone());
         }

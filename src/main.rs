@@ -332,6 +332,10 @@ fn keys_export(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failu
 }
 
 fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<ExitCode, Failure> {
+    if let Some(archive) = paygate::config::archive_to_verify(sources)? {
+        no_positional(positional)?;
+        return audit_verify_archive(sources, &archive);
+    }
     let dir = match positional {
         [] => sources.data_dir().join(paygate::audit::AUDIT_DIR),
         [dir] => std::path::PathBuf::from(dir),
@@ -371,6 +375,115 @@ fn audit_verify(sources: &Sources<'_>, positional: &[String]) -> Result<ExitCode
         }
         Err(broken) => Err(format!("audit log BROKEN: {broken}").into()),
     }
+}
+
+/// `paygate audit verify --archive`: the archive checked with public keys, and with the
+/// audit keys when given.
+fn audit_verify_archive(
+    sources: &Sources<'_>,
+    archive: &paygate::config::ArchiveSettings,
+) -> Result<ExitCode, Failure> {
+    let mut trusted = Vec::new();
+    for value in sources.list("public-key").unwrap_or_default() {
+        if value.starts_with("ed25519:") {
+            trusted.push(value);
+            continue;
+        }
+        let text = std::fs::read_to_string(&value)
+            .map_err(|e| format!("--public-key: `{value}` is neither a key nor a file: {e}"))?;
+        trusted.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    if trusted.is_empty() {
+        return Err(
+            "`paygate audit verify --archive` needs --public-key: the nodes' \
+                    audit signing public keys (`paygate audit public-key` on each node)"
+                .into(),
+        );
+    }
+    let audit_keys = sources
+        .list("audit-key")
+        .unwrap_or_default()
+        .iter()
+        .map(|path| paygate::audit::load_key(std::path::Path::new(path)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let save = sources.string("save").map(std::path::PathBuf::from);
+    let bucket = paygate::s3::Bucket::new(
+        &archive.endpoint,
+        &archive.region,
+        &archive.bucket,
+        archive.credentials.clone(),
+        &archive.ca_file,
+    )
+    .map_err(|e| format!("--audit-archive-endpoint: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(paygate::audit::verify_archive::verify_archive(
+        &bucket,
+        &archive.prefix,
+        &trusted,
+        &audit_keys,
+        save.as_deref(),
+    ))?;
+    if report.chains.is_empty() && report.problems.is_empty() {
+        return Err(format!(
+            "no audit chain under s3://{}/{}: check --archive (the nodes' --audit-archive)",
+            archive.bucket, archive.prefix
+        )
+        .into());
+    }
+    for chain in &report.chains {
+        let covered = chain.covered.as_ref().map_or_else(
+            || "no verified digest".to_owned(),
+            |(from, to)| format!("{from} to {to}"),
+        );
+        let records = match chain.records_checked {
+            Some(n) => format!("{n} records verified with the audit key"),
+            None if audit_keys.is_empty() => {
+                format!(
+                    "records 1 to {} (not checked without --audit-key)",
+                    chain.last_seq
+                )
+            }
+            None => format!("records 1 to {} (not checked: see below)", chain.last_seq),
+        };
+        println!(
+            "chain {}: {} digest(s) covering {covered}; {} segment(s); {records}",
+            chain.chain, chain.digests, chain.segments
+        );
+        for sealed in &chain.breaks {
+            println!("  acknowledged break: {sealed}");
+        }
+        for key in &chain.pending {
+            println!("  not covered by a digest yet (archived after the newest): {key}");
+        }
+    }
+    if !report.problems.is_empty() {
+        println!(
+            "audit archive NOT OK: {} problem(s):",
+            report.problems.len()
+        );
+        for problem in &report.problems {
+            println!("  {problem}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    if report.chains.iter().any(|c| !c.breaks.is_empty()) {
+        println!("audit archive verified WITH ACKNOWLEDGED BREAK(S), listed above");
+        return Ok(ExitCode::from(3));
+    }
+    println!(
+        "audit archive OK: {} chain(s), {} digest(s), {} segment(s)",
+        report.chains.len(),
+        report.chains.iter().map(|c| c.digests).sum::<usize>(),
+        report.chains.iter().map(|c| c.segments).sum::<usize>()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit_seal(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {

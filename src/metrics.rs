@@ -71,6 +71,7 @@ pub struct AuditMetrics {
     archive_backlog_segments: AtomicU64,
     archive_backlog_bytes: AtomicU64,
     archive_last_upload_ms: AtomicI64,
+    archive_last_digest_ms: AtomicI64,
     archive_failures: AtomicU64,
 }
 
@@ -90,6 +91,11 @@ impl AuditMetrics {
     /// A segment's upload was confirmed at `at_ms`.
     pub fn archive_uploaded(&self, at_ms: i64) {
         self.archive_last_upload_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// A digest's upload was confirmed at `at_ms`.
+    pub fn archive_digested(&self, at_ms: i64) {
+        self.archive_last_digest_ms.store(at_ms, Ordering::Relaxed);
     }
 
     /// An upload attempt failed.
@@ -349,6 +355,13 @@ impl Metrics {
                     worker(),
                     last,
                 );
+                let digest = audit.archive_last_digest_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+                push(
+                    &mut samples,
+                    "paygate_audit_archive_last_digest_time_seconds",
+                    worker(),
+                    digest,
+                );
                 let failures = load(&audit.archive_failures);
                 push(
                     &mut samples,
@@ -425,7 +438,7 @@ pub struct Sample {
 }
 
 /// Every family, in the order they are rendered: name, type, help.
-const FAMILIES: [(&str, &str, &str); 15] = [
+const FAMILIES: [(&str, &str, &str); 16] = [
     (
         "paygate_requests_total",
         "counter",
@@ -472,9 +485,14 @@ const FAMILIES: [(&str, &str, &str); 15] = [
         "When the last audit segment upload was confirmed, in seconds since the Unix epoch (0: none since start).",
     ),
     (
+        "paygate_audit_archive_last_digest_time_seconds",
+        "gauge",
+        "When the last signed digest upload was confirmed, in seconds since the Unix epoch (0: none since start).",
+    ),
+    (
         "paygate_audit_archive_failures_total",
         "counter",
-        "Audit segment uploads that failed (they are retried).",
+        "Audit segment and digest uploads that failed (they are retried).",
     ),
     (
         "paygate_open_connections",

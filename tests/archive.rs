@@ -1,7 +1,10 @@
 //! The audit archive with a real S3 service (SeaweedFS, a server of this test's own from
 //! `scripts/s3.sh`, so that it can be stopped): sealed segments arrive byte for byte under
 //! Object Lock; while the service is down they wait on local disk and `/metrics` shows the
-//! backlog; once it is back every one arrives.
+//! backlog; once it is back every one arrives and `paygate audit verify --archive` passes.
+//! On a bucket without Object Lock, every kind of tampering an attacker could try is named
+//! by the verifier; local copies go once digested, and the chain still verifies and
+//! continues from the files that remain.
 
 mod common;
 
@@ -12,7 +15,9 @@ use bytes::Bytes;
 use http::Method;
 use paygate::s3::{Bucket, Credentials};
 
-use common::{serve_logging, signal, wait_exit, Client, StopOnDrop, TempDir};
+use common::{
+    paygate_command, serve_logging, signal, verify_audit, wait_exit, Client, StopOnDrop, TempDir,
+};
 
 /// A SeaweedFS of this test's own, stopped and removed when dropped.
 struct Seaweed {
@@ -54,6 +59,26 @@ impl Seaweed {
         }
     }
 
+    /// Creates bucket `name` (with Object Lock when `lock`), retrying while the service
+    /// is still starting.
+    async fn create_bucket(&self, name: &str, lock: bool) -> Bucket {
+        let bucket = self.bucket(name);
+        let headers = [("x-amz-bucket-object-lock-enabled", "true".to_owned())];
+        let headers = if lock { &headers[..] } else { &[][..] };
+        let mut last = None;
+        for _ in 0..120 {
+            match bucket
+                .send(Method::PUT, "", &[], headers, Bytes::new())
+                .await
+            {
+                Ok(answer) if answer.status.is_success() => return bucket,
+                other => last = Some(format!("{other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("cannot create bucket {name}: {last:?}");
+    }
+
     fn bucket(&self, name: &str) -> Bucket {
         let credentials = Credentials {
             access_key_id: self.access.clone(),
@@ -71,6 +96,94 @@ impl Drop for Seaweed {
             .args(["stop", &self.dir.to_string_lossy()])
             .output();
     }
+}
+
+/// Writes the service's access key to a 0600 file in `dir` and returns its path.
+fn credentials_file(dir: &TempDir, seaweed: &Seaweed) -> String {
+    let credentials = dir.0.join("s3.credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            seaweed.access, seaweed.secret
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    credentials.to_string_lossy().into_owned()
+}
+
+/// The node's audit signing public key, as `paygate audit public-key` prints it.
+fn public_key(dir: &TempDir) -> String {
+    let out = paygate_command(dir)
+        .args(["audit", "public-key"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Runs `paygate audit verify --archive s3://BUCKET/audit` in `dir` with `extra`; returns
+/// its exit code and what it printed.
+fn verify_archive(
+    dir: &TempDir,
+    seaweed: &Seaweed,
+    bucket: &str,
+    credentials: &str,
+    extra: &[&str],
+) -> (i32, String) {
+    let out = paygate_command(dir)
+        .args([
+            "audit",
+            "verify",
+            "--archive",
+            &format!("s3://{bucket}/audit"),
+        ])
+        .args(["--audit-archive-endpoint", &seaweed.endpoint])
+        .args(["--audit-archive-credentials", credentials])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The number of segments the verifier found listed in digests for the chain.
+fn listed_segments(report: &str) -> usize {
+    report
+        .lines()
+        .find(|l| l.starts_with("chain node-a/1:"))
+        .and_then(|l| l.split("; ").nth(1))
+        .and_then(|part| part.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The number of verified digests the verifier found for the chain.
+fn digests(report: &str) -> usize {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("chain node-a/1: "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The problems a failed verification listed.
+fn problems(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .skip_while(|l| !l.starts_with("audit archive NOT OK"))
+        .skip(1)
+        .collect()
 }
 
 /// The sealed files of the worker's chain (every one but the newest), with their bytes.
@@ -119,30 +232,10 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_reach_the_archive_and_an_outage_loses_none() {
     let seaweed = Seaweed::start();
-    let bucket = seaweed.bucket("paygate-archive");
-    let lock = [("x-amz-bucket-object-lock-enabled", "true".to_owned())];
-    let created = bucket
-        .send(Method::PUT, "", &[], &lock, Bytes::new())
-        .await
-        .unwrap();
-    assert!(created.status.is_success(), "{created:?}");
+    let bucket = seaweed.create_bucket("paygate-archive", true).await;
 
     let dir = TempDir::new("archive");
-    let credentials = dir.0.join("s3.credentials");
-    std::fs::write(
-        &credentials,
-        format!(
-            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-            seaweed.access, seaweed.secret
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &credentials,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let credentials = credentials.to_string_lossy().into_owned();
+    let credentials = credentials_file(&dir, &seaweed);
     let args = [
         "--audit-archive",
         "s3://paygate-archive/audit",
@@ -155,6 +248,8 @@ async fn segments_reach_the_archive_and_an_outage_loses_none() {
         "--audit-archive-retention",
         "1",
         "--audit-rotate-interval",
+        "1",
+        "--audit-digest-interval",
         "1",
         "--rate-limit",
         "none",
@@ -227,4 +322,220 @@ async fn segments_reach_the_archive_and_an_outage_loses_none() {
     }
     signal(&child.0, "TERM");
     assert!(wait_exit(&mut child.0).success());
+
+    // The auditor's check, with the public key and the audit key: every digest, segment
+    // and record of the outage run verifies.
+    let key = public_key(&dir);
+    let (code, report) = verify_archive(
+        &dir,
+        &seaweed,
+        "paygate-archive",
+        &credentials,
+        &["--public-key", &key, "--audit-key", "data/audit.key"],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("audit archive OK"), "{report}");
+    assert!(
+        report.contains("records verified with the audit key"),
+        "{report}"
+    );
+    assert!(listed_segments(&report) >= 2, "{report}");
+}
+
+/// Rewrites an object on a bucket without Object Lock (create-only uploads cannot).
+async fn overwrite(bucket: &Bucket, key: &str, bytes: Bytes) {
+    bucket.delete(key).await.unwrap();
+    let put = bucket.put_new(key, bytes, None).await.unwrap();
+    assert!(matches!(put, paygate::s3::Put::Created { .. }), "{key}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_tampering_with_the_archive_is_named() {
+    let seaweed = Seaweed::start();
+    let bucket = seaweed.create_bucket("paygate-plain", false).await;
+    let dir = TempDir::new("archive-tamper");
+    let credentials = credentials_file(&dir, &seaweed);
+    let args = [
+        "--audit-archive",
+        "s3://paygate-plain/audit",
+        "--audit-archive-endpoint",
+        &seaweed.endpoint,
+        "--audit-archive-credentials",
+        &credentials,
+        "--audit-archive-node",
+        "node-a",
+        "--audit-rotate-interval",
+        "1",
+        "--audit-digest-interval",
+        "1",
+        "--audit-local-retention",
+        "0",
+        "--audit-archive-retention",
+        "0",
+        "--rate-limit",
+        "none",
+    ];
+    let (child, addr, _log) = serve_logging(&dir, &args, "info");
+    let mut child = StopOnDrop(child);
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    let key = public_key(&dir);
+    let verify = |extra: &[&str]| {
+        let mut all = vec!["--public-key", &key];
+        all.extend_from_slice(extra);
+        verify_archive(&dir, &seaweed, "paygate-plain", &credentials, &all)
+    };
+
+    // Traffic until at least 3 segments are listed in 4 signed digests and the local
+    // copies of digested segments are gone (--audit-local-retention 0).
+    let chain = dir.0.join("data/audit/1");
+    let mut report = String::new();
+    for _ in 0..240 {
+        assert_eq!(client.get("/apiStatus").send().await.status, 200);
+        let (code, text) = verify(&[]);
+        report = text;
+        if code == 0
+            && listed_segments(&report) >= 3
+            && digests(&report) >= 4
+            && !chain.join("000001.jsonl").exists()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(listed_segments(&report) >= 3, "{report}");
+    assert!(!chain.join("000001.jsonl").exists(), "{report}");
+    signal(&child.0, "TERM");
+    assert!(wait_exit(&mut child.0).success());
+
+    // Locally, the chain verifies from the files that remain, and the node continues it.
+    verify_audit(&dir);
+    let (again, addr, _) = serve_logging(&dir, &args, "info");
+    let mut again = StopOnDrop(again);
+    let client = Client::new(addr, &dir.0.join("certs/server.crt"));
+    assert_eq!(client.get("/apiStatus").send().await.status, 200);
+    signal(&again.0, "TERM");
+    assert!(wait_exit(&mut again.0).success());
+    verify_audit(&dir);
+
+    // Intact: OK with the public key alone, and with the audit key every record verifies.
+    let (code, report) = verify(&[]);
+    assert_eq!(code, 0, "{report}");
+    let (code, report) = verify(&["--audit-key", "data/audit.key"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report.contains("records verified with the audit key"),
+        "{report}"
+    );
+    // A key the auditor does not trust signs nothing.
+    let other = TempDir::new("archive-other-key");
+    let stranger = public_key(&other);
+    let (code, report) = verify_archive(
+        &dir,
+        &seaweed,
+        "paygate-plain",
+        &credentials,
+        &["--public-key", &stranger],
+    );
+    assert_eq!(code, 1, "{report}");
+    assert!(report.contains("not a trusted key"), "{report}");
+
+    let segment = |n: u32| format!("audit/node-a/1/{n:06}.jsonl");
+    let digest = |n: u32| format!("audit/node-a/1/digests/{n:06}.json");
+    let get = |key: String| {
+        let bucket = bucket.clone();
+        async move { bucket.get(&key).await.unwrap().unwrap() }
+    };
+    let expect = |problem: &str| {
+        let (code, report) = verify(&[]);
+        assert_eq!(code, 1, "{problem}: {report}");
+        assert!(report.contains(problem), "{problem}: {report}");
+        report
+    };
+    let second = get(segment(2)).await;
+
+    // A deleted segment.
+    bucket.delete(&segment(2)).await.unwrap();
+    let report = expect("audit/node-a/1/000002.jsonl: deleted: listed in");
+    assert_eq!(problems(&report).len(), 1, "{report}");
+    bucket
+        .put_new(&segment(2), second.clone(), None)
+        .await
+        .unwrap();
+    assert_eq!(verify(&[]).0, 0);
+
+    // A replaced segment.
+    overwrite(&bucket, &segment(2), get(segment(3)).await).await;
+    expect("audit/node-a/1/000002.jsonl: replaced:");
+    overwrite(&bucket, &segment(2), second.clone()).await;
+
+    // Added objects: one that is no segment or digest, one numbered as a segment.
+    bucket
+        .put_new("audit/node-a/1/notes.txt", Bytes::from_static(b"x"), None)
+        .await
+        .unwrap();
+    bucket
+        .put_new(&segment(0), second.clone(), None)
+        .await
+        .unwrap();
+    let report = expect("audit/node-a/1/notes.txt: added");
+    assert!(
+        report.contains("audit/node-a/1/000000.jsonl: in the archive but in no digest"),
+        "{report}"
+    );
+    bucket.delete("audit/node-a/1/notes.txt").await.unwrap();
+    bucket.delete(&segment(0)).await.unwrap();
+    assert_eq!(verify(&[]).0, 0);
+
+    // A digest deleted from the middle of the chain.
+    let second_digest = get(digest(2)).await;
+    bucket.delete(&digest(2)).await.unwrap();
+    expect("audit/node-a/1/digests/000002.json: a digest missing from the chain");
+    bucket
+        .put_new(&digest(2), second_digest, None)
+        .await
+        .unwrap();
+    assert_eq!(verify(&[]).0, 0);
+
+    // A segment left out of a digest, by someone holding the node's signing key: the
+    // digest that listed it and every later one re-signed, so that their chain is whole.
+    let signing = paygate::audit::signing::SigningKey::load_or_create(&dir.0.join("data")).unwrap();
+    let trusted = vec![key.clone()];
+    let keys: Vec<String> = bucket
+        .list("audit/node-a/1/digests/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    let mut originals = Vec::new();
+    let mut previous: Option<(String, String)> = None;
+    let mut rewriting = false;
+    for key in &keys {
+        let bytes = get(key.clone()).await;
+        let (mut read, _) = paygate::audit::digest::Digest::verify(&bytes, &trusted).unwrap();
+        let lists_second = read.segments.iter().any(|s| s.key == segment(2));
+        if lists_second {
+            read.segments.retain(|s| s.key != segment(2));
+            rewriting = true;
+        }
+        if rewriting {
+            read.previous = previous.clone();
+            let forged = Bytes::from(read.sign(&signing));
+            let (_, signature) = paygate::audit::digest::Digest::verify(&forged, &trusted).unwrap();
+            overwrite(&bucket, key, forged).await;
+            originals.push((key.clone(), bytes.clone()));
+            previous = Some((key.clone(), signature));
+        } else {
+            let (_, signature) = paygate::audit::digest::Digest::verify(&bytes, &trusted).unwrap();
+            previous = Some((key.clone(), signature));
+        }
+    }
+    assert!(!originals.is_empty());
+    let report = expect("audit/node-a/1/000002.jsonl: in the archive but in no digest");
+    assert_eq!(problems(&report).len(), 1, "{report}");
+    for (key, bytes) in originals {
+        overwrite(&bucket, &key, bytes).await;
+    }
+    let (code, report) = verify(&["--audit-key", "data/audit.key"]);
+    assert_eq!(code, 0, "{report}");
 }

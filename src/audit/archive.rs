@@ -1,4 +1,5 @@
-//! Shipping sealed audit segments to S3-compatible storage, off the request path.
+//! Shipping sealed audit segments to S3-compatible storage, and signed digests of them,
+//! off the request path.
 //!
 //! A worker's archiver looks at its chain's directory every few seconds. Every file but
 //! the newest is sealed (`writer` never writes one again); each sealed file not yet
@@ -10,24 +11,42 @@
 //! the chain's directory and synced. An object that is there with other content is never
 //! overwritten: the archiver says so loudly and keeps the local copy.
 //!
+//! Digests: when the chain's archive starts, and then every `--audit-digest-interval`
+//! (with traffic or without), the archiver writes a digest
+//! (`PREFIX/NODE/INSTANCE/digests/NNNNNN.json`, see [`super::digest`]) listing the segments
+//! archived since the last one, naming the last one's key and signature, signed with the
+//! node's Ed25519 key. Each interval starts where the last one ended, also across
+//! restarts, so the chain of digests has no gap in time. A digest is composed once and
+//! kept in `digest.next` until its upload is confirmed, so a crash or an outage never
+//! makes two digests follow the same one; confirmed digests are recorded in
+//! `digests.jsonl`.
+//!
+//! Local copies: a sealed file is deleted once it is archived, listed in a confirmed
+//! digest, and `--audit-local-retention` has passed since its upload. `archived.jsonl`
+//! keeps what the deleted files held (their last record and chain value), so the chain
+//! still verifies from the files that remain.
+//!
 //! While the service is unreachable or refuses, nothing is lost: the backlog stays on the
 //! local disk, retries back off from 5 s to 5 min, `/metrics` shows the backlog and the
 //! last successful upload, and the operational log warns when the trouble starts and every
-//! 10 minutes while it lasts. Local files are never deleted by the archiver.
+//! 10 minutes while it lasts.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::digest::Segment;
-use super::writer::{file_name, log_files};
+use super::digest::{Digest, Segment};
+use super::record::unhex;
+use super::signing::SigningKey;
+use super::writer::{file_name, log_files, Head};
 use crate::metrics::AuditMetrics;
 use crate::s3::{Bucket, Put};
+use crate::time::{format_rfc3339_millis, now_millis};
 
 /// How often a worker looks for sealed segments to ship.
 pub const ARCHIVE_EVERY: Duration = Duration::from_secs(5);
@@ -37,6 +56,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const WARN_EVERY: Duration = Duration::from_secs(600);
 /// The record of archived segments, in the chain's directory.
 pub const ARCHIVED_FILE: &str = "archived.jsonl";
+/// The record of confirmed digests, in the chain's directory.
+pub const DIGESTS_FILE: &str = "digests.jsonl";
+/// The digest being uploaded, kept until its upload is confirmed.
+const NEXT_DIGEST_FILE: &str = "digest.next";
+/// Where a chain's digests are, under its key prefix.
+pub const DIGESTS_DIR: &str = "digests";
 
 /// Where a worker's segments go.
 pub struct ArchiveTarget {
@@ -45,8 +70,13 @@ pub struct ArchiveTarget {
     pub prefix: String,
     /// The node's name in object keys.
     pub node: String,
-    /// How long each segment is retained (COMPLIANCE), in days.
+    /// How long each segment and digest is retained (COMPLIANCE), in days; 0 sends no
+    /// retention (a bucket without Object Lock, or one whose default retention applies).
     pub retention_days: u64,
+    /// How long each digest covers.
+    pub digest_interval: Duration,
+    /// How long a local copy is kept once archived and listed in a digest.
+    pub local_retention: Duration,
 }
 
 /// A worker's archiver.
@@ -55,13 +85,41 @@ pub struct Archiver {
     /// The chain's directory, and its name.
     dir: PathBuf,
     instance: String,
+    signing: SigningKey,
     metrics: Arc<AuditMetrics>,
     state: tokio::sync::Mutex<State>,
 }
 
+/// A segment in the archive, and when its upload was confirmed (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Archived {
+    segment: Segment,
+    at_ms: i64,
+}
+
+/// The last confirmed digest of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LastDigest {
+    number: u32,
+    key: String,
+    signature: String,
+    end_ms: i64,
+    /// The newest file number listed in it or before it.
+    through: u32,
+}
+
+/// A composed digest, stored until its upload is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NextDigest {
+    last: LastDigest,
+    body: String,
+}
+
 struct State {
     /// File number → what was archived.
-    archived: HashMap<u32, Segment>,
+    archived: BTreeMap<u32, Archived>,
+    digest: Option<LastDigest>,
+    next: Option<NextDigest>,
     /// While failing: since when, when to try next, the current back-off, last warning.
     failing: Option<Failing>,
 }
@@ -74,35 +132,39 @@ struct Failing {
 }
 
 impl Archiver {
-    /// The archiver of the chain in `dir` (named `instance`), reading what was archived
-    /// before. Blocking.
+    /// The archiver of `instance`'s chain in `data_dir`, reading what was archived and
+    /// digested before. Blocking.
     pub fn open(
         target: ArchiveTarget,
-        dir: &Path,
+        data_dir: &Path,
         instance: &str,
         metrics: Arc<AuditMetrics>,
     ) -> Result<Archiver, String> {
+        let dir = data_dir.join(super::AUDIT_DIR).join(instance);
         let archived = read_archived(&dir.join(ARCHIVED_FILE))?;
+        let digest = read_lines(&dir.join(DIGESTS_FILE))?
+            .iter()
+            .filter_map(LastDigest::from_json)
+            .next_back();
+        let next = read_next(&dir.join(NEXT_DIGEST_FILE))?;
         Ok(Archiver {
             target,
-            dir: dir.to_owned(),
+            dir,
             instance: instance.to_owned(),
+            signing: SigningKey::load_or_create(data_dir)?,
             metrics,
             state: tokio::sync::Mutex::new(State {
                 archived,
+                digest,
+                next,
                 failing: None,
             }),
         })
     }
 
-    /// The object key of the `number`th file.
-    fn key(&self, number: u32) -> String {
-        let path = format!(
-            "{}/{}/{}",
-            self.target.node,
-            self.instance,
-            file_name(number)
-        );
+    /// The key prefix of this chain's objects.
+    fn chain_prefix(&self) -> String {
+        let path = format!("{}/{}", self.target.node, self.instance);
         if self.target.prefix.is_empty() {
             path
         } else {
@@ -110,8 +172,25 @@ impl Archiver {
         }
     }
 
-    /// Ships every sealed segment not archived yet, oldest first, unless a failure asked to
-    /// wait. Never fails: trouble is logged and counted, and the next round tries again.
+    /// The object key of the `number`th file.
+    fn key(&self, number: u32) -> String {
+        format!("{}/{}", self.chain_prefix(), file_name(number))
+    }
+
+    /// The object key of the `number`th digest.
+    fn digest_key(&self, number: u32) -> String {
+        format!("{}/{DIGESTS_DIR}/{number:06}.json", self.chain_prefix())
+    }
+
+    fn retain_until(&self) -> Option<i64> {
+        (self.target.retention_days > 0)
+            .then(|| now_millis() + (self.target.retention_days as i64) * 86_400_000)
+    }
+
+    /// Ships every sealed segment not archived yet, oldest first, then the digest when
+    /// one is due, then deletes local copies whose retention has passed — unless a failure
+    /// asked to wait. Never fails: trouble is logged and counted, and the next round tries
+    /// again.
     pub async fn ship(&self) {
         let mut state = self.state.lock().await;
         if state
@@ -121,84 +200,270 @@ impl Archiver {
         {
             return;
         }
+        let shipped = self.ship_segments(&mut state).await;
+        if shipped.is_ok() {
+            if let Err((what, why)) = self.ship_digest(&mut state).await {
+                self.failed(&mut state, &what, &why);
+            }
+            self.delete_old_copies(&state).await;
+        } else if let Err((what, why)) = shipped {
+            self.failed(&mut state, &what, &why);
+        }
+        let dir = self.dir.clone();
+        if let Ok(Ok(files)) = tokio::task::spawn_blocking(move || log_files(&dir)).await {
+            let left: Vec<(u32, PathBuf)> = sealed(files)
+                .into_iter()
+                .filter(|(n, _)| !state.archived.contains_key(n))
+                .collect();
+            self.count_backlog(&left);
+        }
+    }
+
+    /// Uploads the sealed segments not archived yet; on failure, which object and why.
+    async fn ship_segments(&self, state: &mut State) -> Result<(), (String, String)> {
         let dir = self.dir.clone();
         let files = match tokio::task::spawn_blocking(move || log_files(&dir)).await {
             Ok(Ok(files)) => files,
-            Ok(Err(e)) => {
-                return log::warn!("audit archive: cannot list {}: {e}", self.dir.display())
-            }
-            Err(_) => return,
+            Ok(Err(e)) => return Err((self.dir.display().to_string(), e.to_string())),
+            Err(e) => return Err((self.dir.display().to_string(), e.to_string())),
         };
-        // Every file but the newest is sealed.
-        let sealed: Vec<(u32, PathBuf)> = match files.split_last() {
-            Some((_, sealed)) => sealed.to_vec(),
-            None => Vec::new(),
-        };
-        let pending: Vec<(u32, PathBuf)> = sealed
+        let pending: Vec<(u32, PathBuf)> = sealed(files)
             .into_iter()
             .filter(|(n, _)| !state.archived.contains_key(n))
             .collect();
         self.count_backlog(&pending);
         for (number, path) in pending {
-            match self.ship_one(number, &path).await {
-                Ok(segment) => {
-                    let record = self.dir.join(ARCHIVED_FILE);
-                    let line = archived_line(number, &segment);
-                    let written =
-                        tokio::task::spawn_blocking(move || append_synced(&record, &line)).await;
-                    if let Ok(Err(e)) | Err(e) = written.map_err(|e| e.to_string()) {
-                        log::warn!("audit archive: cannot record {}: {e}", segment.key);
-                        return;
-                    }
-                    log::info!(
-                        "audit archive: stored {} ({} bytes)",
-                        segment.key,
-                        segment.size
-                    );
-                    state.archived.insert(number, segment);
-                    self.metrics.archive_uploaded(crate::time::now_millis());
-                    if let Some(failing) = state.failing.take() {
-                        log::info!(
-                            "audit archive: reachable again after {} s",
-                            failing.since.elapsed().as_secs()
-                        );
-                    }
-                }
-                Err(why) => {
-                    self.metrics.archive_failed();
-                    let now = Instant::now();
-                    let failing = state.failing.get_or_insert(Failing {
-                        since: now,
-                        next_try: now,
-                        backoff: ARCHIVE_EVERY / 2,
-                        warned: now,
-                    });
-                    failing.backoff = (failing.backoff * 2).min(MAX_BACKOFF);
-                    failing.next_try = now + failing.backoff;
-                    let first = failing.since == now;
-                    if first || now.duration_since(failing.warned) >= WARN_EVERY {
-                        failing.warned = now;
-                        log::warn!(
-                            "audit archive: {} not stored ({why}); the segments wait on local \
-                             disk, next try in {} s",
-                            self.key(number),
-                            failing.backoff.as_secs()
-                        );
-                    }
-                    break;
-                }
+            let segment = self
+                .ship_one(number, &path)
+                .await
+                .map_err(|why| (self.key(number), why))?;
+            let archived = Archived {
+                segment,
+                at_ms: now_millis(),
+            };
+            let line = archived_line(number, &archived);
+            self.append(ARCHIVED_FILE, line)
+                .await
+                .map_err(|why| (ARCHIVED_FILE.to_owned(), why))?;
+            log::info!(
+                "audit archive: stored {} ({} bytes)",
+                archived.segment.key,
+                archived.segment.size
+            );
+            self.metrics.archive_uploaded(archived.at_ms);
+            state.archived.insert(number, archived);
+            self.recovered(state);
+        }
+        Ok(())
+    }
+
+    /// Appends `line` to `name` in the chain's directory, synced.
+    async fn append(&self, name: &str, line: String) -> Result<(), String> {
+        let path = self.dir.join(name);
+        tokio::task::spawn_blocking(move || append_synced(&path, &line))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Composes the digest when one is due (the first at once, then one per interval) and
+    /// uploads the composed one until it is confirmed.
+    async fn ship_digest(&self, state: &mut State) -> Result<(), (String, String)> {
+        if state.next.is_none() {
+            let now = now_millis();
+            let interval = self.target.digest_interval.as_millis() as i64;
+            let due = match &state.digest {
+                None => true,
+                Some(last) => now >= last.end_ms + interval,
+            };
+            if !due {
+                return Ok(());
+            }
+            let next = self.compose(state, now);
+            let path = self.dir.join(NEXT_DIGEST_FILE);
+            let text = next.to_json().to_string();
+            let written = tokio::task::spawn_blocking(move || {
+                crate::secret_file::write_private(&path, text.as_bytes(), true)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            written.map_err(|why| (NEXT_DIGEST_FILE.to_owned(), why))?;
+            state.next = Some(next);
+        }
+        let Some(next) = state.next.clone() else {
+            return Ok(());
+        };
+        let key = next.last.key.clone();
+        let body = Bytes::from(next.body.clone().into_bytes());
+        let fail = |why: String| (key.clone(), why);
+        let put = self
+            .target
+            .bucket
+            .put_new(&key, body.clone(), self.retain_until())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if matches!(put, Put::Exists) {
+            let there = self
+                .target
+                .bucket
+                .get(&key)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if there.as_ref() != Some(&body) {
+                log::error!(
+                    "audit archive: {key} already holds another digest; it is not                      overwritten — investigate (another node with the same name and                      instance, or tampering)"
+                );
+                return Err(fail("the archive holds another digest at this key".into()));
             }
         }
+        let line = format!(
+            "{}
+",
+            next.last.to_json()
+        );
+        self.append(DIGESTS_FILE, line)
+            .await
+            .map_err(|why| (DIGESTS_FILE.to_owned(), why))?;
+        let path = self.dir.join(NEXT_DIGEST_FILE);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        log::info!(
+            "audit archive: signed digest {key} ({} segment(s))",
+            next.last.through
+                - state
+                    .digest
+                    .as_ref()
+                    .map_or(next.last.through, |d| d.through)
+        );
+        self.metrics.archive_digested(now_millis());
+        state.digest = Some(next.last);
+        state.next = None;
+        self.recovered(state);
+        Ok(())
+    }
+
+    /// The digest of the segments archived since the last one, up to `now`.
+    fn compose(&self, state: &State, now: i64) -> NextDigest {
+        let (number, start, previous, through) = match &state.digest {
+            None => (1, now, None, 0),
+            Some(last) => (
+                last.number + 1,
+                last.end_ms,
+                Some((last.key.clone(), last.signature.clone())),
+                last.through,
+            ),
+        };
+        let listed: Vec<(&u32, &Archived)> = state.archived.range(through + 1..).collect();
+        let through = listed.last().map_or(through, |(n, _)| **n);
+        let digest = Digest {
+            node: format!("{}/{}", self.target.node, self.instance),
+            start: format_rfc3339_millis(start),
+            end: format_rfc3339_millis(now),
+            segments: listed.iter().map(|(_, a)| a.segment.clone()).collect(),
+            previous,
+            public_key: self.signing.public_key(),
+        };
+        let body = digest.sign(&self.signing);
+        let signature = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["signature"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        NextDigest {
+            last: LastDigest {
+                number,
+                key: self.digest_key(number),
+                signature,
+                end_ms: now,
+                through,
+            },
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// Deletes the local copies that are archived, listed in a confirmed digest, and older
+    /// than the local retention since their upload. The newest file is never touched.
+    async fn delete_old_copies(&self, state: &State) {
+        let Some(through) = state.digest.as_ref().map(|d| d.through) else {
+            return;
+        };
+        let retention = self.target.local_retention.as_millis() as i64;
+        let now = now_millis();
+        let old: Vec<u32> = state
+            .archived
+            .range(..=through)
+            .filter(|(_, a)| a.at_ms + retention <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        if old.is_empty() {
+            return;
+        }
         let dir = self.dir.clone();
-        if let Ok(Ok(files)) = tokio::task::spawn_blocking(move || log_files(&dir)).await {
-            let left: Vec<(u32, PathBuf)> = files
-                .split_last()
-                .map(|(_, sealed)| sealed.to_vec())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(n, _)| !state.archived.contains_key(n))
-                .collect();
-            self.count_backlog(&left);
+        let removed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u32>> {
+            let mut removed = Vec::new();
+            for (number, path) in sealed(log_files(&dir)?) {
+                if old.contains(&number) {
+                    std::fs::remove_file(&path)?;
+                    removed.push(number);
+                }
+            }
+            if !removed.is_empty() {
+                crate::secret_file::sync_dir(&dir)?;
+            }
+            Ok(removed)
+        })
+        .await;
+        match removed {
+            Ok(Ok(removed)) => {
+                for number in removed {
+                    log::info!(
+                        "audit archive: deleted the local copy of {} (archived as {},                          local retention passed)",
+                        file_name(number),
+                        self.key(number)
+                    );
+                }
+            }
+            Ok(Err(e)) => log::warn!(
+                "audit archive: cannot delete old local copies in {}: {e}",
+                self.dir.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// Counts a failure, backs off, and warns when it starts and then every 10 minutes.
+    fn failed(&self, state: &mut State, what: &str, why: &str) {
+        self.metrics.archive_failed();
+        let hint = if why.contains("400 InvalidRequest") && self.target.retention_days > 0 {
+            " — if the bucket was created without Object Lock, it refuses retention: create \
+             it with Object Lock, or set --audit-archive-retention 0"
+        } else {
+            ""
+        };
+        let now = Instant::now();
+        let failing = state.failing.get_or_insert(Failing {
+            since: now,
+            next_try: now,
+            backoff: ARCHIVE_EVERY / 2,
+            warned: now,
+        });
+        failing.backoff = (failing.backoff * 2).min(MAX_BACKOFF);
+        failing.next_try = now + failing.backoff;
+        let first = failing.since == now;
+        if first || now.duration_since(failing.warned) >= WARN_EVERY {
+            failing.warned = now;
+            log::warn!(
+                "audit archive: {what} not stored ({why}{hint}); the segments wait on local \
+                 disk, next try in {} s",
+                failing.backoff.as_secs()
+            );
+        }
+    }
+
+    fn recovered(&self, state: &mut State) {
+        if let Some(failing) = state.failing.take() {
+            log::info!(
+                "audit archive: reachable again after {} s",
+                failing.since.elapsed().as_secs()
+            );
         }
     }
 
@@ -220,13 +485,11 @@ impl Archiver {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let segment = Segment::of(&key, &bytes)?;
-        let retain_until =
-            crate::time::now_millis() + (self.target.retention_days as i64) * 86_400_000;
         let bytes = Bytes::from(bytes);
         match self
             .target
             .bucket
-            .put_new(&key, bytes, Some(retain_until))
+            .put_new(&key, bytes, self.retain_until())
             .await
         {
             Ok(Put::Created { .. }) => Ok(segment),
@@ -258,39 +521,136 @@ impl Archiver {
     }
 }
 
+/// Every file but the newest: the sealed ones.
+fn sealed(mut files: Vec<(u32, PathBuf)>) -> Vec<(u32, PathBuf)> {
+    files.pop();
+    files
+}
+
+impl LastDigest {
+    fn to_json(&self) -> Value {
+        json!({
+            "number": self.number,
+            "key": self.key,
+            "signature": self.signature,
+            "end": format_rfc3339_millis(self.end_ms),
+            "end_ms": self.end_ms,
+            "through": self.through,
+        })
+    }
+
+    fn from_json(value: &Value) -> Option<LastDigest> {
+        Some(LastDigest {
+            number: u32::try_from(value["number"].as_u64()?).ok()?,
+            key: value["key"].as_str()?.to_owned(),
+            signature: value["signature"].as_str()?.to_owned(),
+            end_ms: value["end_ms"].as_i64()?,
+            through: u32::try_from(value["through"].as_u64()?).ok()?,
+        })
+    }
+}
+
+impl NextDigest {
+    fn to_json(&self) -> Value {
+        let mut value = self.last.to_json();
+        value["body"] = self.body.clone().into();
+        value
+    }
+}
+
+/// The digest `digest.next` holds, if any.
+fn read_next(path: &Path) -> Result<Option<NextDigest>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let value: Value = serde_json::from_str(&text).map_err(|_| {
+        format!(
+            "{} is damaged; move it aside (the digest it held was never confirmed) and start              again",
+            path.display()
+        )
+    })?;
+    let last = LastDigest::from_json(&value);
+    match (last, value["body"].as_str()) {
+        (Some(last), Some(body)) => Ok(Some(NextDigest {
+            last,
+            body: body.to_owned(),
+        })),
+        _ => Err(format!("{} is not a composed digest", path.display())),
+    }
+}
+
 /// The line `archived.jsonl` holds for one segment: its figures as a digest lists them,
 /// with the file's name and when it was archived.
-fn archived_line(number: u32, segment: &Segment) -> String {
-    let mut line = segment.to_json();
+fn archived_line(number: u32, archived: &Archived) -> String {
+    let mut line = archived.segment.to_json();
     line["file"] = file_name(number).into();
-    line["archived_at"] = crate::time::format_rfc3339_millis(crate::time::now_millis()).into();
+    line["archived_at"] = format_rfc3339_millis(archived.at_ms).into();
+    line["archived_ms"] = archived.at_ms.into();
     format!("{line}\n")
 }
 
-/// What `archived.jsonl` says was archived, by file number. A torn last line (a crash
-/// while appending) is ignored: that segment is shipped again, which the create-only
-/// upload and the comparison make harmless.
-fn read_archived(path: &Path) -> Result<HashMap<u32, Segment>, String> {
+/// The JSON lines of a record file (none when it does not exist). A torn last line (a
+/// crash while appending) is left out.
+fn read_lines(path: &Path) -> Result<Vec<Value>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let mut archived = HashMap::new();
-    for line in text.lines() {
-        let Ok(value) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
+    Ok(text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .collect())
+}
+
+/// What `archived.jsonl` says was archived, by file number. A torn last line is ignored:
+/// that segment is shipped again, which the create-only upload and the comparison make
+/// harmless.
+fn read_archived(path: &Path) -> Result<BTreeMap<u32, Archived>, String> {
+    let mut archived = BTreeMap::new();
+    for value in read_lines(path)? {
         let number = value["file"]
             .as_str()
             .and_then(|f| f.strip_suffix(".jsonl"))
             .and_then(|n| n.parse::<u32>().ok());
         let segment = Segment::from_json(&value);
-        if let (Some(number), Some(segment)) = (number, segment) {
-            archived.insert(number, segment);
+        let at_ms = value["archived_ms"].as_i64().or_else(|| {
+            value["archived_at"]
+                .as_str()
+                .and_then(crate::time::parse_rfc3339)
+        });
+        if let (Some(number), Some(segment), Some(at_ms)) = (number, segment, at_ms) {
+            archived.insert(number, Archived { segment, at_ms });
         }
     }
     Ok(archived)
+}
+
+/// Where the chain in `dir` stood before its first local file, `first` (> 1), whose
+/// predecessors were deleted after archiving: the last record `archived.jsonl` lists for
+/// file `first - 1`. Refused unless every earlier file is listed there, so that a file
+/// removed by hand is still found missing.
+pub fn archived_head(dir: &Path, first: u32) -> Result<Head, String> {
+    let archived = read_archived(&dir.join(ARCHIVED_FILE))?;
+    if let Some(missing) = (1..first).find(|n| !archived.contains_key(n)) {
+        return Err(format!(
+            "file {} is missing and {ARCHIVED_FILE} does not list it as archived",
+            file_name(missing)
+        ));
+    }
+    let before = &archived[&(first - 1)].segment;
+    let chain = unhex(before.chain_head.as_bytes()).ok_or_else(|| {
+        format!(
+            "{ARCHIVED_FILE} lists {} with a malformed chain value",
+            file_name(first - 1)
+        )
+    })?;
+    Ok(Head {
+        seq: before.last_seq,
+        chain,
+    })
 }
 
 fn append_synced(path: &Path, line: &str) -> Result<(), String> {
@@ -324,12 +684,22 @@ mod tests {
             last_seq: 4,
             chain_head: "cd".repeat(32),
         };
-        append_synced(&path, &archived_line(1, &segment)).unwrap();
+        let archived = Archived {
+            segment: segment.clone(),
+            at_ms: 1_764_650_000_000,
+        };
+        append_synced(&path, &archived_line(1, &archived)).unwrap();
         // A crash while appending the next line leaves half of it.
         append_synced(&path, "{\"file\":\"000002.jsonl\",\"key\":\"au").unwrap();
         let archived = read_archived(&path).unwrap();
         assert_eq!(archived.len(), 1);
-        assert_eq!(archived[&1], segment);
+        assert_eq!(archived[&1].segment, segment);
+        assert_eq!(archived[&1].at_ms, 1_764_650_000_000);
+        // The chain's state before file 2 is what file 1 ended with; before file 3 it is
+        // unknown (file 2 is not listed).
+        let head = archived_head(&dir, 2).unwrap();
+        assert_eq!((head.seq, head.chain), (4, [0xcd; 32]));
+        assert!(archived_head(&dir, 3).unwrap_err().contains("000002.jsonl"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -31,6 +31,7 @@ pub mod record;
 pub mod seal;
 pub mod signing;
 pub mod verify;
+pub mod verify_archive;
 pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
@@ -238,8 +239,7 @@ impl AuditLog {
         if self.writer.is_none() {
             return Ok(None);
         }
-        let dir = data_dir.join(AUDIT_DIR).join(&self.instance);
-        archive::Archiver::open(target, &dir, &self.instance, self.metrics.clone()).map(Some)
+        archive::Archiver::open(target, data_dir, &self.instance, self.metrics.clone()).map(Some)
     }
 
     /// Queues a record now; the future resolves once it is on disk (at once when auditing

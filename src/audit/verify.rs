@@ -125,13 +125,7 @@ pub fn verify_dir(audit_dir: &Path, key: &hmac::Key) -> Result<Report, Broken> {
                 .map_err(|e| broken(audit_dir, 0, format!("cannot read the checkpoints: {e}")))?,
         };
         let checkpoint = authentic_checkpoint(dir, instance, key, checkpoint)?;
-        let start = Start {
-            index: 0,
-            head: Head {
-                seq: 0,
-                chain: GENESIS,
-            },
-        };
+        let start = base(&files)?;
         let walked = walk(&files, start, key, Some(checkpoint.records))?.intact()?;
         check_end(&files, &walked, &checkpoint)?;
         if let Some(torn) = &walked.last.torn {
@@ -281,7 +275,7 @@ pub fn check_before_append(
         };
     }
     let checkpoint = authentic_checkpoint(dir, instance, key, checkpoint)?;
-    let start = start_near(files, checkpoint.records);
+    let start = start_near(files, checkpoint.records, base(files)?);
     let walked = walk(files, start, key, Some(checkpoint.records))?.intact()?;
     check_end(files, &walked, &checkpoint)?;
     Ok(AppendPoint {
@@ -300,17 +294,39 @@ pub fn whole_chain_reaches(
     if files.is_empty() {
         return checkpoint.records == 0;
     }
+    let Ok(start) = base(files) else {
+        return false;
+    };
+    match walk(files, start, key, Some(checkpoint.records)).and_then(Walked::intact) {
+        Ok(walked) => walked.last.torn.is_none() && check_end(files, &walked, checkpoint).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Verifies a chain's sealed segments as restored from the archive (from file 1, none
+/// live): every record, the files' numbering and the chain across them, acknowledged
+/// breaks. Returns the records and breaks, or the first damage.
+pub fn verify_sealed(
+    files: &[(u32, PathBuf)],
+    key: &hmac::Key,
+) -> Result<(u64, Vec<AcknowledgedBreak>), Broken> {
     let start = Start {
         index: 0,
         head: Head {
             seq: 0,
             chain: GENESIS,
         },
+        first_number: 1,
     };
-    match walk(files, start, key, Some(checkpoint.records)).and_then(Walked::intact) {
-        Ok(walked) => walked.last.torn.is_none() && check_end(files, &walked, checkpoint).is_ok(),
-        Err(_) => false,
+    let walked = walk(files, start, key, None)?.intact()?;
+    if let Some(torn) = &walked.last.torn {
+        return Err(broken(
+            &walked.last.path,
+            torn.line,
+            "a torn last line in a sealed segment",
+        ));
     }
+    Ok((walked.records, walked.breaks))
 }
 
 /// The last record of a chain that verifies from its first record, stopping at the first
@@ -324,17 +340,49 @@ pub fn last_good_record(files: &[(u32, PathBuf)], key: &hmac::Key) -> Result<Hea
     if files.is_empty() {
         return Ok(genesis);
     }
-    let start = Start {
-        index: 0,
-        head: genesis,
-    };
-    Ok(walk(files, start, key, None)?.head)
+    Ok(walk(files, base(files)?, key, None)?.head)
 }
 
 /// Where a walk starts: before the file at `index`, after the record `head`.
 struct Start {
     index: usize,
     head: Head,
+    /// The number the chain's first local file must have: 1, or the one after the last
+    /// file deleted once archived.
+    first_number: u32,
+}
+
+/// Where a chain's walk from its first local file starts: the genesis when that is file
+/// 1; otherwise the end of the file before it, as `archived.jsonl` recorded it when that
+/// file was archived (its local copy deleted after `--audit-local-retention`).
+fn base(files: &[(u32, PathBuf)]) -> Result<Start, Broken> {
+    let genesis = Start {
+        index: 0,
+        head: Head {
+            seq: 0,
+            chain: GENESIS,
+        },
+        first_number: 1,
+    };
+    let Some((first, path)) = files.first().filter(|(n, _)| *n > 1) else {
+        return Ok(genesis);
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let head = super::archive::archived_head(dir, *first).map_err(|why| {
+        broken(
+            path,
+            0,
+            format!(
+                "the chain's first local file is {}, but {why}",
+                file_name(*first)
+            ),
+        )
+    })?;
+    Ok(Start {
+        index: 0,
+        head,
+        first_number: *first,
+    })
 }
 
 /// The newest file as a walk left it.
@@ -448,7 +496,7 @@ fn last_record(path: &Path) -> Option<Head> {
 /// The latest file whose records all come after the checkpoint's position (so a walk from
 /// there passes it), with the chain state it starts from; the first file when no later one
 /// can be used.
-fn start_near(files: &[(u32, PathBuf)], checkpoint_records: u64) -> Start {
+fn start_near(files: &[(u32, PathBuf)], checkpoint_records: u64, base: Start) -> Start {
     for index in (1..files.len()).rev() {
         let Some(first) = first_line(&files[index].1) else {
             continue;
@@ -463,19 +511,18 @@ fn start_near(files: &[(u32, PathBuf)], checkpoint_records: u64) -> Start {
             return Start {
                 index,
                 head: statement.after,
+                first_number: base.first_number,
             };
         }
         if let Some(head) = last_record(&files[index - 1].1).filter(|h| h.seq == seq - 1) {
-            return Start { index, head };
+            return Start {
+                index,
+                head,
+                first_number: base.first_number,
+            };
         }
     }
-    Start {
-        index: 0,
-        head: Head {
-            seq: 0,
-            chain: GENESIS,
-        },
-    }
+    base
 }
 
 /// Walks a chain from `start` to the end of its newest file, verifying every record,
@@ -512,7 +559,7 @@ fn walk(
     for (index, (number, path)) in files.iter().enumerate().skip(start.index) {
         let newest = index + 1 == files.len();
         let expected_number = if index == 0 {
-            1
+            start.first_number
         } else {
             files[index - 1].0.saturating_add(1)
         };
@@ -729,6 +776,7 @@ mod tests {
                 seq: 0,
                 chain: GENESIS,
             },
+            first_number: 1,
         }
     }
 
@@ -776,13 +824,47 @@ mod tests {
         let (second, end) = records(&key, head, 4);
         let (dir, files) = dir_with(&[&first, &second]);
         // The checkpoint at record 7: the walk needs only the second file.
-        let start = start_near(&files, 7);
+        let start = start_near(&files, 7, genesis());
         assert_eq!((start.index, start.head), (1, head));
         let walked = walk(&files, start, &key, Some(7)).unwrap();
         assert_eq!((walked.head, walked.records), (end, 4));
         assert!(walked.at_checkpoint.is_some());
         // A checkpoint inside the first file makes it walk both.
-        assert_eq!(start_near(&files, 3).index, 0);
+        assert_eq!(start_near(&files, 3, genesis()).index, 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_chain_continues_from_the_archived_record_of_its_deleted_files() {
+        let key = key();
+        let (first, head) = records(&key, genesis().head, 5);
+        let (second, end) = records(&key, head, 4);
+        let (dir, files) = dir_with(&[&first, &second]);
+        std::fs::remove_file(&files[0].1).unwrap();
+        let left = files[1..].to_vec();
+        // Without a record of file 1 in the archive, it is missing.
+        let err = base(&left).err().unwrap();
+        assert!(err.why.contains("000001.jsonl is missing"), "{err}");
+        let archived = |chain_head: [u8; 32]| {
+            let hex: String = chain_head.iter().map(|b| format!("{b:02x}")).collect();
+            let line = serde_json::json!({
+                "file": "000001.jsonl", "key": "audit/n/1/000001.jsonl", "size": first.len(),
+                "sha256": "00".repeat(32), "first_seq": 1, "last_seq": 5,
+                "chain_head": hex, "archived_ms": 1,
+            });
+            let path = dir.join(super::super::archive::ARCHIVED_FILE);
+            std::fs::write(path, format!("{line}\n")).unwrap();
+        };
+        archived(head.chain);
+        let walked = walk(&left, base(&left).unwrap(), &key, Some(9))
+            .unwrap()
+            .intact()
+            .unwrap();
+        assert_eq!((walked.head, walked.records), (end, 4));
+        // A record of file 1 that does not end where file 2 continues: the chain is broken.
+        archived([7; 32]);
+        let walked = walk(&left, base(&left).unwrap(), &key, Some(9)).unwrap();
+        assert_eq!(walked.damage.unwrap().line, 1);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
