@@ -11,6 +11,10 @@
 #   AB=audit bash scripts/loadtest.sh
 #                     # only the JWT read with the audit stage on and off, $ROUNDS rounds
 #   ROUNDS=7 ...      # alternating rounds of the audit on/off comparison (default 5)
+#   AB=archive bash scripts/s3.sh run bash scripts/loadtest.sh
+#                     # only the JWT read with the audit archive off and on (segments
+#                     # sealed every 4 MiB and shipped to the SeaweedFS that s3.sh runs,
+#                     # digests every 5 s), $ROUNDS alternating rounds
 #   AB=flood bash scripts/loadtest.sh
 #                     # only token reads, quiet and while another client floods Basic
 #                     # requests with fresh usernames, $ROUNDS rounds
@@ -282,6 +286,52 @@ if [ "${AB:-}" = audit ]; then
     echo
     for line in "${thread_shares[@]}"; do echo "- $line"; done
   } | tee "${OUT%.md}-audit.md"
+  exit 0
+fi
+
+# The JWT read with the audit archive off and on: on, each worker seals a segment every
+# 4 MiB of records (about every 1.5 s at this read's rate) and ships it to SeaweedFS with a
+# signed digest every 5 s, as the run goes. Off rounds leave their segments for the next on
+# round to ship, so on rounds carry the upload work of both.
+if [ "${AB:-}" = archive ]; then
+  : "${PAYGATE_TEST_S3_ENDPOINT:?run it under scripts/s3.sh: AB=archive bash scripts/s3.sh run bash scripts/loadtest.sh}"
+  printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$PAYGATE_TEST_S3_ACCESS_KEY" \
+    "$PAYGATE_TEST_S3_SECRET_KEY" >"$work/s3.credentials"
+  chmod 600 "$work/s3.credentials"
+  curl -sS -o /dev/null -X PUT --aws-sigv4 aws:amz:us-east-1:s3 \
+    --user "$PAYGATE_TEST_S3_ACCESS_KEY:$PAYGATE_TEST_S3_SECRET_KEY" \
+    -H 'x-amz-bucket-object-lock-enabled: true' "$PAYGATE_TEST_S3_ENDPOINT/paygate-loadtest"
+  archive=(--audit-archive s3://paygate-loadtest/audit --audit-archive-endpoint "$PAYGATE_TEST_S3_ENDPOINT"
+    --audit-archive-credentials "$work/s3.credentials" --audit-archive-node loadtest
+    --audit-archive-retention 1 --audit-digest-interval 5)
+  for round in $(seq 1 "$ROUNDS"); do
+    order="on off"; [ $((round % 2)) = 0 ] && order="off on"
+    for side in $order; do
+      extra=(); [ "$side" = on ] && extra=("${archive[@]}")
+      start "archive-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' \
+        --audit-rotate-bytes 4194304 "${extra[@]}"
+      measure "jwt-read-archive-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      stop_server
+    done
+  done
+  shipped=$(cat "$work"/archive-on-*.log | grep -c "audit archive: stored" || true)
+  digests=$(cat "$work"/archive-on-*.log | grep -c "audit archive: signed digest" || true)
+  {
+    echo "# A/B: the JWT read with the audit archive off and on, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; $ROUNDS alternating rounds; segments sealed every 4 MiB; $shipped segments and $digests digests shipped during the on rounds."
+    echo
+    echo "| round | archive on req/s (p50 / p99 ms) | archive off req/s (p50 / p99 ms) | on / off | machine CPU µs/request on / off |"
+    echo "|---|---|---|---|---|"
+    ratios=()
+    for round in $(seq 1 "$ROUNDS"); do
+      on="jwt-read-archive-on-$round" off="jwt-read-archive-off-$round"
+      ratios+=("$(ratio "$on" "$off")")
+      echo "| $round | $(rps_of "$on") ($(field_of "$on" 3) / $(field_of "$on" 4)) | $(rps_of "$off") ($(field_of "$off" 3) / $(field_of "$off" 4)) | $(ratio "$on" "$off") | $(field_of "$on" 6) / $(field_of "$off" 6) |"
+    done
+    echo
+    echo "Archive on / off: median **$(median "${ratios[@]}")**"
+  } | tee "${OUT%.md}-archive.md"
   exit 0
 fi
 
