@@ -290,9 +290,13 @@ if [ "${AB:-}" = audit ]; then
 fi
 
 # The JWT read with the audit archive off and on: on, each worker seals a segment every
-# 4 MiB of records (about every 1.5 s at this read's rate) and ships it to SeaweedFS with a
-# signed digest every 5 s, as the run goes. Off rounds leave their segments for the next on
-# round to ship, so on rounds carry the upload work of both.
+# 4 MiB of records (about every 0.3 s at this read's rate) and ships it to SeaweedFS with
+# a signed digest every 5 s, as the run goes. Each side has its own copy of the data
+# directory, so on rounds ship their own segments only. Besides the machine's CPU per
+# request, the paygate process's and SeaweedFS's own are recorded: on this machine the
+# S3 service shares the two cores with paygate and wrk, which a deployment does not.
+# proc_ticks PID: CPU ticks of a process, all its threads (utime + stime).
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 if [ "${AB:-}" = archive ]; then
   : "${PAYGATE_TEST_S3_ENDPOINT:?run it under scripts/s3.sh: AB=archive bash scripts/s3.sh run bash scripts/loadtest.sh}"
   printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$PAYGATE_TEST_S3_ACCESS_KEY" \
@@ -301,16 +305,25 @@ if [ "${AB:-}" = archive ]; then
   curl -sS -o /dev/null -X PUT --aws-sigv4 aws:amz:us-east-1:s3 \
     --user "$PAYGATE_TEST_S3_ACCESS_KEY:$PAYGATE_TEST_S3_SECRET_KEY" \
     -H 'x-amz-bucket-object-lock-enabled: true' "$PAYGATE_TEST_S3_ENDPOINT/paygate-loadtest"
+  weed_pid=$(cat "${PAYGATE_TEST_S3_DIR:?}/pid")
   archive=(--audit-archive s3://paygate-loadtest/audit --audit-archive-endpoint "$PAYGATE_TEST_S3_ENDPOINT"
     --audit-archive-credentials "$work/s3.credentials" --audit-archive-node loadtest
     --audit-archive-retention 1 --audit-digest-interval 5)
+  cp -a data data-on; cp -a data data-off
+  declare -A process_cpu
   for round in $(seq 1 "$ROUNDS"); do
     order="on off"; [ $((round % 2)) = 0 ] && order="off on"
     for side in $order; do
       extra=(); [ "$side" = on ] && extra=("${archive[@]}")
-      start "archive-$side-$round" --rate-limit '* / 1000000/s burst=1000000 key=user' \
-        --audit-rotate-bytes 4194304 "${extra[@]}"
-      measure "jwt-read-archive-$side-$round" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      start "archive-$side-$round" --data-dir "data-$side" \
+        --rate-limit '* / 1000000/s burst=1000000 key=user' --audit-rotate-bytes 4194304 "${extra[@]}"
+      name="jwt-read-archive-$side-$round"
+      paygate_before=$(proc_ticks "$pid"); weed_before=$(proc_ticks "$weed_pid")
+      measure "$name" "https://127.0.0.1:$port$read_path" "Authorization: Bearer $jwt"
+      paygate_ticks=$(($(proc_ticks "$pid") - paygate_before)); weed_ticks=$(($(proc_ticks "$weed_pid") - weed_before))
+      requests=$(awk -v r="$(rps_of "$name")" -v d="${DURATION%s}" 'BEGIN {print r * d}')
+      process_cpu[$name]=$(awk -v p="$paygate_ticks" -v w="$weed_ticks" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN {printf "%.1f / %.1f", p / hz * 1e6 / n, w / hz * 1e6 / n}')
       stop_server
     done
   done
@@ -321,13 +334,13 @@ if [ "${AB:-}" = archive ]; then
     echo
     echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; $ROUNDS alternating rounds; segments sealed every 4 MiB; $shipped segments and $digests digests shipped during the on rounds."
     echo
-    echo "| round | archive on req/s (p50 / p99 ms) | archive off req/s (p50 / p99 ms) | on / off | machine CPU µs/request on / off |"
-    echo "|---|---|---|---|---|"
+    echo "| round | archive on req/s (p50 / p99 ms) | archive off req/s (p50 / p99 ms) | on / off | machine CPU µs/request on / off | paygate / SeaweedFS CPU µs/request, on | paygate CPU µs/request, off |"
+    echo "|---|---|---|---|---|---|---|"
     ratios=()
     for round in $(seq 1 "$ROUNDS"); do
       on="jwt-read-archive-on-$round" off="jwt-read-archive-off-$round"
       ratios+=("$(ratio "$on" "$off")")
-      echo "| $round | $(rps_of "$on") ($(field_of "$on" 3) / $(field_of "$on" 4)) | $(rps_of "$off") ($(field_of "$off" 3) / $(field_of "$off" 4)) | $(ratio "$on" "$off") | $(field_of "$on" 6) / $(field_of "$off" 6) |"
+      echo "| $round | $(rps_of "$on") ($(field_of "$on" 3) / $(field_of "$on" 4)) | $(rps_of "$off") ($(field_of "$off" 3) / $(field_of "$off" 4)) | $(ratio "$on" "$off") | $(field_of "$on" 6) / $(field_of "$off" 6) | ${process_cpu[$on]} | ${process_cpu[$off]%% /*} |"
     done
     echo
     echo "Archive on / off: median **$(median "${ratios[@]}")**"

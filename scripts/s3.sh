@@ -116,7 +116,7 @@ case "${1:-}" in
     out=$(start)
     dir=$(sed -n 's/^S3_DIR=//p' <<<"$out")
     trap 'down "$dir"; rm -rf "$dir"' EXIT
-    export PAYGATE_TEST_S3_ENDPOINT PAYGATE_TEST_S3_ACCESS_KEY PAYGATE_TEST_S3_SECRET_KEY
+    export PAYGATE_TEST_S3_ENDPOINT PAYGATE_TEST_S3_ACCESS_KEY PAYGATE_TEST_S3_SECRET_KEY PAYGATE_TEST_S3_DIR=$dir
     PAYGATE_TEST_S3_ENDPOINT=$(sed -n 's/^PAYGATE_TEST_S3_ENDPOINT=//p' <<<"$out")
     PAYGATE_TEST_S3_ACCESS_KEY=$(sed -n 's/^PAYGATE_TEST_S3_ACCESS_KEY=//p' <<<"$out")
     PAYGATE_TEST_S3_SECRET_KEY=$(sed -n 's/^PAYGATE_TEST_S3_SECRET_KEY=//p' <<<"$out")

@@ -11,7 +11,7 @@
 use ring::digest;
 use serde_json::{json, Map, Value};
 
-use super::record::{line_seq, unseal};
+use super::record::{line_chain, line_seq};
 use super::signing::{self, SigningKey};
 
 /// What a digest says about one segment.
@@ -45,7 +45,7 @@ impl Segment {
         {
             let bad = || format!("{key}: line {} is not an audit record", n + 1);
             let seq = line_seq(line).ok_or_else(bad)?;
-            let chain = unseal(line).ok_or_else(bad)?.chain;
+            let chain = line_chain(line).ok_or_else(bad)?;
             first.get_or_insert(seq);
             last = Some((seq, chain));
         }
@@ -215,7 +215,7 @@ pub fn chain_breaks(digests: &[(String, Digest, String)]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::{seal, GENESIS};
+    use crate::audit::record::{seal, unseal, GENESIS};
 
     fn segment_bytes(first: u64, count: u64) -> Vec<u8> {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k");

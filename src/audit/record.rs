@@ -355,6 +355,11 @@ pub fn unseal(line: &[u8]) -> Option<Unsealed> {
     Some(Unsealed { content, chain })
 }
 
+/// The chain value a line states (not verified), without copying the line.
+pub fn line_chain(line: &[u8]) -> Option<[u8; 32]> {
+    split_chain(line).map(|(_, chain)| chain)
+}
+
 /// A line (without its newline) split at its chain member — `,"chain":"<64 hex>"}` — into
 /// what precedes it (the signed content, less its closing brace) and the chain value.
 fn split_chain(line: &[u8]) -> Option<(&[u8], [u8; 32])> {

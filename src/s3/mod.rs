@@ -146,8 +146,9 @@ impl Bucket {
         body: Bytes,
         retain_until: Option<i64>,
     ) -> Result<Put, S3Error> {
-        let checksum = base64::engine::general_purpose::STANDARD
-            .encode(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+        // One hash of the body serves the checksum and the signature.
+        let sha256 = ring::digest::digest(&ring::digest::SHA256, &body);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(sha256.as_ref());
         let mut headers = vec![
             ("if-none-match", "*".to_owned()),
             ("x-amz-checksum-sha256", checksum),
@@ -160,7 +161,16 @@ impl Bucket {
                 crate::time::format_rfc3339_millis(until),
             ));
         }
-        let answer = self.send(Method::PUT, key, &[], &headers, body).await?;
+        let answer = self
+            .send_hashed(
+                Method::PUT,
+                key,
+                &[],
+                &headers,
+                body,
+                sigv4::hex(sha256.as_ref()),
+            )
+            .await?;
         match answer.status.as_u16() {
             200..=299 => Ok(Put::Created {
                 version: answer
@@ -243,6 +253,21 @@ impl Bucket {
         extra: &[(&str, String)],
         body: Bytes,
     ) -> Result<Answer, S3Error> {
+        let payload = sigv4::sha256_hex(&body);
+        self.send_hashed(method, key, query, extra, body, payload)
+            .await
+    }
+
+    /// [`Bucket::send`] with the body's SHA-256 (hex) already computed.
+    async fn send_hashed(
+        &self,
+        method: Method,
+        key: &str,
+        query: &[(&str, &str)],
+        extra: &[(&str, String)],
+        body: Bytes,
+        payload: String,
+    ) -> Result<Answer, S3Error> {
         let path = sigv4::encode_path(&format!("/{}/{key}", self.bucket));
         let path = if key.is_empty() {
             path.trim_end_matches('/').to_owned()
@@ -253,7 +278,6 @@ impl Bucket {
             (true, 443) | (false, 80) => self.host.clone(),
             _ => format!("{}:{}", self.host, self.port),
         };
-        let payload = sigv4::sha256_hex(&body);
         let date = sigv4::amz_date(crate::time::now_millis());
         let mut headers: Vec<(&str, &str)> = vec![
             ("host", &host),
