@@ -231,14 +231,16 @@ async fn serve(
         crate::metrics::SNAPSHOT_EVERY,
         publish_metrics,
     );
-    if app.archive.is_some() {
-        every(
-            &mut background,
-            &app,
-            crate::audit::archive::ARCHIVE_EVERY,
-            ship_audit_segments,
-        );
-    }
+    let archiving = match app.archive.is_some() {
+        true => match ArchiveThread::start(app.clone()) {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                log::error!("cannot start the audit archive's thread: {e}; nothing is shipped");
+                None
+            }
+        },
+        false => None,
+    };
     // One task per client connection; finished ones are collected as the loop goes.
     let mut connections = JoinSet::new();
 
@@ -296,6 +298,9 @@ async fn serve(
     }
 
     drop(listener);
+    if let Some(archiving) = archiving {
+        archiving.stop().await;
+    }
     background.abort_all();
     while let Some(ended) = background.join_next().await {
         if let Err(e) = ended {
@@ -336,10 +341,50 @@ async fn serve(
     }
 }
 
-/// Ships sealed audit segments to the archive (see `audit::archive`).
-async fn ship_audit_segments(app: Arc<App>) {
-    if let Some(archive) = &app.archive {
-        archive.ship().await;
+/// The audit archive's work (see `audit::archive`) on a thread and runtime of its own:
+/// reading, hashing and uploading segments of megabytes never holds up a request on the
+/// worker's runtime (on the same runtime they added milliseconds to its p99 latency).
+struct ArchiveThread {
+    stop: Arc<tokio::sync::Notify>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ArchiveThread {
+    fn start(app: Arc<App>) -> std::io::Result<ArchiveThread> {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopping = stop.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("paygate-archive".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Some(archive) = &app.archive else {
+                        return;
+                    };
+                    let mut ticks = tokio::time::interval(crate::audit::archive::ARCHIVE_EVERY);
+                    loop {
+                        tokio::select! {
+                            () = stopping.notified() => return,
+                            _ = ticks.tick() => {}
+                        }
+                        tokio::select! {
+                            () = stopping.notified() => return,
+                            () = archive.ship() => {}
+                        }
+                    }
+                });
+            })?;
+        Ok(ArchiveThread { stop, thread })
+    }
+
+    /// Ends the archive's work (an upload under way is abandoned: its segment is shipped
+    /// again at the next start, which create-only uploads make harmless) and waits for it.
+    async fn stop(self) {
+        self.stop.notify_one();
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }
 

@@ -551,15 +551,164 @@ async fn the_command_line_changes_users_and_keys_for_every_node() {
     assert!(stderr.contains("does not hold"), "{stderr}");
     let exported = on_node(&["keys", "export"], "");
     assert_eq!(exported.matches("\"kid\"").count(), 2, "nothing was added");
-    // Re-sealing TOTP secrets on a shared database is refused with the reason.
-    let refused = paygate_in(
-        &nodes[0]._dir,
-        &["keys", "rotate-totp", "--database", &database],
-        "",
+
+    for node in nodes {
+        node.stop();
+    }
+}
+
+fn base32_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut buffer, mut bits, mut out) = (0u32, 0, Vec::new());
+    for c in text.bytes() {
+        let value = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        buffer = (buffer << 5) | value;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// The TOTP code of `secret` for the step `offset` steps from now.
+fn totp_code(secret: &[u8], offset: i64) -> String {
+    use paygate::tokens::totp::{hotp, step_at};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    format!("{:06}", hotp(secret, (step_at(now) + offset) as u64, 6))
+}
+
+/// The sealing key ids each enrolled user's secret and each JWT signing key is sealed
+/// under, in the database (a sealed value starts with a version byte and the key id).
+async fn sealed_under(database: &str) -> Vec<u32> {
+    let (db, connection) = tokio_postgres::connect(database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows = db
+        .query(
+            "SELECT totp_secret FROM users WHERE totp_secret IS NOT NULL
+             UNION ALL SELECT sealed FROM jwt_keys",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<u32> = rows
+        .iter()
+        .map(|r| {
+            let blob: Vec<u8> = r.get(0);
+            u32::from_be_bytes([blob[1], blob[2], blob[3], blob[4]])
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+#[tokio::test]
+async fn the_sealing_key_of_a_cluster_is_replaced_in_two_steps() {
+    let database = fresh_database("n").await;
+    let nodes = cluster(
+        &database,
+        2,
+        &["--password-check-limit", "none", "--rate-limit", "none"],
     );
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("every node must hold"), "{stderr}");
+    let (a, b) = (&nodes[0].client, &nodes[1].client);
+    let key_file = |n: usize| nodes[n]._dir.0.join("data/totp.key");
+    let rotate = || {
+        let out = paygate_in(
+            &nodes[0]._dir,
+            &["keys", "rotate-totp", "--database", &database],
+            "",
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    // Alice enrols TOTP on node a.
+    let alice = a.register("alice").await;
+    let token = a.login(&alice).await;
+    let enrolled = a.post("/users/me/totp").bearer(&token).send().await;
+    assert_eq!(enrolled.status, 200, "{}", enrolled.text());
+    let secret = base32_decode(enrolled.json()["secret"].as_str().unwrap());
+    let confirmed = a
+        .post("/users/me/totp/confirm")
+        .bearer(&token)
+        .json(&json!({"code": totp_code(&secret, -1)}))
+        .send()
+        .await;
+    assert_eq!(confirmed.status, 204, "{}", confirmed.text());
+    let before = sealed_under(&database).await;
+    assert_eq!(before.len(), 1, "one key seals everything: {before:?}");
+
+    // Step 1 stages a new key in this node's file; nothing in the database changes.
+    let (ok, staged) = rotate();
+    assert!(ok, "{staged}");
+    assert!(staged.contains("staged"), "{staged}");
+    assert!(std::fs::read_to_string(key_file(0))
+        .unwrap()
+        .contains(" staged"));
+    assert_eq!(sealed_under(&database).await, before);
+
+    // Step 2 refuses while a running node lacks the staged key, and names it.
+    let (ok, refused) = rotate();
+    assert!(!ok, "{refused}");
+    assert!(
+        refused.contains("does not hold the staged key"),
+        "{refused}"
+    );
+    assert_eq!(sealed_under(&database).await, before);
+
+    // The operator copies the file to node b; once b has read it, step 2 re-seals
+    // everything under the new key.
+    std::fs::copy(key_file(0), key_file(1)).unwrap();
+    let mut done = String::new();
+    for _ in 0..50 {
+        let (ok, text) = rotate();
+        done = text;
+        if ok {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(done.contains("re-sealed"), "{done}");
+    let after = sealed_under(&database).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before);
+    assert!(done.contains(&format!("{:08x}", after[0])), "{done}");
+    let file = std::fs::read_to_string(key_file(0)).unwrap();
+    assert!(file.starts_with(&format!("{:08x} ", after[0])), "{file}");
+    assert!(!file.contains("staged"), "{file}");
+
+    // Both nodes open what was re-sealed: alice logs in with a code on b (which still has
+    // the staged copy of the file), and JWTs signed by the re-sealed key verify on both.
+    let login = b
+        .post("/sessions")
+        .basic(&alice)
+        .header("x-totp", &totp_code(&secret, 0))
+        .send()
+        .await;
+    assert_eq!(login.status, 201, "{}", login.text());
+    let token = login.json()["token"].as_str().unwrap().to_owned();
+    for node in [a, b] {
+        assert_eq!(
+            node.get("/users/me").bearer(&token).send().await.status,
+            200
+        );
+    }
+    // The next rotation waits until the promoted file reached every node.
+    let (ok, refused) = rotate();
+    assert!(!ok, "{refused}");
+    assert!(refused.contains("seals with key"), "{refused}");
+    std::fs::copy(key_file(0), key_file(1)).unwrap();
 
     for node in nodes {
         node.stop();
