@@ -93,7 +93,8 @@ impl App {
         );
         let metrics = Metrics::new(&audit.instance);
         let cache =
-            StateCache::over_postgres(store.clone(), &audit.instance, metrics.cache()).await?;
+            StateCache::over_postgres(store.clone(), &lease_name(&audit.instance), metrics.cache())
+                .await?;
         let archive = match &config.audit_archive {
             Some(settings) => audit.archiver(&config.data_dir, archive_target(settings)?)?,
             None => None,
@@ -154,6 +155,13 @@ impl App {
             audit,
         })
     }
+}
+
+/// How a worker names itself in the shared database's lease rows (which operators read in
+/// `keys rotate-totp`'s answers): the host and its audit instance.
+fn lease_name(instance: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}/{instance}", host.trim())
 }
 
 /// Where `settings` say the audit segments go.

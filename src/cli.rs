@@ -126,7 +126,11 @@ impl CommandName {
             CommandName::KeysRotateTotp => {
                 "Add a new key for sealing TOTP secrets (totp.key) and re-seal every secret \
                  under it. The key before it stays in the file until the next rotation (run \
-                 it twice to retire a key entirely); running workers pick the new one up."
+                 it twice to retire a key entirely); running workers pick the new one up. With \
+                 --database (a shared PostgreSQL), it takes two runs: the first stages a new \
+                 key in this data directory's totp.key, to be copied to every node; the \
+                 second, once every running node holds it, re-seals the database under it \
+                 and makes it current (copy the file to every node again)."
             }
             CommandName::MigrateStore => {
                 "Copy a single machine's data (the SQLite databases and the JWT signing keys \

@@ -288,22 +288,91 @@ fn keys_prune(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failur
 
 fn keys_rotate_totp(sources: &Sources<'_>, positional: &[String]) -> Result<(), Failure> {
     no_positional(positional)?;
-    if sources.database()?.is_some() {
-        return Err(
-            "`keys rotate-totp` re-seals a single machine's SQLite data only: on a \
-                    shared PostgreSQL database every node must hold the new sealing key \
-                    before anything is sealed under it, which this command cannot arrange \
-                    (docs/several-nodes.md, \"Users and keys from the command line\")"
-                .into(),
-        );
-    }
     let dir = sources.data_dir();
+    if let Some(shared) = Shared::open(sources, Sealing::Load)? {
+        return rotate_cluster_sealing_key(&shared, &dir);
+    }
     let store = SqliteStore::open(&dir)?;
     let (id, resealed) = store.run_blocking(|conn| paygate::store::sealing::rotate(&dir, conn))?;
     println!(
         "new TOTP sealing key {id:08x}; {resealed} user(s) re-sealed; the previous key stays \
          in {} until the next rotation",
         dir.join(paygate::store::sealing::TOTP_KEY_FILE).display()
+    );
+    Ok(())
+}
+
+/// `keys rotate-totp` on a shared database, in two runs: the first stages a new key in
+/// this machine's `totp.key`, to be copied to every node; the second, once every running
+/// node reports holding it, re-seals everything under it and makes it current.
+fn rotate_cluster_sealing_key(shared: &Shared, dir: &std::path::Path) -> Result<(), Failure> {
+    use paygate::store::sealing;
+    let path = dir.join(sealing::TOTP_KEY_FILE);
+    let keys = TotpKeys::load(dir)?;
+    let held = shared.run(shared.store.sealing_keys_held())?;
+    let Some(staged) = keys.staged() else {
+        // Step 1: only when every running node seals with this machine's current key (the
+        // last rotation's file reached them all), or a node would keep sealing with a key
+        // the next promotion drops.
+        let current = format!("{:08x}", keys.current().unwrap_or_default());
+        let behind: Vec<String> = held
+            .iter()
+            .filter(|(_, ids)| ids.split(' ').next() != Some(current.as_str()))
+            .map(|(node, ids)| {
+                let theirs = ids.split(' ').next().unwrap_or("none");
+                format!("node {node} seals with key {theirs}")
+            })
+            .collect();
+        if !behind.is_empty() {
+            return Err(format!(
+                "not staging a new sealing key: {}, this machine's current key is {current}. \
+                 Copy {} to every node first (the file of the last rotation)",
+                behind.join(", "),
+                path.display()
+            )
+            .into());
+        }
+        let id = sealing::stage(dir)?;
+        println!(
+            "staged sealing key {id:08x} in {}. Copy that file to every node's data \
+             directory (mode 0600; running nodes read it within a second), then run \
+             `paygate keys rotate-totp` here again: it re-seals the database under the new \
+             key once every running node holds it.",
+            path.display()
+        );
+        return Ok(());
+    };
+    // Step 2: every running node must hold the staged key before anything is sealed
+    // under it.
+    let wanted = format!("{staged:08x}");
+    let lacking: Vec<String> = held
+        .iter()
+        .filter(|(_, ids)| !ids.split(' ').any(|id| id == wanted))
+        .map(|(node, _)| format!("node {node} does not hold the staged key {wanted}"))
+        .collect();
+    if !lacking.is_empty() {
+        return Err(format!(
+            "not re-sealing yet: {}. Copy {} to those nodes (running nodes read it within a \
+             second) and run this again",
+            lacking.join("; "),
+            path.display()
+        )
+        .into());
+    }
+    if held.is_empty() {
+        log::warn!(
+            "no node is running: nodes started later need the new {} before they start",
+            path.display()
+        );
+    }
+    let (users, jwt_keys) = shared.run(shared.store.reseal_all(staged))?;
+    sealing::promote(dir)?;
+    println!(
+        "re-sealed {users} user(s) and {jwt_keys} JWT signing key(s) under sealing key \
+         {wanted}, now the current key in {}; the previous key is kept there until the next \
+         rotation. Copy that file to every node again, so that they seal new secrets with \
+         the new key (the next rotation waits for it).",
+        path.display()
     );
     Ok(())
 }

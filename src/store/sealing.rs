@@ -9,6 +9,10 @@
 //! re-seals every secret under it and keeps the key before it in the file for one more
 //! rotation (a worker may have sealed with it a moment before); workers read the file again
 //! when it changes.
+//!
+//! On a shared database the rotation takes two steps, because every node must hold a key
+//! before anything is sealed under it ([`stage`], then [`promote`]): a key marked `staged`
+//! in the file opens secrets but seals nothing, until the re-sealing has made it current.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -32,9 +36,11 @@ const HEADER: usize = 1 + 4 + NONCE_LEN;
 /// A secret as paygate generates it (160 bits), stored plain before sealing existed.
 const PLAIN_LEN: usize = 20;
 
-/// The keys of `totp.key`, current first.
+/// The keys of `totp.key`: the one that seals first, then the ones that only open.
 struct Keyring {
     keys: Vec<(u32, [u8; 32])>,
+    /// A key staged for a cluster's rotation (it opens, it does not seal yet).
+    staged: Option<u32>,
     /// The file's modification time when read: a change means a rotation happened.
     read_at: Option<SystemTime>,
 }
@@ -61,33 +67,51 @@ fn random<const N: usize>() -> Result<[u8; N], StoreError> {
     Ok(out)
 }
 
-fn parse(path: &Path, text: &str) -> Result<Vec<(u32, [u8; 32])>, StoreError> {
+/// The keys of a file, the one that seals first, and the staged one.
+type Parsed = (Vec<(u32, [u8; 32])>, Option<u32>);
+
+fn parse(path: &Path, text: &str) -> Result<Parsed, StoreError> {
     let bad = || {
         fail(format!(
-            "{} is damaged (expected lines of `<8 hex digits> <base64url key>`); restore it \
-             from a backup: without it no enrolled user can log in",
+            "{} is damaged (expected lines of `<8 hex digits> <base64url key>`, one of them \
+             perhaps followed by ` staged`); restore it from a backup: without it no enrolled \
+             user can log in",
             path.display()
         ))
     };
     let mut keys = Vec::new();
+    let mut staged = None;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (id, key) = line.trim().split_once(' ').ok_or_else(bad)?;
+        let mut fields = line.split_whitespace();
+        let (Some(id), Some(key)) = (fields.next(), fields.next()) else {
+            return Err(bad());
+        };
         let id = u32::from_str_radix(id, 16).map_err(|_| bad())?;
+        match fields.next() {
+            None => {}
+            Some("staged") if staged.is_none() => staged = Some(id),
+            Some(_) => return Err(bad()),
+        }
         let mut bytes = [0u8; 32];
-        match URL_SAFE_NO_PAD.decode_slice(key.trim(), &mut bytes) {
+        match URL_SAFE_NO_PAD.decode_slice(key, &mut bytes) {
             Ok(32) => keys.push((id, bytes)),
             _ => return Err(bad()),
         }
     }
-    if keys.is_empty() {
+    // The staged key goes last: the first key is the one that seals.
+    keys.sort_by_key(|(id, _)| Some(*id) == staged);
+    if keys.is_empty() || staged.is_some() && keys.len() == 1 {
         return Err(bad());
     }
-    Ok(keys)
+    Ok((keys, staged))
 }
 
-fn render(keys: &[(u32, [u8; 32])]) -> String {
+fn render(keys: &[(u32, [u8; 32])], staged: Option<u32>) -> String {
     keys.iter()
-        .map(|(id, key)| format!("{id:08x} {}\n", URL_SAFE_NO_PAD.encode(key)))
+        .map(|(id, key)| {
+            let mark = if Some(*id) == staged { " staged" } else { "" };
+            format!("{id:08x} {}{mark}\n", URL_SAFE_NO_PAD.encode(key))
+        })
         .collect()
 }
 
@@ -126,7 +150,7 @@ impl TotpKeys {
         let path = data_dir.join(TOTP_KEY_FILE);
         if !path.exists() {
             let first = [(u32::from_be_bytes(random()?), random()?)];
-            match write_private(&path, render(&first).as_bytes(), false) {
+            match write_private(&path, render(&first, None).as_bytes(), false) {
                 Ok(()) => log::info!("created the TOTP sealing key {}", path.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(fail(format!("cannot create {}: {e}", path.display()))),
@@ -150,6 +174,7 @@ impl TotpKeys {
             path,
             ring: Mutex::new(Keyring {
                 keys: Vec::new(),
+                staged: None,
                 read_at: None,
             }),
         };
@@ -161,8 +186,12 @@ impl TotpKeys {
         let read_at = modified(&self.path);
         let text = read_private(&self.path).map_err(fail)?;
         let text = String::from_utf8(text).map_err(|_| fail("totp.key is not text"))?;
-        let keys = parse(&self.path, &text)?;
-        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) = Keyring { keys, read_at };
+        let (keys, staged) = parse(&self.path, &text)?;
+        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) = Keyring {
+            keys,
+            staged,
+            read_at,
+        };
         Ok(())
     }
 
@@ -187,6 +216,34 @@ impl TotpKeys {
         }
     }
 
+    /// The ids of the keys held, the one that seals first, as lowercase hex separated by
+    /// spaces: what a process reports with its lease. The file is read again if it
+    /// changed; while it cannot be read (a copy half-written), the keys read before stand.
+    pub fn held(&self) -> String {
+        if let Err(e) = self.refresh() {
+            log::warn!("{e}; the sealing keys read before stay in use");
+        }
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.keys
+            .iter()
+            .map(|(id, _)| format!("{id:08x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The key staged for a cluster's rotation, if any.
+    pub fn staged(&self) -> Option<u32> {
+        self.ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .staged
+    }
+
+    /// The id of the key that seals.
+    pub fn current(&self) -> Option<u32> {
+        self.key(None).map(|(id, _)| id)
+    }
+
     /// Seals `secret` for user `user_id` under the current key.
     pub fn seal(&self, user_id: i64, secret: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.seal_with(&aad(user_id), secret)
@@ -206,6 +263,19 @@ impl TotpKeys {
         self.seal_with(&jwt_aad(kid), secret)
     }
 
+    /// Re-seals a stored TOTP value of `user_id` under key `id` (which must be held).
+    pub fn reseal(&self, id: u32, user_id: i64, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.refresh()?;
+        let plain = self.open_stored(user_id, stored)?;
+        self.seal_under(Some(id), &aad(user_id), &plain)
+    }
+
+    /// Re-seals a sealed JWT signing key `kid` under key `id` (which must be held).
+    pub fn reseal_jwt_key(&self, id: u32, kid: &str, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let plain = self.unseal_jwt_key(kid, sealed)?;
+        self.seal_under(Some(id), &jwt_aad(kid), &plain)
+    }
+
     /// Opens what [`TotpKeys::seal_jwt_key`] made for `kid`.
     pub fn unseal_jwt_key(&self, kid: &str, blob: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.unseal_with(&jwt_aad(kid), blob, &format!("JWT signing key {kid}"))
@@ -213,9 +283,19 @@ impl TotpKeys {
 
     fn seal_with(&self, aad: &[u8], secret: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.refresh()?;
+        self.seal_under(None, aad, secret)
+    }
+
+    /// Seals under key `id`, or the current key.
+    fn seal_under(
+        &self,
+        id: Option<u32>,
+        aad: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
         let (id, key) = self
-            .key(None)
-            .ok_or_else(|| StoreError::Corrupt("no TOTP sealing key".into()))?;
+            .key(id)
+            .ok_or_else(|| StoreError::Corrupt("no such TOTP sealing key".into()))?;
         let nonce: [u8; NONCE_LEN] = random()?;
         let mut out = Vec::with_capacity(HEADER + secret.len() + 16);
         out.push(VERSION);
@@ -343,7 +423,7 @@ pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), St
     let mut all = vec![new];
     all.extend(old.iter().copied());
     let write = |keys: &[(u32, [u8; 32])]| {
-        write_private(&keys_path(data_dir), render(keys).as_bytes(), true).map_err(|e| {
+        write_private(&keys_path(data_dir), render(keys, None).as_bytes(), true).map_err(|e| {
             fail(format!(
                 "cannot write {}: {e}",
                 keys_path(data_dir).display()
@@ -381,6 +461,51 @@ pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), St
     Ok((new.0, rows.len()))
 }
 
+/// Step 1 of a cluster's rotation: a new key added to `data_dir`'s file as `staged` (it
+/// opens secrets, it seals nothing), or the one already staged. Returns its id.
+pub fn stage(data_dir: &Path) -> Result<u32, StoreError> {
+    let keys = TotpKeys::load(data_dir)?;
+    if let Some(id) = keys.staged() {
+        return Ok(id);
+    }
+    let mut all = keys
+        .ring
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys
+        .clone();
+    let new = (u32::from_be_bytes(random()?), random::<32>()?);
+    all.push(new);
+    write_keys(data_dir, &all, Some(new.0))?;
+    Ok(new.0)
+}
+
+/// Step 2's end: the staged key becomes the one that seals, the key that sealed before it
+/// is kept (nodes that have not read the new file yet still seal with it), older ones go.
+pub fn promote(data_dir: &Path) -> Result<u32, StoreError> {
+    let keys = TotpKeys::load(data_dir)?;
+    let staged = keys
+        .staged()
+        .ok_or_else(|| fail("no staged sealing key to promote"))?;
+    let ring = keys.ring.lock().unwrap_or_else(PoisonError::into_inner);
+    let new = ring.keys.iter().find(|(id, _)| *id == staged).copied();
+    let previous = ring.keys.first().copied();
+    drop(ring);
+    let kept: Vec<(u32, [u8; 32])> = new.into_iter().chain(previous).collect();
+    write_keys(data_dir, &kept, None)?;
+    Ok(staged)
+}
+
+fn write_keys(
+    data_dir: &Path,
+    keys: &[(u32, [u8; 32])],
+    staged: Option<u32>,
+) -> Result<(), StoreError> {
+    let path = keys_path(data_dir);
+    write_private(&path, render(keys, staged).as_bytes(), true)
+        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+}
+
 fn keys_path(data_dir: &Path) -> PathBuf {
     data_dir.join(TOTP_KEY_FILE)
 }
@@ -412,5 +537,42 @@ mod tests {
             .is_err());
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(other);
+    }
+
+    #[test]
+    fn a_staged_key_opens_but_seals_nothing_until_promoted() {
+        let dir = std::env::temp_dir().join(format!("paygate-seal-{}", uuid::Uuid::new_v4()));
+        crate::secret_file::create_private_dir(&dir).unwrap();
+        let keys = TotpKeys::load_or_create(&dir).unwrap();
+        let current = keys.current().unwrap();
+        let sealed_before = keys.seal(1, &[1; 20]).unwrap();
+        let key_of = |blob: &[u8]| u32::from_be_bytes([blob[1], blob[2], blob[3], blob[4]]);
+
+        let staged = stage(&dir).unwrap();
+        assert_eq!(stage(&dir).unwrap(), staged, "staging twice stages one key");
+        let keys = TotpKeys::load(&dir).unwrap();
+        assert_eq!(
+            (keys.current(), keys.staged()),
+            (Some(current), Some(staged))
+        );
+        assert_eq!(keys.held(), format!("{current:08x} {staged:08x}"));
+        // New secrets are still sealed under the current key ...
+        assert_eq!(key_of(&keys.seal(2, &[2; 20]).unwrap()), current);
+        // ... and re-sealing under the staged one makes secrets every holder opens.
+        let resealed = keys.reseal(staged, 1, &sealed_before).unwrap();
+        assert_eq!(key_of(&resealed), staged);
+        assert_eq!(keys.unseal(1, &resealed).unwrap(), [1; 20]);
+
+        assert_eq!(promote(&dir).unwrap(), staged);
+        let keys = TotpKeys::load(&dir).unwrap();
+        assert_eq!((keys.current(), keys.staged()), (Some(staged), None));
+        assert_eq!(keys.held(), format!("{staged:08x} {current:08x}"));
+        assert_eq!(
+            keys.unseal(1, &sealed_before).unwrap(),
+            [1; 20],
+            "the previous key is kept"
+        );
+        assert!(promote(&dir).is_err(), "nothing staged");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -99,6 +99,54 @@ impl PgStore {
         Ok(())
     }
 
+    /// Re-seals every TOTP secret (active and pending) and every JWT signing key under the
+    /// sealing key `id`, in one transaction; returns how many users and keys. Something
+    /// that does not open stops it with nothing changed.
+    pub async fn reseal_all(&self, id: u32) -> Result<(usize, usize), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
+            .await?;
+        let users = tx
+            .query(
+                "SELECT id, totp_secret, totp_pending FROM users
+                  WHERE totp_secret IS NOT NULL OR totp_pending IS NOT NULL
+                  FOR UPDATE",
+                &[],
+            )
+            .await?;
+        for row in &users {
+            let user: i64 = row.try_get(0)?;
+            let reseal = |column: usize| -> Result<Option<Vec<u8>>, StoreError> {
+                let stored: Option<Vec<u8>> = row.try_get(column)?;
+                stored
+                    .map(|v| self.totp_keys.reseal(id, user, &v))
+                    .transpose()
+            };
+            let (active, pending) = (reseal(1)?, reseal(2)?);
+            tx.execute(
+                "UPDATE users SET totp_secret = $2, totp_pending = $3 WHERE id = $1",
+                &[&user, &active, &pending],
+            )
+            .await?;
+        }
+        let keys = tx
+            .query("SELECT kid, sealed FROM jwt_keys FOR UPDATE", &[])
+            .await?;
+        for row in &keys {
+            let kid: String = row.try_get(0)?;
+            let sealed: Vec<u8> = row.try_get(1)?;
+            let resealed = self.totp_keys.reseal_jwt_key(id, &kid, &sealed)?;
+            tx.execute(
+                "UPDATE jwt_keys SET sealed = $2 WHERE kid = $1",
+                &[&kid, &resealed],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((users.len(), keys.len()))
+    }
+
     /// Deletes keys retired before `retired_before` (Unix seconds); the kids deleted.
     pub async fn prune_jwt_keys(&self, retired_before: i64) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;

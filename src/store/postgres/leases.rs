@@ -63,19 +63,23 @@ impl PgStore {
         node: &str,
         seen: i64,
     ) -> Result<i64, StoreError> {
+        // The sealing keys this process holds go with each renewal (a stat of the key
+        // file; it is read again only when it changed), for `keys rotate-totp`.
+        let sealing = self.totp_keys.held();
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "INSERT INTO cache_leases (holder, node, seen, renewed_at)
-                 VALUES ($1, $2, $3, now())
+                "INSERT INTO cache_leases (holder, node, seen, renewed_at, sealing_keys)
+                 VALUES ($1, $2, $3, now(), $4)
                  ON CONFLICT (holder) DO UPDATE
                      SET seen = greatest(cache_leases.seen, excluded.seen),
-                         renewed_at = excluded.renewed_at
+                         renewed_at = excluded.renewed_at,
+                         sealing_keys = excluded.sealing_keys
                  RETURNING (SELECT seq FROM changes_head)",
             )
             .await?;
         let row = client
-            .query_one(&statement, &[&holder, &node, &seen])
+            .query_one(&statement, &[&holder, &node, &seen, &sealing])
             .await?;
         Ok(row.try_get(0)?)
     }
@@ -88,6 +92,24 @@ impl PgStore {
             .await?;
         client.execute(&statement, &[&holder, &seen]).await?;
         Ok(())
+    }
+
+    /// The sealing keys each running process holds, as it last reported them with its
+    /// lease: `(node, keys)`, the key it seals with first (processes not heard of for 10 s
+    /// are gone and left out).
+    pub async fn sealing_keys_held(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT node, sealing_keys FROM cache_leases
+                  WHERE renewed_at > now() - interval '10 seconds'
+                  ORDER BY node",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// Gives up `holder`'s lease (a process stopping): writers stop waiting for it.

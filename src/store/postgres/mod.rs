@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "postgres/002_cache_leases.sql",
         include_str!("../../../sql/postgres/002_cache_leases.sql"),
     ),
+    (
+        3,
+        "postgres/003_sealing_keys_held.sql",
+        include_str!("../../../sql/postgres/003_sealing_keys_held.sql"),
+    ),
 ];
 
 /// The advisory lock nodes take to migrate one at a time (any constant of paygate's own).
