@@ -34,7 +34,12 @@ pub fn recent(audit_dir: &Path, since: Option<&str>, limit: usize) -> std::io::R
     for (_, dir) in instances {
         let mut taken = 0;
         'files: for (_, path) in log_files(&dir)?.into_iter().rev() {
-            let mut lines = LinesBackwards::open(&path)?;
+            let mut lines = match LinesBackwards::open(&path) {
+                Ok(lines) => lines,
+                // Deleted since it was listed: archived, and past the local retention.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             while let Some(line) = lines.next_line()? {
                 let Ok(record) = serde_json::from_slice::<Value>(&line) else {
                     continue;
