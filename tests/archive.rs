@@ -117,6 +117,32 @@ fn credentials_file(dir: &TempDir, seaweed: &Seaweed) -> String {
     credentials.to_string_lossy().into_owned()
 }
 
+/// The options of a node `node-a` that archives to `bucket` every second (segments sealed
+/// and digests written each second), followed by `extra`.
+fn archiving(seaweed: &Seaweed, bucket: &str, credentials: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--audit-archive",
+        &format!("s3://{bucket}/audit"),
+        "--audit-archive-endpoint",
+        &seaweed.endpoint,
+        "--audit-archive-credentials",
+        credentials,
+        "--audit-archive-node",
+        "node-a",
+        "--audit-rotate-interval",
+        "1",
+        "--audit-digest-interval",
+        "1",
+        "--rate-limit",
+        "none",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// The node's audit signing public key, as `paygate audit public-key` prints it.
 fn public_key(dir: &TempDir) -> String {
     let out = paygate_command(dir)
@@ -236,24 +262,13 @@ async fn segments_reach_the_archive_and_an_outage_loses_none() {
 
     let dir = TempDir::new("archive");
     let credentials = credentials_file(&dir, &seaweed);
-    let args = [
-        "--audit-archive",
-        "s3://paygate-archive/audit",
-        "--audit-archive-endpoint",
-        &seaweed.endpoint,
-        "--audit-archive-credentials",
+    let args = archiving(
+        &seaweed,
+        "paygate-archive",
         &credentials,
-        "--audit-archive-node",
-        "node-a",
-        "--audit-archive-retention",
-        "1",
-        "--audit-rotate-interval",
-        "1",
-        "--audit-digest-interval",
-        "1",
-        "--rate-limit",
-        "none",
-    ];
+        &["--audit-archive-retention", "1"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (child, addr, log) = serve_logging(&dir, &args, "info");
     let mut child = StopOnDrop(child);
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));
@@ -355,26 +370,18 @@ async fn every_kind_of_tampering_with_the_archive_is_named() {
     let bucket = seaweed.create_bucket("paygate-plain", false).await;
     let dir = TempDir::new("archive-tamper");
     let credentials = credentials_file(&dir, &seaweed);
-    let args = [
-        "--audit-archive",
-        "s3://paygate-plain/audit",
-        "--audit-archive-endpoint",
-        &seaweed.endpoint,
-        "--audit-archive-credentials",
+    let args = archiving(
+        &seaweed,
+        "paygate-plain",
         &credentials,
-        "--audit-archive-node",
-        "node-a",
-        "--audit-rotate-interval",
-        "1",
-        "--audit-digest-interval",
-        "1",
-        "--audit-local-retention",
-        "0",
-        "--audit-archive-retention",
-        "0",
-        "--rate-limit",
-        "none",
-    ];
+        &[
+            "--audit-local-retention",
+            "0",
+            "--audit-archive-retention",
+            "0",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (child, addr, _log) = serve_logging(&dir, &args, "info");
     let mut child = StopOnDrop(child);
     let client = Client::new(addr, &dir.0.join("certs/server.crt"));

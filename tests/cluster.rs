@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fresh_database, serve, signal, wait_exit, Client, Creds, TempDir};
+use common::{base32_decode, fresh_database, serve, signal, wait_exit, Client, Creds, TempDir};
 use serde_json::json;
 
 /// One node: a process, its directory and a client that trusts its certificate.
@@ -555,21 +555,6 @@ async fn the_command_line_changes_users_and_keys_for_every_node() {
     for node in nodes {
         node.stop();
     }
-}
-
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0, Vec::new());
-    for c in text.bytes() {
-        let value = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-        buffer = (buffer << 5) | value;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
 }
 
 /// The TOTP code of `secret` for the step `offset` steps from now.

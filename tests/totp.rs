@@ -6,25 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Creds, TestServer};
+use common::{base32_decode, Creds, TestServer};
 use serde_json::json;
 
 use paygate::tokens::totp::{hotp, step_at, STEP_S};
-
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut buffer, mut bits, mut out) = (0u32, 0, Vec::new());
-    for c in text.bytes() {
-        let value = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
-        buffer = (buffer << 5) | value;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
 
 /// The code for the step `offset` steps from the server's now.
 fn code(server: &TestServer, secret: &[u8], offset: i64) -> String {

@@ -200,14 +200,14 @@ impl Archiver {
         {
             return;
         }
-        let shipped = self.ship_segments(&mut state).await;
-        if shipped.is_ok() {
-            if let Err((what, why)) = self.ship_digest(&mut state).await {
-                self.failed(&mut state, &what, &why);
+        match self.ship_segments(&mut state).await {
+            Ok(()) => {
+                if let Err((what, why)) = self.ship_digest(&mut state).await {
+                    self.failed(&mut state, &what, &why);
+                }
+                self.delete_old_copies(&state).await;
             }
-            self.delete_old_copies(&state).await;
-        } else if let Err((what, why)) = shipped {
-            self.failed(&mut state, &what, &why);
+            Err((what, why)) => self.failed(&mut state, &what, &why),
         }
         let dir = self.dir.clone();
         if let Ok(Ok(files)) = tokio::task::spawn_blocking(move || log_files(&dir)).await {
@@ -311,16 +311,13 @@ impl Archiver {
                 .map_err(|e| fail(e.to_string()))?;
             if there.as_ref() != Some(&body) {
                 log::error!(
-                    "audit archive: {key} already holds another digest; it is not                      overwritten — investigate (another node with the same name and                      instance, or tampering)"
+                    "audit archive: {key} already holds another digest; it is not overwritten — \
+                     investigate (another node with the same name and instance, or tampering)"
                 );
                 return Err(fail("the archive holds another digest at this key".into()));
             }
         }
-        let line = format!(
-            "{}
-",
-            next.last.to_json()
-        );
+        let line = format!("{}\n", next.last.to_json());
         self.append(DIGESTS_FILE, line)
             .await
             .map_err(|why| (DIGESTS_FILE.to_owned(), why))?;
@@ -415,7 +412,8 @@ impl Archiver {
             Ok(Ok(removed)) => {
                 for number in removed {
                     log::info!(
-                        "audit archive: deleted the local copy of {} (archived as {},                          local retention passed)",
+                        "audit archive: deleted the local copy of {} (archived as {}, local \
+                         retention passed)",
                         file_name(number),
                         self.key(number)
                     );
@@ -567,7 +565,8 @@ fn read_next(path: &Path) -> Result<Option<NextDigest>, String> {
     };
     let value: Value = serde_json::from_str(&text).map_err(|_| {
         format!(
-            "{} is damaged; move it aside (the digest it held was never confirmed) and start              again",
+            "{} is damaged; move it aside (the digest it held was never confirmed) and start \
+             again",
             path.display()
         )
     })?;

@@ -422,15 +422,7 @@ pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), St
     // the re-sealing, then the file without the keys before the previous one.
     let mut all = vec![new];
     all.extend(old.iter().copied());
-    let write = |keys: &[(u32, [u8; 32])]| {
-        write_private(&keys_path(data_dir), render(keys, None).as_bytes(), true).map_err(|e| {
-            fail(format!(
-                "cannot write {}: {e}",
-                keys_path(data_dir).display()
-            ))
-        })
-    };
-    write(&all)?;
+    write_keys(data_dir, &all, None)?;
     keys.reload()?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let rows: Vec<TotpRow> = tx
@@ -457,7 +449,7 @@ pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), St
     }
     tx.commit()?;
     let keep: Vec<(u32, [u8; 32])> = all.into_iter().take(2).collect();
-    write(&keep)?;
+    write_keys(data_dir, &keep, None)?;
     Ok((new.0, rows.len()))
 }
 
