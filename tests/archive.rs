@@ -433,6 +433,20 @@ async fn every_kind_of_tampering_with_the_archive_is_named() {
         report.contains("records verified with the audit key"),
         "{report}"
     );
+    // The node's log restored from the archive: every digested segment, byte for byte
+    // (the local copies of the first ones are gone).
+    let restored = dir.0.join("restored");
+    let save = restored.to_string_lossy().into_owned();
+    let (code, report) = verify(&["--save", &save]);
+    assert_eq!(code, 0, "{report}");
+    let saved = paygate::audit::writer::log_files(&restored.join("node-a/1")).unwrap();
+    assert_eq!(saved.len(), listed_segments(&report), "{report}");
+    assert_eq!(saved[0].0, 1);
+    for (number, path) in &saved {
+        let key = format!("audit/node-a/1/{number:06}.jsonl");
+        let there = bucket.get(&key).await.unwrap().unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), there.as_ref(), "{key}");
+    }
     // A key the auditor does not trust signs nothing.
     let other = TempDir::new("archive-other-key");
     let stranger = public_key(&other);
