@@ -512,6 +512,7 @@ fn audit_verify_archive(
             |(from, to)| format!("{from} to {to}"),
         );
         let records = match chain.records_checked {
+            _ if chain.segments == 0 => "no record yet".to_owned(),
             Some(n) => format!("{n} records verified with the audit key"),
             None if audit_keys.is_empty() => {
                 format!(
