@@ -168,16 +168,8 @@ fn lease_name(instance: &str) -> String {
 fn archive_target(
     settings: &crate::config::ArchiveSettings,
 ) -> Result<crate::audit::archive::ArchiveTarget, String> {
-    let bucket = crate::s3::Bucket::new(
-        &settings.endpoint,
-        &settings.region,
-        &settings.bucket,
-        settings.credentials.clone(),
-        &settings.ca_file,
-    )
-    .map_err(|e| format!("--audit-archive-endpoint: {e}"))?;
     Ok(crate::audit::archive::ArchiveTarget {
-        bucket,
+        bucket: settings.bucket()?,
         prefix: settings.prefix.clone(),
         node: settings.node.clone(),
         retention_days: settings.retention_days,

@@ -119,6 +119,20 @@ pub struct ArchiveSettings {
     pub local_retention_days: u64,
 }
 
+impl ArchiveSettings {
+    /// The bucket these settings name, reached as they say.
+    pub fn bucket(&self) -> Result<crate::s3::Bucket, String> {
+        crate::s3::Bucket::new(
+            &self.endpoint,
+            &self.region,
+            &self.bucket,
+            self.credentials.clone(),
+            &self.ca_file,
+        )
+        .map_err(|e| format!("--audit-archive-endpoint: {e}"))
+    }
+}
+
 /// `--audit-archive` and its companions; `None` when there is no archive.
 fn archive_settings(sources: &Sources<'_>) -> Result<Option<ArchiveSettings>, ConfigError> {
     let Some(mut settings) = archive_location(sources, "audit-archive")? else {

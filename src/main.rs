@@ -481,14 +481,7 @@ fn audit_verify_archive(
         .map(|path| paygate::audit::load_key(std::path::Path::new(path)))
         .collect::<Result<Vec<_>, _>>()?;
     let save = sources.string("save").map(std::path::PathBuf::from);
-    let bucket = paygate::s3::Bucket::new(
-        &archive.endpoint,
-        &archive.region,
-        &archive.bucket,
-        archive.credentials.clone(),
-        &archive.ca_file,
-    )
-    .map_err(|e| format!("--audit-archive-endpoint: {e}"))?;
+    let bucket = archive.bucket()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

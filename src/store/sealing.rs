@@ -149,7 +149,7 @@ impl TotpKeys {
     pub fn load_or_create(data_dir: &Path) -> Result<TotpKeys, StoreError> {
         let path = data_dir.join(TOTP_KEY_FILE);
         if !path.exists() {
-            let first = [(u32::from_be_bytes(random()?), random()?)];
+            let first = [new_key()?];
             match write_private(&path, render(&first, None).as_bytes(), false) {
                 Ok(()) => log::info!("created the TOTP sealing key {}", path.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -229,6 +229,15 @@ impl TotpKeys {
             .map(|(id, _)| format!("{id:08x}"))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// Every key held, the one that seals first.
+    fn all(&self) -> Vec<(u32, [u8; 32])> {
+        self.ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .clone()
     }
 
     /// The key staged for a cluster's rotation, if any.
@@ -411,13 +420,8 @@ pub fn seal_plain_secrets(conn: &mut Connection, keys: &TotpKeys) -> Result<usiz
 /// were re-sealed.
 pub fn rotate(data_dir: &Path, conn: &mut Connection) -> Result<(u32, usize), StoreError> {
     let keys = TotpKeys::load_or_create(data_dir)?;
-    let old: Vec<(u32, [u8; 32])> = keys
-        .ring
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .keys
-        .clone();
-    let new = (u32::from_be_bytes(random()?), random::<32>()?);
+    let old = keys.all();
+    let new = new_key()?;
     // First the file with every key (so whatever happens next, each secret opens), then
     // the re-sealing, then the file without the keys before the previous one.
     let mut all = vec![new];
@@ -460,13 +464,8 @@ pub fn stage(data_dir: &Path) -> Result<u32, StoreError> {
     if let Some(id) = keys.staged() {
         return Ok(id);
     }
-    let mut all = keys
-        .ring
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .keys
-        .clone();
-    let new = (u32::from_be_bytes(random()?), random::<32>()?);
+    let mut all = keys.all();
+    let new = new_key()?;
     all.push(new);
     write_keys(data_dir, &all, Some(new.0))?;
     Ok(new.0)
@@ -486,6 +485,11 @@ pub fn promote(data_dir: &Path) -> Result<u32, StoreError> {
     let kept: Vec<(u32, [u8; 32])> = new.into_iter().chain(previous).collect();
     write_keys(data_dir, &kept, None)?;
     Ok(staged)
+}
+
+/// A new key with a random id.
+fn new_key() -> Result<(u32, [u8; 32]), StoreError> {
+    Ok((u32::from_be_bytes(random()?), random()?))
 }
 
 fn write_keys(
