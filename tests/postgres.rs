@@ -697,3 +697,112 @@ async fn head_reads_are_shared_yet_never_older_than_the_moment_asked_for() {
     assert_eq!(heads.newest(Some(Instant::now())).await.unwrap(), third);
     assert_eq!(heads.newest(None).await.unwrap(), third);
 }
+
+#[tokio::test]
+async fn a_claim_an_older_version_left_on_a_key_is_taken_over_once_it_has_expired() {
+    use paygate::domain::{Currency, Username};
+    use paygate::store::{
+        EarlierUse, KeyedRequest, NewUser, Payment, PaymentCreation, PaymentStatus, StoredResponse,
+        UserInsert,
+    };
+    let url = fresh_database("t").await;
+    let keys_dir = std::env::temp_dir().join(format!("paygate-pg-claim-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let store = node(&url, &keys_dir).await;
+    let UserInsert::Created(alice) = store
+        .create_user(NewUser {
+            username: Username::parse("username", "alice").unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("alice is new")
+    };
+    let account = store
+        .create_account(alice.id, "Ops".into(), Currency::parse("c", "EUR").unwrap())
+        .await
+        .unwrap()
+        .id;
+
+    // Claims as a version before batched creation wrote them: a lease, no answer yet. One
+    // lease ran out long ago (its holder died), one is live.
+    let now = paygate::time::now_millis();
+    let db = inspect(&url).await;
+    for (key, expires) in [("dead", now - 60_000), ("live", now + 60_000)] {
+        db.execute(
+            "INSERT INTO idempotency_keys (user_id, key, request_hash, lease, lease_expires_at,
+                                           created_at)
+             VALUES ($1, $2, $3, 'older', $4, $5)",
+            &[&alice.id, &key, &vec![7u8; 32], &expires, &(now - 120_000)],
+        )
+        .await
+        .unwrap();
+    }
+    let create = |key: &'static str, hash: u8| {
+        store.create_payment(
+            Payment {
+                id: uuid::Uuid::nil(),
+                account_id: account,
+                payee: "ACME".into(),
+                amount_minor: 100,
+                currency: "EUR".into(),
+                reference: key.into(),
+                status: PaymentStatus::Pending,
+                created_by: String::new(),
+                created_at: 0,
+                cancelled_at: None,
+            },
+            alice.id,
+            Some(KeyedRequest {
+                user: alice.id,
+                key: key.into(),
+                request_hash: [hash; 32],
+            }),
+            |p: &Payment| {
+                Ok(StoredResponse {
+                    status: 201,
+                    body: p.id.to_string(),
+                    location: None,
+                })
+            },
+        )
+    };
+
+    // In one batch: the expired claim is taken over, the live one is in flight, and a
+    // different request under the dead key is refused once the first has answered it.
+    let (dead, live, other) = tokio::join!(create("dead", 7), create("live", 7), create("dead", 8));
+    let PaymentCreation::Created(answer) = dead.unwrap() else {
+        panic!("an expired claim binds nobody")
+    };
+    assert!(matches!(
+        live.unwrap(),
+        PaymentCreation::Earlier(EarlierUse::InFlight)
+    ));
+    assert!(matches!(
+        other.unwrap(),
+        PaymentCreation::Earlier(EarlierUse::Mismatch)
+    ));
+    let row = db
+        .query_one(
+            "SELECT response_body, lease FROM idempotency_keys WHERE key = 'dead'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), Some(answer.body.clone()));
+    assert_eq!(row.get::<_, Option<String>>(1), None, "the claim is gone");
+    let PaymentCreation::Earlier(EarlierUse::Replay(replayed)) = create("dead", 7).await.unwrap()
+    else {
+        panic!("the answer replays")
+    };
+    assert_eq!(replayed.body, answer.body);
+    let payments: i64 = db
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(payments, 1);
+    std::fs::remove_dir_all(keys_dir).unwrap();
+}
