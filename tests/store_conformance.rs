@@ -634,13 +634,16 @@ conformance! {
         let alice = user!(a, "alice");
         let account = a.create_account(alice, "Ops".into(), eur()).await.unwrap().id;
         // Sent together, so that they share batches: one names an account that does not
-        // exist, which the database refuses.
+        // exist, one a creator, one a key's owner, which the database refuses.
+        let nobody = alice + 1000;
         let mut tasks = Vec::new();
         for i in 0..20 {
             let store = a.clone();
             let target = if i == 7 { uuid::Uuid::new_v4() } else { account };
+            let creator = if i == 11 { nobody } else { alice };
+            let key = if i == 15 { keyed(nobody, "k-15", 1) } else { keyed(alice, &format!("k-{i}"), 1) };
             tasks.push(tokio::spawn(async move {
-                store.create_payment(payment(target, 1 + i), alice, None, answer).await
+                store.create_payment(payment(target, 1 + i), creator, key, answer).await
             }));
         }
         let mut refused = 0;
@@ -651,8 +654,8 @@ conformance! {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(refused, 1);
-        assert_eq!(a.payments(account, 100, None).await.unwrap().items.len(), 19);
+        assert_eq!(refused, 3);
+        assert_eq!(a.payments(account, 100, None).await.unwrap().items.len(), 17);
         // Nothing was left half done: the next payment commits.
         assert!(matches!(
             a.create_payment(payment(account, 99), alice, None, answer).await.unwrap(),

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "postgres/003_sealing_keys_held.sql",
         include_str!("../../../sql/postgres/003_sealing_keys_held.sql"),
     ),
+    (
+        4,
+        "postgres/004_payments_checked_per_batch.sql",
+        include_str!("../../../sql/postgres/004_payments_checked_per_batch.sql"),
+    ),
 ];
 
 /// The advisory lock nodes take to migrate one at a time (any constant of paygate's own).

@@ -177,6 +177,11 @@ const KEYS: &str = "SELECT k.user_id, k.key, k.request_hash, k.lease_expires_at,
  CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k
                      WHERE k.user_id = wanted.user_id AND k.key = wanted.key
                      OFFSET 0) k";
+/// Which of the batch's accounts and users exist: what foreign keys on `payments` and
+/// `idempotency_keys` would check row by row, once per batch (migration 004). Neither is
+/// ever deleted, so what exists here still does at the commit.
+const EXISTING: &str = "SELECT ARRAY(SELECT id FROM accounts WHERE id = ANY($1::uuid[])),
+        ARRAY(SELECT id FROM users WHERE id = ANY($2::bigint[]))";
 /// Claims older versions left behind (see [`earlier`]); rare, so planned when it runs.
 const DELETE_KEYS: &str = "DELETE FROM idempotency_keys k
  USING unnest($1::bigint[], $2::text[]) AS gone (user_id, key)
@@ -206,10 +211,11 @@ async fn commit_on(
     clock: &Clock,
     inputs: &[Input],
 ) -> Result<Vec<Result<PaymentCreation, StoreError>>, StoreError> {
-    let (lock, newest_payment, batch_keys, insert_payments, insert_keys) = tokio::try_join!(
+    let (lock, newest_payment, batch_keys, existing, insert_payments, insert_keys) = tokio::try_join!(
         client.prepare_cached(LOCK),
         client.prepare_cached(NEWEST),
         client.prepare_cached(KEYS),
+        client.prepare_cached(EXISTING),
         client.prepare_cached(INSERT_PAYMENTS),
         client.prepare_cached(INSERT_KEYS),
     )?;
@@ -218,12 +224,19 @@ async fn commit_on(
         .filter_map(|(_, _, keyed, _)| keyed.as_ref().map(|k| (k.user, k.key.clone())))
         .unzip();
     let wanted: [&Param; 2] = [&users, &keys];
-    let (_, _, newest, found) = tokio::try_join!(
+    let named = References::named(inputs);
+    let names: [&Param; 2] = [&named.accounts, &named.users];
+    let (_, _, newest, found, existing) = tokio::try_join!(
         client.batch_execute("BEGIN"),
         client.execute(&lock, &[&PAYMENTS_LOCK]),
         client.query_opt(&newest_payment, &[]),
         client.query(&batch_keys, &wanted),
+        client.query_one(&existing, &names),
     )?;
+    let existing = References {
+        accounts: existing.try_get(0)?,
+        users: existing.try_get(1)?,
+    };
     let now = clock.now_millis();
     let mut newest: Option<(Uuid, i64)> = newest
         .map(|r| Ok::<_, StoreError>((r.try_get(0)?, r.try_get(1)?)))
@@ -247,6 +260,10 @@ async fn commit_on(
                 stale.0.push(keyed.user);
                 stale.1.push(keyed.key.clone());
             }
+        }
+        if let Some(missing) = existing.missing(payment, *created_by, keyed.as_ref()) {
+            outcomes.push(Err(StoreError::Database(missing)));
+            continue;
         }
         let mut payment = payment.clone();
         (payment.id, payment.created_at) = next_stamp(newest, now);
@@ -308,6 +325,49 @@ async fn commit_on(
         client.batch_execute("COMMIT"),
     )?;
     Ok(outcomes)
+}
+
+/// Accounts and users: those a batch names, or those of them that exist.
+struct References {
+    accounts: Vec<Uuid>,
+    users: Vec<i64>,
+}
+
+impl References {
+    /// Every account and user `inputs` name, each once.
+    fn named(inputs: &[Input]) -> References {
+        let mut named = References {
+            accounts: Vec::new(),
+            users: Vec::new(),
+        };
+        for (payment, created_by, keyed, _) in inputs {
+            named.accounts.push(payment.account_id);
+            named.users.push(*created_by);
+            named.users.extend(keyed.as_ref().map(|k| k.user));
+        }
+        named.users.sort_unstable();
+        named.users.dedup();
+        named.accounts.sort_unstable();
+        named.accounts.dedup();
+        named
+    }
+
+    /// What a payment names that does not exist, said as the foreign key would.
+    fn missing(
+        &self,
+        payment: &Payment,
+        created_by: i64,
+        keyed: Option<&KeyedRequest>,
+    ) -> Option<String> {
+        if !self.accounts.contains(&payment.account_id) {
+            return Some(format!("no account {}", payment.account_id));
+        }
+        [Some(created_by), keyed.map(|k| k.user)]
+            .into_iter()
+            .flatten()
+            .find(|user| !self.users.contains(user))
+            .map(|user| format!("no user {user}"))
+    }
 }
 
 fn key_row(r: &Row) -> Result<KeyRow, StoreError> {
