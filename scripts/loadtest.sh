@@ -524,6 +524,9 @@ if [ "${AB:-}" = postgres ]; then
   pg_dir=$(sed -n 's/^PG_DIR=//p' <<<"$pg_out")
   pg_url=$(sed -n 's/^PAYGATE_TEST_DATABASE=//p' <<<"$pg_out")
   trap 'cleanup; bash "$root/scripts/pg.sh" stop "$pg_dir"' EXIT
+  # On recycled WAL segments, as a server that has run a while: a new cluster zero-fills
+  # each segment as it first needs it, and the commit that crosses into it waits.
+  bash "$root/scripts/pg.sh" warm "$pg_dir"
   sqlite_read=$read_path sqlite_jwt=$jwt
   prepare "$work/data-pg" --database "$pg_url${PG_OPTIONS:+?$PG_OPTIONS}"
   stop_server
@@ -553,7 +556,7 @@ if [ "${AB:-}" = postgres ]; then
   {
     echo "# SQLite and PostgreSQL side by side, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; one worker process; $ROUNDS rounds, the order of the backends alternating. PostgreSQL 15 on this machine (scripts/pg.sh: TLS on loopback, synchronous_commit=on, fsync=on)${PG_OPTIONS:+, URL options $PG_OPTIONS}${PG_POOL:+, pool $PG_POOL}."
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, keep-alive over TLS; one worker process; $ROUNDS rounds, the order of the backends alternating. PostgreSQL 15 on this machine (scripts/pg.sh: TLS on loopback, synchronous_commit=on, fsync=on; WAL segments recycled by pg.sh warm)${PG_OPTIONS:+, URL options $PG_OPTIONS}${PG_POOL:+, pool $PG_POOL}."
     echo
     echo "| round | bare read req/s | JWT read SQLite (p50 / p99 ms) | JWT read PostgreSQL (p50 / p99 ms) | PG / SQLite | payments/s SQLite (p99 ms) | payments/s PostgreSQL (p99 ms) |"
     echo "|---|---|---|---|---|---|---|"
