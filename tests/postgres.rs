@@ -429,6 +429,29 @@ async fn node(url: &str, keys_dir: &std::path::Path) -> paygate::store::postgres
         .unwrap()
 }
 
+/// A user `alice` on `store` and an account of hers: their ids.
+async fn alice_and_account(store: &paygate::store::postgres::PgStore) -> (i64, uuid::Uuid) {
+    use paygate::domain::{Currency, Username};
+    use paygate::store::{NewUser, UserInsert};
+    let UserInsert::Created(alice) = store
+        .create_user(NewUser {
+            username: Username::parse("username", "alice").unwrap(),
+            password_hash: "$argon2id$dummy".into(),
+            role: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("alice is new")
+    };
+    let account = store
+        .create_account(alice.id, "Ops".into(), Currency::parse("c", "EUR").unwrap())
+        .await
+        .unwrap()
+        .id;
+    (alice.id, account)
+}
+
 #[tokio::test]
 async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
     let url = fresh_database("t").await;
@@ -493,14 +516,15 @@ async fn jwt_signing_keys_are_shared_sealed_and_rotated_once_at_a_time() {
 #[tokio::test]
 async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest() {
     use paygate::cache::StateCache;
-    use paygate::domain::{Currency, Username};
     use paygate::metrics::CacheMetrics;
-    use paygate::store::{NewUser, PaymentCreation, PaymentStatus, Store, UserInsert};
+    use paygate::store::{PaymentCreation, PaymentStatus, Store};
     use std::sync::atomic::Ordering;
     let url = fresh_database("t").await;
     let keys_dir = std::env::temp_dir().join(format!("paygate-pg-cache-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&keys_dir).unwrap();
-    let a = Store::Postgres(node(&url, &keys_dir).await);
+    let a_store = node(&url, &keys_dir).await;
+    let (alice, account) = alice_and_account(&a_store).await;
+    let a = Store::Postgres(a_store);
     let b_store = node(&url, &keys_dir).await;
     let counters = std::sync::Arc::new(CacheMetrics::default());
     let cache = StateCache::over_postgres(b_store.clone(), "b", counters.clone())
@@ -508,26 +532,10 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
         .unwrap();
     let b = Store::Postgres(b_store);
 
-    let UserInsert::Created(alice) = a
-        .create_user(NewUser {
-            username: Username::parse("username", "alice").unwrap(),
-            password_hash: "$argon2id$dummy".into(),
-            role: None,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("alice is new")
-    };
     let later = paygate::time::now_millis() + 3_600_000;
-    a.create_session([1; 32], alice.id, "pwd".into(), later)
+    a.create_session([1; 32], alice, "pwd".into(), later)
         .await
         .unwrap();
-    let account = a
-        .create_account(alice.id, "Ops".into(), Currency::parse("c", "EUR").unwrap())
-        .await
-        .unwrap()
-        .id;
 
     // A change made on node a returns only once node b has applied the change log
     // (the new account's grant included), so what b reads next stays cached.
@@ -558,7 +566,7 @@ async fn a_nodes_cache_sees_the_next_change_from_another_node_and_keeps_the_rest
                 created_at: 0,
                 cancelled_at: None,
             },
-            alice.id,
+            alice,
             None,
             |_| {
                 Ok(paygate::store::StoredResponse {
@@ -700,31 +708,14 @@ async fn head_reads_are_shared_yet_never_older_than_the_moment_asked_for() {
 
 #[tokio::test]
 async fn a_claim_an_older_version_left_on_a_key_is_taken_over_once_it_has_expired() {
-    use paygate::domain::{Currency, Username};
     use paygate::store::{
-        EarlierUse, KeyedRequest, NewUser, Payment, PaymentCreation, PaymentStatus, StoredResponse,
-        UserInsert,
+        EarlierUse, KeyedRequest, Payment, PaymentCreation, PaymentStatus, StoredResponse,
     };
     let url = fresh_database("t").await;
     let keys_dir = std::env::temp_dir().join(format!("paygate-pg-claim-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&keys_dir).unwrap();
     let store = node(&url, &keys_dir).await;
-    let UserInsert::Created(alice) = store
-        .create_user(NewUser {
-            username: Username::parse("username", "alice").unwrap(),
-            password_hash: "$argon2id$dummy".into(),
-            role: None,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("alice is new")
-    };
-    let account = store
-        .create_account(alice.id, "Ops".into(), Currency::parse("c", "EUR").unwrap())
-        .await
-        .unwrap()
-        .id;
+    let (alice, account) = alice_and_account(&store).await;
 
     // Claims as a version before batched creation wrote them: a lease, no answer yet. One
     // lease ran out long ago (its holder died), one is live.
@@ -735,7 +726,7 @@ async fn a_claim_an_older_version_left_on_a_key_is_taken_over_once_it_has_expire
             "INSERT INTO idempotency_keys (user_id, key, request_hash, lease, lease_expires_at,
                                            created_at)
              VALUES ($1, $2, $3, 'older', $4, $5)",
-            &[&alice.id, &key, &vec![7u8; 32], &expires, &(now - 120_000)],
+            &[&alice, &key, &vec![7u8; 32], &expires, &(now - 120_000)],
         )
         .await
         .unwrap();
@@ -754,9 +745,9 @@ async fn a_claim_an_older_version_left_on_a_key_is_taken_over_once_it_has_expire
                 created_at: 0,
                 cancelled_at: None,
             },
-            alice.id,
+            alice,
             Some(KeyedRequest {
-                user: alice.id,
+                user: alice,
                 key: key.into(),
                 request_hash: [hash; 32],
             }),
