@@ -51,9 +51,8 @@ as_owner() {
   if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/ports.sh
+. "$(dirname "$0")/ports.sh"
 
 start() {
   local dir=${1:-} bin port password
@@ -80,7 +79,7 @@ start() {
     -out "$dir/server.crt" 2>/dev/null
   chmod 600 "$dir/server.key" "$dir/ca.key"
   [ "$(id -u)" = 0 ] && chown postgres: "$dir"/server.* "$dir"/ca.*
-  port=$(free_port)
+  port=$(free_ports 1)
   echo "-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c max_connections=200 -c synchronous_commit=on -c fsync=on -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" > "$dir/options"
   up "$dir"
   # CREATEDB: tests give each case a database of its own.
@@ -114,7 +113,7 @@ standby() {
   as_owner "$bin/pg_basebackup" -D "$dir/data" -R -X stream -c fast \
     -d "host=$primary port=$primary_port user=postgres application_name=paygate_standby" \
     >"$dir/basebackup.log" 2>&1 || { cat "$dir/basebackup.log" >&2; exit 1; }
-  port=$(free_port)
+  port=$(free_ports 1)
   sed "s/-c port=[0-9]*/-c port=$port/; s|$primary|$dir|g" "$primary/options" > "$dir/options"
   [ "$(id -u)" = 0 ] && chown postgres: "$dir/options"
   up "$dir"

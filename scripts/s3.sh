@@ -32,11 +32,23 @@ weed_bin() {
   echo "$venv/bin/weed"
 }
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# shellcheck source=scripts/ports.sh
+. "$root/scripts/ports.sh"
+
+port_names=(MASTER MASTER_GRPC VOLUME VOLUME_GRPC FILER FILER_GRPC S3 S3_GRPC WEBDAV ADMIN ADMIN_GRPC DEBUG)
+
+# pick_ports DIR: records a free port for each of weed mini's services in DIR/ports.
+pick_ports() {
+  local dir=$1 i=0 port
+  : >"$dir/ports"
+  for port in $(free_ports "${#port_names[@]}"); do
+    echo "${port_names[$i]}=$port" >>"$dir/ports"
+    i=$((i + 1))
+  done
 }
 
 # launch DIR: starts weed mini with the ports and key recorded in DIR, and waits for S3.
+# Returns 2 when weed mini exited because a port was taken, 1 on any other failure.
 launch() {
   local dir=$1
   # shellcheck source=/dev/null
@@ -55,21 +67,18 @@ launch() {
       return 0
     fi
     if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
-      cat "$dir/weed.log" >&2; echo "s3.sh: weed mini exited" >&2; exit 1
+      rm -f "$dir/pid"
+      if grep -q "address already in use" "$dir/weed.log"; then return 2; fi
+      cat "$dir/weed.log" >&2; echo "s3.sh: weed mini exited" >&2; return 1
     fi
     sleep 0.1
   done
-  cat "$dir/weed.log" >&2; echo "s3.sh: S3 did not answer on 127.0.0.1:$S3" >&2; exit 1
+  cat "$dir/weed.log" >&2; echo "s3.sh: S3 did not answer on 127.0.0.1:$S3" >&2; return 1
 }
 
 start() {
   local dir=${1:-$(mktemp -d /tmp/paygate-s3.XXXXXX)}
   mkdir -p "$dir/data"
-  {
-    for name in MASTER MASTER_GRPC VOLUME VOLUME_GRPC FILER FILER_GRPC S3 S3_GRPC WEBDAV ADMIN ADMIN_GRPC DEBUG; do
-      echo "$name=$(free_port)"
-    done
-  } >"$dir/ports"
   local access secret
   access=PG$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n' | tr 'a-f' 'A-F')
   secret=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
@@ -80,7 +89,22 @@ EOF
   chmod 600 "$dir/s3.json"
   printf 'ACCESS=%s\nSECRET=%s\n' "$access" "$secret" >"$dir/keys"
   chmod 600 "$dir/keys"
-  launch "$dir"
+  # Another program may still bind one of the chosen ports by number before weed mini
+  # does: then it starts again, on new ports.
+  local attempt status
+  for attempt in 1 2 3; do
+    pick_ports "$dir"
+    status=0
+    launch "$dir" || status=$?
+    [ "$status" = 2 ] && [ "$attempt" -lt 3 ] || break
+    echo "s3.sh: a port was taken as weed mini started (attempt $attempt); new ports" >&2
+    rm -rf "$dir/data"; mkdir -p "$dir/data"
+  done
+  if [ "$status" != 0 ]; then
+    [ "$status" = 2 ] && { cat "$dir/weed.log" >&2; echo "s3.sh: weed mini found a port taken three times" >&2; }
+    rm -rf "$dir"
+    exit 1
+  fi
   describe "$dir"
 }
 
@@ -109,7 +133,14 @@ case "${1:-}" in
   start) shift; start "${1:-}" ;;
   stop) [ -n "${2:-}" ] || { echo "usage: s3.sh stop DIR" >&2; exit 2; }; down "$2"; rm -rf "$2" ;;
   down) [ -n "${2:-}" ] || { echo "usage: s3.sh down DIR" >&2; exit 2; }; down "$2" ;;
-  up) [ -n "${2:-}" ] || { echo "usage: s3.sh up DIR" >&2; exit 2; }; launch "$2"; describe "$2" ;;
+  up)
+    [ -n "${2:-}" ] || { echo "usage: s3.sh up DIR" >&2; exit 2; }
+    status=0
+    launch "$2" || status=$?
+    [ "$status" = 2 ] && { cat "$2/weed.log" >&2; echo "s3.sh: a port of $2 is taken" >&2; }
+    [ "$status" = 0 ] || exit 1
+    describe "$2"
+    ;;
   run)
     shift
     [ $# -gt 0 ] || { echo "usage: s3.sh run CMD..." >&2; exit 2; }

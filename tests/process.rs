@@ -584,12 +584,7 @@ fn serve_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_deployment_cannot_share_a_listening_address() {
     let dir = TempDir::new("one-deployment");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let (mut first, _) = serve_on(&dir, &listen, "data-a").expect("the first one starts");
     // Another data directory on the same address: refused, naming the address.
     let refused = serve_on(&dir, &listen, "data-b").err().expect("refused");

@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,14 +27,6 @@ fn tool(name: &str) -> &str {
          (apt-get install prometheus; .ci/run does)"
     );
     name
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Percent-encodes a query parameter's value.
@@ -202,7 +194,7 @@ async fn prometheus_scrapes_every_worker_and_every_dashboard_query_has_data() {
     assert!(checked.status.success() && said.trim().is_empty(), "{said}");
 
     // Prometheus as an operator configures it: HTTPS, the development certificate as CA.
-    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let web = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let config = dir.0.join("prometheus.yml");
     std::fs::write(
         &config,

@@ -871,3 +871,35 @@ pub fn base32_decode(text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A port free on 127.0.0.1 for a server the test starts to listen on, outside the kernel's ephemeral
+/// range: one picked by binding port 0 lies inside it, where any outgoing connection made
+/// before the server binds it (the suite makes many) can take it.
+pub fn free_port() -> u16 {
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| {
+            let mut bounds = range.split_whitespace().map(str::parse::<u32>);
+            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999));
+    let candidates: Vec<u16> = (10000..=u16::MAX)
+        .filter(|&port| !(low..=high).contains(&u32::from(port)))
+        .collect();
+    // Start somewhere different in every run, so that parallel runs do not race for one.
+    let seed = std::process::id() as usize
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as usize;
+    (0..candidates.len())
+        .map(|i| candidates[(seed + i * 7919) % candidates.len()])
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+}
